@@ -1,0 +1,103 @@
+"""`edgeinspect <verb>`: train, test, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgeinspect.config import ConfigError, load_config, parse_overrides
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set inference.steps=20 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.method, args.preset, args.overrides)
+    if args.data is not None:
+        cfg.train.data_root = Path(args.data)
+    if args.method == "diad":
+        from edgeinspect.training.diad import train_diad
+
+        ckpt = train_diad(cfg, args.run, resume=args.resume, progress=not args.quiet)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise ConfigError(f"unknown method {args.method}")
+    print(f"trained: {ckpt}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from edgeinspect.evaluate import evaluate_diad
+
+    overrides = parse_overrides(args.overrides)
+    result = evaluate_diad(args.model, args.data, out_json=args.out, overrides=overrides,
+                           exclude_file=args.exclude, progress=not args.quiet,
+                           overlays_dir=args.overlays, max_overlays=args.max_overlays)
+    print(json.dumps(result["metrics"], indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from edgeinspect.evaluate import predict_diad
+
+    overrides = parse_overrides(args.overrides)
+    rows = predict_diad(args.model, args.images, args.out, overrides=overrides, threshold=args.threshold)
+    for r in rows:
+        verdict = "" if r["verdict"] is None else f"  {r['verdict']}"
+        print(f"{r['score']:.5f}{verdict}  {r['image']} -> {r['overlay']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgeinspect", description=__doc__)
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("train", help="train a model (checkpointed; --resume continues after a kill)")
+    p.add_argument("method", choices=["diad"])
+    p.add_argument("--config", type=Path, help="YAML config (default: the preset alone)")
+    p.add_argument("--preset", choices=["tiny", "edge", "sd15"], help="model preset (default: from the config, else edge)")
+    p.add_argument("--data", type=Path, help="MVTec-layout category folder (overrides train.data_root)")
+    p.add_argument("--run", type=Path, required=True, help="run folder for checkpoints and logs")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="score a test split and print image/pixel metrics")
+    p.add_argument("--model", type=Path, required=True, help="run folder or checkpoint folder")
+    p.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
+    p.add_argument("--out", type=Path, help="write metrics, per-image scores and latency here (JSON)")
+    p.add_argument("--exclude", type=Path, help="text file of test image names to leave out (e.g. generator seeds)")
+    p.add_argument("--overlays", type=Path, help="also write heat-map overlays into this folder")
+    p.add_argument("--max-overlays", type=int, default=24)
+    p.add_argument("--quiet", action="store_true")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("predict", help="score images and write heat-map overlays")
+    p.add_argument("--model", type=Path, required=True, help="run folder or checkpoint folder")
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for overlay PNGs and scores.json")
+    p.add_argument("--threshold", type=float, help="image-score threshold for an OK/NG verdict")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_predict)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"edgeinspect: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\nedgeinspect: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

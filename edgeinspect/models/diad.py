@@ -1,0 +1,76 @@
+"""The DiAD model: autoencoder, UNet, SG network and prompt encoder, and the per-role modules that
+the loops call (and that export turns into graphs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgeinspect.config import DiADConfig
+from edgeinspect.models.backbones import build_unet, build_vae
+from edgeinspect.models.guidance import GuidanceNet, GuidedUNet
+from edgeinspect.models.prompt import build_prompt_encoder
+
+
+class VAEEncoderNet(nn.Module):
+    """image in [-1, 1] -> scaled posterior mean (a sample would make scores non-deterministic)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
+
+
+class VAEDecoderNet(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent / self.vae.config.scaling_factor).sample
+
+
+class HintNet(nn.Module):
+    def __init__(self, guidance: GuidanceNet):
+        super().__init__()
+        self.guidance = guidance
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.guidance.encode_hint(image)
+
+
+class DiADModel(nn.Module):
+    """All trainable DiAD parts in one module, so one state dict is one checkpoint."""
+
+    def __init__(self, cfg: DiADConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = build_vae(cfg.model)
+        self.unet = build_unet(cfg.model)
+        self.prompt_encoder = build_prompt_encoder(cfg.model)
+        self.guidance = GuidanceNet(self.unet, cfg.guidance, cfg.model.vae.downsample_factor)
+
+    def reset_guidance_from_unet(self) -> None:
+        """Re-copy the SG encoder from the (now trained) UNet, as ControlNet initialises its copy."""
+        fresh = GuidanceNet(self.unet, self.cfg.guidance, self.cfg.model.vae.downsample_factor)
+        self.guidance.load_state_dict(fresh.state_dict())
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def set_scaling_factor(self, value: float) -> None:
+        self.vae.register_to_config(scaling_factor=float(value))
+
+    def context(self, prompt: str, batch: int = 1) -> torch.Tensor:
+        return self.prompt_encoder([prompt] * batch)
+
+    def role_modules(self) -> dict[str, nn.Module]:
+        return {
+            "vae_encoder": VAEEncoderNet(self.vae),
+            "hint_encoder": HintNet(self.guidance),
+            "unet": GuidedUNet(self.unet, self.guidance),
+            "vae_decoder": VAEDecoderNet(self.vae),
+        }

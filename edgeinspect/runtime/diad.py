@@ -1,0 +1,113 @@
+"""DiAD inference: seeded DDIM reconstruction guided by the input, then feature-space scoring.
+
+Written against named networks (`vae_encoder`, `hint_encoder`, `unet`, `vae_decoder`,
+`features`), so the same loop runs on torch, onnxruntime or TensorRT networks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from edgeinspect.config import DiADInferenceConfig, DiADScoringConfig
+from edgeinspect.runtime.ddim import DDIM, seeded_noise
+from edgeinspect.runtime.networks import Networks
+from edgeinspect.runtime.scoring import cosine_distance_maps, gaussian_blur, pooled_max_score
+
+STAGES = ("encode", "denoise", "decode", "features", "scoring")
+
+
+@dataclass
+class DiADResult:
+    scores: torch.Tensor  # (B,)
+    maps: torch.Tensor  # (B, H, W) at the input size
+    reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                timer.ms[stage] = timer.ms.get(stage, 0.0) + (time.perf_counter() - self.t0) * 1e3
+
+        return _Ctx()
+
+
+class DiADPipeline:
+    """Reconstruct-and-compare for a batch of frames (float (B,3,H,W) in [-1, 1])."""
+
+    def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM,
+                 inference: DiADInferenceConfig, scoring: DiADScoringConfig, feature_size: int | None = None):
+        for role in ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"):
+            networks[role]  # fail at construction, not mid-frame
+        self.nets = networks
+        self.context = context.to(networks.device)
+        self.schedule = schedule
+        self.inference = inference
+        self.scoring = scoring
+        self.feature_size = feature_size
+        self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
+
+    def reconstruct(self, images: torch.Tensor, timer: _Timer | None = None) -> torch.Tensor:
+        timer = timer or _Timer(self.nets.device)
+        b = images.shape[0]
+        with timer("encode"):
+            z0 = self.nets["vae_encoder"](image=images)["latent"]
+            hint = self.nets["hint_encoder"](image=images)["hint"]
+        with timer("denoise"):
+            noise = seeded_noise(tuple(z0.shape[1:]), self.inference.seed, b, z0.device, z0.dtype)
+            z = self.schedule.add_noise(z0, noise, self.timesteps[0])
+            ctx = self.context.expand(b, *self.context.shape[1:])
+            unet = self.nets["unet"]
+            for i, t in enumerate(self.timesteps):
+                t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+                tt = torch.full((b,), float(t), device=z.device)
+                eps = unet(sample=z, timestep=tt, encoder_hidden_states=ctx, hint=hint)["noise_pred"]
+                z, _ = self.schedule.step(z, eps, t, t_prev)
+        with timer("decode"):
+            recon = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1)
+        return recon
+
+    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: _Timer | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        timer = timer or _Timer(self.nets.device)
+        size = tuple(images.shape[-2:])
+        with timer("features"):
+            both = torch.cat([images, recon])
+            if self.feature_size and self.feature_size != size[0]:
+                both = F.interpolate(both, size=(self.feature_size,) * 2, mode="bilinear", align_corners=False)
+            feats = self.nets["features"](image=both)
+            b = images.shape[0]
+            fa = [f[:b] for f in feats.values()]
+            fb = [f[b:] for f in feats.values()]
+        with timer("scoring"):
+            maps = cosine_distance_maps(fa, fb, size)
+            maps = gaussian_blur(maps, self.scoring.blur_sigma)
+            scores = pooled_max_score(maps, self.scoring.pool_size, self.scoring.pool_iterations)
+        return scores, maps
+
+    def __call__(self, images: torch.Tensor) -> DiADResult:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        timer = _Timer(self.nets.device)
+        images = images.to(self.nets.device)
+        recon = self.reconstruct(images, timer)
+        scores, maps = self.score(images, recon, timer)
+        return DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms)

@@ -1,0 +1,213 @@
+"""DiAD training: autoencoder fine-tuning, UNet domain pretraining, then SG + UNet decoder half.
+
+Stage 1 (autoencoder): L1 + KL + a perceptual term from the frozen feature extractor (LPIPS
+weights are not available offline), on random crops (the autoencoder is fully convolutional, so
+crops cost a fraction of whole images and teach the same thing). Afterwards the latent scaling
+factor is set to 1/std of the training latents.
+
+Stage 2 (unet): ordinary noise-prediction training of the whole UNet on the domain's normal latents.
+The paper starts from Stable Diffusion weights instead; the sd15 preset sets this stage to 0 steps.
+
+Stage 3 (guidance): the SG network is re-copied from the trained UNet encoder (as ControlNet
+initialises its copy), then SG + UNet decoder half (up blocks, output norm and conv) train on the
+noise loss with the input image as the hint; UNet encoder, middle, time embedding, autoencoder and
+prompt encoder are frozen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgeinspect.config import DiADConfig, dump_config
+from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+from edgeinspect.models.diad import DiADModel
+from edgeinspect.models.features import build_feature_extractor
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, write_json_atomic
+from edgeinspect.training.loop import Stage, Trainer
+
+
+def build_features(cfg: DiADConfig):
+    f = cfg.features
+    return build_feature_extractor(f.name, f.weights, tuple(f.strides), f.allow_random)
+
+
+def perceptual_distance(features, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of channel-normalised features (the LPIPS form without learnt weights)."""
+    loss = a.new_zeros(())
+    for fa, fb in zip(features(a), features(b)):
+        loss = loss + (F.normalize(fa, dim=1) - F.normalize(fb, dim=1)).pow(2).sum(1).mean()
+    return loss
+
+
+class _Batches:
+    """Random batches from the in-memory training set, with optional flips, from a seeded generator."""
+
+    def __init__(self, images_u8: torch.Tensor, batch_size: int, flips: bool, seed: int):
+        self.images = images_u8
+        self.batch_size = batch_size
+        self.flips = flips
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, flip codes 0..3): bit 0 horizontal, bit 1 vertical."""
+        idx = torch.randint(len(self.images), (self.batch_size,), generator=self.gen)
+        flip = torch.randint(4 if self.flips else 1, (self.batch_size,), generator=self.gen)
+        return idx, flip
+
+    @staticmethod
+    def apply_flip(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        for i, c in enumerate(codes.tolist()):
+            dims = [d for bit, d in ((1, -1), (2, -2)) if c & bit]
+            if dims:
+                out[i] = x[i].flip(dims)
+        return out
+
+    def images_for(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        return self.apply_flip(uint8_to_model(self.images[idx]), flip)
+
+
+def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+               crop: int | None = None) -> Path:
+    """Train (or resume) a DiAD model in `run_dir`; returns the final checkpoint folder."""
+    run_dir = Path(run_dir)
+    t = cfg.train
+    if t.data_root is None:
+        raise ValueError("train.data_root is not set: point it at an MVTec-layout category folder")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    existing = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if existing is not None and not resume:
+        raise CheckpointError(f"{run_dir} already has checkpoints; pass --resume to continue it or pick a new run dir")
+    if resume and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        if saved.get("model") != dump_config(cfg).get("model"):
+            raise CheckpointError(f"{run_dir}/config.json has a different model config than the one given")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", dump_config(cfg))
+
+    torch.manual_seed(t.seed)
+    data = MVTecFolder(t.data_root, "train", cfg.model.image_size)
+    images_u8, _, _ = data.load_all()
+    batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
+    model = DiADModel(cfg)
+    features = build_features(cfg)
+    schedule = DDIM(cfg.scheduler)
+    abar = schedule.alphas_cumprod.float()
+    crop = crop or max(32, cfg.model.image_size // 2)
+    cache: dict[str, torch.Tensor] = {}
+
+    def set_trainable(*modules: torch.nn.Module) -> None:
+        model.requires_grad_(False)
+        for m in modules:
+            m.requires_grad_(True)
+
+    # ---- stage 1: autoencoder
+    def ae_setup(_fresh: bool) -> None:
+        set_trainable(model.vae)
+
+    def ae_loss(_step: int) -> torch.Tensor:
+        idx, flip = batches.draw()
+        x = batches.images_for(idx, flip)
+        if crop < x.shape[-1]:
+            g = batches.gen
+            i0 = int(torch.randint(x.shape[-2] - crop + 1, (1,), generator=g))
+            j0 = int(torch.randint(x.shape[-1] - crop + 1, (1,), generator=g))
+            x = x[..., i0:i0 + crop, j0:j0 + crop]
+        post = model.vae.encode(x).latent_dist
+        rec = model.vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = (rec - x).abs().mean() + t.kl_weight * kl
+        if t.perceptual_weight > 0:
+            loss = loss + t.perceptual_weight * perceptual_distance(features, rec, x)
+        return loss
+
+    @torch.no_grad()
+    def encode_all() -> torch.Tensor:
+        """Posterior means of every (image, flip) pair: (4 or 1, N, C, h, w), unscaled."""
+        model.vae.eval()
+        variants = 4 if t.flips else 1
+        out = []
+        for code in range(variants):
+            lat = []
+            for s in range(0, len(images_u8), 16):
+                x = _Batches.apply_flip(uint8_to_model(images_u8[s:s + 16]),
+                                        torch.full((min(16, len(images_u8) - s),), code))
+                lat.append(model.vae.encode(x).latent_dist.mean)
+            out.append(torch.cat(lat))
+        return torch.stack(out)
+
+    def ae_finish() -> dict:
+        latents = encode_all()
+        sf = 1.0 / float(latents.std())
+        model.set_scaling_factor(sf)
+        cache["latents"] = latents * sf
+        return {"scaling_factor": sf}
+
+    def latents_for(idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        if "latents" not in cache:
+            cache["latents"] = encode_all() * model.scaling_factor
+        return cache["latents"][flip, idx]
+
+    def noisy(z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tt = torch.randint(0, cfg.scheduler.num_train_timesteps, (z0.shape[0],), generator=batches.gen)
+        eps = torch.randn(z0.shape, generator=batches.gen)
+        a = abar[tt].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * eps, tt, eps
+
+    # ---- stage 2: UNet domain pretraining
+    def unet_setup(_fresh: bool) -> None:
+        set_trainable(model.unet, model.prompt_encoder)
+
+    def unet_loss(_step: int) -> torch.Tensor:
+        idx, flip = batches.draw()
+        zt, tt, eps = noisy(latents_for(idx, flip))
+        ctx = model.context(t.prompt, len(idx))
+        pred = model.unet(zt, tt, encoder_hidden_states=ctx).sample
+        return F.mse_loss(pred, eps)
+
+    # ---- stage 3: SG network + UNet decoder half
+    unet_decoder = [model.unet.up_blocks, model.unet.conv_norm_out, model.unet.conv_out]
+
+    def guidance_setup(fresh: bool) -> None:
+        if fresh:
+            model.reset_guidance_from_unet()
+        set_trainable(model.guidance, *unet_decoder)
+
+    guided = model.role_modules()["unet"]
+
+    def guidance_loss(_step: int) -> torch.Tensor:
+        idx, flip = batches.draw()
+        zt, tt, eps = noisy(latents_for(idx, flip))
+        x0 = batches.images_for(idx, flip)
+        with torch.no_grad():
+            ctx = model.context(t.prompt, len(idx))
+        pred = guided(zt, tt, ctx, model.guidance.encode_hint(x0))
+        return F.mse_loss(pred, eps)
+
+    def params_of(*modules):
+        return lambda: (p for m in modules for p in m.parameters())
+
+    stages = [
+        Stage("autoencoder", t.autoencoder_steps, t.autoencoder_lr, params_of(model.vae), ae_loss, ae_setup,
+              ae_finish),
+        Stage("unet", t.unet_steps, t.unet_lr, params_of(model.unet, model.prompt_encoder), unet_loss, unet_setup),
+        Stage("guidance", t.guidance_steps, t.guidance_lr, params_of(model.guidance, *unet_decoder),
+              guidance_loss, guidance_setup),
+    ]
+    trainer = Trainer(run_dir, model, stages, checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                      log_every=t.log_every, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                      state_extra=lambda: {"scaling_factor": model.scaling_factor}, progress=progress)
+    if resume and trainer.resume():
+        sf = trainer.state.extra.get("scaling_factor")
+        if sf is not None:
+            model.set_scaling_factor(sf)
+    trainer.run()
+    found = latest_checkpoint(run_dir)
+    assert found is not None
+    return found
