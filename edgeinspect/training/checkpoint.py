@@ -86,7 +86,8 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, An
 
 
 def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, state: TrainState,
-                    optimizer: torch.optim.Optimizer | None = None, keep: int = 2) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, keep: int = 2,
+                    generators: dict[str, torch.Generator] | None = None) -> Path:
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / name
@@ -100,7 +101,9 @@ def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, stat
         tensors, meta = _optimizer_to_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    rng.update({f"generator.{k}": g.get_state() for k, g in (generators or {}).items()})
+    save_file(rng, str(tmp / "rng.safetensors"))
     _write_json(tmp / "state.json", asdict(state))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -173,7 +176,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> bool:
     return True
 
 
-def load_rng(ckpt: Path) -> None:
+def load_rng(ckpt: Path, generators: dict[str, torch.Generator] | None = None) -> None:
     f = ckpt / "rng.safetensors"
-    if f.is_file():
-        torch.set_rng_state(load_file(str(f))["torch"])
+    if not f.is_file():
+        return
+    states = load_file(str(f))
+    torch.set_rng_state(states["torch"])
+    for k, g in (generators or {}).items():
+        if f"generator.{k}" in states:
+            g.set_state(states[f"generator.{k}"])

@@ -202,7 +202,8 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     ]
     trainer = Trainer(run_dir, model, stages, checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints,
                       log_every=t.log_every, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                      state_extra=lambda: {"scaling_factor": model.scaling_factor}, progress=progress)
+                      state_extra=lambda: {"scaling_factor": model.scaling_factor}, progress=progress,
+                      generators={"batches": batches.gen})
     if resume and trainer.resume():
         sf = trainer.state.extra.get("scaling_factor")
         if sf is not None:

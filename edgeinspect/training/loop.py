@@ -71,7 +71,8 @@ class _SignalGuard:
 class Trainer:
     def __init__(self, run_dir: str | Path, model: torch.nn.Module, stages: list[Stage], *,
                  checkpoint_every: int, keep: int, log_every: int, weight_decay: float, grad_clip: float,
-                 state_extra: Callable[[], dict] | None = None, progress: bool = True):
+                 state_extra: Callable[[], dict] | None = None, progress: bool = True,
+                 generators: dict[str, torch.Generator] | None = None):
         self.run_dir = Path(run_dir)
         self.model = model
         self.stages = stages
@@ -82,6 +83,7 @@ class Trainer:
         self.grad_clip = grad_clip
         self.state_extra = state_extra or (lambda: {})
         self.progress = progress
+        self.generators = generators or {}
         self.state = TrainState(stage=stages[0].name)
 
     def resume(self) -> bool:
@@ -102,7 +104,8 @@ class Trainer:
 
     def _save(self, name: str, opt: torch.optim.Optimizer | None) -> None:
         self.state.extra.update(self.state_extra())
-        save_checkpoint(self.run_dir, name, self.model, self.state, opt, keep=self.keep)
+        save_checkpoint(self.run_dir, name, self.model, self.state, opt, keep=self.keep,
+                        generators=self.generators)
 
     def _log(self, record: dict) -> None:
         with open(self.run_dir / "train_log.jsonl", "a") as f:
@@ -130,9 +133,10 @@ class Trainer:
         stage.setup(fresh)
         opt = self._optimizer(stage)
         resumed = getattr(self, "_resume_ckpt", None)
-        if resumed is not None and not fresh:
-            load_optimizer(opt, resumed)
-            load_rng(resumed)
+        if resumed is not None:
+            load_rng(resumed, self.generators)
+            if not fresh:
+                load_optimizer(opt, resumed)
         self._resume_ckpt = None
         bar = tqdm(total=stage.steps, initial=self.state.step, desc=stage.name, disable=not self.progress,
                    dynamic_ncols=True)

@@ -1,0 +1,57 @@
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "mtd_sample"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_random_extractor_warning():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        yield
+
+
+@pytest.fixture
+def sample_root() -> Path:
+    return SAMPLE
+
+
+def make_mvtec(root: Path, n_train: int = 6, n_good: int = 2, n_defect: int = 2, size=(40, 56),
+               gray: bool = True, seed: int = 0) -> Path:
+    """A small synthetic MVTec-layout folder: non-square (grayscale by default) images, square defects."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+
+    def img():
+        base = (rng.random((h, w)) * 60 + 100).astype(np.uint8)
+        return base if gray else np.stack([base] * 3, -1)
+
+    (root / "train/good").mkdir(parents=True)
+    for i in range(n_train):
+        cv2.imwrite(str(root / f"train/good/{i:03d}.png"), img())
+    (root / "test/good").mkdir(parents=True)
+    for i in range(n_good):
+        cv2.imwrite(str(root / f"test/good/{i:03d}.png"), img())
+    (root / "test/scratch").mkdir(parents=True)
+    (root / "ground_truth/scratch").mkdir(parents=True)
+    for i in range(n_defect):
+        im = img()
+        mask = np.zeros((h, w), np.uint8)
+        mask[10:20, 20:34] = 255
+        im[mask > 0] = 250
+        cv2.imwrite(str(root / f"test/scratch/{i:03d}.png"), im)
+        cv2.imwrite(str(root / f"ground_truth/scratch/{i:03d}_mask.png"), mask)
+    return root
+
+
+@pytest.fixture
+def synthetic_mvtec(tmp_path) -> Path:
+    return make_mvtec(tmp_path / "cat")
