@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgeinspect.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from tests.conftest import SAMPLE
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", "diad", "--preset", "tiny", "--data", str(SAMPLE), "--run", str(run), "--quiet",
+               "--set", "train.autoencoder_steps=3", "--set", "train.unet_steps=3", "--set", "train.guidance_steps=3"])
+    assert rc == 0
+    return run
+
+
+def test_test_command_reports_all_metrics(trained_run, tmp_path, capsys):
+    from tests.conftest import SAMPLE
+
+    out = tmp_path / "metrics.json"
+    rc = main(["test", "--model", str(trained_run), "--data", str(SAMPLE), "--out", str(out), "--quiet",
+               "--overlays", str(tmp_path / "ov"), "--max-overlays", "4", "--set", "inference.batch_size=10"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    keys = {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pro"}
+    assert set(res["metrics"]) == keys
+    assert all(0.0 <= v <= 1.0 for v in res["metrics"].values())
+    assert res["n_images"] == 20 and res["n_defective"] == 12
+    assert set(res["latency_batch1"]["stage_ms"]) == {"encode", "denoise", "decode", "features", "scoring"}
+    assert res["latency_batch1"]["ms_per_frame"] > 0 and res["peak_rss_mb"] > 0
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 4
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == res["metrics"]
+    saved = np.load(out.with_suffix(".maps.npz"))
+    assert saved["maps"].shape == (20, 64, 64)
+
+
+def test_exclude_file_leaves_images_out(trained_run, tmp_path):
+    from tests.conftest import SAMPLE
+
+    names = sorted(p.name for p in (SAMPLE / "test" / "crack").iterdir())[:2]
+    excl = tmp_path / "seeds.txt"
+    excl.write_text("# generator seeds\n" + "\n".join(names) + "\n")
+    out = tmp_path / "m.json"
+    assert main(["test", "--model", str(trained_run), "--data", str(SAMPLE), "--out", str(out), "--quiet",
+                 "--exclude", str(excl)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 18 and not {r["image"] for r in res["per_image"]} & set(names)
+
+
+def test_predict_writes_overlays_and_verdicts(trained_run, tmp_path, capsys):
+    from tests.conftest import SAMPLE
+
+    imgs = sorted((SAMPLE / "test" / "break").iterdir())[:2]
+    rc = main(["predict", "--model", str(trained_run), *map(str, imgs), "--out", str(tmp_path / "p"),
+               "--threshold", "0.0"])
+    assert rc == 0
+    scores = json.loads((tmp_path / "p" / "scores.json").read_text())
+    assert [r["verdict"] for r in scores["results"]] == ["NG", "NG"]
+    import cv2
+
+    ov = cv2.imread(scores["results"][0]["overlay"])
+    assert ov.shape == (64, 3 * 64, 3)  # input | reconstruction | heat map
+    assert "NG" in capsys.readouterr().out
+
+
+def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lerning_rate: 1\n")
+    assert main(["train", "diad", "--config", str(cfg), "--run", str(tmp_path / "r")]) == 2
+    assert "train.lerning_rate" in capsys.readouterr().err
+
+
+def test_override_of_model_is_refused(trained_run, tmp_path):
+    from tests.conftest import SAMPLE
+
+    with pytest.raises(ValueError, match="cannot override"):
+        main(["test", "--model", str(trained_run), "--data", str(SAMPLE), "--set", "model.image_size=128"])
