@@ -1,4 +1,4 @@
-"""`edgeinspect <verb>`: train, test, predict."""
+"""`edgeinspect <verb>`: train, test, predict, glad-threshold."""
 
 from __future__ import annotations
 
@@ -23,31 +23,62 @@ def cmd_train(args: argparse.Namespace) -> int:
         from edgeinspect.training.diad import train_diad
 
         ckpt = train_diad(cfg, args.run, resume=args.resume, progress=not args.quiet)
+    elif args.method == "glad":
+        from edgeinspect.training.glad import train_glad
+
+        ckpt = train_glad(cfg, args.run, resume=args.resume, progress=not args.quiet)
     else:  # pragma: no cover - argparse restricts the choices
         raise ConfigError(f"unknown method {args.method}")
     print(f"trained: {ckpt}")
     return 0
 
 
+def _method_of(model: Path) -> str:
+    """The method a run/checkpoint folder was trained with (its config.json)."""
+    from edgeinspect.training.checkpoint import resolve_checkpoint
+
+    cfg_file = resolve_checkpoint(model).parent.parent / "config.json"
+    try:
+        return json.loads(cfg_file.read_text()).get("method", "diad")
+    except FileNotFoundError:
+        return "diad"
+
+
 def cmd_test(args: argparse.Namespace) -> int:
-    from edgeinspect.evaluate import evaluate_diad
+    if _method_of(args.model) == "glad":
+        from edgeinspect.evaluate_glad import evaluate_glad as evaluate
+    else:
+        from edgeinspect.evaluate import evaluate_diad as evaluate
 
     overrides = parse_overrides(args.overrides)
-    result = evaluate_diad(args.model, args.data, out_json=args.out, overrides=overrides,
-                           exclude_file=args.exclude, progress=not args.quiet,
-                           overlays_dir=args.overlays, max_overlays=args.max_overlays)
+    result = evaluate(args.model, args.data, out_json=args.out, overrides=overrides,
+                      exclude_file=args.exclude, progress=not args.quiet,
+                      overlays_dir=args.overlays, max_overlays=args.max_overlays)
     print(json.dumps(result["metrics"], indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from edgeinspect.evaluate import predict_diad
+    if _method_of(args.model) == "glad":
+        from edgeinspect.evaluate_glad import predict_glad as predict
+    else:
+        from edgeinspect.evaluate import predict_diad as predict
 
     overrides = parse_overrides(args.overrides)
-    rows = predict_diad(args.model, args.images, args.out, overrides=overrides, threshold=args.threshold)
+    rows = predict(args.model, args.images, args.out, overrides=overrides, threshold=args.threshold)
     for r in rows:
         verdict = "" if r["verdict"] is None else f"  {r['verdict']}"
         print(f"{r['score']:.5f}{verdict}  {r['image']} -> {r['overlay']}")
+    return 0
+
+
+def cmd_glad_threshold(args: argparse.Namespace) -> int:
+    from edgeinspect.evaluate_glad import glad_threshold
+
+    r = glad_threshold(args.model, args.data, overrides=parse_overrides(args.overrides), images=args.images,
+                       percentile=args.percentile, margin=args.margin, out_json=args.out)
+    print(json.dumps({k: v for k, v in r.items() if k != "set"}, indent=2))
+    print(f"proposed ADP threshold {r['threshold']:.6g}; apply with: {r['set']}")
     return 0
 
 
@@ -56,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a model (checkpointed; --resume continues after a kill)")
-    p.add_argument("method", choices=["diad"])
+    p.add_argument("method", choices=["diad", "glad"])
     p.add_argument("--config", type=Path, help="YAML config (default: the preset alone)")
     p.add_argument("--preset", choices=["tiny", "edge", "sd15"], help="model preset (default: from the config, else edge)")
     p.add_argument("--data", type=Path, help="MVTec-layout category folder (overrides train.data_root)")
@@ -84,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="image-score threshold for an OK/NG verdict")
     _add_overrides(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("glad-threshold", help="propose GLAD's ADP firing threshold from normal images")
+    p.add_argument("--model", type=Path, required=True, help="GLAD run folder or checkpoint folder")
+    p.add_argument("--data", type=Path, help="MVTec-layout category folder (default: the run's train.data_root); "
+                   "its train/good normals are used")
+    p.add_argument("--images", type=int, help="how many normals (spread evenly; default calibration.images, 0: all)")
+    p.add_argument("--percentile", type=float, help="percentile of the per-frame maximum check scores")
+    p.add_argument("--margin", type=float, help="factor applied to that percentile")
+    p.add_argument("--out", type=Path, help="write the proposal and its statistics here (JSON)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_glad_threshold)
     return ap
 
 

@@ -30,17 +30,18 @@ def _read_exclude(path: Path | None) -> set[str]:
     return {ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")}
 
 
-def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: int = 10) -> dict:
+def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: int = 10,
+                          stages: tuple[str, ...] = STAGES) -> dict:
     """Batch-1 latency per stage and in total (what one camera frame costs on the line)."""
     for i in range(warmup):
         pipe(frames[i % len(frames)].unsqueeze(0))
-    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    per_stage: dict[str, list[float]] = {s: [] for s in stages}
     totals = []
     for i in range(repeats):
         t0 = time.perf_counter()
         r = pipe(frames[i % len(frames)].unsqueeze(0))
         totals.append((time.perf_counter() - t0) * 1e3)
-        for s in STAGES:
+        for s in stages:
             per_stage[s].append(r.timings_ms.get(s, 0.0))
     return {
         "ms_per_frame": statistics.median(totals),

@@ -27,6 +27,8 @@ ROLE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae_decoder": (("latent",), ("image",)),
     "hint_encoder": (("image",), ("hint",)),
     "unet": (("sample", "timestep", "encoder_hidden_states", "hint"), ("noise_pred",)),
+    # A UNet without guidance (GLAD): its own role so each role keeps one fixed signature.
+    "unet_plain": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
 }
 
 

@@ -142,8 +142,13 @@ class Trainer:
                    dynamic_ncols=True)
         t_last = time.perf_counter()
         running = None
+        # RNG states at the start of the step in progress (None between steps): a Ctrl-C inside a
+        # step must checkpoint the states from before that step's draws, or the resumed run redraws
+        # differently and is no longer bit-for-bit the uninterrupted one.
+        step_rng: tuple | None = None
         try:
             while self.state.step < stage.steps:
+                step_rng = (torch.get_rng_state(), {k: g.get_state() for k, g in self.generators.items()})
                 self.model.train()
                 loss = stage.loss(self.state.step)
                 if not torch.isfinite(loss):
@@ -155,6 +160,7 @@ class Trainer:
                         [p for g in opt.param_groups for p in g["params"]], self.grad_clip)
                 opt.step()
                 self.state.step += 1
+                step_rng = None
                 now = time.perf_counter()
                 self.state.train_seconds += now - t_last
                 t_last = now
@@ -172,6 +178,10 @@ class Trainer:
                     t_last = time.perf_counter()  # checkpoint I/O is not training time
         except (KeyboardInterrupt, Interrupted):
             bar.close()
+            if step_rng is not None:  # interrupted inside a step: that step is redone from scratch
+                torch.set_rng_state(step_rng[0])
+                for k, g in self.generators.items():
+                    g.set_state(step_rng[1][k])
             self._save(f"{stage.name}-{self.state.step:07d}", opt)
             raise KeyboardInterrupt(f"interrupted in {stage.name} at step {self.state.step}; checkpoint written")
         bar.close()

@@ -1,0 +1,246 @@
+"""Writing the deployable bundle: ONNX graphs (fp32 and fp16), prompt context, settings, config and a
+manifest with every file's sha256, written atomically (a temporary folder renamed into place).
+
+The layout and the checks made on load are described in `edgeinspect.runtime.bundle_loading`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import warnings
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgeinspect
+from edgeinspect.export.onnx import DEFAULT_OPSET, ExportError, check_parity, export_onnx, parity_report
+from edgeinspect.export.roles import ExportContext, RoleExport, build_role_exports
+from edgeinspect.runtime.bundle_loading import (
+    BUNDLE_FORMAT,
+    MANIFEST,
+    PRECISIONS,
+    SCHEMA_VERSION,
+    UNHASHED_DIRS,
+    BundleError,
+    NetworkEntry,
+    manifest_digest,
+    sha256_file,
+    verify_bundle,
+)
+
+
+def package_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import timm
+
+    return {"edgeinspect": edgeinspect.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*"), reverse=True):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def hash_files(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` except the manifest and the target-machine caches."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.as_posix() != MANIFEST and rel.parts[0] not in UNHASHED_DIRS:
+            out[rel.as_posix()] = sha256_file(p)
+    return out
+
+
+def finalize_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    manifest = dict(manifest)
+    manifest["files"] = hash_files(root)
+    manifest.pop("manifest_sha256", None)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    return manifest
+
+
+def _progress(items: Sequence[str], enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="net")
+
+
+def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, features: torch.nn.Module | None = None,
+                 precision: Sequence[str] = ("fp32", "fp16"), opset: int = DEFAULT_OPSET,
+                 exporter: str = "torchscript", roles: Sequence[str] | None = None, overwrite: bool = False,
+                 source: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
+                 parity_atol: float = 1e-4, parity_rtol: float = 1e-3, fp16_atol: float = 1e-2,
+                 fp16_rtol: float = 5e-2, threads: int | None = None, progress: bool = False) -> Path:
+    """Export a loaded model to a bundle folder (see `export_bundle` for a run folder)."""
+    from edgeinspect.config import dump_config
+    from edgeinspect.export.fp16 import FP16_OP_BLOCK_LIST, convert_onnx_fp16
+    from safetensors.torch import save_file
+
+    precision = tuple(dict.fromkeys(precision))
+    bad = [p for p in precision if p not in PRECISIONS]
+    if bad or "fp32" not in precision:
+        raise ExportError(f"precision must include 'fp32' and may add 'fp16'; got {list(precision)}")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise BundleError(f"bundle {out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    method = cfg.method
+    model = model.eval()
+    if features is None and method == "diad":
+        from edgeinspect.training.diad import build_features
+
+        features = build_features(cfg)
+        if cfg.features.weights is None:
+            warnings.warn("the exported feature extractor has RANDOM weights (features.weights is null): its scores "
+                          "match no other build of it", UserWarning, stacklevel=2)
+    if features is not None:
+        features = features.eval()
+    with torch.no_grad():
+        context = model.context(cfg.train.prompt).detach().float().cpu().contiguous()
+    specs = build_role_exports(method, ExportContext(cfg, model, features, context), list(roles) if roles else None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "onnx").mkdir(parents=True)
+    try:
+        networks: dict[str, Any] = {}
+        parity: dict[str, Any] = {}
+        real_opset = opset
+        for role in _progress(list(specs), progress, "export"):
+            spec: RoleExport = specs[role]
+            graph = export_onnx(spec.module, spec.inputs, tmp / "onnx" / f"{role}.onnx", spec.output_names,
+                                spec.dynamic_axes, probe=spec.probe, opset=opset, exporter=exporter,
+                                metadata={"role": role, "method": method})
+            real_opset = graph.opset
+            # at the export size and at the probe (another batch and size: the dynamic axes really work)
+            err, scale = parity_report(spec.module, graph.path, [spec.inputs, spec.probe], spec.output_names,
+                                       threads=threads)
+            check_parity(err, scale, f"{role} (fp32)", parity_atol, parity_rtol)
+            parity[role] = {"fp32": err, "scale": scale}
+            files = {"fp32": f"onnx/{role}.onnx"}
+            real = {"fp32": "fp32"}
+            if "fp16" in precision:
+                if spec.fp16:
+                    samples = [{n: t.detach().cpu().numpy() for n, t in x.items()} for x in (spec.inputs, spec.probe)]
+                    rep = convert_onnx_fp16(graph.path, tmp / "onnx" / f"{role}.fp16.onnx", samples,
+                                            atol=fp16_atol, rtol=fp16_rtol, threads=threads)
+                    files["fp16"], real["fp16"] = f"onnx/{role}.fp16.onnx", "fp16"
+                    parity[role]["fp16_vs_fp32"] = rep.max_abs_error
+                else:  # numerically fragile (the VAE): the fp16 variant uses the fp32 graph
+                    files["fp16"], real["fp16"] = files["fp32"], "fp32"
+            entry = NetworkEntry(role, graph.inputs, graph.outputs, files, real, spec.batch_multiplier, spec.pipeline)
+            networks[role] = {**entry.to_json(), "external_data": graph.external_data, "notes": spec.notes}
+
+        save_file({"context": context}, str(tmp / "context.safetensors"))
+        config = dump_config(cfg)
+        _write_json(tmp / "config.json", config)
+        settings = {k: config[k] for k in ("scheduler", "inference", "scoring", "runtime") if k in config}
+        settings["feature_size"] = cfg.scoring.feature_size
+        _write_json(tmp / "settings.json", settings)
+
+        manifest = {
+            "format": BUNDLE_FORMAT, "schema_version": SCHEMA_VERSION, "method": method,
+            "preset": cfg.model.preset, "image_size": cfg.model.image_size, "latent_size": cfg.model.latent_size,
+            "feature_size": cfg.scoring.feature_size or cfg.model.image_size, "opset": real_opset,
+            "exporter": exporter, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions(), "source": source or {}, "precisions": list(precision),
+            "context": {"file": "context.safetensors", "key": "context", "shape": list(context.shape)},
+            "config": "config.json", "settings": "settings.json", "networks": networks,
+            "parity": {"bound": {"fp32": [parity_atol, parity_rtol], "fp16": [fp16_atol, fp16_rtol]},
+                       "max_abs_error": parity},
+            "fp16": {"op_block_list": list(FP16_OP_BLOCK_LIST), "fp32_subgraphs": ["timestep"],
+                     "keep_io_types": True} if "fp16" in precision else None,
+            "calibration": calibration,
+        }
+        _write_json(tmp / MANIFEST, finalize_manifest(tmp, manifest))
+        _fsync_tree(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[str] = ("fp32", "fp16"), *,
+                  features: torch.nn.Module | None = None, engines: bool = False,
+                  engine_max_batch: int | None = None, overwrite: bool = False, **kwargs: Any) -> Path:
+    """Export a trained run (or checkpoint folder) to a bundle; `engines=True` also builds the TensorRT
+    engines into <bundle>/engines (only on a machine with a GPU and tensorrt: checked before exporting).
+    Other keyword arguments: see `write_bundle`."""
+    from edgeinspect.runtime.torch_backend import load_diad
+    from edgeinspect.training.checkpoint import resolve_checkpoint
+
+    if engines:
+        from edgeinspect.export.tensorrt import require_engine_support
+
+        require_engine_support()
+    ckpt = resolve_checkpoint(run_dir)
+    cfg_file = ckpt.parent.parent / "config.json"
+    method = json.loads(cfg_file.read_text()).get("method", "diad") if cfg_file.is_file() else "diad"
+    if method != "diad":
+        raise ExportError(f"{run_dir} is a {method!r} run: only DiAD runs can be exported so far (a method is "
+                          "added by registering its roles, see edgeinspect/export/roles.py)")
+    cfg, model = load_diad(run_dir)
+    source = {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
+              "weights_sha256": sha256_file(ckpt / "model.safetensors")}
+    out = write_bundle(cfg, model, out_dir, features=features, precision=precision, overwrite=overwrite,
+                       source=source, **kwargs)
+    if engines:
+        from edgeinspect.export.tensorrt import build_bundle_engines
+
+        build_bundle_engines(out, precision="fp16" if "fp16" in precision else "fp32", max_batch=engine_max_batch)
+    return out
+
+
+def set_calibration(bundle_dir: str | Path, calibration: dict[str, Any],
+                    files: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Store calibration (thresholds, normalisation) in a verified bundle: `calibration` goes into the
+    manifest's calibration slot, `files` (name -> bytes) under calibration/; hashes and the manifest
+    digest are updated and the manifest replaced atomically. Returns the new manifest."""
+    root = Path(bundle_dir)
+    manifest = verify_bundle(root)  # never re-sign a tampered bundle
+    json.dumps(calibration)  # must be JSON
+    for name, data in (files or {}).items():
+        rel = Path("calibration") / name
+        if rel.is_absolute() or ".." in rel.parts:
+            raise BundleError(f"calibration file name {name!r} must stay inside the bundle")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    manifest["calibration"] = calibration
+    new = finalize_manifest(root, manifest)
+    tmp = root / f".{MANIFEST}.tmp"
+    _write_json(tmp, new)
+    os.replace(tmp, root / MANIFEST)
+    return new

@@ -1,0 +1,96 @@
+"""What a method exports: one `RoleExport` per network role, from a registry of role builders.
+
+A method registers a builder per role (`register_role("diad", "unet")(fn)`); the builder gets the
+loaded model and returns the torch module, example inputs at the deployment size, probe inputs at
+another batch (and size, where the graph is spatially dynamic), the output names and the dynamic axes.
+Export, parity checks, fp16 conversion, the bundle manifest and TensorRT profiles all work from these,
+so GLAD, AdaBLDM or DualAnoDiff add their networks by registering more roles, with no change here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ExportContext:
+    """Everything a role builder may need: the method's config, its model, the feature extractor and
+    the prompt context (a constant per deployment)."""
+
+    cfg: Any
+    model: nn.Module
+    features: nn.Module | None = None
+    context: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoleExport:
+    role: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]  # example inputs at the deployment size (batch 2: no batch-1 specialisation)
+    probe: dict[str, torch.Tensor]  # another batch and, where spatially dynamic, another size
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]  # per input: axis -> name ("batch" for the batch axis)
+    batch_multiplier: int = 1  # the loop calls the network with this many times the frame batch
+    pipeline: bool = True  # called by the method's loop; False: exported for use on its own
+    fp16: bool = True  # worth an fp16 variant (the VAE stays fp32)
+    notes: str = ""
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    def deploy_shape(self, name: str) -> tuple[int, ...]:
+        """An input's concrete shape at batch 1 and the deployment size."""
+        shape = list(self.inputs[name].shape)
+        for axis, axis_name in self.dynamic_axes.get(name, {}).items():
+            if axis_name == "batch":
+                shape[axis] = 1
+        return tuple(shape)
+
+
+RoleBuilder = Callable[[ExportContext], RoleExport]
+_REGISTRY: dict[str, dict[str, RoleBuilder]] = {}
+
+
+def register_role(method: str, role: str) -> Callable[[RoleBuilder], RoleBuilder]:
+    """Decorator: `builder(ctx) -> RoleExport` exports `role` for `method` (registration order is kept)."""
+
+    def deco(fn: RoleBuilder) -> RoleBuilder:
+        _REGISTRY.setdefault(method, {})[role] = fn
+        return fn
+
+    return deco
+
+
+def _load_method_roles(method: str) -> None:
+    if method == "diad":
+        import edgeinspect.export.diad  # noqa: F401  (registers the DiAD roles)
+
+
+def method_roles(method: str) -> list[str]:
+    _load_method_roles(method)
+    if method not in _REGISTRY:
+        raise KeyError(f"no export roles registered for method {method!r} (known: {sorted(_REGISTRY)})")
+    return list(_REGISTRY[method])
+
+
+def build_role_exports(method: str, ctx: ExportContext, roles: list[str] | None = None) -> dict[str, RoleExport]:
+    known = method_roles(method)
+    roles = roles or known
+    unknown = [r for r in roles if r not in known]
+    if unknown:
+        raise KeyError(f"method {method!r} has no export role(s) {unknown} (it has {known})")
+    out = {}
+    for role in roles:
+        spec = _REGISTRY[method][role](ctx)
+        if spec.role != role:
+            raise ValueError(f"builder for {role!r} returned a RoleExport for {spec.role!r}")
+        out[role] = spec
+    return out

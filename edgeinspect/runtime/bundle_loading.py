@@ -1,0 +1,364 @@
+"""Loading a deployable bundle: verify it, then hand a runtime what it needs to build a pipeline.
+
+A bundle (written by `edgeinspect.export.bundle.export_bundle`) is one folder:
+
+    manifest.json          what is in the bundle (schema below), sha256 of every other file, and a
+                           digest of the manifest itself
+    config.json            the full validated config of the run the bundle was exported from
+    settings.json          scheduler (DDIM), inference and scoring settings, for readers without pydantic
+    context.safetensors    the prompt embedding (a constant per deployment: the prompt encoder is not
+                           exported)
+    onnx/<role>.onnx       one graph per network role (fp32); onnx/<role>.fp16.onnx the fp16 variants
+    engines/               TensorRT engines, built on the target machine (a cache: not hashed, every
+                           engine is keyed by GPU, TensorRT version, profile and ONNX hash instead)
+
+`load_bundle` refuses a bundle whose files do not match their hashes, whose manifest was edited,
+that misses a file, or that was written by an incompatible edgeinspect (major version, schema) or
+with an opset this runtime does not support. The digests detect corruption and accidental edits;
+they are not a signature (whoever can write the folder can recompute them).
+
+A bundle holds graphs, not torch weights: the torch backend runs from the run folder
+(`edgeinspect.runtime.torch_backend.load_diad`), never from a bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgeinspect
+
+BUNDLE_FORMAT = "edgeinspect-bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MIN_OPSET = 17
+# Files under these folders are caches built on the target machine, not part of the exported bundle.
+UNHASHED_DIRS = ("engines",)
+PRECISIONS = ("fp32", "fp16")
+_REQUIRED_KEYS = {
+    "format": str, "schema_version": int, "method": str, "preset": str, "image_size": int,
+    "opset": int, "versions": dict, "networks": dict, "precisions": list, "context": dict,
+    "config": str, "settings": str, "files": dict, "manifest_sha256": str,
+}
+_PIPELINE_ROLES = {"diad": ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features")}
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, tampered with or incompatible; the message names the file."""
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest without its own digest field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def major_version(version: str) -> str:
+    return str(version).split(".", 1)[0]
+
+
+# --------------------------------------------------------------------------- tensor specs
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input/output: name, dtype and shape. A str dim is dynamic (its axis name, "batch" for the
+    batch axis); `deploy_shape` is the concrete shape at batch 1 and the deployment size."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    deploy_shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape),
+                "deploy_shape": list(self.deploy_shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(str(d["name"]), tuple(d["shape"]), tuple(int(v) for v in d["deploy_shape"]),
+                   str(d.get("dtype", "float32")))
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class NetworkEntry:
+    """One network role of a bundle (manifest["networks"][role])."""
+
+    role: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: dict[str, str]  # precision -> path relative to the bundle
+    precision: dict[str, str]  # bundle precision -> precision the file really has ("fp32" VAE in fp16)
+    batch_multiplier: int = 1  # the loop calls it with this many times the frame batch (features: 2)
+    pipeline: bool = True  # called by the method's loop (False: exported on its own, e.g. guidance)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
+                "files": dict(self.files), "precision": dict(self.precision),
+                "batch_multiplier": self.batch_multiplier, "pipeline": self.pipeline}
+
+    @classmethod
+    def from_json(cls, role: str, d: dict[str, Any]) -> "NetworkEntry":
+        return cls(role, tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_json(t) for t in d["outputs"]), dict(d["files"]),
+                   dict(d.get("precision", {})), int(d.get("batch_multiplier", 1)), bool(d.get("pipeline", True)))
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    config: Any  # the method's validated config (DiADConfig)
+    context: torch.Tensor
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest["precisions"])
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        return self.manifest.get("calibration")
+
+    @property
+    def networks(self) -> dict[str, NetworkEntry]:
+        return {r: NetworkEntry.from_json(r, d) for r, d in self.manifest["networks"].items()}
+
+    def network(self, role: str) -> NetworkEntry:
+        nets = self.manifest["networks"]
+        if role not in nets:
+            raise BundleError(f"{self.path / MANIFEST}: the bundle has no network {role!r} (it has {sorted(nets)})")
+        return NetworkEntry.from_json(role, nets[role])
+
+    def pipeline_roles(self) -> tuple[str, ...]:
+        return tuple(r for r, e in self.networks.items() if e.pipeline)
+
+    def onnx_path(self, role: str, precision: str = "fp32") -> Path:
+        entry = self.network(role)
+        if precision not in entry.files:
+            raise BundleError(
+                f"{self.path / MANIFEST}: network {role!r} has no {precision} variant (it has {sorted(entry.files)}); "
+                f"re-export with that precision (edgeinspect export --fp16)"
+            )
+        return self.path / entry.files[precision]
+
+
+def _fail(path: Path, what: str) -> BundleError:
+    return BundleError(f"bundle {path}: {what}")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise BundleError(f"bundle {path}: not a folder")
+    if not mf.is_file():
+        raise _fail(path, f"{MANIFEST} is missing (not a bundle written by `edgeinspect export`)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _fail(path, f"{MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise _fail(path, f"{MANIFEST}: the top level must be an object")
+    return manifest
+
+
+def _check_schema(path: Path, manifest: dict[str, Any]) -> None:
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise _fail(path, f"{MANIFEST}: format is {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    for key, kind in _REQUIRED_KEYS.items():
+        if key not in manifest:
+            raise _fail(path, f"{MANIFEST}: field {key!r} is missing")
+        if not isinstance(manifest[key], kind) or (kind is int and isinstance(manifest[key], bool)):
+            raise _fail(path, f"{MANIFEST}: field {key!r} must be a {kind.__name__}")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise _fail(path, f"{MANIFEST}: schema_version {manifest['schema_version']} is not supported by this "
+                          f"edgeinspect {edgeinspect.__version__} (it reads schema {SCHEMA_VERSION}); export the "
+                          "bundle again with this version")
+
+
+def _check_versions(path: Path, manifest: dict[str, Any]) -> None:
+    written = manifest["versions"].get("edgeinspect")
+    if written is None:
+        raise _fail(path, f"{MANIFEST}: versions.edgeinspect is missing")
+    if major_version(written) != major_version(edgeinspect.__version__):
+        raise _fail(path, f"{MANIFEST}: written by edgeinspect {written}, this is edgeinspect "
+                          f"{edgeinspect.__version__} (major versions differ); export the bundle again")
+    opset = manifest["opset"]
+    import onnx  # lazily: only the check needs it
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise _fail(path, f"{MANIFEST}: opset {opset} is outside what this runtime supports "
+                          f"({MIN_OPSET}..{newest}); export the bundle again")
+
+
+def _check_files(path: Path, manifest: dict[str, Any]) -> None:
+    files: dict[str, str] = manifest["files"]
+    for rel in files:
+        p = Path(rel)
+        if p.is_absolute() or ".." in p.parts:
+            raise _fail(path, f"{MANIFEST}: file entry {rel!r} points outside the bundle")
+    referenced = {manifest["config"], manifest["settings"], manifest["context"].get("file", "")}
+    for role, entry in manifest["networks"].items():
+        if not isinstance(entry, dict) or "files" not in entry or "inputs" not in entry or "outputs" not in entry:
+            raise _fail(path, f"{MANIFEST}: networks.{role} needs inputs, outputs and files")
+        referenced.update(entry["files"].values())
+    unlisted = sorted(r for r in referenced if r not in files)
+    if unlisted:
+        raise _fail(path, f"{MANIFEST}: {unlisted[0]} is used but has no sha256 in 'files'")
+    for rel, expected in files.items():
+        p = path / rel
+        if not p.is_file():
+            raise _fail(path, f"file {rel} listed in {MANIFEST} is missing")
+        found = sha256_file(p)
+        if found != expected:
+            raise _fail(path, f"file {rel} does not match its sha256 in {MANIFEST} (expected {expected[:16]}..., "
+                              f"found {found[:16]}...): it was modified or corrupted after export; export the "
+                              "bundle again")
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """Check schema, versions, the manifest's digest and every file's sha256; return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if "manifest_sha256" not in manifest:
+        raise _fail(path, f"{MANIFEST}: field 'manifest_sha256' is missing")
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise _fail(path, f"{MANIFEST} was modified after export (its content does not match its "
+                          "manifest_sha256); export the bundle again (calibration is stored with "
+                          "edgeinspect.export.bundle.set_calibration, which updates the digest)")
+    _check_schema(path, manifest)
+    _check_versions(path, manifest)
+    _check_files(path, manifest)
+    if manifest["method"] in _PIPELINE_ROLES:
+        missing = [r for r in _PIPELINE_ROLES[manifest["method"]] if r not in manifest["networks"]]
+        if missing:
+            raise _fail(path, f"{MANIFEST}: method {manifest['method']!r} needs networks {missing}")
+    return manifest
+
+
+def _build_config(path: Path, manifest: dict[str, Any], overrides: dict[str, Any] | None):
+    from edgeinspect.config import ConfigError, _merge, build_config
+
+    data = json.loads((path / manifest["config"]).read_text())
+    if overrides:
+        bad = set(overrides) & {"model", "guidance", "method", "features"}
+        if bad:
+            raise BundleError(f"bundle {path}: cannot override {sorted(bad)}: they are baked into the graphs")
+        data = _merge(data, overrides)
+    method = data.pop("method", manifest["method"])
+    try:
+        return build_config(method, data["model"]["preset"], data, source=str(path / manifest["config"]))
+    except ConfigError as e:
+        raise BundleError(f"bundle {path}: {manifest['config']} does not validate: {e}") from None
+
+
+def load_bundle(path: str | Path, verify: bool = True, overrides: dict[str, Any] | None = None) -> Bundle:
+    """A verified bundle: manifest, validated config (with optional inference/scoring overrides) and the
+    prompt context. `verify=False` skips the hashes (not the schema): for tools that repair bundles."""
+    path = Path(path)
+    if verify:
+        manifest = verify_bundle(path)
+    else:
+        manifest = read_manifest(path)
+        _check_schema(path, manifest)
+    cfg = _build_config(path, manifest, overrides)
+    from safetensors.torch import load_file
+
+    ctx_file = path / manifest["context"]["file"]
+    tensors = load_file(str(ctx_file))
+    key = manifest["context"].get("key", "context")
+    if key not in tensors:
+        raise BundleError(f"bundle {path}: {manifest['context']['file']} has no tensor {key!r}")
+    return Bundle(path, copy.deepcopy(manifest), cfg, tensors[key].float())
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
+                    providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
+                    roles: Sequence[str] | None = None, engine_cache_dir: str | Path | None = None,
+                    max_batch: int | None = None, device: str | torch.device | None = None):
+    """The networks of a bundle on one backend ("onnxruntime" or "tensorrt")."""
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if backend == "torch":
+        raise BundleError(
+            f"bundle {bundle.path}: the torch backend cannot run from a bundle (a bundle holds ONNX graphs, not "
+            "torch weights); use the run folder with edgeinspect.runtime.torch_backend.load_diad/diad_pipeline, "
+            "or choose backend 'onnxruntime' or 'tensorrt'"
+        )
+    if backend == "onnxruntime":
+        from edgeinspect.runtime.ort_backend import ort_networks
+
+        return ort_networks(bundle, providers=providers, precision=precision, intra_op_threads=intra_op_threads,
+                            roles=roles)
+    if backend == "tensorrt":
+        from edgeinspect.runtime.trt_backend import trt_networks
+
+        return trt_networks(bundle, precision=precision, max_batch=max_batch, cache_dir=engine_cache_dir,
+                            roles=roles, device=device or "cuda")
+    raise BundleError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt' (or 'torch' from a run folder)")
+
+
+def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
+                    providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
+                    overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
+                    max_batch: int | None = None, device: str | torch.device | None = None):
+    """The method's pipeline (DiADPipeline) on a verified bundle. `overrides` may change inference and
+    scoring settings (not the networks): e.g. {"inference": {"steps": 5}}."""
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, overrides=overrides)
+    elif overrides:
+        bundle = Bundle(bundle.path, bundle.manifest, _build_config(bundle.path, bundle.manifest, overrides),
+                        bundle.context)
+    if bundle.method != "diad":
+        raise BundleError(f"bundle {bundle.path}: no pipeline for method {bundle.method!r} in this version")
+    from edgeinspect.runtime.ddim import DDIM
+    from edgeinspect.runtime.diad import DiADPipeline
+
+    cfg = bundle.config
+    nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
+                           intra_op_threads=intra_op_threads, roles=_PIPELINE_ROLES["diad"],
+                           engine_cache_dir=engine_cache_dir, max_batch=max_batch or cfg.inference.batch_size,
+                           device=device)
+    return DiADPipeline(nets, bundle.context, DDIM(cfg.scheduler), cfg.inference, cfg.scoring,
+                        cfg.scoring.feature_size)

@@ -1,0 +1,262 @@
+"""GLAD inference: adaptive denoising steps (ADP) with spatial-adaptive feature fusion (SAFF), then
+multi-layer min-over-positions feature scoring.
+
+Written against named networks (`vae_encoder`, `unet_plain`, `vae_decoder`, `features`), so the same
+loop runs on torch, onnxruntime or TensorRT networks.
+
+`unet_plain` is its own role (sample, timestep, encoder_hidden_states) -> noise_pred rather than
+the `unet` role with an optional hint: one role, one fixed signature, so export, manifests and
+backends never need method-dependent graph inputs, and a GLAD loop handed a DiAD bundle (or the
+reverse) fails at construction by role name instead of mid-frame on a missing input.
+
+Per frame (every frame of a batch independently):
+  z0 = encoder(x); eps = seeded noise (the same for every frame); z = q(z0, T0, eps)
+  for t in DDIM timesteps from T0 down:
+    trajectory clean estimate c_traj = clean(z, unet(z, t))
+    until the frame has fired:
+      input-derived estimate c_in = clean(q(z0, t, eps), unet(q(z0, t, eps), t))
+      decode both; m = min over positions of the trajectory's image of (1 - cos) of extractor
+      features at each position of the input-derived image (summed over layers, blurred)
+      score = mean of the top-K of m
+      fire if score > threshold or t < min_step:
+        fused = w(m) c_traj + (1 - w(m)) c_in     (w: monotone map of m to [0, 1], latent size)
+        z = q(fused, t, eps)                      (SAFF: same noise, so the noise is consistent)
+    z = DDIM step from t with unet(z, t)
+  reconstruction = decode(z); final map/score as above between the input and the reconstruction.
+
+At the first step the trajectory *is* the input noised with eps, so both estimates are identical;
+the check is skipped there unless t0 < min_step forces firing. With `inference.check_every` = k only
+every k-th step is checked (and any step below min_step); `scoring.adp_feature_size` sets the
+extractor input size for the checks. Both trade firing resolution for latency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig
+from edgeinspect.runtime.ddim import DDIM, seeded_noise
+from edgeinspect.runtime.diad import _Timer
+from edgeinspect.runtime.networks import Networks
+from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
+
+STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
+          "features", "scoring")
+ADP_STAGES = ("adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff")
+
+# The plain UNet role (no guidance). Pass to `torch_networks(..., signatures=GLAD_SIGNATURES)` until
+# runtime/networks.py lists it in ROLE_SIGNATURES.
+UNET_PLAIN_SIGNATURE = (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",))
+GLAD_SIGNATURES = {"unet_plain": UNET_PLAIN_SIGNATURE}
+ROLES = ("vae_encoder", "unet_plain", "vae_decoder", "features")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def min_cosine_distance_map(a: torch.Tensor, b: torch.Tensor, chunk_mb: float = 64.0) -> torch.Tensor:
+    """For each position of `a` (B, C, h, w): min over every position of `b` (B, C, h', w') of
+    1 - cos over channels. (B, h, w). The (hw x h'w') similarity is built in row chunks of at most
+    `chunk_mb` MiB, so large feature maps never need it whole."""
+    bsz, c, h, w = a.shape
+    an = F.normalize(a.float().flatten(2), dim=1, eps=1e-6)  # (B, C, N)
+    bn = F.normalize(b.float().flatten(2), dim=1, eps=1e-6)  # (B, C, M)
+    n, m = an.shape[-1], bn.shape[-1]
+    rows = max(1, int(chunk_mb * 2**20 // (4 * m)))
+    out = an.new_empty(bsz, n)
+    for i in range(bsz):
+        bt = bn[i]
+        for s in range(0, n, rows):
+            sim = an[i, :, s:s + rows].transpose(0, 1) @ bt  # (rows, M)
+            out[i, s:s + rows] = 1 - sim.amax(dim=1)
+    return out.view(bsz, h, w).clamp_(min=0)
+
+
+def min_cosine_distance_maps(feats_a: list[torch.Tensor], feats_b: list[torch.Tensor], size: tuple[int, int],
+                             chunk_mb: float = 64.0) -> torch.Tensor:
+    """Sum over layers of the min-over-positions (1 - cos) maps, each bilinearly upsampled: (B, H, W)."""
+    total = None
+    for a, b in zip(feats_a, feats_b, strict=True):
+        d = min_cosine_distance_map(a, b, chunk_mb).unsqueeze(1)
+        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
+        total = d if total is None else total + d
+    assert total is not None, "no feature levels"
+    return total.squeeze(1)
+
+
+# --------------------------------------------------------------------------- SAFF
+
+
+def fusion_weight(maps: torch.Tensor, latent_size: tuple[int, int], mode: str = "minmax", low: float = 0.0,
+                  high: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
+    """w(m): the anomaly maps (B, H, W) area-averaged to latent size and mapped monotonically to
+    [0, 1]: per frame min-max ("minmax") or [low, high] -> [0, 1] ("linear"); then ** gamma. (B,1,h,w)."""
+    m = F.adaptive_avg_pool2d(maps.unsqueeze(1).float(), latent_size)
+    if mode == "minmax":
+        lo = m.amin(dim=(1, 2, 3), keepdim=True)
+        hi = m.amax(dim=(1, 2, 3), keepdim=True)
+        w = (m - lo) / (hi - lo).clamp(min=1e-12)
+    elif mode == "linear":
+        w = (m - low) / (high - low)
+    else:
+        raise ValueError(f"unknown fusion weight mode {mode!r}")
+    w = w.clamp(0, 1)
+    return w.pow(gamma) if gamma != 1.0 else w
+
+
+def saff_fuse(trajectory_clean: torch.Tensor, input_clean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The fused clean latent: the trajectory's where w = 1, the input-derived where w = 0."""
+    return weight * trajectory_clean + (1 - weight) * input_clean
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class GLADResult:
+    scores: torch.Tensor  # (B,)
+    maps: torch.Tensor  # (B, H, W) at the input size
+    reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    fire_step: torch.Tensor  # (B,) long: the timestep at which each frame fired, -1 if it never did
+    fire_index: torch.Tensor  # (B,) long: its index in `timesteps`, -1 if never
+    fire_score: torch.Tensor  # (B,) the ADP check score that fired it (NaN if never)
+    fired_by_threshold: torch.Tensor  # (B,) bool: the score crossed the threshold (not only t < min_step)
+    adp_scores: torch.Tensor  # (B, steps) ADP check score at each step, NaN where not checked
+    timesteps: list[int] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
+
+
+class GLADPipeline:
+    """ADP + SAFF reconstruction and feature scoring for a batch of frames (float (B,3,H,W) in [-1, 1])."""
+
+    def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
+                 scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None):
+        for role in ROLES:
+            networks[role]  # fail at construction, not mid-frame
+        self.nets = networks
+        self.context = context.to(networks.device)
+        self.schedule = schedule
+        self.inference = inference
+        self.scoring = scoring
+        self.feature_size = feature_size
+        # inference.threshold wins; else the one given (calibrated); else only min_step fires.
+        thr = inference.threshold if inference.threshold is not None else threshold
+        self.threshold = math.inf if thr is None else float(thr)
+        self.timesteps = schedule.timesteps(inference.t0, inference.steps)
+
+    # -- pieces
+    def _unet(self, z: torch.Tensor, t: int) -> torch.Tensor:
+        b = z.shape[0]
+        tt = torch.full((b,), float(t), device=z.device)
+        ctx = self.context.expand(b, *self.context.shape[1:])
+        return self.nets["unet_plain"](sample=z, timestep=tt, encoder_hidden_states=ctx)["noise_pred"]
+
+    def _features(self, images: torch.Tensor, size: int | None) -> list[torch.Tensor]:
+        if size and size != images.shape[-1]:
+            images = F.interpolate(images, size=(size,) * 2, mode="bilinear", align_corners=False)
+        return list(self.nets["features"](image=images).values())
+
+    def anomaly_maps(self, test: torch.Tensor, reference: torch.Tensor, timer: _Timer, prefix: str = "",
+                     feature_size: int | None = None) -> torch.Tensor:
+        """Blurred multi-layer min-over-positions maps of `test` against `reference` (images), (B, H, W)."""
+        size = tuple(test.shape[-2:])
+        b = test.shape[0]
+        with timer(prefix + "features"):
+            feats = self._features(torch.cat([test, reference]), feature_size or self.feature_size)
+            fa, fb = [f[:b] for f in feats], [f[b:] for f in feats]
+        with timer(prefix + "scoring"):
+            maps = min_cosine_distance_maps(fa, fb, size, self.scoring.similarity_chunk_mb)
+            maps = gaussian_blur(maps, self.scoring.blur_sigma)
+        return maps
+
+    # -- ADP + SAFF
+    def reconstruct(self, images: torch.Tensor, timer: _Timer | None = None) -> dict[str, torch.Tensor]:
+        timer = timer or _Timer(self.nets.device)
+        inf = self.inference
+        b = images.shape[0]
+        ts = self.timesteps
+        with timer("encode"):
+            z0 = self.nets["vae_encoder"](image=images)["latent"]
+        dev = z0.device
+        fired = torch.zeros(b, dtype=torch.bool, device=dev)
+        fire_step = torch.full((b,), -1, dtype=torch.long)
+        fire_index = torch.full((b,), -1, dtype=torch.long)
+        fire_score = torch.full((b,), float("nan"))
+        by_threshold = torch.zeros(b, dtype=torch.bool)
+        adp_scores = torch.full((b, len(ts)), float("nan"))
+        with timer("denoise"):
+            eps = seeded_noise(tuple(z0.shape[1:]), inf.seed, b, dev, z0.dtype)
+            z = self.schedule.add_noise(z0, eps, ts[0])
+        for i, t in enumerate(ts):
+            t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+            forced = t < inf.min_step
+            with timer("denoise"):
+                eps_pred = self._unet(z, t)
+            check = ~fired
+            if not forced and (i == 0 or i % inf.check_every):
+                # i == 0: the trajectory is the input noised with eps, nothing to compare
+                check = torch.zeros_like(fired)
+            if bool(check.any()):
+                idx = check.nonzero().squeeze(1)
+                with timer("adp_unet"):
+                    traj_clean = self.schedule.pred_clean(z[idx], eps_pred[idx], t)
+                    z_in = self.schedule.add_noise(z0[idx], eps[idx], t)
+                    in_clean = self.schedule.pred_clean(z_in, self._unet(z_in, t), t)
+                with timer("adp_decode"):
+                    dec = self.nets["vae_decoder"](latent=torch.cat([in_clean, traj_clean]))["image"].clamp(-1, 1)
+                n = idx.numel()
+                maps = self.anomaly_maps(dec[:n], dec[n:], timer, prefix="adp_",
+                                         feature_size=self.scoring.adp_feature_size)
+                with timer("adp_scoring"):
+                    score = topk_mean_score(maps, inf.adp_top_k)
+                adp_scores[idx.cpu(), i] = score.float().cpu()
+                over = score > self.threshold
+                fire = over | forced
+                if bool(fire.any()):
+                    sel = fire.nonzero().squeeze(1)
+                    f = idx[sel]
+                    with timer("saff"):
+                        w = fusion_weight(maps[sel], tuple(z0.shape[-2:]), inf.weight_mode, inf.weight_low,
+                                          inf.weight_high, inf.weight_gamma).to(z.dtype)
+                        fused = saff_fuse(traj_clean[sel], in_clean[sel], w)
+                        z_f = self.schedule.add_noise(fused, eps[f], t)
+                        eps_f = self._unet(z_f, t)
+                    z = z.clone()
+                    z[f] = z_f
+                    eps_pred = eps_pred.clone()
+                    eps_pred[f] = eps_f
+                    fired[f] = True
+                    fc = f.cpu()
+                    fire_step[fc] = t
+                    fire_index[fc] = i
+                    fire_score[fc] = score[sel].float().cpu()
+                    by_threshold[fc] = over[sel].cpu()
+            with timer("denoise"):
+                z, _ = self.schedule.step(z, eps_pred, t, t_prev)
+        with timer("decode"):
+            recon = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1)
+        return {"reconstructions": recon, "fire_step": fire_step, "fire_index": fire_index, "fire_score": fire_score,
+                "fired_by_threshold": by_threshold, "adp_scores": adp_scores}
+
+    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: _Timer | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        timer = timer or _Timer(self.nets.device)
+        maps = self.anomaly_maps(images, recon, timer)
+        with timer("scoring"):
+            scores = topk_mean_score(maps, self.inference.top_k)
+        return scores, maps
+
+    def __call__(self, images: torch.Tensor) -> GLADResult:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        timer = _Timer(self.nets.device)
+        images = images.to(self.nets.device)
+        r = self.reconstruct(images, timer)
+        scores, maps = self.score(images, r["reconstructions"], timer)
+        return GLADResult(scores.float().cpu(), maps.float().cpu(), r["reconstructions"].float().cpu(),
+                          r["fire_step"], r["fire_index"], r["fire_score"], r["fired_by_threshold"],
+                          r["adp_scores"], list(self.timesteps), timer.ms)

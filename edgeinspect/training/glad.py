@@ -1,0 +1,410 @@
+"""GLAD training: a domain base model, then anomaly-oriented fine-tuning (ATP) of the whole UNet.
+
+Base model (autoencoder + UNet trained on the category's normals): either an existing DiAD run
+(`train.init_from`: its `unet-final` checkpoint, i.e. after DiAD's stage 2, which trained the UNet
+on the same normals by plain noise prediction) or, without `init_from`, DiAD's own autoencoder and
+UNet stages run through `train_diad` (guidance stage at 0 steps) into `<run>/base`. Either way the
+one Trainer runs every stage and no stage logic is duplicated.
+
+ATP (stage "atp"): per sample, a normal latent z_n and (with probability 1 - clean_ratio) the latent
+z_a of a synthetic anomaly made from the same image; t ~ U[0, T), alpha = t / T,
+z_s = alpha z_a + (1 - alpha) z_n, x_t = sqrt(abar_t) z_s + sqrt(1 - abar_t) eps, and the target is
+the noise whose implied clean latent is the *normal* one:
+eps* = (x_t - sqrt(abar_t) z_n) / sqrt(1 - abar_t)  (= eps for clean samples: the ordinary loss).
+The seed's formula and the authors' code carry a sign error here; `atp_target` is tested for
+"clean estimate from eps* equals z_n".
+
+At the end of ATP the ADP firing threshold is proposed from training normals (a high percentile of
+each frame's largest ADP check score above min_step) and stored in the checkpoint's state.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from edgeinspect.config import GLADConfig, _merge, build_config, dump_config
+from edgeinspect.data.anomalies import AnomalySynthesizer
+from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+from edgeinspect.models.backbones import build_unet, build_vae
+from edgeinspect.models.diad import VAEDecoderNet, VAEEncoderNet
+from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
+from edgeinspect.models.prompt import build_prompt_encoder
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.runtime.glad import GLAD_SIGNATURES, GLADPipeline
+from edgeinspect.runtime.networks import Networks, torch_networks
+from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
+from edgeinspect.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_model_weights,
+    load_state,
+    resolve_checkpoint,
+    write_json_atomic,
+)
+from edgeinspect.training.diad import _Batches, train_diad
+from edgeinspect.training.loop import Stage, Trainer
+
+BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class PlainUNet(nn.Module):
+    """The `unet_plain` role: (sample, timestep, encoder_hidden_states) -> noise_pred."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+                ) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+
+class GLADModel(nn.Module):
+    """Autoencoder, UNet and prompt encoder under the same names as in DiADModel, so a DiAD
+    checkpoint's `vae.`, `unet.` and `prompt_encoder.` weights load as they are."""
+
+    def __init__(self, cfg: GLADConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = build_vae(cfg.model)
+        self.unet = build_unet(cfg.model)
+        self.prompt_encoder = build_prompt_encoder(cfg.model)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def set_scaling_factor(self, value: float) -> None:
+        self.vae.register_to_config(scaling_factor=float(value))
+
+    def context(self, prompt: str, batch: int = 1) -> torch.Tensor:
+        return self.prompt_encoder([prompt] * batch)
+
+    def role_modules(self) -> dict[str, nn.Module]:
+        return {"vae_encoder": VAEEncoderNet(self.vae), "unet_plain": PlainUNet(self.unet),
+                "vae_decoder": VAEDecoderNet(self.vae)}
+
+
+def build_glad_features(cfg: GLADConfig) -> FeatureExtractor:
+    f = cfg.features
+    return build_feature_extractor(f.name, f.weights, tuple(f.strides), f.allow_random, vit_blocks=f.vit_blocks,
+                                   **f.model_kwargs)
+
+
+def glad_networks(model: GLADModel, features: FeatureExtractor, device: str | torch.device = "cpu") -> Networks:
+    modules = dict(model.role_modules())
+    modules["features"] = FeatureNet(features)
+    sigs = dict(GLAD_SIGNATURES)
+    sigs["features"] = feature_signature(len(features.strides))
+    return torch_networks(modules, device, sigs)
+
+
+def glad_pipeline(cfg: GLADConfig, model: GLADModel, features: FeatureExtractor | None = None,
+                  device: str | torch.device | None = None, threshold: float | None = None,
+                  category: str | None = None) -> GLADPipeline:
+    """The torch-backend GLAD pipeline. Settings: cfg.inference with `category`'s overrides (default:
+    the config's category); `threshold` is used when the settings leave it null."""
+    device = torch.device(device or cfg.runtime.device)
+    features = features or build_glad_features(cfg)
+    nets = glad_networks(model, features, device)
+    prompt = cfg.train.prompt or ""
+    with torch.inference_mode():
+        context = model.to(device).context(prompt)
+    settings = cfg.inference.for_category(category or cfg.category)
+    return GLADPipeline(nets, context, DDIM(cfg.scheduler), settings, cfg.scoring, cfg.scoring.feature_size,
+                        threshold=threshold)
+
+
+# --------------------------------------------------------------------------- ATP target
+
+
+def atp_target(z_n: torch.Tensor, z_a: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+               alphas_cumprod: torch.Tensor, num_train_timesteps: int = 1000
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, eps*) of the anomaly-oriented training pair, for integer timesteps t (B,).
+
+    alpha = t / T; z_s = alpha z_a + (1 - alpha) z_n; x_t = sqrt(abar) z_s + sqrt(1 - abar) eps;
+    eps* = (x_t - sqrt(abar) z_n) / sqrt(1 - abar), i.e. the noise whose clean estimate is z_n."""
+    shape = (-1,) + (1,) * (z_n.ndim - 1)
+    abar = alphas_cumprod.to(z_n.device, torch.float64)[t.long()].view(shape)
+    alpha = (t.double() / num_train_timesteps).view(shape)
+    zn, za, e = z_n.double(), z_a.double(), eps.double()
+    z_s = alpha * za + (1 - alpha) * zn
+    x_t = abar.sqrt() * z_s + (1 - abar).sqrt() * e
+    eps_star = (x_t - abar.sqrt() * zn) / (1 - abar).sqrt()
+    return x_t.to(z_n.dtype), eps_star.to(z_n.dtype)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def _base_checkpoint(init_from: Path) -> Path:
+    """A checkpoint folder as given; for a run folder its `unet-final` (DiAD after stage 2)."""
+    init_from = Path(init_from)
+    if (init_from / "model.safetensors").is_file():
+        return init_from
+    cand = init_from / "checkpoints" / "unet-final"
+    if (cand / "state.json").is_file():
+        return cand
+    if (init_from / "checkpoints").is_dir():
+        raise CheckpointError(
+            f"{init_from} has no checkpoints/unet-final yet (DiAD's UNet stage has not finished); "
+            "point train.init_from at a checkpoint folder to use another one")
+    raise CheckpointError(f"train.init_from={init_from} is neither a checkpoint folder nor a run folder")
+
+
+def _run_config(ckpt: Path) -> dict:
+    f = ckpt.parent.parent / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_base_weights(model: GLADModel, ckpt: Path) -> dict:
+    """vae/unet/prompt_encoder weights and the latent scaling factor from a base checkpoint."""
+    weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith(BASE_PREFIXES)}
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt} does not match the GLAD model: missing {result.missing_keys[:8]}, "
+                              f"unexpected {result.unexpected_keys[:8]}")
+    extra = load_state(ckpt).extra
+    sf = extra.get("scaling_factor")
+    if sf is None:
+        warnings.warn(f"{ckpt} has no scaling_factor (autoencoder not trained?); keeping {model.scaling_factor}",
+                      stacklevel=2)
+    else:
+        model.set_scaling_factor(sf)
+    return extra
+
+
+def _diad_base_config(cfg: GLADConfig):
+    t = cfg.train
+    data = {
+        "model": dump_config(cfg.model),
+        "scheduler": dump_config(cfg.scheduler),
+        "features": {k: v for k, v in dump_config(cfg.features).items() if k not in ("model_kwargs", "vit_blocks")},
+        "train": {"data_root": str(t.data_root), "prompt": t.prompt or "a photo of a normal object",
+                  "batch_size": t.batch_size, "flips": t.flips, "seed": t.seed,
+                  "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints,
+                  "log_every": t.log_every, "autoencoder_steps": t.autoencoder_steps,
+                  "autoencoder_lr": t.autoencoder_lr, "kl_weight": t.kl_weight,
+                  "perceptual_weight": t.perceptual_weight, "unet_steps": t.unet_steps, "unet_lr": t.unet_lr,
+                  "guidance_steps": 0, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
+                  "threads": t.threads},
+    }
+    return build_config("diad", cfg.model.preset, data, source="GLAD base")
+
+
+def _prepare_base(cfg: GLADConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
+    """The base checkpoint: train.init_from, or DiAD's stages 1-2 trained in <run>/base."""
+    if cfg.train.init_from is not None:
+        return _base_checkpoint(cfg.train.init_from)
+    if cfg.features.model_kwargs or cfg.features.vit_blocks:
+        raise ValueError("features.model_kwargs/vit_blocks cannot be passed on to DiAD's base training (its "
+                         "perceptual loss); train the base separately and set train.init_from")
+    base_dir = run_dir / "base"
+    train_diad(_diad_base_config(cfg), base_dir, resume=resume, progress=progress)
+    return base_dir / "checkpoints" / "unet-final"
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+@torch.no_grad()
+def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """Each frame's largest ADP check score over the steps at or above min_step, with firing by
+    threshold switched off (the scores a normal frame shows before it is forced to fire)."""
+    saved = pipe.threshold
+    pipe.threshold = float("inf")
+    out = []
+    try:
+        for s in range(0, len(images), batch_size):
+            r = pipe.reconstruct(images[s:s + batch_size].to(pipe.nets.device))
+            checked = [i for i, t in enumerate(pipe.timesteps) if t >= pipe.inference.min_step]
+            sc = r["adp_scores"][:, checked]
+            out.append(torch.nan_to_num(sc, nan=float("-inf")).amax(dim=1) if checked else
+                       torch.full((sc.shape[0],), float("nan")))
+    finally:
+        pipe.threshold = saved
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def propose_threshold(maxima: np.ndarray, percentile: float, margin: float) -> float:
+    finite = maxima[np.isfinite(maxima)]
+    if finite.size == 0:
+        raise ValueError("no ADP check ran above min_step (t0 <= min_step, or one step only): nothing to calibrate")
+    return float(np.percentile(finite, percentile) * margin)
+
+
+def calibration_subset(n: int, k: int) -> list[int]:
+    """k indices spread evenly over n (deterministic)."""
+    if k >= n:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+
+
+# --------------------------------------------------------------------------- training
+
+
+def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling_factor: float,
+                   batch: int = 16) -> torch.Tensor:
+    """Scaled posterior means of every (flip code, image): (4 or 1, N, C, h, w)."""
+    vae.eval()
+    out = []
+    with torch.no_grad():
+        for code in range(4 if flips else 1):
+            lat = []
+            for s in range(0, len(images_u8), batch):
+                chunk = images_u8[s:s + batch]
+                x = _Batches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
+                lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
+            out.append(torch.cat(lat))
+    return torch.stack(out)
+
+
+def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) GLAD in `run_dir`; returns the final checkpoint folder."""
+    run_dir = Path(run_dir)
+    t = cfg.train
+    if t.data_root is None:
+        raise ValueError("train.data_root is not set: point it at an MVTec-layout category folder")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    existing = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if existing is not None and not resume:
+        raise CheckpointError(f"{run_dir} already has checkpoints; pass --resume to continue it or pick a new run dir")
+    if resume and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        if saved.get("model") != dump_config(cfg).get("model"):
+            raise CheckpointError(f"{run_dir}/config.json has a different model config than the one given")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    base = _prepare_base(cfg, run_dir, resume, progress)
+    base_cfg = _run_config(base)
+    if base_cfg and base_cfg.get("model") != dump_config(cfg.model):
+        raise CheckpointError(f"the base model {base} was trained with a different model config than this one "
+                              "(train.init_from must be a run of the same preset/model settings)")
+    base_prompt = base_cfg.get("train", {}).get("prompt")
+    if t.prompt is None:
+        cfg = cfg.model_copy(update={"train": t.model_copy(update={"prompt": base_prompt or
+                                                                   "a photo of a normal object"})})
+        t = cfg.train
+    elif base_prompt is not None and base_prompt != t.prompt:
+        warnings.warn(f"train.prompt {t.prompt!r} differs from the base model's {base_prompt!r}", stacklevel=2)
+    if t.category is None:
+        cfg = cfg.model_copy(update={"train": t.model_copy(update={"category": cfg.category})})
+        t = cfg.train
+    write_json_atomic(run_dir / "config.json", dump_config(cfg))
+
+    torch.manual_seed(t.seed)
+    data = MVTecFolder(t.data_root, "train", cfg.model.image_size)
+    images_u8, _, _ = data.load_all()
+    pool = images_u8.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3) sources for "another image"
+    synth = AnomalySynthesizer(t.anomalies, pool)
+    batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
+    model = GLADModel(cfg)
+    schedule = DDIM(cfg.scheduler)
+    abar = schedule.alphas_cumprod
+    T = cfg.scheduler.num_train_timesteps
+    cache: dict[str, torch.Tensor] = {}
+
+    def latents_for(idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        if "latents" not in cache:
+            cache["latents"] = encode_latents(model.vae, images_u8, t.flips, model.scaling_factor)
+        return cache["latents"][flip, idx]
+
+    def atp_setup(_fresh: bool) -> None:
+        model.requires_grad_(False)
+        model.unet.requires_grad_(True)
+        with torch.no_grad():
+            cache["context"] = model.context(t.prompt or "")
+
+    def atp_loss(_step: int) -> torch.Tensor:
+        idx, flip = batches.draw()
+        z_n = latents_for(idx, flip)
+        # numpy generator for the synthesis, seeded from the checkpointed torch generator: resumable
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=batches.gen)))
+        flipped = _Batches.apply_flip(images_u8[idx], flip).permute(0, 2, 3, 1).numpy()
+        anomalous, imgs = [], []
+        for k in range(len(idx)):
+            s = synth(flipped[k], rng, index=int(idx[k]))
+            if not s.clean:
+                anomalous.append(k)
+                imgs.append(s.image)
+        z_a = z_n.clone()
+        if anomalous:
+            x_a = uint8_to_model(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))
+            model.vae.eval()
+            with torch.no_grad():
+                z_a[anomalous] = model.vae.encode(x_a).latent_dist.mean * model.scaling_factor
+        tt = torch.randint(0, T, (len(idx),), generator=batches.gen)
+        eps = torch.randn(z_n.shape, generator=batches.gen)
+        x_t, eps_star = atp_target(z_n, z_a, eps, tt, abar, T)
+        ctx = cache["context"].expand(len(idx), *cache["context"].shape[1:])
+        pred = model.unet(x_t, tt, encoder_hidden_states=ctx).sample
+        return F.mse_loss(pred, eps_star)
+
+    def atp_finish() -> dict:
+        n = cfg.calibration.images
+        if n <= 0:
+            return {}
+        sel = calibration_subset(len(images_u8), n)
+        pipe = glad_pipeline(cfg, model, threshold=None, category=cfg.category)
+        maxima = adp_check_maxima(pipe, uint8_to_model(images_u8[sel]), cfg.inference.batch_size)
+        model.train()
+        try:
+            thr = propose_threshold(maxima, cfg.calibration.percentile, cfg.calibration.margin)
+        except ValueError as e:
+            warnings.warn(f"ADP threshold not calibrated: {e}", stacklevel=2)
+            return {}
+        return {"adp_threshold": thr, "adp_calibration": {
+            "category": cfg.category, "images": len(sel), "percentile": cfg.calibration.percentile,
+            "margin": cfg.calibration.margin, "max_scores": [float(v) for v in maxima]}}
+
+    stages = [Stage("atp", t.atp_steps, t.atp_lr, lambda: model.unet.parameters(), atp_loss, atp_setup, atp_finish)]
+    trainer = Trainer(run_dir, model, stages, checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints,
+                      log_every=t.log_every, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                      state_extra=lambda: {"scaling_factor": model.scaling_factor, "base_checkpoint": str(base)},
+                      progress=progress, generators={"batches": batches.gen})
+    if resume and trainer.resume():
+        sf = trainer.state.extra.get("scaling_factor")
+        if sf is not None:
+            model.set_scaling_factor(sf)
+    else:
+        load_base_weights(model, base)
+    trainer.run()
+    found = latest_checkpoint(run_dir)
+    assert found is not None
+    return found
+
+
+def load_glad(path: str | Path, overrides: dict | None = None) -> tuple[GLADConfig, GLADModel, dict]:
+    """Config, model and checkpoint state extras (scaling factor, calibrated ADP threshold) from a
+    GLAD checkpoint folder or run folder. `overrides` may change anything but the model."""
+    ckpt = resolve_checkpoint(path)
+    cfg_file = ckpt.parent.parent / "config.json"
+    data = json.loads(cfg_file.read_text())
+    if data.get("method") != "glad":
+        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not a GLAD one")
+    if overrides:
+        bad = set(overrides) & {"model", "method"}
+        if bad:
+            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
+        data = _merge(data, overrides)
+    data.pop("method", None)
+    cfg = build_config("glad", data["model"]["preset"], data, source=str(cfg_file))
+    model = GLADModel(cfg)
+    load_model_weights(model, ckpt)
+    extra = load_state(ckpt).extra
+    if extra.get("scaling_factor") is not None:
+        model.set_scaling_factor(extra["scaling_factor"])
+    return cfg, model.eval(), extra

@@ -1,0 +1,304 @@
+"""GLAD: the ATP target, scoring, SAFF and the ADP loop (stub and tiny real networks)."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig, SchedulerConfig, build_config
+from edgeinspect.runtime.ddim import DDIM, seeded_noise
+from edgeinspect.runtime.glad import (
+    STAGES,
+    GLADPipeline,
+    fusion_weight,
+    min_cosine_distance_map,
+    min_cosine_distance_maps,
+    saff_fuse,
+)
+from edgeinspect.runtime.networks import Networks, TorchNetwork
+from edgeinspect.training.glad import GLADModel, atp_target, build_glad_features, glad_pipeline
+
+SCHED = DDIM(SchedulerConfig())
+
+
+# --------------------------------------------------------------------------- ATP target
+
+
+def test_atp_target_implies_the_normal_latent():
+    g = torch.Generator().manual_seed(0)
+    z_n, z_a, eps = (torch.randn(6, 4, 8, 8, generator=g) for _ in range(3))
+    t = torch.tensor([0, 1, 250, 500, 900, 999])
+    x_t, eps_star = atp_target(z_n, z_a, eps, t, SCHED.alphas_cumprod)
+    # the clean estimate from eps* is the normal latent, at every t
+    torch.testing.assert_close(SCHED.pred_clean(x_t, eps_star, t), z_n, rtol=0, atol=2e-4)
+    # x_t is the noised blend alpha z_a + (1 - alpha) z_n with alpha = t / 1000
+    alpha = (t / 1000.0).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, SCHED.add_noise(alpha * z_a + (1 - alpha) * z_n, eps, t), rtol=0, atol=1e-5)
+    # a clean sample (z_a = z_n) gets the ordinary noise target
+    _, eps_clean = atp_target(z_n, z_n, eps, t, SCHED.alphas_cumprod)
+    torch.testing.assert_close(eps_clean, eps, rtol=0, atol=1e-5)
+    # and the target differs from eps by +sqrt(abar)/sqrt(1-abar) * alpha (z_a - z_n) (the seed's formula
+    # has the opposite sign, whose clean estimate would move *towards* the anomaly)
+    a = SCHED.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(eps_star, eps + (a / (1 - a)).sqrt() * alpha * (z_a - z_n), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_min_over_positions_distance():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 8, 6, 7, generator=g)
+    b = torch.randn(2, 8, 5, 9, generator=g)
+    ref = 1 - torch.einsum("bcn,bcm->bnm", F.normalize(a.flatten(2), dim=1), F.normalize(b.flatten(2), dim=1)
+                           ).amax(-1).view(2, 6, 7)
+    tiny_chunks = min_cosine_distance_map(a, b, chunk_mb=1e-5)  # one row per chunk
+    torch.testing.assert_close(tiny_chunks, ref.clamp(min=0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(min_cosine_distance_map(a, b), tiny_chunks, rtol=0, atol=1e-6)
+    # min over positions: a shifted copy has no anomaly, a foreign vector has
+    shifted = torch.roll(a, shifts=(2, 3), dims=(2, 3))
+    assert float(min_cosine_distance_map(a, shifted).abs().max()) < 1e-5
+    odd = a.clone()
+    odd[0, :, 1, 1] = -a[0].mean(dim=(1, 2)) * 50
+    m = min_cosine_distance_map(odd, a)
+    assert m[0].argmax() == 1 * 7 + 1
+    maps = min_cosine_distance_maps([a, a], [shifted, a], (12, 14))
+    assert maps.shape == (2, 12, 14) and float(maps.abs().max()) < 1e-4
+
+
+# --------------------------------------------------------------------------- SAFF
+
+
+def test_saff_takes_input_where_weight_is_0_and_trajectory_where_1():
+    g = torch.Generator().manual_seed(1)
+    traj, inp, eps = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    w = torch.zeros(2, 1, 8, 8)
+    w[:, :, 2:5, 3:7] = 1.0
+    w[1, :, 6, 6] = 0.25
+    fused = saff_fuse(traj, inp, w)
+    one, zero = w.expand_as(traj) == 1, w.expand_as(traj) == 0
+    assert torch.equal(fused[one], traj[one]) and torch.equal(fused[zero], inp[zero])
+    torch.testing.assert_close(fused[1, :, 6, 6], 0.25 * traj[1, :, 6, 6] + 0.75 * inp[1, :, 6, 6])
+    # re-noised with the same eps, its clean estimate is the fused latent again
+    z = SCHED.add_noise(fused, eps, 600)
+    torch.testing.assert_close(SCHED.pred_clean(z, eps, 600), fused, rtol=0, atol=1e-4)
+    # w(m): [0, 1], latent size, monotone in m
+    m = torch.linspace(0, 3, 16 * 16).view(1, 16, 16)
+    for mode in ("minmax", "linear"):
+        wm = fusion_weight(m, (8, 8), mode, 0.5, 2.0)
+        assert wm.shape == (1, 1, 8, 8) and float(wm.min()) >= 0 and float(wm.max()) <= 1
+        flat = wm.flatten()
+        assert torch.all(flat[1:] >= flat[:-1])
+    assert float(fusion_weight(m, (8, 8))[0].max()) == 1.0 and float(fusion_weight(m, (8, 8))[0].min()) == 0.0
+
+
+# --------------------------------------------------------------------------- stub networks
+# Latents are (B, 4, 8, 8); images (B, 3, 16, 16) are the first three latent channels upsampled x2, so
+# the encoder (2x2 average, fourth channel 0) inverts the decoder exactly. The UNet knows the seeded
+# noise and predicts the noise whose clean estimate is clean_fn(u, t), u the exact clean latent.
+
+SEED = 0
+LAT = (4, 8, 8)
+
+
+class Encoder(nn.Module):
+    def forward(self, image):
+        z = F.avg_pool2d(image, 2)
+        return torch.cat([z, torch.zeros_like(z[:, :1])], 1)
+
+
+class Decoder(nn.Module):
+    def forward(self, latent):
+        return F.interpolate(latent[:, :3], scale_factor=2, mode="nearest")
+
+
+class Features(nn.Module):
+    def forward(self, image):  # a constant channel keeps cos defined for flat images
+        return (torch.cat([image, torch.full_like(image[:, :1], 0.5)], 1),)
+
+
+class ProjectingUNet(nn.Module):
+    def __init__(self, clean_fn):
+        super().__init__()
+        self.clean_fn = clean_fn
+        self.eps = seeded_noise(LAT, SEED, 1)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        t = int(timestep[0])
+        a = SCHED.abar(t, sample)
+        u = (sample - (1 - a).sqrt() * self.eps) / a.sqrt()
+        return (sample - a.sqrt() * self.clean_fn(u, t)) / (1 - a).sqrt()
+
+
+def stub_pipeline(clean_fn, threshold, **inference) -> GLADPipeline:
+    nets = Networks({
+        "vae_encoder": TorchNetwork(Encoder(), ("image",), ("latent",)),
+        "unet_plain": TorchNetwork(ProjectingUNet(clean_fn), ("sample", "timestep", "encoder_hidden_states"),
+                                   ("noise_pred",)),
+        "vae_decoder": TorchNetwork(Decoder(), ("latent",), ("image",)),
+        "features": TorchNetwork(Features(), ("image",), ("feature_0",)),
+    })
+    settings = dict(t0=750, steps=10, min_step=200, top_k=4, adp_top_k=4, seed=SEED)
+    settings.update(inference)
+    return GLADPipeline(nets, torch.zeros(1, 2, 4), SCHED, GLADInferenceConfig(**settings),
+                        GLADScoringConfig(blur_sigma=0.0), threshold=threshold)
+
+
+NORMAL = torch.full(LAT, 0.2)
+NORMAL[3] = 0
+REGION = torch.zeros(1, 8, 8)
+REGION[:, 2:5, 3:6] = 1
+DEFECT = torch.tensor([1.0, -1.0, 0.5, 0.0]).view(4, 1, 1) * REGION
+
+
+def frames(amplitudes) -> torch.Tensor:
+    """Images whose latents are the normal pattern plus `amplitude` x the defect."""
+    z = torch.stack([NORMAL + k * DEFECT for k in amplitudes])
+    return Decoder()(z)
+
+
+def removes_defect_at_high_noise(u, t):
+    """A model that restores the normal pattern inside REGION, fully at t >= 600, not at all below 100."""
+    g = min(max((t - 100) / 500, 0.0), 1.0)
+    return u - g * REGION * (u - NORMAL)
+
+
+def test_agreeing_estimates_never_fire_before_min_step():
+    pipe = stub_pipeline(lambda u, t: u, threshold=1e-3)  # both clean estimates are always the input
+    r = pipe(frames([0.0, 0.3, 0.7]))
+    ts = r.timesteps
+    first_below = next(t for t in ts if t < 200)
+    assert r.fire_step.tolist() == [first_below] * 3
+    assert not r.fired_by_threshold.any()
+    checked = [i for i, t in enumerate(ts) if t >= 200]
+    assert torch.isnan(r.adp_scores[:, 0]).all()  # first step: the two estimates are the same tensor
+    assert float(r.adp_scores[:, checked[1:]].max()) < 1e-4
+    assert float(r.scores.abs().max()) < 1e-4  # perfect reconstruction
+
+
+def test_frames_of_one_batch_fire_at_different_steps():
+    pipe = stub_pipeline(removes_defect_at_high_noise, threshold=0.02)
+    amps = [0.0, 0.08, 0.2, 0.6]
+    batch = pipe(frames(amps))
+    alone = [pipe(frames([k])) for k in amps]
+    steps = batch.fire_step.tolist()
+    assert steps == [a.fire_step.item() for a in alone]
+    torch.testing.assert_close(batch.scores, torch.cat([a.scores for a in alone]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batch.fire_score, torch.cat([a.fire_score for a in alone]), rtol=1e-5, atol=1e-6)
+    assert len(set(steps)) >= 3, steps
+    assert steps[0] == next(t for t in batch.timesteps if t < 200) and not batch.fired_by_threshold[0]
+    assert all(s1 >= s2 for s1, s2 in zip(steps[::-1], steps[-2::-1]))  # stronger defect: fires earlier
+    assert batch.fired_by_threshold[-1] and batch.fire_score[-1] > 0.02
+    # after firing no further checks; before it, every step was checked
+    for i, fi in enumerate(batch.fire_index.tolist()):
+        assert torch.isnan(batch.adp_scores[i, fi + 1:]).all() and not torch.isnan(batch.adp_scores[i, 1:fi + 1]).any()
+    # the reconstruction removed the defect where it was strong: the largest map value is inside REGION
+    big = batch.maps[-1]
+    mask = F.interpolate(REGION[None], size=big.shape, mode="nearest")[0, 0] > 0
+    assert float(big[mask].max()) > float(big[~mask].max())
+    assert set(batch.timings_ms) == set(STAGES)
+
+
+def test_check_every_skips_checks_but_not_the_forced_one():
+    pipe = stub_pipeline(lambda u, t: u, threshold=1e-3, check_every=3, min_step=300)
+    r = pipe(frames([0.2]))
+    checked = (~torch.isnan(r.adp_scores[0])).nonzero().squeeze(1).tolist()
+    forced = next(i for i, t in enumerate(r.timesteps) if t < 300)
+    assert checked == [i for i in range(1, forced) if i % 3 == 0] + [forced]
+    assert r.fire_index.tolist() == [forced]
+
+
+def test_infinite_threshold_fires_only_at_min_step():
+    pipe = stub_pipeline(removes_defect_at_high_noise, threshold=None)
+    r = pipe(frames([0.0, 0.6]))
+    assert r.fire_step.tolist() == [next(t for t in r.timesteps if t < 200)] * 2
+    pipe0 = stub_pipeline(removes_defect_at_high_noise, threshold=None, min_step=0)
+    r0 = pipe0(frames([0.6]))
+    assert r0.fire_step.tolist() == [-1] and torch.isnan(r0.fire_score).all()
+
+
+# --------------------------------------------------------------------------- tiny real networks
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = build_config("glad", "tiny", {"train": {"prompt": "a tile"}, "inference": {"threshold": 0.0}})
+    model = GLADModel(cfg).eval()
+    return cfg, model, build_glad_features(cfg)
+
+
+def _frames(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 64, 64, generator=g) * 2 - 1
+
+
+def test_seeds_reproduce_scores(tiny):
+    cfg, model, features = tiny
+    pipe = glad_pipeline(cfg, model, features)
+    x = _frames()
+    r1, r2 = pipe(x), pipe(x)
+    assert torch.equal(r1.scores, r2.scores) and torch.equal(r1.maps, r2.maps)
+    assert torch.equal(r1.fire_step, r2.fire_step)
+    alone = pipe(x[1:2])
+    torch.testing.assert_close(alone.scores, r1.scores[1:2], rtol=1e-4, atol=1e-5)
+    assert r1.maps.shape == (3, 64, 64) and r1.reconstructions.shape == (3, 3, 64, 64)
+    assert set(r1.timings_ms) == set(STAGES)
+    other = glad_pipeline(cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"seed": 1})}),
+                          model, features)(x[:1])
+    assert not torch.equal(other.reconstructions, r1.reconstructions[:1])
+
+
+def test_category_settings_apply(tiny):
+    cfg, model, features = tiny
+    cfg2 = build_config("glad", "tiny", {"train": {"prompt": "a tile", "category": "tile"}, "inference": {
+        "categories": {"tile": {"t0": 300, "steps": 3, "threshold": 0.5, "min_step": 50, "top_k": 7}}}})
+    pipe = glad_pipeline(cfg2, model, features)
+    assert pipe.timesteps[0] == 300 and len(pipe.timesteps) == 3 and pipe.threshold == 0.5
+    assert pipe.inference.min_step == 50 and pipe.inference.top_k == 7
+    assert glad_pipeline(cfg2, model, features, category="other").timesteps[0] == cfg2.inference.t0
+
+
+def test_vit_extractor_with_local_weights(tiny, tmp_path):
+    cfg, model, _ = tiny
+    torch.manual_seed(0)
+    kw = {"depth": 4, "embed_dim": 64, "num_heads": 2}
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    vcfg = build_config("glad", "tiny", {"train": {"prompt": "a tile"}, "inference": {"threshold": 0.0},
+                                         "features": {"name": "vit_tiny_patch16_224", "weights": str(path),
+                                                      "allow_random": False, "model_kwargs": kw}})
+    features = build_glad_features(vcfg)
+    assert features.kind == "vit" and features.weights_source == str(path)
+    r = glad_pipeline(vcfg, model, features)(_frames(2))
+    assert r.maps.shape == (2, 64, 64) and torch.isfinite(r.scores).all()
+    assert (r.fire_step >= 0).all() and torch.isfinite(r.fire_score).all()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("preset", ["tiny", "edge"])
+def test_glad_presets_and_mtd_config(preset):
+    from edgeinspect.config import GLADConfig, load_config
+
+    cfg = build_config("glad", preset)
+    assert isinstance(cfg, GLADConfig) and cfg.model == build_config("diad", preset).model  # a DiAD run can be the base
+    from tests.conftest import REPO
+
+    mtd = load_config(REPO / "configs" / "glad_mtd_edge.yaml")
+    assert isinstance(mtd, GLADConfig) and mtd.category == "mtd" and mtd.train.init_from is not None
+
+
+def test_glad_config_errors_name_the_field():
+    from edgeinspect.config import ConfigError
+
+    with pytest.raises(ConfigError, match="inference.categories.a.t0"):
+        build_config("glad", "tiny", {"inference": {"categories": {"a": {"t0": 5000}}}})
+    with pytest.raises(ConfigError, match="categories.a: steps=20 cannot exceed"):
+        build_config("glad", "tiny", {"inference": {"categories": {"a": {"t0": 10, "steps": 20}}}})
+    with pytest.raises(ConfigError, match="train.atp_step"):
+        build_config("glad", "tiny", {"train": {"atp_step": 3}})
