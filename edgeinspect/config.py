@@ -170,6 +170,10 @@ class DiADScoringConfig(Strict):
     # Images are resized to this size before the feature extractor (None: the model's image size).
     # A small model image with a larger feature size gives finer anomaly maps at little cost.
     feature_size: int | None = Field(None, ge=32)
+    # What the reconstruction is compared with: the input frame (the paper, whose SD autoencoder is
+    # near-lossless), or the input's own autoencoder round trip, so that a small from-scratch
+    # autoencoder's blur appears on both sides and cancels (one extra decode per frame).
+    reference: Literal["input", "vae_roundtrip"] = "input"
     # In pixels of the model image (the paper's 5 is at 256 px).
     blur_sigma: float = Field(5.0, ge=0)
     pool_size: int = Field(8, ge=1)

@@ -94,3 +94,19 @@ def test_bad_input_and_missing_network(tiny_pipeline):
         pipe(torch.zeros(3, 64, 64))
     with pytest.raises(MissingNetworkError, match="features"):
         Networks({}, name="onnxruntime")["features"]
+
+
+def test_vae_roundtrip_reference_compares_like_with_like(tiny_pipeline):
+    cfg, model, features = tiny_pipeline
+    cfg_rt = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"reference": "vae_roundtrip"})})
+    pipe = diad_pipeline(cfg_rt, model, features)
+    x = _frames(2)
+    r = pipe(x)
+    with torch.no_grad():
+        roundtrip = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    scores, maps = pipe.score(roundtrip, r.reconstructions)
+    torch.testing.assert_close(r.scores, scores, rtol=1e-4, atol=1e-5)
+    # the plain reference gives a different map for the same reconstruction
+    plain = diad_pipeline(cfg, model, features)(x)
+    assert torch.equal(plain.reconstructions, r.reconstructions)
+    assert not torch.allclose(plain.maps, r.maps)

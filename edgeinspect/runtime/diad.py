@@ -65,7 +65,9 @@ class DiADPipeline:
         self.feature_size = feature_size
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
 
-    def reconstruct(self, images: torch.Tensor, timer: _Timer | None = None) -> torch.Tensor:
+    def reconstruct(self, images: torch.Tensor, timer: _Timer | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(reconstruction, the input's autoencoder round trip when scoring.reference asks for it)."""
         timer = timer or _Timer(self.nets.device)
         b = images.shape[0]
         with timer("encode"):
@@ -82,8 +84,10 @@ class DiADPipeline:
                 eps = unet(sample=z, timestep=tt, encoder_hidden_states=ctx, hint=hint)["noise_pred"]
                 z, _ = self.schedule.step(z, eps, t, t_prev)
         with timer("decode"):
-            recon = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1)
-        return recon
+            if self.scoring.reference == "vae_roundtrip":
+                both = self.nets["vae_decoder"](latent=torch.cat([z, z0]))["image"].clamp(-1, 1)
+                return both[:b], both[b:]
+            return self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
 
     def score(self, images: torch.Tensor, recon: torch.Tensor, timer: _Timer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +112,6 @@ class DiADPipeline:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         timer = _Timer(self.nets.device)
         images = images.to(self.nets.device)
-        recon = self.reconstruct(images, timer)
-        scores, maps = self.score(images, recon, timer)
+        recon, roundtrip = self.reconstruct(images, timer)
+        scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer)
         return DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms)
