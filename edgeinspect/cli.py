@@ -1,4 +1,4 @@
-"""`edgeinspect <verb>`: train, test, predict, glad-threshold."""
+"""`edgeinspect <verb>`: train, test, predict, glad-threshold, export."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from edgeinspect.config import ConfigError, load_config, parse_overrides
+from edgeinspect.export.cli import add_export_parser
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the proposal and its statistics here (JSON)")
     _add_overrides(p)
     p.set_defaults(func=cmd_glad_threshold)
+    add_export_parser(sub)
     return ap
 
 

@@ -23,10 +23,22 @@ from edgeinspect.export.tensorrt import (
     require_engine_support,
 )
 from edgeinspect.runtime.bundle_loading import TensorSpec, load_bundle
-from tests.test_export import tiny_bundle
+try:  # tests/ as a package (tests/__init__.py) or as plain test files
+    from tests.test_export import tiny_bundle
+except ImportError:
+    from test_export import tiny_bundle
 
 NO_ENGINES = bool(engine_support_problems())
 needs_no_engine_support = pytest.mark.skipif(not NO_ENGINES, reason="tensorrt and a GPU are present here")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny graphs gain nothing from threads; one keeps these tests cheap beside other work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,8 @@ def resolve_providers(providers: Sequence[Any] | None = None, device_id: int = 0
     install when a requested provider is not in this onnxruntime build."""
     requested: list[tuple[str, dict[str, Any]]] = []
     for p in providers or ["cpu"]:
-        name, opts = (p if isinstance(p, (tuple, list)) else (p, {}))
-        name = _ALIASES.get(str(name).lower(), str(name))
-        requested.append((name, dict(opts)))
+        opts = p[1] if isinstance(p, (tuple, list)) else {}
+        requested.append((_provider_name(p), dict(opts)))
     names = [n for n, _ in requested]
     if TENSORRT in names and CUDA not in names:
         requested.insert(names.index(TENSORRT) + 1, (CUDA, {}))
@@ -81,6 +80,10 @@ def resolve_providers(providers: Sequence[Any] | None = None, device_id: int = 0
                 opts.setdefault("has_user_compute_stream", "1")
         elif name == TENSORRT:
             opts = {"device_id": device_id, **(trt_options or {}), **opts}
+            if torch.cuda.is_available() and "user_compute_stream" not in opts:
+                with torch.cuda.device(device_id):
+                    opts["user_compute_stream"] = str(torch.cuda.current_stream().cuda_stream)
+                opts.setdefault("has_user_compute_stream", "1")
         out.append((name, opts))
     return out
 
@@ -143,6 +146,8 @@ class OrtNetwork:
         self._in_types = {n: _ort_type(graph_in[n].type, self.path) for n in self.input_names}
         self._out_types = {n: _ort_type(graph_out[n].type, self.path) for n in self.output_names}
         self._out_shapes: dict[tuple, list[tuple[int, ...]]] = {}
+        # on torch's stream, the session is ordered after the ops that wrote its inputs; otherwise wait for them
+        self._shares_stream = any("user_compute_stream" in o for n, o in self.providers if n in _GPU_PROVIDERS)
 
     def __repr__(self) -> str:
         return f"OrtNetwork({self.path.name}, providers={[p for p, _ in self.providers]})"
@@ -167,6 +172,8 @@ class OrtNetwork:
             t = inputs[n].detach().to(self.device, torch_t).contiguous()
             held.append(t)
             binding.bind_input(n, "cuda", dev, np_t, tuple(t.shape), t.data_ptr())
+        if not self._shares_stream:
+            torch.cuda.current_stream(self.device).synchronize()
         key = tuple(tuple(t.shape) for t in held)
         shapes = self._out_shapes.get(key)
         if shapes is None:  # first call at this input shape: let onnxruntime allocate, remember the shapes
@@ -184,6 +191,11 @@ class OrtNetwork:
             outs[n] = o
         self.session.run_with_iobinding(binding)
         return outs
+
+
+def _provider_name(p: Any) -> str:
+    name = str(p[0] if isinstance(p, (tuple, list)) else p)
+    return _ALIASES.get(name.lower(), name)
 
 
 def _is_resolved(providers: Any) -> bool:
@@ -235,8 +247,7 @@ def ort_networks(source: Any, providers: Sequence[Any] | None = None, *, precisi
             names_of[role] = sig.get(role, (None, None))
     else:
         raise TypeError(f"ort_networks needs a bundle folder, a Bundle or a dict role -> onnx file, not {source!r}")
-    wants_trt = any(_ALIASES.get(str(p[0] if isinstance(p, (tuple, list)) else p).lower(), p) == TENSORRT
-                    for p in (providers or []))
+    wants_trt = TENSORRT in [_provider_name(p) for p in (providers or [])]
     nets = {}
     device = torch.device("cpu")
     for role, path in files.items():
