@@ -6,7 +6,6 @@ Written against named networks (`vae_encoder`, `hint_encoder`, `unet`, `vae_deco
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +15,7 @@ from edgeinspect.config import DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.runtime.ddim import DDIM, seeded_noise
 from edgeinspect.runtime.networks import Networks
 from edgeinspect.runtime.scoring import cosine_distance_maps, gaussian_blur, pooled_max_score
+from edgeinspect.runtime.timing import StageTimer
 
 STAGES = ("encode", "denoise", "decode", "features", "scoring")
 
@@ -26,28 +26,6 @@ class DiADResult:
     maps: torch.Tensor  # (B, H, W) at the input size
     reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
-
-
-class _Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.ms: dict[str, float] = {}
-
-    def __call__(self, stage: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                if timer.cuda:
-                    torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.cuda:
-                    torch.cuda.synchronize()
-                timer.ms[stage] = timer.ms.get(stage, 0.0) + (time.perf_counter() - self.t0) * 1e3
-
-        return _Ctx()
 
 
 class DiADPipeline:
@@ -65,10 +43,10 @@ class DiADPipeline:
         self.feature_size = feature_size
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
 
-    def reconstruct(self, images: torch.Tensor, timer: _Timer | None = None
+    def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(reconstruction, the input's autoencoder round trip when scoring.reference asks for it)."""
-        timer = timer or _Timer(self.nets.device)
+        timer = timer or StageTimer(self.nets.device)
         b = images.shape[0]
         with timer("encode"):
             z0 = self.nets["vae_encoder"](image=images)["latent"]
@@ -89,9 +67,9 @@ class DiADPipeline:
                 return both[:b], both[b:]
             return self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
 
-    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: _Timer | None = None
+    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        timer = timer or _Timer(self.nets.device)
+        timer = timer or StageTimer(self.nets.device)
         size = tuple(images.shape[-2:])
         with timer("features"):
             both = torch.cat([images, recon])
@@ -110,7 +88,7 @@ class DiADPipeline:
     def __call__(self, images: torch.Tensor) -> DiADResult:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        timer = _Timer(self.nets.device)
+        timer = StageTimer(self.nets.device)
         images = images.to(self.nets.device)
         recon, roundtrip = self.reconstruct(images, timer)
         scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer)

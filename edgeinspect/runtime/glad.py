@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig
 from edgeinspect.runtime.ddim import DDIM, seeded_noise
-from edgeinspect.runtime.diad import _Timer
 from edgeinspect.runtime.networks import Networks
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
+from edgeinspect.runtime.timing import StageTimer
 
 STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
           "features", "scoring")
@@ -160,7 +160,7 @@ class GLADPipeline:
             images = F.interpolate(images, size=(size,) * 2, mode="bilinear", align_corners=False)
         return list(self.nets["features"](image=images).values())
 
-    def anomaly_maps(self, test: torch.Tensor, reference: torch.Tensor, timer: _Timer, prefix: str = "",
+    def anomaly_maps(self, test: torch.Tensor, reference: torch.Tensor, timer: StageTimer, prefix: str = "",
                      feature_size: int | None = None) -> torch.Tensor:
         """Blurred multi-layer min-over-positions maps of `test` against `reference` (images), (B, H, W)."""
         size = tuple(test.shape[-2:])
@@ -174,8 +174,8 @@ class GLADPipeline:
         return maps
 
     # -- ADP + SAFF
-    def reconstruct(self, images: torch.Tensor, timer: _Timer | None = None) -> dict[str, torch.Tensor]:
-        timer = timer or _Timer(self.nets.device)
+    def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None) -> dict[str, torch.Tensor]:
+        timer = timer or StageTimer(self.nets.device)
         inf = self.inference
         b = images.shape[0]
         ts = self.timesteps
@@ -242,9 +242,9 @@ class GLADPipeline:
         return {"reconstructions": recon, "fire_step": fire_step, "fire_index": fire_index, "fire_score": fire_score,
                 "fired_by_threshold": by_threshold, "adp_scores": adp_scores}
 
-    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: _Timer | None = None
+    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        timer = timer or _Timer(self.nets.device)
+        timer = timer or StageTimer(self.nets.device)
         maps = self.anomaly_maps(images, recon, timer)
         with timer("scoring"):
             scores = topk_mean_score(maps, self.inference.top_k)
@@ -253,7 +253,7 @@ class GLADPipeline:
     def __call__(self, images: torch.Tensor) -> GLADResult:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        timer = _Timer(self.nets.device)
+        timer = StageTimer(self.nets.device)
         images = images.to(self.nets.device)
         r = self.reconstruct(images, timer)
         scores, maps = self.score(images, r["reconstructions"], timer)
