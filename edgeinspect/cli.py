@@ -1,4 +1,4 @@
-"""`edgeinspect <verb>`: train, test, predict, glad-threshold, export."""
+"""`edgeinspect <verb>`: train, test, predict, glad-threshold, export, calibrate."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from edgeinspect.config import ConfigError, load_config, parse_overrides
+from edgeinspect.calibration.cli import add_calibrate_parser
 from edgeinspect.export.cli import add_export_parser
 
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_glad_threshold)
     add_export_parser(sub)
+    add_calibrate_parser(sub)
     return ap
 
 

@@ -35,6 +35,9 @@ from edgeinspect.runtime.bundle_loading import (
 )
 
 
+EXPORTABLE_METHODS = ("diad", "glad")
+
+
 def package_versions() -> dict[str, str]:
     import diffusers
     import onnx
@@ -95,8 +98,11 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
                  exporter: str = "torchscript", roles: Sequence[str] | None = None, overwrite: bool = False,
                  source: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                  parity_atol: float = 1e-4, parity_rtol: float = 1e-3, fp16_atol: float = 1e-2,
-                 fp16_rtol: float = 5e-2, threads: int | None = None, progress: bool = False) -> Path:
-    """Export a loaded model to a bundle folder (see `export_bundle` for a run folder)."""
+                 fp16_rtol: float = 5e-2, threads: int | None = None, progress: bool = False,
+                 method_settings: dict[str, Any] | None = None) -> Path:
+    """Export a loaded model to a bundle folder (see `export_bundle` for a run folder). `method_settings`:
+    what the method's loop runs with beyond the config (GLAD: the resolved ADP threshold), stored as the
+    manifest's `method_settings` and in settings.json."""
     from edgeinspect.config import dump_config
     from edgeinspect.export.fp16 import FP16_OP_BLOCK_LIST, convert_onnx_fp16
     from safetensors.torch import save_file
@@ -110,8 +116,11 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
         raise BundleError(f"bundle {out}: already exists (pass overwrite=True / --overwrite to replace it)")
     method = cfg.method
     model = model.eval()
-    if features is None and method == "diad":
-        from edgeinspect.training.diad import build_features
+    if features is None and method in ("diad", "glad"):
+        if method == "diad":
+            from edgeinspect.training.diad import build_features
+        else:
+            from edgeinspect.training.glad import build_glad_features as build_features
 
         features = build_features(cfg)
         if cfg.features.weights is None:
@@ -119,8 +128,9 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
                           "match no other build of it", UserWarning, stacklevel=2)
     if features is not None:
         features = features.eval()
+    prompt = cfg.train.prompt if cfg.train.prompt is not None else ""  # GLAD: as glad_pipeline does
     with torch.no_grad():
-        context = model.context(cfg.train.prompt).detach().float().cpu().contiguous()
+        context = model.context(prompt).detach().float().cpu().contiguous()
     specs = build_role_exports(method, ExportContext(cfg, model, features, context), list(roles) if roles else None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +172,8 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
         _write_json(tmp / "config.json", config)
         settings = {k: config[k] for k in ("scheduler", "inference", "scoring", "runtime") if k in config}
         settings["feature_size"] = cfg.scoring.feature_size
+        if method_settings is not None:
+            settings["method_settings"] = method_settings
         _write_json(tmp / "settings.json", settings)
 
         manifest = {
@@ -178,6 +190,8 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
                      "keep_io_types": True} if "fp16" in precision else None,
             "calibration": calibration,
         }
+        if method_settings is not None:
+            manifest["method_settings"] = method_settings
         _write_json(tmp / MANIFEST, finalize_manifest(tmp, manifest))
         _fsync_tree(tmp)
         if out.exists():
@@ -209,14 +223,22 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[
     ckpt = resolve_checkpoint(run_dir)
     cfg_file = ckpt.parent.parent / "config.json"
     method = json.loads(cfg_file.read_text()).get("method", "diad") if cfg_file.is_file() else "diad"
-    if method != "diad":
-        raise ExportError(f"{run_dir} is a {method!r} run: only DiAD runs can be exported so far (a method is "
-                          "added by registering its roles, see edgeinspect/export/roles.py)")
-    cfg, model = load_diad(run_dir)
+    if method not in EXPORTABLE_METHODS:
+        raise ExportError(f"{run_dir} is a {method!r} run: only {list(EXPORTABLE_METHODS)} runs can be exported so "
+                          "far (a method is added by registering its roles, see edgeinspect/export/roles.py)")
+    method_settings = None
+    if method == "glad":
+        from edgeinspect.export.glad import glad_method_settings
+        from edgeinspect.training.glad import load_glad
+
+        cfg, model, extra = load_glad(run_dir)
+        method_settings = glad_method_settings(cfg, extra)
+    else:
+        cfg, model = load_diad(run_dir)
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
               "weights_sha256": sha256_file(ckpt / "model.safetensors")}
     out = write_bundle(cfg, model, out_dir, features=features, precision=precision, overwrite=overwrite,
-                       source=source, **kwargs)
+                       source=source, method_settings=method_settings, **kwargs)
     if engines:
         from edgeinspect.export.tensorrt import build_bundle_engines
 

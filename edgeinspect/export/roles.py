@@ -72,6 +72,8 @@ def register_role(method: str, role: str) -> Callable[[RoleBuilder], RoleBuilder
 def _load_method_roles(method: str) -> None:
     if method == "diad":
         import edgeinspect.export.diad  # noqa: F401  (registers the DiAD roles)
+    elif method == "glad":
+        import edgeinspect.export.glad  # noqa: F401  (registers the GLAD roles)
 
 
 def method_roles(method: str) -> list[str]:

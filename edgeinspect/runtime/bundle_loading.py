@@ -11,6 +11,12 @@ A bundle (written by `edgeinspect.export.bundle.export_bundle`) is one folder:
     onnx/<role>.onnx       one graph per network role (fp32); onnx/<role>.fp16.onnx the fp16 variants
     engines/               TensorRT engines, built on the target machine (a cache: not hashed, every
                            engine is keyed by GPU, TensorRT version, profile and ONNX hash instead)
+    calibration/           files stored with the calibration (`edgeinspect calibrate`: the scores it was
+                           fitted on), hashed like the rest; the thresholds themselves are in the
+                           manifest's `calibration` slot
+
+The manifest's `method_settings` hold what a method's loop runs with beyond the config (GLAD: the
+category's ADP settings and the resolved firing threshold).
 
 `load_bundle` refuses a bundle whose files do not match their hashes, whose manifest was edited,
 that misses a file, or that was written by an incompatible edgeinspect (major version, schema) or
@@ -18,7 +24,7 @@ with an opset this runtime does not support. The digests detect corruption and a
 they are not a signature (whoever can write the folder can recompute them).
 
 A bundle holds graphs, not torch weights: the torch backend runs from the run folder
-(`edgeinspect.runtime.torch_backend.load_diad`), never from a bundle.
+(`edgeinspect.runtime.torch_backend.load_diad`, `edgeinspect.training.glad.load_glad`), never from a bundle.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ _REQUIRED_KEYS = {
     "opset": int, "versions": dict, "networks": dict, "precisions": list, "context": dict,
     "config": str, "settings": str, "files": dict, "manifest_sha256": str,
 }
-_PIPELINE_ROLES = {"diad": ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features")}
+_PIPELINE_ROLES = {"diad": ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"),
+                   "glad": ("vae_encoder", "unet_plain", "vae_decoder", "features")}
 
 
 class BundleError(ValueError):
@@ -342,23 +349,83 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
 def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
-                    max_batch: int | None = None, device: str | torch.device | None = None):
-    """The method's pipeline (DiADPipeline) on a verified bundle. `overrides` may change inference and
-    scoring settings (not the networks): e.g. {"inference": {"steps": 5}}."""
+                    max_batch: int | None = None, device: str | torch.device | None = None,
+                    verdict: bool = True):
+    """The method's pipeline (DiADPipeline or GLADPipeline) on a verified bundle. `overrides` may change
+    inference and scoring settings (not the networks): e.g. {"inference": {"steps": 5}}.
+
+    GLAD runs with its category's settings and, unless the settings set one, the ADP threshold of the
+    manifest's method_settings (the one calibrated at the end of training).
+
+    Results carry `verdicts` ("OK"/"NG" per frame from the calibrated image threshold; None when the bundle
+    is not calibrated or `verdict=False`) and `normalized_scores` (see edgeinspect.calibration.verdict)."""
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, overrides=overrides)
     elif overrides:
         bundle = Bundle(bundle.path, bundle.manifest, _build_config(bundle.path, bundle.manifest, overrides),
                         bundle.context)
-    if bundle.method != "diad":
+    if bundle.method not in _PIPELINE_ROLES:
         raise BundleError(f"bundle {bundle.path}: no pipeline for method {bundle.method!r} in this version")
+    from edgeinspect.calibration.verdict import Verdict
     from edgeinspect.runtime.ddim import DDIM
-    from edgeinspect.runtime.diad import DiADPipeline
 
     cfg = bundle.config
+    # max_batch counts frames; GLAD's ADP check decodes two estimates per frame in one call, so its
+    # TensorRT profiles need twice that (a profile's batch range comes from one role-wide multiplier)
+    factor = 2 if bundle.method == "glad" else 1
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
-                           intra_op_threads=intra_op_threads, roles=_PIPELINE_ROLES["diad"],
-                           engine_cache_dir=engine_cache_dir, max_batch=max_batch or cfg.inference.batch_size,
-                           device=device)
-    return DiADPipeline(nets, bundle.context, DDIM(cfg.scheduler), cfg.inference, cfg.scoring,
-                        cfg.scoring.feature_size)
+                           intra_op_threads=intra_op_threads, roles=_PIPELINE_ROLES[bundle.method],
+                           engine_cache_dir=engine_cache_dir,
+                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device)
+    if bundle.method == "glad":
+        from edgeinspect.runtime.glad import GLADPipeline
+
+        adp = (bundle.manifest.get("method_settings") or {}).get("adp_threshold")
+        pipe = _with_verdicts(GLADPipeline)(nets, bundle.context, DDIM(cfg.scheduler),
+                                            cfg.inference.for_category(cfg.category), cfg.scoring,
+                                            cfg.scoring.feature_size, threshold=adp)
+    else:
+        from edgeinspect.runtime.diad import DiADPipeline
+
+        pipe = _with_verdicts(DiADPipeline)(nets, bundle.context, DDIM(cfg.scheduler), cfg.inference, cfg.scoring,
+                                            cfg.scoring.feature_size)
+    pipe.verdict = Verdict.from_bundle(bundle) if verdict and bundle.calibration else None
+    if pipe.verdict is not None:
+        _warn_if_calibrated_otherwise(bundle, precision)
+    return pipe
+
+
+def _warn_if_calibrated_otherwise(bundle: Bundle, precision: str) -> None:
+    """Thresholds hold for the scores they were fitted on: say so when this pipeline scores differently."""
+    import warnings
+
+    used = (bundle.calibration or {}).get("settings") or {}
+    differs = []
+    if used.get("precision") not in (None, precision):
+        differs.append(f"precision {precision} (calibrated with {used['precision']})")
+    inference = used.get("inference")
+    if inference is not None and inference != bundle.config.inference.model_dump(mode="json"):
+        differs.append("other inference settings (overrides)")
+    if differs:
+        warnings.warn(f"bundle {bundle.path}: the calibrated verdict thresholds were fitted on scores from another "
+                      f"setup than this pipeline's: {', '.join(differs)}; calibrate again for this setup",
+                      UserWarning, stacklevel=3)
+
+
+_VERDICT_CLASSES: dict[type, type] = {}
+
+
+def _with_verdicts(base: type) -> type:
+    """`base` (a pipeline class) whose results also carry the calibrated verdicts: a subclass, so the
+    pipeline stays an instance of its method's class."""
+    cls = _VERDICT_CLASSES.get(base)
+    if cls is None:
+        from edgeinspect.calibration.verdict import attach_verdicts
+
+        def __call__(self, images):
+            return attach_verdicts(base.__call__(self, images), self.verdict)
+
+        cls = type(base.__name__, (base,), {"__call__": __call__, "verdict": None, "__module__": base.__module__,
+                                            "__qualname__": base.__qualname__, "__doc__": base.__doc__})
+        _VERDICT_CLASSES[base] = cls
+    return cls

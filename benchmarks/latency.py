@@ -1,0 +1,411 @@
+"""Per-frame latency of DiAD and GLAD on every backend and precision this machine has, by stage.
+
+    python benchmarks/latency.py --diad runs/diad_mtd_edge --glad runs/glad_mtd_edge --threads 2
+
+writes benchmarks/results/latency_<machine>.md and latency_<machine>.json (`--results` for another
+folder). Either run is optional. What it does, per method:
+
+* builds the torch pipeline from the run folder (torch eager) and exports the run to a bundle in a cache
+  folder (`--cache`, default <tmp>/edgeinspect-latency; reused while the run's weights are unchanged,
+  re-exported when the feature extractor has random weights, so torch and the bundle share it);
+* backends: torch eager; onnxruntime fp32; onnxruntime fp16 (with `--fp16`, or when the cached bundle
+  has the fp16 variant); on a machine with a GPU also torch CUDA, onnxruntime CUDA (onnxruntime-gpu) and
+  native TensorRT (tensorrt + a GPU; engines built into the cached bundle's engines/ folder);
+* the same frames for every backend (`--frames` folder, else the run's data folder test split, else
+  seeded noise), batch 1, `--warmup` untimed frames per backend, then `--repeats` timed frames per
+  backend interleaved (frame i on every backend, then frame i+1...), so load drift hits all alike;
+  median, p10 and p90 of the whole frame and of each stage (the pipelines' own stage timers);
+* FLOPs per frame: torch.utils.flop_counter.FlopCounterMode over the torch pipeline on each frame
+  (convolutions, matmuls incl. the UNet's attention and GLAD's similarity search, 2 FLOPs per
+  multiply-add; elementwise ops, norms and the DDIM arithmetic are not counted), averaged over the frames
+  (GLAD's ADP checks stop when a frame fires, so its cost depends on the frame);
+* measured peak: the best GFLOP/s of a `--peak-size`^3 fp32 torch matmul on the same thread count; the
+  fraction of it each backend reaches is gflop_per_frame / seconds_per_frame / peak.
+
+Machine slug (file names): `--machine`, else "cpu<N>" with N the logical CPUs this process may use
+(os.sched_getaffinity), or the GPU's name as a slug when a CUDA GPU backend ran.
+
+JSON, per method (methods.<diad|glad>): torch_ms, ort_ms (onnxruntime fp32, medians), ort_vs_torch_speedup,
+stage_ms (backend -> stage -> median ms), gflop_per_frame, peak_fraction (onnxruntime fp32),
+peak_fraction_by_backend, backends (backend -> ms/stage median, p10, p90, GFLOP/s), parity (max |score
+difference| to torch on the timed frames); top level: machine, measured_peak, settings, command.
+
+Timings taken while other work loads the machine are not representative: run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def logical_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "machine"
+
+
+def measure_peak_gflops(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, Any]:
+    """Best GFLOP/s of an fp32 (size x size) @ (size x size) torch matmul on `threads` threads."""
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g)
+    b = torch.randn(size, size, generator=g)
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return {"gflops": 2 * size**3 / best / 1e9, "matmul_size": size, "threads": threads, "repeats": repeats,
+            "dtype": "float32", "how": f"best of {repeats} torch.mm of two {size}x{size} fp32 matrices "
+                                      f"on {threads} thread(s) (measured peak, not the datasheet's)"}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90)),
+            "mean": float(a.mean()), "n": int(a.size)}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_frames(cfg: Any, frames_dir: Path | None, n: int) -> tuple[torch.Tensor, str]:
+    from edgeinspect.data.mvtec import IMAGE_SUFFIXES, image_to_tensor, read_image, resize_image
+
+    size = cfg.model.image_size
+    folder = frames_dir
+    if folder is None and cfg.train.data_root is not None and (Path(cfg.train.data_root) / "test").is_dir():
+        folder = Path(cfg.train.data_root) / "test"
+    if folder is not None:
+        paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and "ground_truth" not in p.parts)
+        if not paths:
+            raise SystemExit(f"latency.py: no images under {folder}")
+        # spread over the folder (normal and defective frames: GLAD's cost depends on the frame)
+        idx = np.unique(np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int))
+        frames = torch.stack([image_to_tensor(resize_image(read_image(paths[i]), size)) for i in idx])
+        return frames, f"{len(idx)} images from {folder}"
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1, f"{n} frames of seeded uniform noise"
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def torch_side(method: str, run: Path, device: str) -> tuple[Any, Any, Any]:
+    """(cfg, torch pipeline, feature extractor) from a run folder."""
+    if method == "diad":
+        from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
+        from edgeinspect.training.diad import build_features
+
+        cfg, model = load_diad(run)
+        torch.manual_seed(0)  # a random extractor (tiny preset) is then the same every time
+        features = build_features(cfg)
+        return cfg, diad_pipeline(cfg, model, features, device=device), features
+    from edgeinspect.training.glad import build_glad_features, glad_pipeline, load_glad
+
+    cfg, model, extra = load_glad(run)
+    torch.manual_seed(0)
+    features = build_glad_features(cfg)
+    pipe = glad_pipeline(cfg, model, features, device=device, threshold=extra.get("adp_threshold"),
+                         category=cfg.category)
+    return cfg, pipe, features
+
+
+def ensure_bundle(method: str, run: Path, cfg: Any, features: Any, cache: Path, fp16: bool,
+                  threads: int) -> Path:
+    """A bundle of the run in the cache, exported when missing, stale (other weights), without fp16 when
+    asked for, or when the extractor is random (its weights exist only in this process)."""
+    from edgeinspect.export.bundle import export_bundle
+    from edgeinspect.runtime.bundle_loading import BundleError, load_bundle, sha256_file
+    from edgeinspect.training.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(run)
+    weights = sha256_file(ckpt / "model.safetensors")
+    out = cache / f"{method}-{slug(run.resolve().name)}-{weights[:12]}"
+    reuse = cfg.features.weights is not None and out.is_dir()
+    if reuse:
+        try:
+            b = load_bundle(out)
+            reuse = b.manifest["source"].get("weights_sha256") == weights and (not fp16 or "fp16" in b.precisions)
+        except BundleError:
+            reuse = False
+    if not reuse:
+        precision = ("fp32", "fp16") if fp16 else ("fp32",)
+        print(f"[{method}] exporting {run} -> {out} ({', '.join(precision)})", flush=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+            export_bundle(run, out, precision, features=features, overwrite=True, threads=threads)
+    return out
+
+
+def backends_for(method: str, bundle_dir: Path, torch_pipe: Any, threads: int, device: str) -> dict[str, Any]:
+    """backend name -> pipeline, for every backend and precision available here."""
+    from edgeinspect.export.tensorrt import engine_support_problems
+    from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
+    from edgeinspect.runtime.ort_backend import CUDA, available_providers
+
+    bundle = load_bundle(bundle_dir)
+    out: dict[str, Any] = {f"torch{'_cuda' if device.startswith('cuda') else ''}": torch_pipe}
+    for precision in bundle.precisions:
+        out[f"onnxruntime_{precision}"] = bundle_pipeline(bundle, "onnxruntime", precision=precision,
+                                                          intra_op_threads=threads, verdict=False)
+    if torch.cuda.is_available() and CUDA in available_providers():
+        for precision in bundle.precisions:
+            out[f"onnxruntime_cuda_{precision}"] = bundle_pipeline(bundle, "onnxruntime", precision=precision,
+                                                                   providers=["cuda"], verdict=False)
+    if not engine_support_problems():
+        for precision in bundle.precisions:
+            out[f"tensorrt_{precision}"] = bundle_pipeline(bundle, "tensorrt", precision=precision, max_batch=1,
+                                                           verdict=False)
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def count_gflop_per_frame(pipe: Any, frames: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """Mean GFLOP per frame of the torch pipeline over `frames` (batch 1), and GFLOP per frame by op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals, by_op = [], {}
+    for i in range(len(frames)):
+        with FlopCounterMode(display=False) as fc:
+            pipe(frames[i:i + 1])
+        totals.append(fc.get_total_flops())
+        for op, v in fc.get_flop_counts().get("Global", {}).items():
+            by_op[str(op)] = by_op.get(str(op), 0.0) + v
+    n = len(frames)
+    return float(np.mean(totals)) / 1e9, {k: v / n / 1e9 for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}
+
+
+def _sync(name: str) -> None:
+    if torch.cuda.is_available() and ("cuda" in name or "tensorrt" in name):
+        torch.cuda.synchronize()
+
+
+def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repeats: int
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Interleaved batch-1 timing: per backend the whole-frame and per-stage spread, and the scores of
+    each frame (for the parity check)."""
+    n = len(frames)
+    scores: dict[str, torch.Tensor] = {b: torch.full((n,), float("nan")) for b in pipes}
+    for name, pipe in pipes.items():
+        for i in range(warmup):
+            r = pipe(frames[i % n:i % n + 1])
+            scores[name][i % n] = float(r.scores[0])
+    totals: dict[str, list[float]] = {b: [] for b in pipes}
+    stages: dict[str, dict[str, list[float]]] = {b: {} for b in pipes}
+    for i in range(repeats):
+        x = frames[i % n:i % n + 1]
+        for name, pipe in pipes.items():
+            _sync(name)
+            t0 = time.perf_counter()
+            r = pipe(x)
+            _sync(name)
+            totals[name].append((time.perf_counter() - t0) * 1e3)
+            for s, ms in r.timings_ms.items():
+                stages[name].setdefault(s, []).append(ms)
+            scores[name][i % n] = float(r.scores[0])
+    out = {b: {"ms": spread(totals[b]), "stage_ms": {s: spread(v) for s, v in stages[b].items()}} for b in pipes}
+    return out, scores
+
+
+def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[str, Any]) -> dict[str, Any]:
+    cfg, torch_pipe, features = torch_side(method, run, args.device)
+    frames, frames_source = load_frames(cfg, args.frames, args.num_frames)
+    bundle_dir = ensure_bundle(method, run, cfg, features, args.cache, args.fp16, args.threads)
+    pipes = backends_for(method, bundle_dir, torch_pipe, args.threads, args.device)
+    print(f"[{method}] backends: {', '.join(pipes)}; counting FLOPs", flush=True)
+    gflop, by_op = count_gflop_per_frame(torch_pipe, frames)
+    print(f"[{method}] {gflop:.3f} GFLOP/frame; timing {args.repeats} frames per backend", flush=True)
+    timed, scores = time_backends(pipes, frames, args.warmup, args.repeats)
+    torch_name = next(iter(pipes))
+    ref = scores[torch_name]
+    backends = {}
+    for name, t in timed.items():
+        sec = t["ms"]["median"] / 1e3
+        backends[name] = {**t, "gflops_achieved": gflop / sec, "peak_fraction": gflop / sec / peak["gflops"],
+                          "vs_torch_speedup": timed[torch_name]["ms"]["median"] / t["ms"]["median"]}
+    seen = ~torch.isnan(ref)
+    parity = {name: float((s[seen] - ref[seen]).abs().max()) if seen.any() else None
+              for name, s in scores.items() if name != torch_name}
+    torch_ms = timed[torch_name]["ms"]["median"]
+    ort_ms = timed["onnxruntime_fp32"]["ms"]["median"]
+    settings = ({"t_start": cfg.inference.t_start, "steps": cfg.inference.steps} if method == "diad" else
+                {k: getattr(torch_pipe.inference, k) for k in ("t0", "steps", "min_step", "top_k", "adp_top_k",
+                                                                "check_every")}
+                | {"adp_threshold": None if not np.isfinite(torch_pipe.threshold) else torch_pipe.threshold})
+    return {
+        "run": str(run), "bundle": str(bundle_dir), "preset": cfg.model.preset, "image_size": cfg.model.image_size,
+        "feature_size": cfg.scoring.feature_size or cfg.model.image_size, "settings": settings,
+        "frames": frames_source,
+        "torch_ms": torch_ms, "ort_ms": ort_ms, "ort_vs_torch_speedup": torch_ms / ort_ms,
+        "stage_ms": {b: {s: v["median"] for s, v in t["stage_ms"].items()} for b, t in timed.items()},
+        "gflop_per_frame": gflop, "gflop_by_op": by_op,
+        "peak_fraction": backends["onnxruntime_fp32"]["peak_fraction"],
+        "peak_fraction_by_backend": {b: v["peak_fraction"] for b, v in backends.items()},
+        "backends": backends, "parity": {"max_abs_score_diff_vs_torch": parity},
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m, pk, st = res["machine"], res["measured_peak"], res["settings"]
+    lines = [
+        f"# Latency per frame: {m['slug']}", "",
+        "Command:", "", f"    {res['command']}", "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs available, {m['threads']} thread(s) used "
+        f"(torch and onnxruntime intra-op); {m['platform']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}"
+        + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + ".",
+        f"Measured peak: {pk['gflops']:.1f} GFLOP/s ({pk['how']}).",
+        f"Batch 1; {st['warmup']} warm-up frame(s) per backend, then {st['repeats']} timed frames per backend, "
+        "interleaved across backends; median and p10-p90 of the whole frame (wall clock around the pipeline "
+        "call) and of each stage (the pipelines' stage timers). FLOPs: torch.utils.flop_counter over the torch "
+        "pipeline (convolutions, matmuls, attention; 2 per multiply-add; elementwise ops not counted).", "",
+    ]
+    names = {"diad": "DiAD", "glad": "GLAD"}
+    for method, r in res["methods"].items():
+        lines += [f"## {names.get(method, method)}", "",
+                  f"Run `{r['run']}` (preset {r['preset']}, {r['image_size']} px model image, features at "
+                  f"{r['feature_size']} px; {', '.join(f'{k} {v}' for k, v in r['settings'].items())}); "
+                  f"frames: {r['frames']}. {r['gflop_per_frame']:.3f} GFLOP per frame.", "",
+                  "| backend | median ms/frame | p10 | p90 | vs torch eager | GFLOP/s | of measured peak | "
+                  "max abs score diff vs torch |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        par = r["parity"]["max_abs_score_diff_vs_torch"]
+        for b, v in r["backends"].items():
+            d = par.get(b)
+            lines.append(f"| {b} | {v['ms']['median']:.1f} | {v['ms']['p10']:.1f} | {v['ms']['p90']:.1f} | "
+                         f"{v['vs_torch_speedup']:.2f}x | {v['gflops_achieved']:.2f} | {100 * v['peak_fraction']:.1f} % | "
+                         f"{'-' if d is None else f'{d:.1e}'} |")
+        lines += ["", f"**onnxruntime fp32 vs torch eager: {r['ort_vs_torch_speedup']:.2f}x** "
+                      f"({r['ort_ms']:.1f} ms vs {r['torch_ms']:.1f} ms per frame).", ""]
+        backends = list(r["stage_ms"])
+        stages = list(dict.fromkeys(s for b in backends for s in r["stage_ms"][b]))
+        lines += ["Stage medians (ms per frame):", "", "| stage | " + " | ".join(backends) + " |",
+                  "|---|" + "---:|" * len(backends)]
+        for s in stages:
+            lines.append(f"| {s} | " + " | ".join(f"{r['stage_ms'][b].get(s, 0.0):.2f}" for b in backends) + " |")
+        top = list(r["gflop_by_op"].items())[:6]
+        lines += ["", "GFLOP per frame by op: " + ", ".join(f"{k} {v:.3f}" for k, v in top), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--diad", type=Path, help="DiAD run folder")
+    ap.add_argument("--glad", type=Path, help="GLAD run folder")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for torch and onnxruntime (default: the logical CPUs available)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed frames per backend first (default 3)")
+    ap.add_argument("--repeats", type=int, default=20, help="timed frames per backend (default 20)")
+    ap.add_argument("--frames", type=Path, help="folder of input frames (default: the run's data test split)")
+    ap.add_argument("--num-frames", type=int, default=8, help="distinct frames, cycled (default 8)")
+    ap.add_argument("--fp16", action="store_true", help="also export and time the fp16 variant")
+    ap.add_argument("--device", default="cpu", help="torch device for the torch backend (default cpu)")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "edgeinspect-latency",
+                    help="folder for the exported bundles")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder for latency_<machine>.md/.json")
+    ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
+    ap.add_argument("--peak-size", type=int, default=2048, help="matmul size for the measured peak (default 2048)")
+    args = ap.parse_args(argv)
+    if args.diad is None and args.glad is None:
+        ap.error("give --diad and/or --glad")
+    if args.repeats < 1 or args.warmup < 0 or args.num_frames < 1:
+        ap.error("--repeats and --num-frames must be >= 1, --warmup >= 0")
+    args.threads = args.threads or logical_cpus()
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import onnxruntime
+
+    torch.set_num_threads(args.threads)
+    command = "python benchmarks/latency.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                  else sys.argv[1:]))
+    peak = measure_peak_gflops(args.threads, args.peak_size)
+    print(f"measured peak: {peak['gflops']:.1f} GFLOP/s ({args.threads} thread(s))", flush=True)
+    methods = {}
+    for method, run in (("diad", args.diad), ("glad", args.glad)):
+        if run is not None:
+            methods[method] = bench_method(method, run, args, peak)
+    gpu_used = any("cuda" in b or "tensorrt" in b for r in methods.values() for b in r["backends"])
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine_slug = args.machine or (slug(gpu) if gpu_used and gpu else f"cpu{logical_cpus()}")
+    res = {
+        "command": command,
+        "machine": {"slug": machine_slug, "slug_rule": "--machine, else cpu<logical CPUs available>, else the GPU "
+                                                       "name when a GPU backend ran",
+                    "cpu": cpu_name(), "logical_cpus": logical_cpus(), "threads": args.threads,
+                    "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "gpu": gpu},
+        "measured_peak": peak,
+        "settings": {"batch": 1, "warmup": args.warmup, "repeats": args.repeats, "num_frames": args.num_frames,
+                     "fp16": args.fp16, "device": args.device},
+        "methods": methods,
+    }
+    out_json = args.results / f"latency_{machine_slug}.json"
+    _write_atomic(out_json, json.dumps(res, indent=2) + "\n")
+    _write_atomic(out_json.with_suffix(".md"), markdown(res))
+    for method, r in methods.items():
+        print(f"[{method}] torch {r['torch_ms']:.1f} ms, onnxruntime fp32 {r['ort_ms']:.1f} ms per frame: "
+              f"{r['ort_vs_torch_speedup']:.2f}x; {r['gflop_per_frame']:.3f} GFLOP/frame, "
+              f"{100 * r['peak_fraction']:.1f} % of the measured peak")
+    print(f"wrote {out_json} and {out_json.with_suffix('.md')}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""`edgeinspect calibrate`: thresholds and score normalisation from held-out images, stored in a bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.6g}"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgeinspect.calibration.calibrate import calibrate_bundle
+    from edgeinspect.data.mvtec import DatasetError
+    from edgeinspect.runtime.bundle_loading import BundleError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            cal = calibrate_bundle(args.bundle, args.normals, args.defects, args.target_frr,
+                                   precision=args.precision, threads=args.threads, batch_size=args.batch_size,
+                                   pixel_rule=args.pixel_rule, verdict_from=args.verdict, limit=args.limit,
+                                   progress=not args.quiet, store=not args.dry_run)
+    except (BundleError, DatasetError, ValueError) as e:
+        print(f"edgeinspect calibrate: {e}", file=sys.stderr)
+        return 2
+    for w in caught:
+        if "RANDOM weights" not in str(w.message):
+            print(f"warning: {w.message}", file=sys.stderr)
+    img, norm, v = cal["image"], cal["normalization"], cal["verdict"]
+    print(f"bundle {args.bundle}: calibrated on {img['n']} normal images"
+          + (f" and {cal['data']['labelled']['n']} labelled images" if cal["data"]["labelled"] else "")
+          + (" (dry run: not stored)" if args.dry_run else ""))
+    print(f"  normalisation  (s - {norm['median']:.6g}) / {norm['scale']:.6g}   [(s - median) / (p99 - median)]")
+    print(f"  image @ FRR {img['target_frr']:g}  threshold {img['threshold']:.6g} (normalised "
+          f"{img['normalized_threshold']:.4g}), {img['k']}-th of {img['n']} normal scores; achieved FRR "
+          f"{img['achieved_frr']:.4g}, expected {img['expected_frr']:.4g}"
+          + ("" if img["guaranteed"] else "  [too few normals for the guarantee]"))
+    if "pixel" in cal:
+        px = cal["pixel"]
+        print(f"  pixel @ FRR     threshold {px['threshold']:.6g} ({px['rule'].split(':')[0]}); pixel FPR "
+              f"{px['pixel_fpr']:.3g}, normal frames with a pixel over {px['frames_with_pixels_over']:.3g}")
+    if "image_f1" in cal:
+        f = cal["image_f1"]
+        print(f"  image F1-opt    threshold {f['threshold']:.6g}: F1 {f['f1']:.4f} (P {f['precision']:.3f}, "
+              f"R {f['recall']:.3f}), FRR on normals {f['achieved_frr']:.4g}; F1 at the FRR threshold "
+              f"{img['f1_on_labelled']:.4f}")
+    if "pixel_f1" in cal:
+        f = cal["pixel_f1"]
+        print(f"  pixel F1-opt    threshold {f['threshold']:.6g}: F1 {f['f1']:.4f} (P {f['precision']:.3f}, "
+              f"R {f['recall']:.3f})")
+    print(f"  verdict ({v['source']}): NG if score > {v['image_threshold']:.6g}; pixel threshold "
+          f"{_fmt(v['pixel_threshold'])}")
+    return 0
+
+
+def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "calibrate", help="fit thresholds and score normalisation from held-out images and store them in a bundle",
+        description="Score held-out normal images (and optionally labelled or generated defects) through the "
+                    "bundle's pipeline on onnxruntime; fit the image threshold at a target false-reject rate "
+                    "(split-conformal rule: the ceil((n+1)(1-FRR))-th smallest normal score), the pixel threshold, "
+                    "the score normalisation (s - median) / (p99 - median) of the normals, and with defects the "
+                    "F1-optimal thresholds; store them in the bundle's calibration slot (hashes updated).")
+    p.add_argument("--bundle", type=Path, required=True, help="bundle folder (edgeinspect export)")
+    p.add_argument("--normals", type=Path, required=True,
+                   help="folder of held-out normal images (not the training images; an MVTec category folder "
+                        "gives its test/good)")
+    p.add_argument("--defects", type=Path,
+                   help="labelled defects: an MVTec-layout folder (test/<type> + ground_truth masks) or a JSON "
+                        "index of {image, mask} pairs (generated defects, e.g. AdaBLDM/DualAnoDiff)")
+    p.add_argument("--target-frr", type=float, default=0.01,
+                   help="target false-reject rate on normal frames (default 0.01; needs >= ceil(1/FRR)-1 normals)")
+    p.add_argument("--pixel-rule", choices=["map_max", "pixels"], default="map_max",
+                   help="pixel threshold: map_max = a normal frame has any pixel over it with probability <= FRR "
+                        "(default); pixels = a fraction FRR of normal pixels is over it")
+    p.add_argument("--verdict", choices=["target_frr", "f1"], default="target_frr",
+                   help="which image threshold decides OK/NG (f1 needs --defects)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="graphs to score with (calibrate with the precision the line will run)")
+    p.add_argument("--limit", type=int, help="use at most this many normal images (spread evenly)")
+    p.add_argument("--batch-size", type=int, help="frames per pipeline call (default: inference.batch_size)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--dry-run", action="store_true", help="print the calibration, do not store it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
+    return p

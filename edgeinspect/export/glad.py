@@ -1,0 +1,100 @@
+"""The GLAD networks as export roles: the loop's four (vae_encoder, unet_plain, vae_decoder, features).
+
+GLAD runs the same autoencoder and feature extractor as DiAD (GLADModel.role_modules uses the same
+VAE wrappers), so those builders are DiAD's; the UNet is the plain one (no guidance, no hint input).
+
+Batch sizes the loop uses (what TensorRT profiles must cover; onnxruntime takes any batch):
+  vae_encoder  B            unet_plain  1..B (the ADP check runs the UNet on the frames not yet fired)
+  vae_decoder  1..2B        (the ADP check decodes both clean estimates of the checked frames at once)
+  features     2..2B        (frames and references together), at feature_size and adp_feature_size
+`batch_multiplier` can express only one factor: the decoder keeps 1 (a profile built from it covers
+the final decode; the ADP decode of 2B needs max_batch doubled).
+
+The method settings (ADP threshold resolved from the config or the checkpoint's calibration, t0, steps,
+min_step, top-K...) are written into the manifest by `glad_method_settings`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from edgeinspect.export import diad as _diad
+from edgeinspect.export.roles import ExportContext, RoleExport, register_role
+from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
+
+METHOD = "glad"
+
+
+def _unet_inputs(ctx: ExportContext, batch: int, latent: int, timesteps: list[float], seed: int
+                 ) -> dict[str, torch.Tensor]:
+    s = _diad._Sizes(ctx.cfg)
+    if ctx.context is None:
+        raise ValueError("the GLAD export needs the prompt context (ExportContext.context)")
+    return {
+        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=_diad._gen(seed)),
+        "timestep": torch.tensor(timesteps, dtype=torch.float32),
+        "encoder_hidden_states": ctx.context.detach().float().expand(batch, *ctx.context.shape[1:]).contiguous(),
+    }
+
+
+register_role(METHOD, "vae_encoder")(_diad._vae_encoder)
+
+
+@register_role(METHOD, "unet_plain")
+def _unet_plain(ctx: ExportContext) -> RoleExport:
+    s = _diad._Sizes(ctx.cfg)
+    inf = ctx.cfg.inference
+    module = ctx.model.role_modules()["unet_plain"]
+    axes = {"sample": _diad._LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    return RoleExport(
+        "unet_plain", module,
+        _unet_inputs(ctx, 2, s.latent, [float(inf.t0), float(inf.min_step)], 21),
+        _unet_inputs(ctx, 3, s.probe_latent, [999.0, 99.0, 0.0], 23),
+        ("noise_pred",), axes,
+        notes="the UNet without guidance: denoising steps and the ADP checks (1..B frames per call)",
+    )
+
+
+register_role(METHOD, "vae_decoder")(_diad._vae_decoder)
+
+
+@register_role(METHOD, "features")
+def _features(ctx: ExportContext) -> RoleExport:
+    s = _diad._Sizes(ctx.cfg)
+    if ctx.features is None:
+        raise ValueError("the GLAD export needs the feature extractor (ExportContext.features)")
+    _, outputs = feature_signature(len(ctx.features.strides))
+    return RoleExport(
+        "features", FeatureNet(ctx.features), {"image": _diad._images(4, s.feature, 25)},
+        {"image": _diad._images(6, s.probe_feature, 26)}, outputs, {"image": _diad._IMAGE_AXES},
+        batch_multiplier=2,
+        notes="called with frames and references concatenated (2 x the checked or scored frames), at "
+              "scoring.feature_size and, for the ADP checks, scoring.adp_feature_size",
+    )
+
+
+def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The GLAD settings a deployment runs with, for the manifest: the category's inference settings and
+    the ADP firing threshold, from the config when set there, else the one calibrated at the end of
+    training (checkpoint state `adp_threshold`), else none (frames then fire only below min_step)."""
+    extra = extra or {}
+    category = cfg.category
+    inf = cfg.inference.for_category(category)
+    if inf.threshold is not None:
+        thr, source = float(inf.threshold), "config"
+    elif extra.get("adp_threshold") is not None and math.isfinite(float(extra["adp_threshold"])):
+        thr, source = float(extra["adp_threshold"]), "checkpoint"
+    else:
+        thr, source = None, "none"
+    return {
+        "category": category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
+        "check_every": inf.check_every, "adp_threshold": thr, "adp_threshold_source": source,
+        "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
+        "weight_low": inf.weight_low, "weight_high": inf.weight_high, "weight_gamma": inf.weight_gamma,
+        "seed": inf.seed, "feature_size": cfg.scoring.feature_size, "adp_feature_size": cfg.scoring.adp_feature_size,
+        "blur_sigma": cfg.scoring.blur_sigma,
+        "adp_calibration": {k: v for k, v in (extra.get("adp_calibration") or {}).items() if k != "max_scores"},
+    }

@@ -1,0 +1,93 @@
+"""benchmarks/latency.py end to end on tiny DiAD and GLAD runs (random weights): every backend this
+machine has, the JSON keys and positive numbers, the markdown table. The timings themselves mean nothing
+here (tiny models, a loaded test machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from tests.test_export import make_tiny_run
+    from tests.test_export_glad import make_tiny_glad_run, sample_frames
+except ImportError:
+    from test_export import make_tiny_run
+    from test_export_glad import make_tiny_glad_run, sample_frames
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "mtd_sample"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _latency_module():
+    spec = importlib.util.spec_from_file_location("latency_benchmark", REPO / "benchmarks" / "latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _positive(x) -> bool:
+    return isinstance(x, float) and x > 0
+
+
+def test_latency_script_end_to_end(tmp_path, capsys):
+    latency = _latency_module()
+    diad = make_tiny_run(tmp_path / "diad")
+    glad = make_tiny_glad_run(tmp_path / "glad", sample_frames()[:8])
+    results = tmp_path / "results"
+    argv = ["--diad", str(diad), "--glad", str(glad), "--threads", "1", "--warmup", "1", "--repeats", "3",
+            "--num-frames", "2", "--frames", str(SAMPLE / "test"), "--fp16", "--cache", str(tmp_path / "cache"),
+            "--results", str(results), "--machine", "testbox", "--peak-size", "256"]
+    res = latency.main(argv)
+    assert torch.get_num_threads() == 1
+    out = capsys.readouterr().out
+    assert "[diad] torch" in out and "[glad] torch" in out and "latency_testbox.json" in out
+    saved = json.loads((results / "latency_testbox.json").read_text())
+    assert saved == json.loads(json.dumps(res))
+    assert saved["command"].startswith("python benchmarks/latency.py --diad ")
+    assert _positive(saved["measured_peak"]["gflops"]) and saved["measured_peak"]["threads"] == 1
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["slug"] == "testbox"
+    stages = {"diad": {"encode", "denoise", "decode", "features", "scoring"},
+              "glad": {"encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff",
+                       "decode", "features", "scoring"}}
+    for method in ("diad", "glad"):
+        r = saved["methods"][method]
+        for key in ("torch_ms", "ort_ms", "ort_vs_torch_speedup", "gflop_per_frame", "peak_fraction"):
+            assert _positive(r[key]), (method, key, r[key])
+        assert r["ort_vs_torch_speedup"] == pytest.approx(r["torch_ms"] / r["ort_ms"])
+        assert {"torch", "onnxruntime_fp32", "onnxruntime_fp16"} <= set(r["backends"]) == set(r["stage_ms"])
+        for b, v in r["backends"].items():
+            assert v["ms"]["p10"] <= v["ms"]["median"] <= v["ms"]["p90"] and v["ms"]["n"] == 3
+            assert _positive(v["gflops_achieved"]) and _positive(r["peak_fraction_by_backend"][b])
+            assert set(r["stage_ms"][b]) == stages[method], (method, b)
+            assert all(ms >= 0 for ms in r["stage_ms"][b].values()) and r["stage_ms"][b]["denoise"] > 0
+        assert r["peak_fraction"] == r["peak_fraction_by_backend"]["onnxruntime_fp32"]
+        assert any(k.startswith("aten.convolution") for k in r["gflop_by_op"])
+        par = r["parity"]["max_abs_score_diff_vs_torch"]
+        assert par["onnxruntime_fp32"] < 1e-4  # the same networks (the extractor shared with the bundle)
+        assert par["onnxruntime_fp16"] < 5e-2
+    assert saved["methods"]["glad"]["settings"]["adp_threshold"] is not None
+    md = (results / "latency_testbox.md").read_text()
+    assert "# Latency per frame: testbox" in md and "python benchmarks/latency.py --diad" in md
+    assert "| onnxruntime_fp32 |" in md and "onnxruntime fp32 vs torch eager" in md and "## GLAD" in md
+    assert "Measured peak:" in md and "| adp_unet |" in md
+    assert not [p for p in results.iterdir() if p.name.startswith(".")]
+
+
+def test_latency_script_needs_a_run():
+    latency = _latency_module()
+    with pytest.raises(SystemExit):
+        latency.parse_args([])
+    assert latency.parse_args(["--diad", "x"]).threads >= 1
+    assert latency.slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-r-xeon-r-cpu-2-20ghz"
