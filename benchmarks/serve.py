@@ -12,7 +12,7 @@ Per backend (`--backends onnxruntime,tensorrt`; default onnxruntime):
   camera simulator of `edgeinspect client` (raw frames, closed loop: a camera sends its next frame when
   its previous one is answered):
   - 1 camera, `--frames` frames: fps_1cam, latency percentiles (client-observed, send -> reply);
-  - 4 cameras, `--frames` frames each: fps_4cam (frames answered per second, all cameras), latency;
+  - 4 cameras, `--frames` / 4 frames each: fps_4cam (frames answered per second, all cameras), latency;
   - daemon_overhead_ms_p50 = serve p50 (1 camera) - direct p50: transport, JSON, decode, queueing;
   - long run: 4 cameras for `--long-run-s` seconds; rss_mb_start / rss_mb_end are the daemon's resident
     memory (/proc/<pid>/statm) just before and just after it (rss_mb_max: the highest sample, every 1 s).
@@ -168,8 +168,9 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames, images:
         stream(daemon.endpoint, source_frames, 1, count=args.warmup)
         log(f"[{backend}] 1 camera: {args.frames} frames")
         one = stream(daemon.endpoint, source_frames, 1, count=args.frames)
-        log(f"[{backend}] 4 cameras: {args.frames} frames each")
-        four = stream(daemon.endpoint, source_frames, 4, count=args.frames)
+        per_camera = max(1, args.frames // 4)
+        log(f"[{backend}] 4 cameras: {per_camera} frames each")
+        four = stream(daemon.endpoint, source_frames, 4, count=per_camera)
         rss_start = rss_mb(daemon.pid)
         log(f"[{backend}] long run: 4 cameras for {args.long_run_s:g} s (RSS at start {rss_start:.1f} MiB)")
         sampler = RssSampler(daemon.pid)
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=REPO / "data" / "mtd_sample" / "test",
                     help="source frames (folder, image or video; default the embedded sample's test split)")
     ap.add_argument("--max-frames", type=int, default=64, help="source frames loaded (default 64)")
-    ap.add_argument("--frames", type=int, default=200, help="timed frames per run and camera (default 200)")
+    ap.add_argument("--frames", type=int, default=200,
+                    help="timed frames per run: direct, 1 camera, 4 cameras (split among them) (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
     ap.add_argument("--long-run-s", type=float, default=600.0, help="long run length, seconds (default 600)")
     ap.add_argument("--threads", type=int, help="onnxruntime/torch threads for the daemon and the direct loop")

@@ -1,4 +1,4 @@
-"""`edgeinspect <verb>`: train, test, predict, glad-threshold, export, calibrate."""
+"""`edgeinspect <verb>`: train, test, predict, glad-threshold, export, calibrate, serve, client."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from edgeinspect.config import ConfigError, load_config, parse_overrides
 from edgeinspect.calibration.cli import add_calibrate_parser
 from edgeinspect.export.cli import add_export_parser
+from edgeinspect.serve_cli import add_serve_parsers
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_glad_threshold)
     add_export_parser(sub)
     add_calibrate_parser(sub)
+    add_serve_parsers(sub)
     return ap
 
 

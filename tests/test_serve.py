@@ -28,7 +28,7 @@ import zmq
 
 from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
 from edgeinspect.runtime.daemon.client import DaemonTimeout, InspectionClient, inspect_parts, reply_from_parts
-from edgeinspect.runtime.daemon.protocol import ErrorCode, raw_encoding
+from edgeinspect.runtime.daemon.protocol import ErrorCode
 from edgeinspect.runtime.daemon.server import DaemonConfig, DaemonError, InspectionDaemon
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
@@ -335,10 +335,13 @@ def test_health_stats_and_bad_input_are_answered_while_the_model_is_busy():
 
 
 def test_a_full_camera_queue_drops_its_oldest_frame_with_an_explicit_reply():
-    with _injected(0.6, queue_per_camera=1, max_batch=1) as d, InspectionClient(d.endpoint, timeout_ms=10000) as c:
-        for i in range(5):  # frame 0 goes to the model; 1..3 are each pushed out by the next; 4 waits
+    with _injected(1.0, queue_per_camera=1, max_batch=1) as d, InspectionClient(d.endpoint, timeout_ms=10000) as c:
+        c.send(_good_parts(0))
+        with InspectionClient(d.endpoint, timeout_ms=10000) as probe:
+            while not probe.health()["model_busy"]:  # frame 0 is on the model
+                time.sleep(0.01)
+        for i in range(1, 5):  # 1..3 are each pushed out by the next; 4 waits and is answered
             c.send(_good_parts(i))
-            time.sleep(0.05)
         replies = {}
         while len(replies) < 5:
             r = c.recv(10000)
@@ -422,3 +425,48 @@ def test_curve_rejects_clients_without_an_authorised_key_and_accepts_one_with_it
             assert c.health()["curve"] is True
             r = c.inspect(raw_gray(sample_paths()[0]), "cam0", 0)
             assert r.type == "result"
+
+
+class FakeGLAD:
+    """Stands in for a GLAD pipeline: its results carry fire_step."""
+
+    def __call__(self, images):
+        from types import SimpleNamespace
+
+        b = images.shape[0]
+        return SimpleNamespace(scores=images.mean(dim=(1, 2, 3)), maps=images[:, 0].abs(),
+                               fire_step=torch.arange(b) * 100 + 200, timings_ms={"encode": 1.0, "adp_unet": 2.0})
+
+
+def test_glad_results_carry_the_firing_step():
+    config = DaemonConfig(bundle=serve_bundle(), bind="tcp://127.0.0.1:*", pub=None, warmup=False, max_batch=1)
+    with running(config, pipeline=FakeGLAD(), image_size=IMAGE_SIZE,
+                 info={"method": "glad", "preset": "tiny", "max_batch": 1}) as d, \
+            InspectionClient(d.endpoint, timeout_ms=10000) as c:
+        r = c.inspect(np.full((8, 8), 255, np.uint8), "cam0", 0)
+        assert r["fire_step"] == 200 and r["score"] == pytest.approx(1.0)
+        assert r["timings_ms"]["model"] == {"encode": 1.0, "adp_unet": 2.0}
+        assert c.health()["method"] == "glad"
+
+
+def test_serve_verb_errors_and_keys(tmp_path, capsys):
+    from edgeinspect.serve_cli import main as serve_main
+
+    assert serve_main(["serve"]) == 2
+    assert "--bundle" in capsys.readouterr().err
+    assert serve_main(["serve", "--bundle", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert serve_main(["serve", "--bundle", str(serve_bundle()), "--bind", "tcp://0.0.0.0:5555"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert serve_main(["serve", "--bundle", str(serve_bundle()), "--queue-per-camera", "0"]) == 2
+    assert "queue_per_camera" in capsys.readouterr().err
+    assert serve_main(["serve", "keys", "--out", str(tmp_path / "keys"), "--clients", "cam-pc1", "cam-pc2"]) == 0
+    out = capsys.readouterr().out
+    keys = tmp_path / "keys"
+    for name in ("server.key", "server.key_secret", "cam-pc1.key_secret", "authorized/cam-pc1.key",
+                 "authorized/cam-pc2.key"):
+        assert (keys / name).is_file(), name
+    assert not (keys / "authorized" / "server.key").exists()
+    assert (keys / "server.key_secret").stat().st_mode & 0o077 == 0
+    assert "--curve-authorized-dir" in out
+    assert serve_main(["serve", "keys", "--out", str(keys)]) == 2  # never overwrites a key

@@ -223,6 +223,8 @@ def test_a_sender_faster_than_the_model_keeps_queue_and_memory_bounded(dealer):
             if round_ == 0:
                 rss_after_first = rss_mb(d.pid)
         rss_after = rss_mb(d.pid)
+        print(f"daemon RSS MiB: before {rss_before:.1f}, peak {rss_peak:.1f}, after round 1 {rss_after_first:.1f}, "
+              f"after round 2 {rss_after:.1f}")
         stats = probe.stats()
         probe.close()
         assert max_depth <= 2 * 2  # queue_per_camera x cameras
@@ -250,9 +252,12 @@ def test_sigterm_answers_in_flight_and_queued_frames_then_exits_0(dealer):
         sock.send_multipart(list(inspect_parts(raw_gray(p), "cam0", i)))
     with InspectionClient(d.endpoint, timeout_ms=20000) as c:
         deadline = time.monotonic() + 30
-        while not c.health()["model_busy"] and time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # every frame received, one on the model, the rest queued
+            stats = c.stats()
+            if stats["cameras"].get("cam0", {}).get("received") == len(paths) and c.health()["model_busy"]:
+                break
             time.sleep(0.01)
-        assert c.stats()["queue_depth"] > 0  # frames wait behind the one on the model
+        assert stats["queue_depth"] > 0, stats  # frames wait behind the one on the model
     d.process.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     sock.send_multipart(list(inspect_parts(raw_gray(paths[0]), "cam0", 99)))  # after the signal
@@ -260,7 +265,7 @@ def test_sigterm_answers_in_flight_and_queued_frames_then_exits_0(dealer):
     code = d.process.wait(60)
     assert code == 0, d.log()
     for i in range(len(paths)):
-        assert replies[i].type == "result" and np.isfinite(replies[i]["score"]), replies[i].data
+        assert replies[i].type == "result" and np.isfinite(replies[i]["score"]), (replies[i].data, d.log())
     assert replies[99].code == "shutting_down"
     assert "drained" in d.log()
 

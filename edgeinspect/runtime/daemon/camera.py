@@ -146,16 +146,14 @@ class CameraStreamer:
         self.live = live
         self._stop = False
         self.context = zmq.Context()
-        self._headers: dict[tuple[str, int], bytes] = {}
 
     def stop(self) -> None:
         """Stop sending (thread-safe); run() then waits for the frames in flight and returns."""
         self._stop = True
 
-    def _header(self, cam: _Camera, frame_id: int, src: int) -> bytes:
-        f = self.frames[src]
-        return inspect_header(cam.name, frame_id, f.encoding, timestamp=time.time(), return_map=self.opt.return_map,
-                              map_encoding=self.opt.map_encoding)
+    def _header(self, cam: _Camera, frame_id: int, frame: SourceFrame) -> bytes:
+        return inspect_header(cam.name, frame_id, frame.encoding, timestamp=time.time(),
+                              return_map=self.opt.return_map, map_encoding=self.opt.map_encoding)
 
     def run(self) -> dict[str, Any]:
         opt = self.opt
@@ -213,7 +211,7 @@ class CameraStreamer:
                         src = (c.index * max(1, n // max(1, opt.cameras)) + c.sent) % n
                         frame_id = c.sent
                         try:
-                            c.client.socket.send_multipart([self._header(c, frame_id, src), self.frames[src].data],
+                            c.client.socket.send_multipart([self._header(c, frame_id, self.frames[src]), self.frames[src].data],
                                                            zmq.NOBLOCK)
                             c.outstanding[frame_id] = (time.perf_counter(), src)
                         except zmq.Again:
