@@ -16,13 +16,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Main job: train a small DiAD on data/mtd_sample (resumes if interrupted, skips if already trained),
-# score its test split, print the metrics and write heat-map overlays to runs/demo/overlays/.
+# Main job, the line in miniature: train a small DiAD on data/mtd_sample (resumes if interrupted,
+# skips if already trained), score its test split (metrics + heat maps), then export it to a bundle,
+# calibrate, serve it over ZeroMQ and stream the sample frames through it from two cameras.
 demo: setup
 	$(PY) -m edgeinspect.cli train diad --config configs/demo.yaml --run runs/demo --resume
 	$(PY) -m edgeinspect.cli test --model runs/demo --data data/mtd_sample --out runs/demo/metrics.json \
 		--overlays runs/demo/overlays
-	@echo "heat-map overlays: runs/demo/overlays/  metrics: runs/demo/metrics.json"
+	$(PY) scripts/line_demo.py --run runs/demo --data data/mtd_sample
+	@echo "offline heat maps: runs/demo/overlays/  line heat maps: runs/demo/line_overlays/"
 
 test: setup
 	$(PY) -m pytest -q
