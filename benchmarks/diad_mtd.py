@@ -24,19 +24,12 @@ from edgeinspect.evaluate import evaluate_diad
 from edgeinspect.runtime.diad import STAGES
 from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
 from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.sysinfo import cpu_name
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type: int = 2) -> None:

@@ -37,11 +37,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import re
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -52,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeinspect.sysinfo import cpu_name, gpu_name, logical_cpus, slug, write_text_atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,25 +58,10 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- machine
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def logical_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "machine"
 
 
 def measure_peak_gflops(threads: int, size: int = 2048, repeats: int = 5) -> dict[str, Any]:
@@ -335,11 +319,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -382,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if run is not None:
             methods[method] = bench_method(method, run, args, peak)
     gpu_used = any("cuda" in b or "tensorrt" in b for r in methods.values() for b in r["backends"])
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    gpu = gpu_name()
     machine_slug = args.machine or (slug(gpu) if gpu_used and gpu else f"cpu{logical_cpus()}")
     res = {
         "command": command,
@@ -397,8 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "methods": methods,
     }
     out_json = args.results / f"latency_{machine_slug}.json"
-    _write_atomic(out_json, json.dumps(res, indent=2) + "\n")
-    _write_atomic(out_json.with_suffix(".md"), markdown(res))
+    write_text_atomic(out_json, json.dumps(res, indent=2) + "\n")
+    write_text_atomic(out_json.with_suffix(".md"), markdown(res))
     for method, r in methods.items():
         print(f"[{method}] torch {r['torch_ms']:.1f} ms, onnxruntime fp32 {r['ort_ms']:.1f} ms per frame: "
               f"{r['ort_vs_torch_speedup']:.2f}x; {r['gflop_per_frame']:.3f} GFLOP/frame, "

@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import re
 import shlex
 import sys
 import threading
@@ -46,47 +44,22 @@ from typing import Any
 
 import numpy as np
 
+from edgeinspect.sysinfo import cpu_name, gpu_name, logical_cpus, slug, write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 KEYS = ("daemon_overhead_ms_p50", "fps_1cam", "fps_4cam", "latency_ms_p50", "latency_ms_p99", "rss_mb_start",
         "rss_mb_end")
 
 
-def logical_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "machine"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def gpu_name() -> str | None:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:
-        return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -299,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "json_file": out_json.name,
     }
-    _write_atomic(out_json, json.dumps(res, indent=2) + "\n")
-    _write_atomic(out_md, markdown(res))
+    write_text_atomic(out_json, json.dumps(res, indent=2) + "\n")
+    write_text_atomic(out_md, markdown(res))
     print(f"wrote {out_md} and {out_json}")
     print(json.dumps({k: res[k] for k in KEYS}, indent=2))
     return 0

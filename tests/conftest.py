@@ -9,7 +9,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "mtd_sample"
 
-torch.set_num_threads(2)
+# Test networks are tiny: one thread each is as fast and keeps parallel work (subprocess daemons,
+# trainers) from oversubscribing the cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

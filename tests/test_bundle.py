@@ -34,13 +34,6 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 SCORE_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny graphs gain nothing from threads; one keeps these tests cheap beside other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

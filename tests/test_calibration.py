@@ -41,12 +41,6 @@ except ImportError:
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -33,12 +33,6 @@ except ImportError:
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def host_buffer(a: np.ndarray):

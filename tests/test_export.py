@@ -42,13 +42,6 @@ from edgeinspect.training.checkpoint import TrainState, save_checkpoint
 FP32_BOUND = (1e-4, 1e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny graphs gain nothing from threads; one keeps these tests cheap beside other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 FP16_BOUND = (1e-2, 5e-2)
 
 

@@ -33,12 +33,6 @@ FP32_BOUND = (1e-4, 1e-3)
 GLAD_ROLES = ("vae_encoder", "unet_plain", "vae_decoder", "features")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sample_frames(size: int = 64) -> torch.Tensor:

@@ -19,8 +19,6 @@ from edgeinspect.models.features import (
     shipped_efficientnet_lite0_weights_path,
 )
 
-torch.set_num_threads(2)
-
 TINY_VIT = dict(depth=4, embed_dim=64, num_heads=2)
 
 

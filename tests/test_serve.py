@@ -90,14 +90,6 @@ def running(config: DaemonConfig | None = None, **kw):
         assert codes == [0], "the daemon did not stop cleanly"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def daemon():
     with running(cfg={"pub": "tcp://127.0.0.1:*", "max_frame_bytes": 1 << 20, "queue_per_camera": 8}) as d:

@@ -32,13 +32,6 @@ NO_ENGINES = bool(engine_support_problems())
 needs_no_engine_support = pytest.mark.skipif(not NO_ENGINES, reason="tensorrt and a GPU are present here")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny graphs gain nothing from threads; one keeps these tests cheap beside other work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
