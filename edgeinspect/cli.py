@@ -36,19 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method_of(model: Path) -> str:
-    """The method a run/checkpoint folder was trained with (its config.json)."""
-    from edgeinspect.training.checkpoint import resolve_checkpoint
-
-    cfg_file = resolve_checkpoint(model).parent.parent / "config.json"
-    try:
-        return json.loads(cfg_file.read_text()).get("method", "diad")
-    except FileNotFoundError:
-        return "diad"
-
-
 def cmd_test(args: argparse.Namespace) -> int:
-    if _method_of(args.model) == "glad":
+    from edgeinspect.evaluate import method_of
+
+    if method_of(args.model) == "glad":
         from edgeinspect.evaluate_glad import evaluate_glad as evaluate
     else:
         from edgeinspect.evaluate import evaluate_diad as evaluate
@@ -62,7 +53,9 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if _method_of(args.model) == "glad":
+    from edgeinspect.evaluate import method_of
+
+    if method_of(args.model) == "glad":
         from edgeinspect.evaluate_glad import predict_glad as predict
     else:
         from edgeinspect.evaluate import predict_diad as predict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import statistics
@@ -49,6 +50,27 @@ def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: 
         "stage_ms": {s: statistics.median(v) for s, v in per_stage.items()},
         "repeats": repeats,
     }
+
+
+def method_of(model: Path) -> str:
+    """The method a run/checkpoint folder was trained with (its config.json)."""
+    cfg_file = resolve_checkpoint(model).parent.parent / "config.json"
+    try:
+        return json.loads(cfg_file.read_text()).get("method", "diad")
+    except FileNotFoundError:
+        return "diad"
+
+
+def detector_from_run(model: Path, overrides: dict | None = None):
+    """(method, config, torch pipeline) of a trained DiAD or GLAD run."""
+    method = method_of(model)
+    if method == "glad":
+        from edgeinspect.evaluate_glad import pipeline_from_run
+
+        cfg, pipe, _ = pipeline_from_run(model, overrides)
+        return method, cfg, pipe
+    cfg, m = load_diad(model, overrides)
+    return method, cfg, diad_pipeline(cfg, m)
 
 
 def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,

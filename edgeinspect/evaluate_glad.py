@@ -39,7 +39,7 @@ from edgeinspect.training.glad import (
 from edgeinspect.visualize import heatmap_overlay, write_png
 
 
-def _pipeline(model_path: Path, overrides: dict | None, category: str | None = None
+def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | None = None
               ) -> tuple[GLADConfig, GLADPipeline, dict]:
     cfg, model, extra = load_glad(model_path, overrides)
     if cfg.train.threads:
@@ -77,7 +77,7 @@ def _adp_summary(pipe: GLADPipeline, fire_step: np.ndarray, by_threshold: np.nda
 def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,
                   exclude_file: Path | None = None, progress: bool = True, overlays_dir: Path | None = None,
                   max_overlays: int = 24, latency_repeats: int = 10) -> dict:
-    cfg, pipe, extra = _pipeline(model_path, overrides)
+    cfg, pipe, extra = pipeline_from_run(model_path, overrides)
     size = cfg.model.image_size
     data = MVTecFolder(data_root, "test", size, exclude=_read_exclude(exclude_file))
     n = len(data)
@@ -158,7 +158,7 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
 def predict_glad(model_path: Path, inputs: list[Path], out_dir: Path, overrides: dict | None = None,
                  threshold: float | None = None) -> list[dict]:
     """Score image files; `threshold` is the image-score verdict threshold (not the ADP one)."""
-    cfg, pipe, _ = _pipeline(model_path, overrides)
+    cfg, pipe, _ = pipeline_from_run(model_path, overrides)
     size = cfg.model.image_size
     files = _collect_images(inputs)
     out_dir = Path(out_dir)
@@ -191,7 +191,7 @@ def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: d
     """Propose the ADP firing threshold from normal images (default: the training normals of the
     run's data folder): `percentile` of each frame's largest ADP check score above min_step, times
     `margin`. Returns the proposal with the `--set` override that applies it."""
-    cfg, pipe, _ = _pipeline(model_path, overrides)
+    cfg, pipe, _ = pipeline_from_run(model_path, overrides)
     root = Path(data_root) if data_root is not None else cfg.train.data_root
     if root is None:
         raise ValueError("no data folder: pass --data")

@@ -1,10 +1,13 @@
-"""DiAD on a real MVTec-layout dataset: metrics, latency by stage, memory, figure -> results/.
+"""A detector (DiAD or GLAD) on a real MVTec-layout dataset: metrics, latency by stage, memory,
+figure -> results/.
 
-    python benchmarks/diad_mtd.py --model runs/diad_mtd_edge --data ../shared/data/mtd
+    python benchmarks/detection_mtd.py --model runs/diad_mtd_edge --data ../shared/data/mtd
+    python benchmarks/detection_mtd.py --model runs/glad_mtd_edge --data ../shared/data/mtd
 
-writes benchmarks/results/diad_mtd.{md,json,png}. The JSON holds the numbers under the keys
+writes benchmarks/results/<method>_mtd.{md,json,png}. The JSON holds the numbers under the keys
 image_auroc, image_ap, image_f1max, pixel_auroc, pixel_ap, pixel_f1max, pro, ms_per_frame,
-peak_rss_mb, train_minutes (plus per-stage latency and settings).
+peak_rss_mb, train_minutes (plus per-stage latency and settings); GLAD's adds the ADP firing
+statistics and a side-by-side with DiAD's file when that exists.
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ import numpy as np
 import torch
 
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
-from edgeinspect.evaluate import evaluate_diad
-from edgeinspect.runtime.diad import STAGES
-from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
+from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of
 from edgeinspect.training.checkpoint import write_json_atomic
 from edgeinspect.sysinfo import cpu_name
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
@@ -33,8 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type: int = 2) -> None:
-    cfg, model = load_diad(model_path)
-    pipe = diad_pipeline(cfg, model)
+    _, cfg, pipe = detector_from_run(model_path)
     data = MVTecFolder(data_root, "test", cfg.model.image_size)
     scores = {r["image"] + r["type"]: r["score"] for r in res["per_image"]}
     by_type: dict[str, list[int]] = {}
@@ -62,19 +62,64 @@ def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type
     write_png(out_png, grid(rows))
 
 
+def stage_note(method: str, s: dict) -> str:
+    if method == "diad":
+        return (f'"encode" is the VAE encoder plus the SG hint stack (both once per frame); "denoise" is '
+                f'{s["steps"]} x (UNet + SG fused); "features" runs the extractor on input and reconstruction together.')
+    return ('"denoise" is the DDIM trajectory; the adp_* stages are the per-step checks until the frame fires '
+            '(UNet on the re-noised input, decoding both clean estimates, features, min-over-positions map); '
+            '"saff" the fusion and its re-noised UNet call; "features"/"scoring" the final map.')
+
+
+def adp_section(res: dict, lat: dict) -> str:
+    a = res["adp"]
+    rows = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in a.items())
+    return f"""
+## Adaptive denoising (ADP)
+
+ADP checks cost {lat.get('adp_checks_ms', 0.0):.1f} ms of the batch-1 frame. Firing statistics on the test split:
+
+| | |
+|---|---|
+{rows}
+"""
+
+
+def side_by_side(vs: dict) -> str:
+    rows = "\n".join(f"| {k} | {v['glad']} | {v['diad']} |" for k, v in vs.items())
+    return f"""
+## GLAD beside DiAD (same split, same machine, benchmarks/results/diad_mtd.json)
+
+| | GLAD | DiAD |
+|---|---|---|
+{rows}
+"""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--name", default="diad_mtd")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder for the report files")
+    ap.add_argument("--name", help="result file stem (default: <method>_mtd)")
     ap.add_argument("--exclude", type=Path)
-    ap.add_argument("--train-command", default="edgeinspect train diad --config configs/diad_mtd_edge.yaml "
-                    "--run runs/diad_mtd_edge   # rerun with --resume after any interruption")
+    ap.add_argument("--train-command", help="the command that trained the model (for the report)")
     args = ap.parse_args()
+    method = method_of(args.model)
+    args.name = args.name or f"{method}_mtd"
+    args.train_command = args.train_command or (
+        f"edgeinspect train {method} --config configs/{method}_mtd_edge.yaml --run {args.model}"
+        "   # rerun with --resume after any interruption")
+    if method == "glad":
+        from edgeinspect.evaluate_glad import evaluate_glad as evaluate
+        from edgeinspect.runtime.glad import STAGES
+    else:
+        evaluate = evaluate_diad
+        from edgeinspect.runtime.diad import STAGES
 
     raw_json = args.model / f"{args.name}_eval.json"
-    res = evaluate_diad(args.model, args.data, out_json=raw_json, exclude_file=args.exclude, progress=True,
-                        latency_repeats=20)
+    res = evaluate(args.model, args.data, out_json=raw_json, exclude_file=args.exclude, progress=True,
+                   latency_repeats=20)
     res["_maps_file"] = str(raw_json.with_suffix(".maps.npz"))
     m = res["metrics"]
     lat = res["latency_batch1"]
@@ -85,17 +130,29 @@ def main() -> int:
                "stage_ms": {k: round(v, 1) for k, v in lat["stage_ms"].items()},
                "batched_ms_per_frame": round(res["batched"]["ms_per_frame"], 1),
                "batch_size": res["batched"]["batch_size"],
-               "n_images": res["n_images"], "n_defective": res["n_defective"],
+               "n_images": res["n_images"], "n_defective": res["n_defective"], "method": method,
                "settings": res["settings"], "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / f"{args.name}.json", summary)
-    png = RESULTS / f"{args.name}.png"
+    extra_md = ""
+    if method == "glad":
+        summary["adp"] = res["adp"]
+        summary["adp_checks_ms"] = round(lat.get("adp_checks_ms", 0.0), 1)
+        extra_md = adp_section(res, lat)
+        diad_file = args.results / "diad_mtd.json"
+        if diad_file.is_file():
+            diad = json.loads(diad_file.read_text())
+            summary["vs_diad"] = {k: {"glad": summary[k], "diad": diad[k]} for k in
+                                  ("image_auroc", "pixel_auroc", "pixel_ap", "pro", "ms_per_frame")}
+            extra_md += side_by_side(summary["vs_diad"])
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.results / f"{args.name}.json", summary)
+    png = args.results / f"{args.name}.png"
     figure(args.model, args.data, res, png)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     s = res["settings"]
     stage_rows = "\n".join(f"| {st} | {lat['stage_ms'][st]:.1f} |" for st in STAGES)
-    md = f"""# DiAD on MTD ({s['image_size']} px model, edge preset)
+    title = "DiAD" if method == "diad" else "GLAD"
+    md = f"""# {title} on MTD ({s['image_size']} px model, edge preset)
 
 Real run on the Magnetic Tile Defect test split ({res['n_images']} images, {res['n_defective']} defective:
 {', '.join(t for t in res['defect_types'] if t != 'good')}), model trained on its 761 training normals.
@@ -130,14 +187,14 @@ nearest-neighbour); features are taken at {s['feature_size']} px.
 - Training: {res['train_minutes']:.1f} min of optimisation steps on this CPU (autoencoder, UNet, SG stages;
   data loading and checkpoint writes not counted).
 - Per frame, batch 1, torch eager, median of {lat['repeats']}: **{lat['ms_per_frame']:.1f} ms**
-  (p90 {lat['ms_per_frame_p90']:.1f} ms); DDIM from t={s['t_start']}, {s['steps']} steps, seed {s['seed']}.
+  (p90 {lat['ms_per_frame_p90']:.1f} ms); DDIM from t={s.get('t_start', s.get('t0'))}, {s['steps']} steps,
+  seed {s['seed']}.
 
 | stage (batch 1) | ms |
 |---|---|
 {stage_rows}
 
-"encode" is the VAE encoder plus the SG hint stack (both once per frame); "denoise" is {s['steps']} x (UNet + SG
-fused); "features" runs the extractor on input and reconstruction together.
+{stage_note(method, s)}
 
 - Batched evaluation (batch {res['batched']['batch_size']}): {res['batched']['ms_per_frame']:.1f} ms per frame.
 - Peak resident memory of the evaluation process: {res['peak_rss_mb']:.0f} MB (model, extractor, the whole
@@ -149,8 +206,8 @@ fused); "features" runs the extractor on input and reconstruction together.
 
 Rows: for each type, the highest-scoring and the median-scoring image; columns: input (type and score),
 reconstruction, anomaly map on one colour scale for all rows (white outline: ground truth), ground truth.
-"""
-    (RESULTS / f"{args.name}.md").write_text(md)
+{extra_md}"""
+    (args.results / f"{args.name}.md").write_text(md)
     print(json.dumps(summary, indent=2))
     return 0
 
