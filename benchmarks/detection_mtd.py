@@ -24,7 +24,7 @@ import torch
 
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
 from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of
-from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
 from edgeinspect.sysinfo import cpu_name
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 
@@ -152,16 +152,20 @@ def main() -> int:
     s = res["settings"]
     stage_rows = "\n".join(f"| {st} | {lat['stage_ms'][st]:.1f} |" for st in STAGES)
     title = "DiAD" if method == "diad" else "GLAD"
+    run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
+    train_root = run_cfg["train"]["data_root"]
+    n_train = sum(1 for p in (Path(train_root) / "train" / "good").iterdir() if p.is_file())
     md = f"""# {title} on MTD ({s['image_size']} px model, edge preset)
 
 Real run on the Magnetic Tile Defect test split ({res['n_images']} images, {res['n_defective']} defective:
-{', '.join(t for t in res['defect_types'] if t != 'good')}), model trained on its 761 training normals.
+{', '.join(t for t in res['defect_types'] if t != 'good')}), model trained on {n_train} training normals
+({train_root}).
 Code at commit `{commit}`.
 
 ## Commands
 
     {args.train_command}
-    python benchmarks/diad_mtd.py --model {args.model} --data {args.data}
+    python benchmarks/detection_mtd.py --model {args.model} --data {args.data}
 
 ## Machine
 
@@ -180,7 +184,7 @@ Code at commit `{commit}`.
 | PRO (FPR <= 0.3) | {m['pro']:.4f} |
 
 Pixel metrics are computed at the model's {s['image_size']}x{s['image_size']} resolution (masks resized
-nearest-neighbour); features are taken at {s['feature_size']} px.
+nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']} px.
 
 ## Cost
 
