@@ -155,9 +155,9 @@ def main() -> int:
     run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
     train_root = run_cfg["train"]["data_root"]
     n_train = sum(1 for p in (Path(train_root) / "train" / "good").iterdir() if p.is_file())
-    md = f"""# {title} on MTD ({s['image_size']} px model, edge preset)
+    md = f"""# {title} on {args.data.name} ({s['image_size']} px model, {run_cfg['model']['preset']} preset)
 
-Real run on the Magnetic Tile Defect test split ({res['n_images']} images, {res['n_defective']} defective:
+Real run on the test split of `{args.data}` ({res['n_images']} images, {res['n_defective']} defective:
 {', '.join(t for t in res['defect_types'] if t != 'good')}), model trained on {n_train} training normals
 ({train_root}).
 Code at commit `{commit}`.
