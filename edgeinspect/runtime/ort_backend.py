@@ -110,6 +110,10 @@ def session_options(intra_op_threads: int | None = None, optimized_model_path: s
     if threads:
         so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
+    # A pipeline holds one session per role, each with its own thread pool; pools that spin after a
+    # run steal the cores from the next session and from the torch ops in between (measured on a
+    # 2-core CPU: decode and feature stages slower than torch). Idle threads sleep instead.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
