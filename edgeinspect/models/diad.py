@@ -41,21 +41,16 @@ class HintNet(nn.Module):
         return self.guidance.encode_hint(image)
 
 
-class DiADModel(nn.Module):
-    """All trainable DiAD parts in one module, so one state dict is one checkpoint."""
+class LatentDiffusionModel(nn.Module):
+    """Autoencoder, UNet and prompt encoder under fixed names (`vae.`, `unet.`, `prompt_encoder.`), so
+    one method's checkpoint can seed another's (GLAD starts from DiAD's domain-trained UNet)."""
 
-    def __init__(self, cfg: DiADConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.vae = build_vae(cfg.model)
         self.unet = build_unet(cfg.model)
         self.prompt_encoder = build_prompt_encoder(cfg.model)
-        self.guidance = GuidanceNet(self.unet, cfg.guidance, cfg.model.vae.downsample_factor)
-
-    def reset_guidance_from_unet(self) -> None:
-        """Re-copy the SG encoder from the (now trained) UNet, as ControlNet initialises its copy."""
-        fresh = GuidanceNet(self.unet, self.cfg.guidance, self.cfg.model.vae.downsample_factor)
-        self.guidance.load_state_dict(fresh.state_dict())
 
     @property
     def scaling_factor(self) -> float:
@@ -66,6 +61,19 @@ class DiADModel(nn.Module):
 
     def context(self, prompt: str, batch: int = 1) -> torch.Tensor:
         return self.prompt_encoder([prompt] * batch)
+
+
+class DiADModel(LatentDiffusionModel):
+    """All trainable DiAD parts in one module, so one state dict is one checkpoint."""
+
+    def __init__(self, cfg: DiADConfig):
+        super().__init__(cfg)
+        self.guidance = GuidanceNet(self.unet, cfg.guidance, cfg.model.vae.downsample_factor)
+
+    def reset_guidance_from_unet(self) -> None:
+        """Re-copy the SG encoder from the (now trained) UNet, as ControlNet initialises its copy."""
+        fresh = GuidanceNet(self.unet, self.cfg.guidance, self.cfg.model.vae.downsample_factor)
+        self.guidance.load_state_dict(fresh.state_dict())
 
     def role_modules(self) -> dict[str, nn.Module]:
         return {

@@ -16,19 +16,18 @@ prompt encoder are frozen.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from edgeinspect.config import DiADConfig, dump_config
+from edgeinspect.config import DiADConfig
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import build_feature_extractor
 from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, write_json_atomic
-from edgeinspect.training.loop import Stage, Trainer
+from edgeinspect.training.checkpoint import latest_checkpoint
+from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 
 def build_features(cfg: DiADConfig):
@@ -77,19 +76,7 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     """Train (or resume) a DiAD model in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
     t = cfg.train
-    if t.data_root is None:
-        raise ValueError("train.data_root is not set: point it at an MVTec-layout category folder")
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    existing = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if existing is not None and not resume:
-        raise CheckpointError(f"{run_dir} already has checkpoints; pass --resume to continue it or pick a new run dir")
-    if resume and (run_dir / "config.json").is_file():
-        saved = json.loads((run_dir / "config.json").read_text())
-        if saved.get("model") != dump_config(cfg).get("model"):
-            raise CheckpointError(f"{run_dir}/config.json has a different model config than the one given")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "config.json", dump_config(cfg))
+    prepare_run(cfg, run_dir, resume)
 
     torch.manual_seed(t.seed)
     data = MVTecFolder(t.data_root, "train", cfg.model.image_size)

@@ -33,10 +33,8 @@ from torch import nn
 from edgeinspect.config import GLADConfig, _merge, build_config, dump_config
 from edgeinspect.data.anomalies import AnomalySynthesizer
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
-from edgeinspect.models.backbones import build_unet, build_vae
-from edgeinspect.models.diad import VAEDecoderNet, VAEEncoderNet
+from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
 from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
-from edgeinspect.models.prompt import build_prompt_encoder
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.glad import GLAD_SIGNATURES, GLADPipeline
 from edgeinspect.runtime.networks import Networks, torch_networks
@@ -50,7 +48,7 @@ from edgeinspect.training.checkpoint import (
     write_json_atomic,
 )
 from edgeinspect.training.diad import _Batches, train_diad
-from edgeinspect.training.loop import Stage, Trainer
+from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
 
@@ -70,26 +68,12 @@ class PlainUNet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
 
-class GLADModel(nn.Module):
-    """Autoencoder, UNet and prompt encoder under the same names as in DiADModel, so a DiAD
-    checkpoint's `vae.`, `unet.` and `prompt_encoder.` weights load as they are."""
+class GLADModel(LatentDiffusionModel):
+    """The latent diffusion parts alone, under DiADModel's names, so a DiAD checkpoint's `vae.`,
+    `unet.` and `prompt_encoder.` weights load as they are."""
 
     def __init__(self, cfg: GLADConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.vae = build_vae(cfg.model)
-        self.unet = build_unet(cfg.model)
-        self.prompt_encoder = build_prompt_encoder(cfg.model)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    def set_scaling_factor(self, value: float) -> None:
-        self.vae.register_to_config(scaling_factor=float(value))
-
-    def context(self, prompt: str, batch: int = 1) -> torch.Tensor:
-        return self.prompt_encoder([prompt] * batch)
+        super().__init__(cfg)
 
     def role_modules(self) -> dict[str, nn.Module]:
         return {"vae_encoder": VAEEncoderNet(self.vae), "unet_plain": PlainUNet(self.unet),
@@ -275,18 +259,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     """Train (or resume) GLAD in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
     t = cfg.train
-    if t.data_root is None:
-        raise ValueError("train.data_root is not set: point it at an MVTec-layout category folder")
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    existing = latest_checkpoint(run_dir) if run_dir.exists() else None
-    if existing is not None and not resume:
-        raise CheckpointError(f"{run_dir} already has checkpoints; pass --resume to continue it or pick a new run dir")
-    if resume and (run_dir / "config.json").is_file():
-        saved = json.loads((run_dir / "config.json").read_text())
-        if saved.get("model") != dump_config(cfg).get("model"):
-            raise CheckpointError(f"{run_dir}/config.json has a different model config than the one given")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_run(cfg, run_dir, resume)
 
     base = _prepare_base(cfg, run_dir, resume, progress)
     base_cfg = _run_config(base)
@@ -303,7 +276,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     if t.category is None:
         cfg = cfg.model_copy(update={"train": t.model_copy(update={"category": cfg.category})})
         t = cfg.train
-    write_json_atomic(run_dir / "config.json", dump_config(cfg))
+    write_json_atomic(run_dir / "config.json", dump_config(cfg))  # with the prompt/category resolved
 
     torch.manual_seed(t.seed)
     data = MVTecFolder(t.data_root, "train", cfg.model.image_size)

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from edgeinspect.config import dump_config
 from edgeinspect.training.checkpoint import (
+    CheckpointError,
     TrainState,
     latest_checkpoint,
     load_model_weights,
@@ -28,7 +30,27 @@ from edgeinspect.training.checkpoint import (
     load_rng,
     load_state,
     save_checkpoint,
+    write_json_atomic,
 )
+
+
+def prepare_run(cfg, run_dir: Path, resume: bool) -> None:
+    """Checks shared by every method before training in `run_dir`: data set, threads, no silent
+    overwrite of an existing run, no resume with a different model; then writes config.json."""
+    t = cfg.train
+    if t.data_root is None:
+        raise ValueError("train.data_root is not set: point it at an MVTec-layout category folder")
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    existing = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if existing is not None and not resume:
+        raise CheckpointError(f"{run_dir} already has checkpoints; pass --resume to continue it or pick a new run dir")
+    if resume and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        if saved.get("model") != dump_config(cfg).get("model"):
+            raise CheckpointError(f"{run_dir}/config.json has a different model config than the one given")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "config.json", dump_config(cfg))
 
 
 @dataclass
