@@ -21,6 +21,7 @@ import torch
 import edgeinspect
 from edgeinspect.export.onnx import DEFAULT_OPSET, ExportError, check_parity, export_onnx, parity_report
 from edgeinspect.export.roles import ExportContext, RoleExport, build_role_exports
+from edgeinspect.training.checkpoint import fsync_path
 from edgeinspect.runtime.bundle_loading import (
     BUNDLE_FORMAT,
     MANIFEST,
@@ -51,16 +52,8 @@ def package_versions() -> dict[str, str]:
 
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*"), reverse=True):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(p)
+    fsync_path(root)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -40,7 +40,8 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list, so a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,7 +112,7 @@ def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, stat
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_path(ckpt_root)
     latest_tmp = ckpt_root / "latest.tmp"
     latest_tmp.write_text(name)
     os.replace(latest_tmp, ckpt_root / "latest")
