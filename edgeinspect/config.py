@@ -374,6 +374,226 @@ class GLADConfig(Strict):
         return self.inference.category or t.category or (Path(t.data_root).name if t.data_root else None)
 
 
+# --------------------------------------------------------------------------- AdaBLDM
+
+
+class ForegroundConfig(Strict):
+    """Where a defect may be placed: "whole" image (textures), "otsu", or "features" (k-means of
+    pretrained features with the border-is-background prior, for objects)."""
+
+    method: Literal["whole", "otsu", "features"] = "whole"
+    min_fraction: float = Field(0.05, ge=0, le=1)
+
+
+class PlacementConfig(Strict):
+    """Random affine of a real seed mask before it is fitted into the foreground."""
+
+    rotation: tuple[float, float] = (0.0, 360.0)
+    scale: tuple[float, float] = (0.85, 1.15)
+    tries: int = Field(50, ge=1)
+    # Masks too large for the foreground are shrunk, down to this factor, before giving up.
+    min_shrink: float = Field(0.25, gt=0, le=1)
+
+
+class TrimapControlConfig(GuidanceConfig):
+    """The trimap encoder: hint stack + ControlNet copy injecting into every decoder skip and the
+    middle block (no SFF: that is DiAD's)."""
+
+    injection: Literal["mid", "full"] = "full"
+    sff: bool = False
+
+
+class AdaBLDMTrainConfig(Strict):
+    data_root: Path | None = None
+    # The object name in the prompts "a {object} with a {defect}" (normals: "a {object}").
+    object_name: str = "object"
+    defect_prompt: str = "a {object} with a {defect}"
+    normal_prompt: str = "a {object}"
+    empty_prompt_ratio: float = Field(0.1, ge=0, le=1)
+    # Real seed defects: a few-shot split file (its `adabldm_seeds`) or explicit {type: [names]}.
+    split_file: Path | None = None
+    seeds: dict[str, list[str]] = {}
+    defect_types: list[str] | None = None  # null: every type with seeds
+    # Base model with vae./unet./prompt_encoder. weights (a DiAD run: its unet-final checkpoint).
+    # null: the autoencoder and UNet train from scratch here first (DiAD's stages 1-2).
+    init_from: Path | None = None
+    batch_size: int = Field(8, ge=1)
+    flips: bool = True
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    # (a) domain pretraining of UNet + prompt encoder on all normals and seeds with their prompts;
+    # seeds are a few dozen against hundreds of normals, so they get a fixed share of each batch.
+    domain_steps: int = Field(1000, ge=0)
+    domain_lr: float = 1e-4
+    seed_fraction: float = Field(0.25, ge=0, le=1)
+    # (b) per defect type: the trimap control branch alone on cut-paste composites (paper: 1e-5
+    # from SD weights; a small from-scratch model needs a larger one in CPU-hours).
+    control_steps: int = Field(1000, ge=0)
+    control_lr: float = 1e-5
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    threads: int | None = None
+
+
+class AdaBLDMSamplingConfig(Strict):
+    # Algorithm 1 on one DDIM schedule of free + latent + pixel steps (the authors' code: 26/20/5).
+    free_steps: int = Field(26, ge=0)
+    latent_steps: int = Field(20, ge=0)
+    pixel_steps: int = Field(5, ge=0)
+    # The latent blend uses the mask dilated by this many latent pixels after downsampling, so the
+    # latent region the model may change covers the whole defect.
+    mask_dilation: int = Field(1, ge=0)
+    guidance_scale: float = Field(1.0, ge=1.0)  # >1: classifier-free guidance with the empty prompt
+    # Algorithm 2: online decoder adaptation (PyTorch, fresh decoder copy per sample).
+    adapt_steps: int = Field(200, ge=0)
+    adapt_lr: float = 1e-4
+    lambda_con: float = 100.0
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    placement: PlacementConfig = PlacementConfig()
+
+    @property
+    def total_steps(self) -> int:
+        return self.free_steps + self.latent_steps + self.pixel_steps
+
+
+class AdaBLDMConfig(Strict):
+    method: Literal["adabldm"] = "adabldm"
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    control: TrimapControlConfig = TrimapControlConfig()
+    foreground: ForegroundConfig = ForegroundConfig()
+    train: AdaBLDMTrainConfig = AdaBLDMTrainConfig()
+    sampling: AdaBLDMSamplingConfig = AdaBLDMSamplingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @field_validator("sampling")
+    @classmethod
+    def _some_steps(cls, v: AdaBLDMSamplingConfig) -> AdaBLDMSamplingConfig:
+        if v.total_steps < 1 or v.total_steps > 1000:
+            raise ValueError(f"free+latent+pixel steps must be in 1..1000, got {v.total_steps}")
+        return v
+
+
+# --------------------------------------------------------------------------- DualAnoDiff
+
+
+class LoRABranchConfig(Strict):
+    """The two LoRA adapters ("whole", "part") on the frozen UNet's attention projections."""
+
+    rank: int = Field(32, ge=1)
+    alpha: float = Field(32.0, gt=0)  # LoRA scaling = alpha / rank
+    # Module name suffixes (peft `target_modules`): every attention layer's q/k/v/out projections.
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class SAIMConfig(Strict):
+    """Self-attention interaction between the branches, after the listed attention layers of every
+    transformer block ("self": attn1, "cross": attn2; empty: no interaction)."""
+
+    after: list[Literal["self", "cross"]] = ["self", "cross"]
+    heads: int = Field(4, ge=1)  # must divide the channel count of every attention level
+
+
+class BCMConfig(Strict):
+    """Background compensation: a background latent's self-attention inputs feed the whole-image
+    branch's keys/values through an MLP and a gate that starts at 0."""
+
+    enabled: bool = True
+    mlp_ratio: float = Field(1.0, gt=0)  # MLP hidden width = ratio x channels
+
+
+class PromptPairConfig(Strict):
+    """The nested prompts: whole image "a {object} with {defect}", anomaly part "{defect}". Rare
+    words ("vfx", "sks", as DreamBooth suggests) carry little prior, so they fit fast."""
+
+    object_word: str = "vfx"
+    defect_word: str = "sks"
+    whole: str = "a {object} with {defect}"
+    part: str = "{defect}"
+
+    @property
+    def whole_prompt(self) -> str:
+        return self.whole.format(object=self.object_word, defect=self.defect_word)
+
+    @property
+    def part_prompt(self) -> str:
+        return self.part.format(object=self.object_word, defect=self.defect_word)
+
+
+class DualAnoDiffTrainConfig(Strict):
+    data_root: Path | None = None
+    # Base model with vae./unet./prompt_encoder. weights: a DiAD run (its unet-final checkpoint) or
+    # a checkpoint folder. Required: the UNet is frozen here, so it must already know the domain.
+    init_from: Path | None = None
+    defect_type: str | None = None
+    # The few-shot anomaly images of test/<defect_type> (names, with or without suffix): an explicit
+    # list, or a split file whose `fewshot[<defect_type>]` lists them.
+    images: list[str] | None = None
+    split_file: Path | None = None
+    # Normals of train/good used as BCM backgrounds (spread evenly over the folder).
+    max_backgrounds: int = Field(64, ge=1)
+    # Both prompts dropped together for this fraction of pairs, so the unconditional prediction that
+    # classifier-free guidance needs is learnt (a small base never saw the empty prompt).
+    empty_prompt_prob: float = Field(0.1, ge=0, le=1)
+    steps: int = Field(3000, ge=0)
+    lr: float = 2e-5
+    batch_size: int = Field(4, ge=1)
+    flips: bool = True
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    threads: int | None = None
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> "DualAnoDiffTrainConfig":
+        if self.images is not None and self.split_file is not None:
+            raise ValueError("give train.images or train.split_file, not both")
+        return self
+
+
+class PartMaskConfig(Strict):
+    """The mask segmented from the generated anomaly part (the paper's U2-Net is not available
+    offline): |part - empty value| (max over channels, images in [-1, 1], empty value 0) above
+    `threshold`, morphological opening then closing (elliptic kernels, sizes in pixels; <= 1: off),
+    and components smaller than `min_area` pixels dropped. Sizes are at the model image size."""
+
+    threshold: float = Field(0.2, gt=0, lt=2)
+    open_kernel: int = Field(3, ge=0)
+    close_kernel: int = Field(5, ge=0)
+    min_area: int = Field(16, ge=0)
+
+
+class DualAnoDiffSamplingConfig(Strict):
+    steps: int = Field(50, ge=1, le=1000)  # DDIM steps from pure noise
+    guidance_scale: float = Field(2.5, ge=1.0)  # 1: no classifier-free guidance (half the compute)
+    seed: int = 0  # output i uses seed + i
+    batch_size: int = Field(8, ge=1)
+    # BCM backgrounds: "normal" = a whole normal image of train/good, drawn per output from its seed
+    # (right for textures such as MTD tiles, where the whole image is background).
+    background: Literal["normal"] = "normal"
+    mask: PartMaskConfig = PartMaskConfig()
+
+
+class DualAnoDiffConfig(Strict):
+    method: Literal["dualanodiff"] = "dualanodiff"
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    lora: LoRABranchConfig = LoRABranchConfig()
+    saim: SAIMConfig = SAIMConfig()
+    bcm: BCMConfig = BCMConfig()
+    prompts: PromptPairConfig = PromptPairConfig()
+    train: DualAnoDiffTrainConfig = DualAnoDiffTrainConfig()
+    sampling: DualAnoDiffSamplingConfig = DualAnoDiffSamplingConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
 # --------------------------------------------------------------------------- presets
 
 _TINY_MODEL: dict[str, Any] = {
@@ -457,10 +677,36 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sd15": {"model": _SD15_MODEL, "train": {"unet_steps": 0, "atp_lr": 1e-5},
                  "scoring": {"blur_sigma": 6.0}},
     },
+    "adabldm": {
+        "tiny": {
+            "model": _TINY_MODEL,
+            "control": {"hint_channels": [8, 8, 16]},
+            "train": {"batch_size": 2, "domain_steps": 2, "control_steps": 2, "checkpoint_every": 2,
+                      "log_every": 1, "control_lr": 1e-4},
+            "sampling": {"free_steps": 2, "latent_steps": 2, "pixel_steps": 1, "adapt_steps": 3,
+                         "batch_size": 2},
+        },
+        # The same model as DiAD's edge preset, so a DiAD edge run can be the base (train.init_from).
+        "edge": {"model": {"image_size": 128}},
+        "sd15": {"model": _SD15_MODEL},
+    },
+    "dualanodiff": {
+        "tiny": {
+            "model": _TINY_MODEL,
+            "lora": {"rank": 4, "alpha": 4.0},
+            "saim": {"heads": 2},
+            "train": {"batch_size": 2, "steps": 2, "checkpoint_every": 2, "log_every": 1, "max_backgrounds": 4},
+            "sampling": {"steps": 2, "batch_size": 2, "mask": {"min_area": 4}},
+        },
+        # The same model as DiAD's edge preset, so a DiAD edge run can be the frozen base.
+        "edge": {"model": {"image_size": 128}},
+        "sd15": {"model": _SD15_MODEL},
+    },
 }
 
-_METHODS: dict[str, type[DiADConfig] | type[GLADConfig]] = {"diad": DiADConfig, "glad": GLADConfig}
-AnyConfig = DiADConfig | GLADConfig
+_METHODS: dict[str, type[Strict]] = {"diad": DiADConfig, "glad": GLADConfig, "adabldm": AdaBLDMConfig,
+                                     "dualanodiff": DualAnoDiffConfig}
+AnyConfig = DiADConfig | GLADConfig | AdaBLDMConfig | DualAnoDiffConfig
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,8 @@ class MVTecFolder:
     """One category in MVTec layout. `split` is "train" or "test"."""
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 256,
-                 defect_types: list[str] | None = None, exclude: set[str] | None = None):
+                 defect_types: list[str] | None = None, exclude: set[str] | None = None,
+                 include: set[str] | None = None):
         self.root = Path(root)
         self.split = split
         self.image_size = image_size
@@ -114,12 +115,18 @@ class MVTecFolder:
             for p in _list_images(split_dir / t):
                 if p.name in exclude or str(p) in exclude:
                     continue
+                if include is not None and p.name not in include:
+                    continue
                 mask = None
                 if t != "good":
                     mask = self.root / "ground_truth" / t / f"{p.stem}_mask.png"
                     if not mask.is_file():
                         raise DatasetError(f"no ground-truth mask for {p}: expected {mask}")
                 samples.append(Sample(p, t, mask))
+        if include is not None:
+            missing = sorted(include - {s.path.name for s in samples})
+            if missing:
+                raise DatasetError(f"{split_dir}: images asked for but not found: {missing[:8]}")
         if not samples:
             raise DatasetError(f"no images found under {split_dir}")
         self.samples = samples

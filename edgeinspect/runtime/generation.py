@@ -82,8 +82,12 @@ class GenerationWriter:
     def done(self) -> int:
         return len(self.items)
 
-    def write(self, i: int, image_u8: np.ndarray, mask: np.ndarray, record: dict[str, Any]) -> None:
-        """Store item i: RGB uint8 (H,W,3) image and bool (H,W) mask, then its index entry."""
+    def write(self, i: int, image_u8: np.ndarray, mask: np.ndarray, record: dict[str, Any],
+              extras: dict[str, np.ndarray] | None = None) -> None:
+        """Store item i: RGB uint8 (H,W,3) image and bool (H,W) mask, then its index entry.
+
+        `extras`: more uint8 images of this item (e.g. "before_adaptation", "trimap"), written to
+        <name>/<i>.png and listed in the entry under their names."""
         if not 0 <= i < self.total:
             raise IndexError(f"item {i} outside 0..{self.total - 1}")
         if image_u8.dtype != np.uint8 or image_u8.ndim != 3 or image_u8.shape[2] != 3:
@@ -94,6 +98,13 @@ class GenerationWriter:
         _write_png_atomic(self.out_dir / "images" / name, cv2.cvtColor(image_u8, cv2.COLOR_RGB2BGR))
         _write_png_atomic(self.out_dir / "masks" / name, mask.astype(np.uint8) * 255)
         entry = _normalise(record)
+        for key, extra in (extras or {}).items():
+            if key in ("images", "masks") or not key.isidentifier():
+                raise ValueError(f"bad extra name {key!r}")
+            (self.out_dir / key).mkdir(exist_ok=True)
+            pixels = cv2.cvtColor(extra, cv2.COLOR_RGB2BGR) if extra.ndim == 3 else extra
+            _write_png_atomic(self.out_dir / key / name, pixels)
+            entry[key] = f"{key}/{name}"
         entry.update({"image": f"images/{name}", "mask": f"masks/{name}", "mask_pixels": int(mask.sum())})
         self.items[str(i)] = entry
         self._flush()

@@ -153,13 +153,14 @@ def _run_config(ckpt: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def load_base_weights(model: GLADModel, ckpt: Path) -> dict:
+def load_base_weights(model: LatentDiffusionModel, ckpt: Path) -> dict:
     """vae/unet/prompt_encoder weights and the latent scaling factor from a base checkpoint."""
     weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith(BASE_PREFIXES)}
     result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{ckpt} does not match the GLAD model: missing {result.missing_keys[:8]}, "
-                              f"unexpected {result.unexpected_keys[:8]}")
+    missing = [k for k in result.missing_keys if k.startswith(BASE_PREFIXES)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt} does not match the model's autoencoder/UNet/prompt encoder: missing "
+                              f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
     extra = load_state(ckpt).extra
     sf = extra.get("scaling_factor")
     if sf is None:

@@ -1,0 +1,154 @@
+"""`edgeinspect generate adabldm`: defective images with exact masks from normal images.
+
+Item i of a job is a pure function of (settings, i): its generator is seeded with sampling.seed + i
+and picks the defect type (items are grouped by type, n_per_type each), the normal image, the real
+seed mask and its placement. So a killed job rerun into the same folder continues where it stopped
+and regenerates nothing twice (runtime/generation.py keeps the index).
+
+Per batch: Algorithm 1 (runtime/blended.py) on the networks of the chosen backend, then per sample
+Algorithm 2 (runtime/adaptation.py) in PyTorch on a fresh copy of the decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeinspect.config import dump_config
+from edgeinspect.data.mvtec import MVTecFolder, tensor_to_image, uint8_to_model
+from edgeinspect.data.trimap import MaskDoesNotFit, make_trimap, place_mask
+from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
+from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
+from edgeinspect.runtime.blended import BlendedSampler
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.runtime.generation import GenerationWriter
+from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.training.adabldm import defect_prompt, foregrounds, load_adabldm, load_seeds
+from edgeinspect.training.checkpoint import resolve_checkpoint
+
+# A placement that cannot fit on one normal image is retried on others; this many failures in a
+# row for one item mean the seeds do not fit this data at all.
+MAX_PLACEMENT_ATTEMPTS = 20
+
+
+@dataclass
+class PlannedItem:
+    index: int
+    seed: int
+    defect_type: str
+    normal: int  # index into the normal images
+    seed_defect: int  # index into the type's seed defects
+    mask: np.ndarray  # bool (H, W), wholly inside the foreground
+    placement: dict
+    placement_failures: list[str]
+
+
+def plan_item(i: int, base_seed: int, types: list[str], n_per_type: int, n_normals: int, seed_masks: dict,
+              fg: np.ndarray, placement) -> PlannedItem:
+    """Draw item i's normal image, seed defect and placement from its own generator."""
+    dtype = types[i // n_per_type]
+    rng = np.random.default_rng(base_seed + i)
+    failures = []
+    for _ in range(MAX_PLACEMENT_ATTEMPTS):
+        normal = int(rng.integers(n_normals))
+        k = int(rng.integers(len(seed_masks[dtype])))
+        try:
+            placed = place_mask(seed_masks[dtype][k], fg[normal], rng, rotation=placement.rotation,
+                                scale=placement.scale, tries=placement.tries, min_shrink=placement.min_shrink)
+        except MaskDoesNotFit as e:
+            failures.append(f"normal {normal}, seed {k}: {e}")
+            continue
+        return PlannedItem(i, base_seed + i, dtype, normal, k, placed.mask, placed.to_json(), failures)
+    raise MaskDoesNotFit(f"item {i} ({dtype}): no seed mask fits any of {MAX_PLACEMENT_ATTEMPTS} normal images "
+                         f"drawn; last: {failures[-1]}")
+
+
+def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, data_root: str | Path | None = None,
+                     defect_types: list[str] | None = None, overrides: dict | None = None,
+                     progress: bool = True, keep_before: bool = True) -> Path:
+    """Generate n_per_type defects of each type into out_dir (resumable); returns out_dir."""
+    ckpt = resolve_checkpoint(model)
+    cfg, net, _ = load_adabldm(ckpt, overrides)
+    s = cfg.sampling
+    device = torch.device(cfg.runtime.device)
+    if cfg.runtime.backend != "torch":
+        raise ValueError("a trained run generates with the torch backend; export it to a bundle and use "
+                         "--bundle for onnxruntime/TensorRT")
+    root = Path(data_root or cfg.train.data_root)
+    types = defect_types or list(net.defect_types)
+    unknown = sorted(set(types) - set(net.defect_types))
+    if unknown:
+        raise ValueError(f"no control branch for {unknown}; this model has {net.defect_types}")
+    size = cfg.model.image_size
+    normals = MVTecFolder(root, "train", size)
+    normals_u8, _, _ = normals.load_all()
+    seed_names = _run_seeds(ckpt)
+    seeds = load_seeds(root, {k: seed_names[k] for k in types}, size)
+    fg = foregrounds(cfg, normals_u8)
+
+    settings = {"method": "adabldm", "checkpoint": str(ckpt), "data_root": str(root), "defect_types": types,
+                "n_per_type": n_per_type, "sampling": dump_config(s), "foreground": dump_config(cfg.foreground)}
+    writer = GenerationWriter(out_dir, settings, total=n_per_type * len(types))
+    net.to(device)
+    decoder = LatentDecoder.from_vae(net.vae).to(device)
+    schedule = DDIM(cfg.scheduler)
+    seed_masks = {k: v.masks.numpy() for k, v in seeds.items()}
+    with torch.inference_mode():
+        uncond_one = net.prompt_encoder([""])
+
+    pending = writer.pending()
+    with writer.progress("adabldm", progress) as bar:
+        for dtype in types:
+            todo = [i for i in pending if types[i // n_per_type] == dtype]
+            if not todo:
+                continue
+            nets = torch_networks(net.role_modules(dtype), device, ADABLDM_SIGNATURES)
+            sampler = BlendedSampler(nets, schedule, s, cfg.model.vae.downsample_factor)
+            with torch.inference_mode():
+                ctx_one = net.prompt_encoder([defect_prompt(cfg, dtype)])
+            for start in range(0, len(todo), s.batch_size):
+                plans = [plan_item(i, s.seed, types, n_per_type, len(normals_u8), seed_masks, fg, s.placement)
+                         for i in todo[start:start + s.batch_size]]
+                for p in plans:
+                    if p.placement_failures:
+                        warnings.warn(f"item {p.index}: seed mask did not fit {len(p.placement_failures)} normal "
+                                      f"image(s) before one did: {p.placement_failures[0]}", stacklevel=2)
+                b = len(plans)
+                x_ok = uint8_to_model(normals_u8[[p.normal for p in plans]])
+                mask = torch.from_numpy(np.stack([p.mask for p in plans]))[:, None].float()
+                trimap = torch.from_numpy(np.stack([make_trimap(p.mask, fg[p.normal]) for p in plans]))[:, None]
+                t0 = time.perf_counter()
+                res = sampler.sample(x_ok, mask, trimap, ctx_one.expand(b, -1, -1), [p.seed for p in plans],
+                                     uncond_context=uncond_one.expand(b, -1, -1))
+                sampling_s = (time.perf_counter() - t0) / b
+                for k, p in enumerate(plans):
+                    t1 = time.perf_counter()
+                    ad = adapt_decoder(decoder, res.latents[k], x_ok[k], mask[k], s.adapt_steps, s.adapt_lr,
+                                       s.lambda_con)
+                    adapt_s = time.perf_counter() - t1
+                    record = {"seed": p.seed, "defect_type": dtype, "prompt": defect_prompt(cfg, dtype),
+                              "source_image": normals.samples[p.normal].path.name,
+                              "seed_defect": seeds[dtype].names[p.seed_defect], "placement": p.placement,
+                              "placement_failures": p.placement_failures, "sampling_s": sampling_s,
+                              "adaptation_s": adapt_s,
+                              "adaptation_loss": {"outside_first": ad.loss_outside[:1], "outside_last":
+                                                  ad.loss_outside[-1:], "inside_last": ad.loss_inside[-1:]}}
+                    extras = {"trimap": (make_trimap(p.mask, fg[p.normal]) * 255).astype(np.uint8)}
+                    if keep_before:
+                        extras["before_adaptation"] = tensor_to_image(res.images[k])
+                    writer.write(p.index, tensor_to_image(ad.image), p.mask, record, extras)
+                    bar.update(1, sampling_s=sampling_s, adapt_s=adapt_s)
+    return Path(out_dir)
+
+
+def _run_seeds(ckpt: Path) -> dict[str, list[str]]:
+    f = ckpt.parent.parent / "seeds.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing: the run does not record its seed defects")
+    return json.loads(f.read_text())

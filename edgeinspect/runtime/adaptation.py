@@ -1,0 +1,77 @@
+"""AdaBLDM Algorithm 2: online decoder adaptation, in PyTorch whatever backend ran the sampling loop.
+
+Per sample a fresh copy of the VAE decoder (post-quant conv + decoder) is fine-tuned on
+L = L_i + lambda_con * L_d, with L_i = mean((decode(z*) - x_OK)^2 over the non-defect pixels) and
+L_d = mean((decode(z*) - x*)^2 over the defect pixels), x* = decode(z*) by the original decoder:
+the adapted decoder reproduces the normal image around the defect and keeps the defect the
+original decoder drew. The original decoder is never modified (its copy is what trains), so a
+long generation job can adapt thousands of samples from one loaded decoder.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class LatentDecoder(nn.Module):
+    """Scaled latent -> image in [-1, 1]: the part of a diffusers AutoencoderKL that adaptation trains."""
+
+    def __init__(self, post_quant_conv: nn.Module, decoder: nn.Module, scaling_factor: float):
+        super().__init__()
+        self.post_quant_conv, self.decoder = post_quant_conv, decoder
+        self.scaling_factor = float(scaling_factor)
+
+    @classmethod
+    def from_vae(cls, vae: nn.Module) -> "LatentDecoder":
+        pqc = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
+        return cls(copy.deepcopy(pqc), copy.deepcopy(vae.decoder), vae.config.scaling_factor)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latent / self.scaling_factor))
+
+
+@dataclass
+class AdaptationResult:
+    image: torch.Tensor  # (3, H, W) in [-1, 1], decoded by the adapted copy
+    before: torch.Tensor  # (3, H, W): x* from the original decoder
+    loss_inside: list[float]  # L_d per step (defect region, vs x*)
+    loss_outside: list[float]  # L_i per step (normal region, vs x_OK)
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over the pixels where m = 1 (0 when there are none)."""
+    w = m.expand_as(a)
+    return ((a - b) ** 2 * w).sum() / w.sum().clamp(min=1.0)
+
+
+def adapt_decoder(decoder: LatentDecoder, latent: torch.Tensor, x_ok: torch.Tensor, mask: torch.Tensor,
+                  steps: int, lr: float, lambda_con: float) -> AdaptationResult:
+    """Adapt a fresh copy of `decoder` to one sample: latent (C,h,w), x_ok (3,H,W), mask (1,H,W)."""
+    device = next(decoder.parameters()).device
+    z = latent.unsqueeze(0).to(device).detach()
+    x_ok = x_ok.unsqueeze(0).to(device)
+    m = mask.unsqueeze(0).to(device).float()
+    with torch.no_grad():
+        before = decoder(z)
+    work = copy.deepcopy(decoder).train()
+    work.requires_grad_(True)
+    opt = torch.optim.AdamW(work.parameters(), lr=lr)
+    inside, outside = [], []
+    with torch.enable_grad():
+        for _ in range(steps):
+            x = work(z)
+            l_i = _masked_mse(x, x_ok, 1 - m)
+            l_d = _masked_mse(x, before, m)
+            loss = l_i + lambda_con * l_d
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            outside.append(float(l_i.detach()))
+            inside.append(float(l_d.detach()))
+    with torch.no_grad():
+        image = work.eval()(z)
+    return AdaptationResult(image[0].clamp(-1, 1).cpu(), before[0].clamp(-1, 1).cpu(), inside, outside)
