@@ -30,6 +30,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from edgeinspect.training.glad import train_glad
 
         ckpt = train_glad(cfg, args.run, resume=args.resume, progress=not args.quiet)
+    elif args.method == "dualanodiff":
+        from edgeinspect.training.dualanodiff import train_dualanodiff
+
+        ckpt = train_dualanodiff(cfg, args.run, resume=args.resume, progress=not args.quiet)
     else:  # pragma: no cover - argparse restricts the choices
         raise ConfigError(f"unknown method {args.method}")
     print(f"trained: {ckpt}")
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a model (checkpointed; --resume continues after a kill)")
-    p.add_argument("method", choices=["diad", "glad"])
+    p.add_argument("method", choices=["diad", "glad", "dualanodiff"])
     p.add_argument("--config", type=Path, help="YAML config (default: the preset alone)")
     p.add_argument("--preset", choices=["tiny", "edge", "sd15"], help="model preset (default: from the config, else edge)")
     p.add_argument("--data", type=Path, help="MVTec-layout category folder (overrides train.data_root)")

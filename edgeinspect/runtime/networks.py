@@ -29,6 +29,11 @@ ROLE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "unet": (("sample", "timestep", "encoder_hidden_states", "hint"), ("noise_pred",)),
     # A UNet without guidance (GLAD): its own role so each role keeps one fixed signature.
     "unet_plain": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
+    # DualAnoDiff: both LoRA branches (and the BCM background, noised to the same timestep) in one call.
+    "dual_unet": (("sample_whole", "sample_part", "background", "timestep", "ctx_whole", "ctx_part"),
+                  ("noise_whole", "noise_part")),
+    "dual_unet_plain": (("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part"),
+                        ("noise_whole", "noise_part")),
 }
 
 

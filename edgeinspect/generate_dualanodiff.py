@@ -1,0 +1,86 @@
+"""`edgeinspect generate dualanodiff`: anomaly image + mask pairs from a trained DualAnoDiff run.
+
+Output i is made from seed `sampling.seed + i` alone: its noises and, with BCM, its background
+(a normal image of <data>/train/good drawn with that seed; the whole normal image is the
+background, which is right for textures such as MTD tiles). Outputs are generated in fixed batches
+[k * batch_size, (k + 1) * batch_size), and a batch is always computed whole, even when some of its
+items were written before a kill, so a resumed job computes every image with exactly the same
+batch as the first attempt did and writes only the missing ones (GenerationWriter: atomic PNGs,
+index updated after each pair, no duplicates or gaps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeinspect.config import dump_config
+from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, read_image, resize_image, tensor_to_image
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.runtime.dual import DualSampler, PromptContexts
+from edgeinspect.runtime.generation import GenerationWriter
+from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.training.checkpoint import resolve_checkpoint
+from edgeinspect.training.dualanodiff import load_dualanodiff
+
+
+def background_index(seed: int, count: int) -> int:
+    """The normal image used as output `seed`'s BCM background."""
+    return int(np.random.default_rng(seed).integers(count))
+
+
+def generate_dualanodiff(model: Path, out_dir: Path, n: int, data_root: Path | None = None,
+                         overrides: dict | None = None, progress: bool = True) -> Path:
+    """Generate (or complete) `n` pairs into `out_dir`; returns `out_dir`."""
+    cfg, net, extra = load_dualanodiff(model, overrides)
+    s = cfg.sampling
+    device = torch.device(cfg.runtime.device)
+    size = cfg.model.image_size
+    normals = None
+    if cfg.bcm.enabled:
+        data_root = data_root or cfg.train.data_root
+        if data_root is None:
+            raise ValueError("BCM backgrounds need normal images: pass the data folder (its train/good is used)")
+        normals = MVTecFolder(data_root, "train", size, defect_types=["good"]).samples
+    settings = {
+        "method": "dualanodiff",
+        "model": str(resolve_checkpoint(model).resolve()),
+        "defect_type": extra.get("defect_type"),
+        "prompts": {"whole": cfg.prompts.whole_prompt, "part": cfg.prompts.part_prompt},
+        "sampling": dump_config(s),
+        "image_size": size,
+        "backgrounds": str(Path(data_root).resolve() / "train" / "good") if normals is not None else None,
+    }
+    writer = GenerationWriter(out_dir, settings, n)
+    pending = set(writer.pending())
+    if not pending:
+        return Path(out_dir)
+
+    net.to(device)
+    with torch.inference_mode():
+        enc = net.prompt_encoder
+        contexts = PromptContexts(enc([cfg.prompts.whole_prompt]), enc([cfg.prompts.part_prompt]), enc([""]))
+    latent_shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
+    sampler = DualSampler(torch_networks(net.role_modules(), device), DDIM(cfg.scheduler), contexts, s,
+                          latent_shape, background=cfg.bcm.enabled)
+    with writer.progress("dualanodiff", enabled=progress) as bar:
+        for start in range(0, n, s.batch_size):
+            batch = list(range(start, min(start + s.batch_size, n)))
+            if not pending.intersection(batch):
+                continue
+            seeds = [s.seed + i for i in batch]
+            backgrounds, sources = None, [None] * len(batch)
+            if normals is not None:
+                picks = [normals[background_index(seed, len(normals))].path for seed in seeds]
+                backgrounds = torch.stack([image_to_tensor(resize_image(read_image(p), size)) for p in picks])
+                sources = [p.name for p in picks]
+            out = sampler.sample(seeds, backgrounds)
+            for k, i in enumerate(batch):
+                if i not in pending:
+                    continue
+                record = {"seed": seeds[k], "background": sources[k], "defect_type": extra.get("defect_type")}
+                writer.write(i, tensor_to_image(out.whole[k]), out.masks[k], record)
+                bar.update(1)
+    return Path(out_dir)

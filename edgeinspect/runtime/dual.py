@@ -1,0 +1,139 @@
+"""DualAnoDiff sampling: both branches denoised together from pure noise, then the mask from the part.
+
+Written only against named networks (`dual_unet` or `dual_unet_plain`, `vae_encoder`,
+`vae_decoder`) and DDIM, so the same loop runs on any backend. Prompt contexts come in as tensors
+(computed once by the prompt encoder, or read from a bundle).
+
+Per output, a seed gives the noise of the whole branch, of the part branch and of the background
+(drawn in that order from one generator), so an output depends on its seed alone, never on which
+other outputs share its batch. Classifier-free guidance batches the conditional and the
+unconditional (empty prompt for both branches) rows in one network call:
+eps = eps_u + s (eps_c - eps_u), per branch. With BCM the background latent (the encoded normal
+image) is noised to each step's timestep with its fixed seeded noise, so the background run sits at
+the same noise level as the pair it compensates.
+
+The mask is segmented from the decoded part image (empty value 0 in [-1, 1], as the training
+targets I * M are): |part| (max over channels) above a threshold, opening, closing, small
+components dropped. It is in the generated image's pixel grid, so it is aligned with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from edgeinspect.config import DualAnoDiffSamplingConfig, PartMaskConfig
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.runtime.networks import Networks
+
+# The part image's value where there is no anomaly (training targets are I * M in [-1, 1]).
+EMPTY_VALUE = 0.0
+
+
+@dataclass
+class PromptContexts:
+    """Prompt embeddings (1, L, D) of the whole prompt, the part prompt and the empty prompt."""
+
+    whole: torch.Tensor
+    part: torch.Tensor
+    empty: torch.Tensor
+
+
+@dataclass
+class DualSamples:
+    whole: torch.Tensor  # (n, 3, H, W) in [-1, 1]
+    part: torch.Tensor  # (n, 3, H, W) in [-1, 1]
+    masks: np.ndarray  # (n, H, W) bool
+
+
+def seeded_noises(seed: int, latent_shape: tuple[int, int, int], count: int) -> list[torch.Tensor]:
+    """`count` independent standard-normal latents from one seed (whole, part, background)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(latent_shape, generator=g) for _ in range(count)]
+
+
+def _kernel(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def segment_part(part: torch.Tensor, cfg: PartMaskConfig) -> np.ndarray:
+    """Bool (H, W) mask of a part image (3, H, W) in [-1, 1]: where it differs from empty."""
+    diff = (part.detach().float().cpu() - EMPTY_VALUE).abs().amax(dim=0).numpy()
+    mask = (diff > cfg.threshold).astype(np.uint8)
+    if cfg.open_kernel > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_kernel))
+    if cfg.close_kernel > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _kernel(cfg.close_kernel))
+    if cfg.min_area > 0:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        keep = np.zeros(count, bool)
+        keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= cfg.min_area
+        mask = keep[labels].astype(np.uint8)
+    return mask.astype(bool)
+
+
+class DualSampler:
+    def __init__(self, nets: Networks, schedule: DDIM, contexts: PromptContexts,
+                 sampling: DualAnoDiffSamplingConfig, latent_shape: tuple[int, int, int], background: bool):
+        self.nets = nets
+        self.schedule = schedule
+        self.contexts = contexts
+        self.sampling = sampling
+        self.latent_shape = tuple(latent_shape)
+        self.background = background
+        self.timesteps = schedule.timesteps(schedule.num_train_timesteps - 1, sampling.steps)
+
+    def _contexts(self, n: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.contexts
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x.to(self.nets.device).expand(n, *x.shape[1:])
+
+        if not guided:
+            return rows(c.whole), rows(c.part)
+        return torch.cat([rows(c.whole), rows(c.empty)]), torch.cat([rows(c.part), rows(c.empty)])
+
+    def sample(self, seeds: list[int], backgrounds: torch.Tensor | None = None) -> DualSamples:
+        """One output per seed; `backgrounds` (n, 3, H, W) in [-1, 1]: the BCM background images."""
+        if self.background != (backgrounds is not None):
+            raise ValueError("backgrounds are needed exactly when the model has BCM")
+        n = len(seeds)
+        device = self.nets.device
+        noises = [seeded_noises(s, self.latent_shape, 3) for s in seeds]
+        z_whole = torch.stack([e[0] for e in noises]).to(device)
+        z_part = torch.stack([e[1] for e in noises]).to(device)
+        scale = self.sampling.guidance_scale
+        guided = scale != 1.0
+        copies = 2 if guided else 1
+        ctx_whole, ctx_part = self._contexts(n, guided)
+        if self.background:
+            bg_clean = self.nets["vae_encoder"](image=backgrounds.to(device))["latent"]
+            bg_noise = torch.stack([e[2] for e in noises]).to(device, bg_clean.dtype)
+            unet = self.nets["dual_unet"]
+        else:
+            unet = self.nets["dual_unet_plain"]
+        for i, t in enumerate(self.timesteps):
+            t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+            inputs = {
+                "sample_whole": z_whole.repeat(copies, 1, 1, 1),
+                "sample_part": z_part.repeat(copies, 1, 1, 1),
+                "timestep": torch.full((copies * n,), float(t), device=device),
+                "ctx_whole": ctx_whole,
+                "ctx_part": ctx_part,
+            }
+            if self.background:
+                inputs["background"] = self.schedule.add_noise(bg_clean, bg_noise, t).repeat(copies, 1, 1, 1)
+            out = unet(**inputs)
+            eps_whole, eps_part = out["noise_whole"], out["noise_part"]
+            if guided:
+                eps_whole = eps_whole[n:] + scale * (eps_whole[:n] - eps_whole[n:])
+                eps_part = eps_part[n:] + scale * (eps_part[:n] - eps_part[n:])
+            z_whole, _ = self.schedule.step(z_whole, eps_whole, t, t_prev)
+            z_part, _ = self.schedule.step(z_part, eps_part, t, t_prev)
+        images = self.nets["vae_decoder"](latent=torch.cat([z_whole, z_part]))["image"].clamp(-1, 1)
+        whole, part = images[:n], images[n:]
+        masks = np.stack([segment_part(p, self.sampling.mask) for p in part])
+        return DualSamples(whole, part, masks)

@@ -1,0 +1,241 @@
+"""DualAnoDiff training: LoRA branches, SAIM, BCM and the prompt encoder on a few anomaly pairs.
+
+Data: the few-shot anomaly images of one defect type (test/<type> with ground_truth/<type> masks
+of an MVTec-layout folder), named by `train.images` or by a split file's `fewshot[<type>]`, resized
+to the model size. Per image the whole target is I and the part target I * M (0 outside the
+defect in [-1, 1]); both get the same random flip, so the pair stays aligned. BCM backgrounds are
+normals of train/good (up to `max_backgrounds`, spread evenly), each drawn at random per pair with
+its own flip. All latents are the frozen autoencoder's posterior means, encoded once.
+
+Step: per pair one timestep t shared by whole, part and background, independent noise for each;
+both prompts are replaced by the empty prompt together for a fraction of pairs (so classifier-free
+guidance has a learnt unconditional prediction); loss = MSE(whole noise) + MSE(part noise).
+
+Base: `train.init_from` (a DiAD run's unet-final, or a checkpoint folder) provides the autoencoder,
+UNet and prompt encoder; the UNet and autoencoder stay frozen. Checkpoints hold only the trainable
+weights (LoRA, SAIM, BCM, prompt encoder; `TrainableWeights`) plus, in their state, the base
+checkpoint's path and its latent scaling factor; `load_dualanodiff` rebuilds the model from both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeinspect.config import DualAnoDiffConfig, _merge, build_config, dump_config
+from edgeinspect.data.mvtec import DatasetError, MVTecFolder
+from edgeinspect.models.dualanodiff import DualAnoDiffModel, TrainableWeights
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.training.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_model_weights,
+    load_state,
+    resolve_checkpoint,
+)
+from edgeinspect.training.diad import _Batches
+from edgeinspect.training.glad import _base_checkpoint, _run_config, calibration_subset, load_base_weights
+from edgeinspect.training.loop import Stage, Trainer, prepare_run
+
+# Config sections that define the trained network: a loaded run cannot change them.
+_FIXED_SECTIONS = {"method", "model", "lora", "saim", "bcm", "prompts"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def fewshot_names(cfg: DualAnoDiffConfig) -> list[str]:
+    """The few-shot image names of train.defect_type: train.images, or the split file's list."""
+    t = cfg.train
+    if t.images is not None:
+        names = list(t.images)
+    elif t.split_file is not None:
+        split = json.loads(Path(t.split_file).read_text())
+        lists = split.get("fewshot", {})
+        if t.defect_type not in lists:
+            raise DatasetError(f"{t.split_file} has no fewshot list for {t.defect_type!r} (it has {sorted(lists)})")
+        names = list(lists[t.defect_type])
+    else:
+        raise ValueError("give the few-shot images: train.images (names) or train.split_file")
+    if not names:
+        raise DatasetError(f"the few-shot list for {t.defect_type!r} is empty")
+    return names
+
+
+def load_fewshot(data_root: Path, defect_type: str, names: list[str], size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """uint8 images (N, 3, H, W), bool masks (N, H, W) and file names of the named anomaly images."""
+    folder = MVTecFolder(data_root, "test", size, defect_types=[defect_type])
+    by_name = {}
+    for i, s in enumerate(folder.samples):
+        by_name[s.path.name] = i
+        by_name.setdefault(s.path.stem, i)
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DatasetError(f"{data_root}/test/{defect_type} has no image(s) {missing[:5]}")
+    picked = list(dict.fromkeys(by_name[n] for n in names))  # a name given twice counts once
+    imgs, masks = zip(*(folder.load(i) for i in picked))
+    images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.from_numpy(np.stack(masks)), [folder.samples[i].path.name for i in picked]
+
+
+def load_backgrounds(data_root: Path, size: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """Up to `count` normals of train/good, spread evenly: uint8 (M, 3, H, W) and their names."""
+    folder = MVTecFolder(data_root, "train", size, defect_types=["good"])
+    picked = calibration_subset(len(folder), count)
+    images = torch.from_numpy(np.stack([folder.load(i)[0] for i in picked])).permute(0, 3, 1, 2).contiguous()
+    return images, [folder.samples[i].path.name for i in picked]
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div(127.5).sub(1.0)
+
+
+def part_targets(images_u8: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """I * M in [-1, 1]: the anomaly part on the empty value 0."""
+    return to_model_range(images_u8) * masks[:, None].float()
+
+
+@torch.no_grad()
+def encode_variants(vae: nn.Module, images: torch.Tensor, flips: bool, scaling_factor: float,
+                    batch: int = 16) -> torch.Tensor:
+    """Scaled posterior means of every (flip code, image) of float images in [-1, 1]:
+    (4 or 1, N, C, h, w), flip codes as `_Batches.apply_flip`."""
+    vae.eval()
+    out = []
+    for code in range(4 if flips else 1):
+        lat = []
+        for s in range(0, len(images), batch):
+            chunk = images[s:s + batch]
+            x = _Batches.apply_flip(chunk, torch.full((len(chunk),), code))
+            lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
+        out.append(torch.cat(lat))
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_dualanodiff(cfg: DualAnoDiffConfig, base: Path) -> tuple[DualAnoDiffModel, dict]:
+    """The model with the base checkpoint's autoencoder, UNet, prompt encoder and scaling factor."""
+    base_extra: dict = {}
+    model = DualAnoDiffModel(cfg, load_base=lambda m: base_extra.update(load_base_weights(m, base)))
+    return model, base_extra
+
+
+def _resolve_base(cfg: DualAnoDiffConfig) -> Path:
+    if cfg.train.init_from is None:
+        raise ValueError("train.init_from is not set: DualAnoDiff adapts a frozen base model; point it at a "
+                         "DiAD run (its unet-final checkpoint is used) or a checkpoint folder")
+    base = _base_checkpoint(cfg.train.init_from).resolve()
+    base_cfg = _run_config(base)
+    if base_cfg and base_cfg.get("model") != dump_config(cfg.model):
+        raise CheckpointError(f"the base model {base} was trained with a different model config than this one "
+                              "(train.init_from must be a run of the same preset/model settings)")
+    return base
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool = False,
+                      progress: bool = True) -> Path:
+    """Train (or resume) DualAnoDiff for one defect type in `run_dir`; returns the final checkpoint."""
+    run_dir = Path(run_dir)
+    t = cfg.train
+    if t.defect_type is None:
+        raise ValueError("train.defect_type is not set: DualAnoDiff trains one model per defect type")
+    names = fewshot_names(cfg)
+    base = _resolve_base(cfg)
+    prepare_run(cfg, run_dir, resume)
+
+    torch.manual_seed(t.seed)
+    images_u8, masks, names = load_fewshot(t.data_root, t.defect_type, names, cfg.model.image_size)
+    model, _ = build_dualanodiff(cfg, base)
+    sf = model.scaling_factor
+    whole_lat = encode_variants(model.vae, to_model_range(images_u8), t.flips, sf)
+    part_lat = encode_variants(model.vae, part_targets(images_u8, masks), t.flips, sf)
+    bg_names: list[str] = []
+    if cfg.bcm.enabled:
+        bg_u8, bg_names = load_backgrounds(t.data_root, cfg.model.image_size, t.max_backgrounds)
+        bg_lat = encode_variants(model.vae, to_model_range(bg_u8), t.flips, sf)
+
+    batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
+    gen = batches.gen
+    abar = DDIM(cfg.scheduler).alphas_cumprod.float()
+    T = cfg.scheduler.num_train_timesteps
+    prompts = cfg.prompts
+
+    def noisy(z0: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = torch.randn(z0.shape, generator=gen)
+        a = abar[tt].view(-1, 1, 1, 1)
+        return a.sqrt() * z0 + (1 - a).sqrt() * eps, eps
+
+    def loss(_step: int) -> torch.Tensor:
+        idx, flip = batches.draw()
+        n = len(idx)
+        tt = torch.randint(0, T, (n,), generator=gen)
+        zw, eps_w = noisy(whole_lat[flip, idx], tt)
+        zp, eps_p = noisy(part_lat[flip, idx], tt)
+        background = None
+        if cfg.bcm.enabled:
+            b_idx = torch.randint(len(bg_lat[0]), (n,), generator=gen)
+            b_flip = torch.randint(len(bg_lat), (n,), generator=gen)
+            background, _ = noisy(bg_lat[b_flip, b_idx], tt)
+        drop = (torch.rand(n, generator=gen) < t.empty_prompt_prob).tolist()
+        ctx_w = model.prompt_encoder(["" if d else prompts.whole_prompt for d in drop])
+        ctx_p = model.prompt_encoder(["" if d else prompts.part_prompt for d in drop])
+        pred_w, pred_p = model.dual_forward(zw, zp, tt, ctx_w, ctx_p, background)
+        return F.mse_loss(pred_w, eps_w) + F.mse_loss(pred_p, eps_p)
+
+    def trainable():
+        return (p for p in model.parameters() if p.requires_grad)
+
+    extra = {"base_checkpoint": str(base), "defect_type": t.defect_type, "fewshot_images": names,
+             "backgrounds": bg_names}
+    trainer = Trainer(run_dir, TrainableWeights(model), [Stage("dual", t.steps, t.lr, trainable, loss)],
+                      checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints, log_every=t.log_every,
+                      weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                      state_extra=lambda: {"scaling_factor": model.scaling_factor, **extra},
+                      progress=progress, generators={"batches": gen})
+    if resume and trainer.resume():
+        saved = trainer.state.extra.get("base_checkpoint")
+        if saved is not None and saved != str(base):
+            raise CheckpointError(f"{run_dir} was trained on the base {saved}, not {base}")
+    trainer.run()
+    found = latest_checkpoint(run_dir)
+    assert found is not None
+    return found
+
+
+def load_dualanodiff(path: str | Path, overrides: dict | None = None
+                     ) -> tuple[DualAnoDiffConfig, DualAnoDiffModel, dict]:
+    """Config, model (base weights + trained weights) and checkpoint state extras from a DualAnoDiff
+    checkpoint or run folder. `overrides` may change sampling/runtime settings, not the network."""
+    ckpt = resolve_checkpoint(path)
+    cfg_file = ckpt.parent.parent / "config.json"
+    data = json.loads(cfg_file.read_text())
+    if data.get("method") != "dualanodiff":
+        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not a DualAnoDiff one")
+    if overrides:
+        bad = set(overrides) & _FIXED_SECTIONS
+        if bad:
+            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
+        data = _merge(data, overrides)
+    data.pop("method", None)
+    cfg = build_config("dualanodiff", data["model"]["preset"], data, source=str(cfg_file))
+    extra = load_state(ckpt).extra
+    base = Path(extra.get("base_checkpoint", ""))
+    if not (base / "model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt} needs its base checkpoint {base}, which is missing (DualAnoDiff checkpoints "
+                              "hold only the trained weights; the frozen base is read from there)")
+    model, _ = build_dualanodiff(cfg, base)
+    load_model_weights(TrainableWeights(model), ckpt)
+    if extra.get("scaling_factor") is not None:
+        model.set_scaling_factor(extra["scaling_factor"])
+    return cfg, model.eval(), extra

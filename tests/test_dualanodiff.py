@@ -1,0 +1,266 @@
+"""DualAnoDiff model and sampling loop: SAIM, BCM, the LoRA branches, the dual_unet role, masks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgeinspect.config import PartMaskConfig, build_config
+from edgeinspect.models.dualanodiff import (
+    BCM,
+    SAIM,
+    BranchLoraLinear,
+    DualAnoDiffModel,
+    TrainableWeights,
+    is_trainable_key,
+)
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.runtime.dual import DualSampler, PromptContexts, seeded_noises, segment_part
+from edgeinspect.runtime.networks import Networks, TorchNetwork, torch_networks
+
+
+def _model(**sections) -> DualAnoDiffModel:
+    torch.manual_seed(0)
+    return DualAnoDiffModel(build_config("dualanodiff", "tiny", sections)).eval()
+
+
+def _randomise(modules, scale=0.2):
+    """Non-zero weights where training would put them (zero-initialised outputs included)."""
+    with torch.no_grad():
+        for m in modules:
+            for p in m.parameters():
+                p.copy_(torch.randn_like(p) * scale)
+
+
+def _pairs(model, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    c = model.cfg
+    shape = (n, c.model.vae.latent_channels, c.model.latent_size, c.model.latent_size)
+    with torch.no_grad():
+        ctx_w = model.context(c.prompts.whole_prompt, n)
+        ctx_p = model.context(c.prompts.part_prompt, n)
+    return (torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.tensor([700, 30]),
+            ctx_w, ctx_p, torch.randn(shape, generator=g))
+
+
+def test_saim_and_bcm_shapes_and_start():
+    torch.manual_seed(0)
+    saim = SAIM(32, 4)
+    whole, part = torch.randn(3, 10, 32), torch.randn(3, 10, 32)
+    w, p = saim(whole, part)
+    assert w.shape == p.shape == (3, 10, 32)
+    assert torch.equal(w, whole) and torch.equal(p, part)  # zero-initialised out: identity at the start
+    _randomise([saim.out])
+    w, p = saim(whole, part)
+    part2 = part.clone()
+    part2[:, 4] += 1.0
+    w2, p2 = saim(whole, part2)
+    changed = (w2 - w).abs().amax(dim=(0, 2)) > 0
+    assert changed.tolist() == [i == 4 for i in range(10)]  # per position: only position 4 sees it
+    assert not torch.equal(p2[:, 4], p[:, 4])
+    with pytest.raises(ValueError, match="divide"):
+        SAIM(30, 4)
+
+    bcm = BCM(32, 48)
+    h, h_bg = torch.randn(3, 10, 32), torch.randn(3, 10, 32)
+    assert bcm(h, h_bg).shape == (3, 10, 32)
+    assert torch.equal(bcm(h, h_bg), h)  # gate starts at 0
+    with torch.no_grad():
+        bcm.gate.fill_(1.0)
+    assert torch.allclose(bcm(h, h_bg), bcm.mlp(h_bg))
+
+
+def test_model_hooks_every_transformer_block():
+    m = _model()
+    blocks = [n for n, mod in m.unet.named_modules() if type(mod).__name__ == "BasicTransformerBlock"]
+    assert len(blocks) == 4 and len(m.bcm) == 4 and len(m.saim) == 8  # attn1 + attn2 of each
+    lora = [mod for mod in m.unet.modules() if isinstance(mod, BranchLoraLinear)]
+    assert len(lora) == 4 * 2 * 4  # to_q/to_k/to_v/to_out.0 of both attention layers per block
+    assert all(set(mod.lora_A) == {"whole", "part"} and mod.r["whole"] == 4 for mod in lora)
+    only_self = _model(saim={"after": ["self"]}, bcm={"enabled": False})
+    assert len(only_self.saim) == 4 and len(only_self.bcm) == 0
+    assert set(only_self.role_modules()) == {"vae_encoder", "dual_unet_plain", "vae_decoder"}
+
+
+def test_trainable_parameters_are_exactly_lora_saim_bcm_prompt():
+    m = _model()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert trainable == {n for n, _ in m.named_parameters() if is_trainable_key(n)}
+    kinds = {"lora": [n for n in trainable if ".lora_" in n], "saim": [n for n in trainable if n.startswith("saim.")],
+             "bcm": [n for n in trainable if n.startswith("bcm.")],
+             "prompt": [n for n in trainable if n.startswith("prompt_encoder.")]}
+    assert all(kinds.values()) and sum(map(len, kinds.values())) == len(trainable)
+    assert all(n.startswith(("unet.", "vae.")) for n in frozen)
+    assert any(".base_layer." in n for n in frozen)  # the wrapped attention projections stay frozen
+    weights = TrainableWeights(m)
+    sd = weights.state_dict()
+    assert set(sd) == {k for k in m.state_dict() if is_trainable_key(k)}
+    other = _model()
+    _randomise([other.saim])
+    result = weights.load_state_dict(TrainableWeights(other).state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(a.out.weight, b.out.weight) for a, b in zip(m.saim.values(), other.saim.values()))
+    with pytest.raises(RuntimeError, match="missing"):
+        weights.load_state_dict({})
+
+
+def test_branches_share_the_frozen_base_and_differ_only_in_their_adapters():
+    m = _model()
+    sample, _, t, ctx_w, _, _ = _pairs(m)
+    lora = [mod for mod in m.unet.modules() if isinstance(mod, BranchLoraLinear)]
+    with torch.no_grad():
+        for mod in lora:  # trained-like adapters, identical in both branches
+            mod.lora_B["whole"].weight.normal_(0, 0.2)
+            mod.lora_A["part"].weight.copy_(mod.lora_A["whole"].weight)
+            mod.lora_B["part"].weight.copy_(mod.lora_B["whole"].weight)
+        # same input and prompt in both branches: identical adapters give identical predictions
+        w, p = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
+        assert torch.allclose(w, p, atol=1e-6)
+        plain = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
+        for mod in lora:
+            mod.lora_B["part"].weight.add_(0.3)
+        w2, p2 = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
+    assert not torch.allclose(p2, p, atol=1e-3)  # the part adapter drives the part branch
+    assert torch.equal(w2, plain[0])  # and never the whole one (SAIM still at its zero start)
+
+
+def test_bcm_gate_zero_is_exactly_the_branch_without_bcm():
+    m = _model()
+    _randomise([m.saim])  # interaction on, so the part branch would see any change of the whole one
+    zw, zp, t, ctx_w, ctx_p, bg = _pairs(m)
+    with torch.no_grad():
+        ref = m.dual_forward(zw, zp, t, ctx_w, ctx_p)
+        with_bg = m.dual_forward(zw, zp, t, ctx_w, ctx_p, bg)
+        assert torch.allclose(with_bg[0], ref[0], atol=1e-5) and torch.allclose(with_bg[1], ref[1], atol=1e-5)
+        for bcm in m.bcm.values():
+            bcm.gate.fill_(0.5)
+        opened = m.dual_forward(zw, zp, t, ctx_w, ctx_p, bg)
+        other_bg = m.dual_forward(zw, zp, t, ctx_w, ctx_p, bg.flip(-1))
+    assert not torch.allclose(opened[0], ref[0], atol=1e-3)
+    assert not torch.allclose(opened[0], other_bg[0], atol=1e-3)  # the background's content matters
+    assert not torch.allclose(opened[1], ref[1], atol=1e-4)  # through SAIM
+    with pytest.raises(RuntimeError, match="dual_forward"):
+        m.unet(zw, t, encoder_hidden_states=ctx_w)
+    plain = _model(bcm={"enabled": False})
+    with pytest.raises(ValueError, match="no BCM"):
+        plain.dual_forward(zw, zp, t, ctx_w, ctx_p, bg)
+
+
+def test_finite_gradients_reach_every_trainable_tensor_and_the_loss_falls():
+    m = _model()
+    m.train()
+    zw, zp, t, _, _, bg = _pairs(m)
+    eps_w, eps_p = torch.randn_like(zw), torch.randn_like(zp)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    losses = []
+    for step in range(12):
+        ctx_w = m.prompt_encoder([m.cfg.prompts.whole_prompt] * 2)
+        ctx_p = m.prompt_encoder([m.cfg.prompts.part_prompt] * 2)
+        pw, pp = m.dual_forward(zw, zp, t, ctx_w, ctx_p, bg)
+        loss = F.mse_loss(pw, eps_w) + F.mse_loss(pp, eps_p)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        if step == 2:  # zero-initialised LoRA B, SAIM out and BCM gate open up after the first steps
+            dead = [n for n, p in zip(names, params) if not p.grad.abs().sum() > 0]
+            assert not dead, dead[:5]
+        opt.step()
+        losses.append(loss.item())
+    # a random base leaves little for attention adapters to fit; the fall is steady but modest
+    assert losses[-1] < 0.95 * losses[0] and losses[-1] < min(losses[:3])
+
+
+def test_dual_unet_role_runs_through_named_networks():
+    m = _model()
+    zw, zp, t, ctx_w, ctx_p, bg = _pairs(m)
+    nets = torch_networks(m.role_modules())
+    out = nets["dual_unet"](sample_whole=zw, sample_part=zp, background=bg, timestep=t.float(), ctx_whole=ctx_w,
+                            ctx_part=ctx_p)
+    assert set(out) == {"noise_whole", "noise_part"} and out["noise_whole"].shape == zw.shape
+    with torch.no_grad():
+        ref = m.dual_forward(zw, zp, t, ctx_w, ctx_p, bg)
+    assert torch.allclose(out["noise_whole"], ref[0]) and torch.allclose(out["noise_part"], ref[1])
+
+
+def test_part_mask_segmentation():
+    g = torch.Generator().manual_seed(0)
+    part = torch.randn(3, 64, 64, generator=g) * 0.04  # decoder noise around the empty value
+    part[:, 20:30, 10:40] = -0.7  # the anomaly
+    part[:, 50, 50] = 0.9  # an isolated speck
+    mask = segment_part(part, PartMaskConfig(threshold=0.2, open_kernel=3, close_kernel=5, min_area=16))
+    truth = np.zeros((64, 64), bool)
+    truth[20:30, 10:40] = True
+    assert not mask[50, 50] and (mask & truth).sum() / (mask | truth).sum() > 0.95
+    assert not segment_part(torch.zeros(3, 32, 32), PartMaskConfig()).any()
+
+
+class _OracleDualUNet:
+    """A perfect denoiser for fixed clean targets: conditional rows aim at (whole, part), the
+    unconditional rows at 0, so guided DDIM must land on guidance_scale x targets. Checks that the
+    background arrives noised to the same timestep with the seed's background noise."""
+
+    def __init__(self, schedule, targets, bg_clean, seeds, latent_shape):
+        self.schedule, self.targets, self.bg_clean = schedule, targets, bg_clean
+        self.bg_noise = torch.stack([seeded_noises(s, latent_shape, 3)[2] for s in seeds])
+        self.calls = 0
+
+    def __call__(self, sample_whole, sample_part, background, timestep, ctx_whole, ctx_part):
+        n = len(self.bg_clean)
+        t = int(timestep[0])
+        assert (timestep == t).all() and len(timestep) == 2 * n
+        expected_bg = self.schedule.add_noise(self.bg_clean, self.bg_noise, t)
+        assert torch.allclose(background, torch.cat([expected_bg, expected_bg]), atol=1e-6)
+        a = self.schedule.abar(t, sample_whole)
+        out = []
+        for x, target in ((sample_whole, self.targets[0]), (sample_part, self.targets[1])):
+            aim = torch.cat([target, torch.zeros_like(target)])
+            out.append((x - a.sqrt() * aim) / (1 - a).sqrt())
+        self.calls += 1
+        return tuple(out)
+
+
+def test_sampling_loop_guidance_backgrounds_and_aligned_masks():
+    cfg = build_config("dualanodiff", "tiny", {"sampling": {"steps": 4, "guidance_scale": 2.5}})
+    schedule = DDIM(cfg.scheduler)
+    shape = (3, 16, 16)  # identity "autoencoder": latents are the images
+    whole = torch.full((2, *shape), -0.2)
+    part = torch.zeros(2, *shape)
+    part[0, :, 2:8, 3:12] = -0.3
+    part[1, :, 9:14, 9:15] = 0.25
+    backgrounds = torch.rand(2, *shape) - 0.5
+    seeds = [11, 12]
+    oracle = _OracleDualUNet(schedule, (whole, part), backgrounds, seeds, shape)
+    sig = ("sample_whole", "sample_part", "background", "timestep", "ctx_whole", "ctx_part")
+    nets = Networks({"dual_unet": TorchNetwork(oracle, sig, ("noise_whole", "noise_part")),
+                     "vae_encoder": TorchNetwork(lambda x: x, ("image",), ("latent",)),
+                     "vae_decoder": TorchNetwork(lambda x: x, ("latent",), ("image",))})
+    ctx = PromptContexts(torch.ones(1, 4, 16), torch.ones(1, 4, 16), torch.zeros(1, 4, 16))
+    mask_cfg = PartMaskConfig(threshold=0.2, open_kernel=0, close_kernel=0, min_area=0)
+    sampler = DualSampler(nets, schedule, ctx, cfg.sampling.model_copy(update={"mask": mask_cfg}), shape,
+                          background=True)
+    out = sampler.sample(seeds, backgrounds)
+    assert oracle.calls == 4
+    assert torch.allclose(out.whole, (2.5 * whole).clamp(-1, 1), atol=1e-4)
+    assert torch.allclose(out.part, 2.5 * part, atol=1e-4)
+    assert np.array_equal(out.masks, (part.abs().amax(1) > 0).numpy())
+    with pytest.raises(ValueError, match="BCM"):
+        sampler.sample(seeds)
+
+
+def test_sampling_is_seeded_per_output():
+    m = _model()
+    cfg = m.cfg
+    with torch.no_grad():
+        ctx = PromptContexts(m.context(cfg.prompts.whole_prompt), m.context(cfg.prompts.part_prompt), m.context(""))
+    shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
+    sampler = DualSampler(torch_networks(m.role_modules()), DDIM(cfg.scheduler), ctx, cfg.sampling, shape, True)
+    bgs = torch.rand(2, 3, 64, 64) * 2 - 1
+    a = sampler.sample([3, 4], bgs)
+    b = sampler.sample([3, 4], bgs)
+    alone = sampler.sample([4], bgs[1:])
+    assert torch.equal(a.whole, b.whole) and torch.equal(a.part, b.part) and np.array_equal(a.masks, b.masks)
+    assert torch.allclose(alone.whole[0], a.whole[1], atol=1e-5)  # the batch around an output does not matter
+    assert not torch.allclose(a.whole[0], a.whole[1], atol=1e-3)

@@ -1,0 +1,167 @@
+"""DualAnoDiff training (trainable-only checkpoints, resume, CLI) and resumable generation."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import edgeinspect.training.dualanodiff as dual_training
+from edgeinspect.cli import main
+from edgeinspect.config import build_config, dump_config
+from edgeinspect.generate_dualanodiff import generate_dualanodiff
+from edgeinspect.models.diad import LatentDiffusionModel
+from edgeinspect.models.dualanodiff import is_trainable_key
+from edgeinspect.runtime.generation import GenerationError, GenerationWriter
+from edgeinspect.training.checkpoint import (
+    CheckpointError,
+    TrainState,
+    latest_checkpoint,
+    load_state,
+    save_checkpoint,
+    write_json_atomic,
+)
+from edgeinspect.training.dualanodiff import fewshot_names, load_dualanodiff, train_dualanodiff
+
+BASE_SCALING = 0.7
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from tests.conftest import make_mvtec
+
+    return make_mvtec(tmp_path_factory.mktemp("dual") / "cat", n_train=4, n_good=1, n_defect=3)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny DiAD-layout run with a `unet-final` checkpoint (random weights are enough here)."""
+    cfg = build_config("diad", "tiny")
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("base") / "run"
+    save_checkpoint(run, "unet-final", LatentDiffusionModel(cfg), TrainState("unet", 0, 0.0,
+                                                                              {"scaling_factor": BASE_SCALING}))
+    write_json_atomic(run / "config.json", dump_config(cfg))
+    return run
+
+
+def _cfg(data_root, base, **train):
+    t = {"data_root": str(data_root), "init_from": str(base), "defect_type": "scratch",
+         "images": ["000.png", "002"], "steps": 4, "checkpoint_every": 2}
+    t.update(train)
+    return build_config("dualanodiff", "tiny", {"train": t})
+
+
+def _weights(run):
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
+
+
+def test_checkpoints_hold_only_trained_weights_and_load_onto_the_base(tmp_path, data_root, base):
+    ckpt = train_dualanodiff(_cfg(data_root, base), tmp_path / "run", progress=False)
+    assert ckpt.name == "done"
+    saved = _weights(tmp_path / "run")
+    assert saved and all(is_trainable_key(k) for k in saved)
+    assert any(".lora_A.part." in k for k in saved) and any(k.startswith("bcm.") for k in saved)
+    extra = load_state(ckpt).extra
+    assert extra["scaling_factor"] == pytest.approx(BASE_SCALING)
+    assert extra["base_checkpoint"] == str((base / "checkpoints" / "unet-final").resolve())
+    assert extra["fewshot_images"] == ["000.png", "002.png"] and extra["defect_type"] == "scratch"
+    assert len(extra["backgrounds"]) == 4
+    cfg, model, _ = load_dualanodiff(tmp_path / "run")
+    assert model.scaling_factor == pytest.approx(BASE_SCALING)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    base_w = load_file(str(base / "checkpoints" / "unet-final" / "model.safetensors"))
+    key = next(k for k in state if k.endswith("attn1.to_q.base_layer.weight"))
+    assert torch.equal(state[key], base_w[key.replace(".base_layer", "")])  # the frozen base, untouched
+    log = [json.loads(ln) for ln in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+    with pytest.raises(ValueError, match="cannot override"):
+        load_dualanodiff(tmp_path / "run", {"lora": {"rank": 8}})
+
+
+def test_interrupted_training_resumes_bit_for_bit(tmp_path, data_root, base, monkeypatch):
+    cfg = _cfg(data_root, base, steps=5)
+    train_dualanodiff(cfg, tmp_path / "ref", progress=False)
+    real = dual_training._Batches.draw
+    calls = {"n": 0}
+
+    def interrupt_at_call_4(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(dual_training._Batches, "draw", interrupt_at_call_4)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint written"):
+        train_dualanodiff(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(dual_training._Batches, "draw", real)
+    state = load_state(latest_checkpoint(tmp_path / "cut"))
+    assert (state.stage, state.step) == ("dual", 3)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train_dualanodiff(cfg, tmp_path / "cut", progress=False)
+    train_dualanodiff(cfg, tmp_path / "cut", resume=True, progress=False)
+    ref, cut = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
+    assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)
+
+
+def test_fewshot_sources_and_errors(tmp_path, data_root, base):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"fewshot": {"scratch": ["001.png"]}, "adabldm_seeds": {}, "evaluation": {}}))
+    cfg = _cfg(data_root, base, images=None, split_file=str(split))
+    assert fewshot_names(cfg) == ["001.png"]
+    with pytest.raises(ValueError, match="not both"):
+        _cfg(data_root, base, split_file=str(split))
+    with pytest.raises(Exception, match="no image"):
+        train_dualanodiff(_cfg(data_root, base, images=["404.png"]), tmp_path / "r1", progress=False)
+    with pytest.raises(ValueError, match="init_from"):
+        train_dualanodiff(_cfg(data_root, base, init_from=None), tmp_path / "r2", progress=False)
+    other = _cfg(data_root, base).model_dump(mode="json")
+    other["model"]["unet"]["layers_per_block"] = 2
+    other.pop("method")
+    with pytest.raises(CheckpointError, match="different model config"):
+        train_dualanodiff(build_config("dualanodiff", "tiny", other), tmp_path / "r3", progress=False)
+
+
+def _read(folder, i):
+    return (cv2.imread(str(folder / "images" / f"{i:06d}.png")), cv2.imread(str(folder / "masks" / f"{i:06d}.png")))
+
+
+def test_cli_train_then_generation_resumes_without_duplicates_or_gaps(tmp_path, data_root, base, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", "dualanodiff", "--preset", "tiny", "--data", str(data_root), "--run", str(run), "--quiet",
+                 "--set", f"train.init_from={base}", "--set", "train.defect_type=scratch",
+                 "--set", "train.images=[000.png, 001.png]", "--set", "train.steps=2"]) == 0
+    assert load_state(latest_checkpoint(run)).stage == "done"
+
+    full = generate_dualanodiff(run, tmp_path / "full", 5, progress=False)
+    index = json.loads((full / "index.json").read_text())
+    assert sorted(index["items"], key=int) == ["0", "1", "2", "3", "4"]
+    item = index["items"]["3"]
+    assert item["seed"] == 3 and item["defect_type"] == "scratch" and item["background"].endswith(".png")
+    assert index["settings"]["sampling"]["guidance_scale"] == 2.5
+
+    real = GenerationWriter.write
+
+    def killed_at_item_3(self, i, *args, **kwargs):
+        if i == 3:
+            raise KeyboardInterrupt
+        return real(self, i, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationWriter, "write", killed_at_item_3)
+    with pytest.raises(KeyboardInterrupt):
+        generate_dualanodiff(run, tmp_path / "cut", 5, progress=False)
+    monkeypatch.setattr(GenerationWriter, "write", real)
+    assert sorted(json.loads((tmp_path / "cut" / "index.json").read_text())["items"], key=int) == ["0", "1", "2"]
+    generate_dualanodiff(run, tmp_path / "cut", 5, progress=False)
+    resumed = json.loads((tmp_path / "cut" / "index.json").read_text())
+    assert resumed["items"] == index["items"]
+    assert len(list((tmp_path / "cut" / "images").glob("*.png"))) == 5
+    for i in range(5):
+        a, b = _read(full, i), _read(tmp_path / "cut", i)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(GenerationError, match="different settings"):
+        generate_dualanodiff(run, tmp_path / "cut", 5, overrides={"sampling": {"guidance_scale": 3.0}},
+                             progress=False)
