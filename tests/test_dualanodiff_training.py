@@ -1,6 +1,7 @@
 """DualAnoDiff training (trainable-only checkpoints, resume, CLI) and resumable generation."""
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -80,6 +81,14 @@ def test_checkpoints_hold_only_trained_weights_and_load_onto_the_base(tmp_path, 
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
     with pytest.raises(ValueError, match="cannot override"):
         load_dualanodiff(tmp_path / "run", {"lora": {"rank": 8}})
+    moved = tmp_path / "moved" / "checkpoints" / "done"
+    shutil.copytree(ckpt, moved)
+    shutil.copy(tmp_path / "run" / "config.json", tmp_path / "moved" / "config.json")
+    state = json.loads((moved / "state.json").read_text())
+    state["extra"]["base_checkpoint"] = str(tmp_path / "gone")
+    (moved / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="base checkpoint .* missing"):
+        load_dualanodiff(moved)
 
 
 def test_interrupted_training_resumes_bit_for_bit(tmp_path, data_root, base, monkeypatch):

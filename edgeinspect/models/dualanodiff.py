@@ -8,8 +8,9 @@ each has its own peft LoRA adapter (named "whole" and "part") on the attention p
 Batch layout. One UNet call runs both branches as one batch, group-major: rows
 [whole_0 .. whole_{n-1} | part_0 .. part_{n-1} | background_0 .. background_{n-1}], so pair j is
 rows j and n + j, and its BCM background (when there is one) row 2n + j. Every row of pair j has
-the same timestep; the background rows use the whole branch's adapter and the whole prompt's
-context (they are "the background run through the UNet with branch 0"). Group-major blocks, not
+the same timestep; the background rows use the whole branch's adapter and the context of their
+whole row (they are "the background run through the UNet with branch 0"; under classifier-free
+guidance the unconditional pairs' backgrounds get the empty prompt with them). Group-major blocks, not
 interleaved rows, because then every per-branch operation is a reshape to (groups, n, ...) with
 a constant group count, which an exported graph keeps valid for any batch size.
 

@@ -230,7 +230,9 @@ def load_dualanodiff(path: str | Path, overrides: dict | None = None
     data.pop("method", None)
     cfg = build_config("dualanodiff", data["model"]["preset"], data, source=str(cfg_file))
     extra = load_state(ckpt).extra
-    base = Path(extra.get("base_checkpoint", ""))
+    if "base_checkpoint" not in extra:
+        raise CheckpointError(f"{ckpt} names no base checkpoint: not a DualAnoDiff training checkpoint")
+    base = Path(extra["base_checkpoint"])
     if not (base / "model.safetensors").is_file():
         raise CheckpointError(f"{ckpt} needs its base checkpoint {base}, which is missing (DualAnoDiff checkpoints "
                               "hold only the trained weights; the frozen base is read from there)")
