@@ -1,4 +1,4 @@
-"""`edgeinspect <verb>`: train, test, predict, glad-threshold, export, calibrate, serve, client."""
+"""`edgeinspect <verb>`: train, test, predict, glad-threshold, generate, export, calibrate, serve, client."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from edgeinspect.config import ConfigError, load_config, parse_overrides
 from edgeinspect.calibration.cli import add_calibrate_parser
 from edgeinspect.export.cli import add_export_parser
+from edgeinspect.generate_cli import add_generate_parser
 from edgeinspect.serve_cli import add_serve_parsers
 
 
@@ -30,6 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from edgeinspect.training.glad import train_glad
 
         ckpt = train_glad(cfg, args.run, resume=args.resume, progress=not args.quiet)
+    elif args.method == "adabldm":
+        from edgeinspect.training.adabldm import train_adabldm
+
+        ckpt = train_adabldm(cfg, args.run, resume=args.resume, progress=not args.quiet)
     elif args.method == "dualanodiff":
         from edgeinspect.training.dualanodiff import train_dualanodiff
 
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("train", help="train a model (checkpointed; --resume continues after a kill)")
-    p.add_argument("method", choices=["diad", "glad", "dualanodiff"])
+    p.add_argument("method", choices=["diad", "glad", "adabldm", "dualanodiff"])
     p.add_argument("--config", type=Path, help="YAML config (default: the preset alone)")
     p.add_argument("--preset", choices=["tiny", "edge", "sd15"], help="model preset (default: from the config, else edge)")
     p.add_argument("--data", type=Path, help="MVTec-layout category folder (overrides train.data_root)")
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the proposal and its statistics here (JSON)")
     _add_overrides(p)
     p.set_defaults(func=cmd_glad_threshold)
+    add_generate_parser(sub)
     add_export_parser(sub)
     add_calibrate_parser(sub)
     add_serve_parsers(sub)

@@ -139,7 +139,7 @@ def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, da
                               "adaptation_s": adapt_s,
                               "adaptation_loss": {"outside_first": ad.loss_outside[:1], "outside_last":
                                                   ad.loss_outside[-1:], "inside_last": ad.loss_inside[-1:]}}
-                    extras = {"trimap": (make_trimap(p.mask, fg[p.normal]) * 255).astype(np.uint8)}
+                    extras = {"trimap": np.round(make_trimap(p.mask, fg[p.normal]) * 255).astype(np.uint8)}
                     if keep_before:
                         extras["before_adaptation"] = tensor_to_image(res.images[k])
                     writer.write(p.index, tensor_to_image(ad.image), p.mask, record, extras)

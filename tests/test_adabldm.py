@@ -1,0 +1,260 @@
+"""AdaBLDM: training stages, Algorithm 1's blends, Algorithm 2's adaptation, resumable generation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import edgeinspect.generate_adabldm as gen_mod
+from edgeinspect.cli import main
+from edgeinspect.config import ConfigError, build_config
+from edgeinspect.generate_adabldm import generate_adabldm
+from edgeinspect.models.adabldm import ADABLDM_SIGNATURES, AdaBLDMModel
+from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
+from edgeinspect.runtime.blended import BlendedSampler, latent_mask
+from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.runtime.generation import load_index
+from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.training.adabldm import load_adabldm, train_adabldm
+from edgeinspect.training.diad import train_diad
+
+SEEDS = {"scratch": ["000.png", "001.png"]}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from tests.conftest import make_mvtec
+
+    return make_mvtec(tmp_path_factory.mktemp("ada") / "cat", n_train=6, n_good=2, n_defect=3)
+
+
+@pytest.fixture(scope="module")
+def base(data_root, tmp_path_factory):
+    cfg = build_config("diad", "tiny", {"train": {"data_root": str(data_root), "prompt": "a tile",
+                                                  "autoencoder_steps": 2, "unet_steps": 2, "guidance_steps": 0}})
+    run = tmp_path_factory.mktemp("base") / "run"
+    train_diad(cfg, run, progress=False)
+    return run
+
+
+def _cfg(data_root, base, **train):
+    t = {"data_root": str(data_root), "init_from": str(base), "seeds": SEEDS, "object_name": "tile"}
+    t.update(train)
+    return build_config("adabldm", "tiny", {"train": t})
+
+
+@pytest.fixture(scope="module")
+def run(data_root, base, tmp_path_factory):
+    run = tmp_path_factory.mktemp("adarun") / "run"
+    train_adabldm(_cfg(data_root, base), run, progress=False)
+    return run
+
+
+def test_training_stages_train_what_they_should(run, base):
+    final = load_file(str(run / "checkpoints/done/model.safetensors"))
+    after_domain = load_file(str(run / "checkpoints/domain-final/model.safetensors"))
+    start = load_file(str(base / "checkpoints/unet-final/model.safetensors"))
+    unet_keys = [k for k in final if k.startswith("unet.")]
+    ctrl_keys = [k for k in final if k.startswith("controls.scratch.")]
+    assert unet_keys and ctrl_keys
+    # the domain stage moved the UNet away from the base; the control stage left it frozen
+    assert any(not torch.equal(after_domain[k], start[k]) for k in unet_keys)
+    assert all(torch.equal(final[k], after_domain[k]) for k in unet_keys)
+    assert all(torch.equal(final[k], start[k]) for k in start if k.startswith("vae."))
+    # the control's zero convs left zero: it learnt something
+    zero_convs = [k for k in ctrl_keys if "zero_conv" in k and k.endswith("weight")]
+    assert any(final[k].abs().sum() > 0 for k in zero_convs)
+    seeds = json.loads((run / "seeds.json").read_text())
+    assert seeds == SEEDS
+
+
+def test_missing_base_and_seeds_say_what_to_do(data_root, base, tmp_path):
+    with pytest.raises(ValueError, match="train.init_from is not set"):
+        train_adabldm(_cfg(data_root, base, init_from=None), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="needs real seed defects"):
+        train_adabldm(_cfg(data_root, base, seeds={}), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="have no seeds"):
+        train_adabldm(_cfg(data_root, base, defect_types=["hole"]), tmp_path / "c", progress=False)
+    with pytest.raises(ConfigError, match="sampling"):
+        build_config("adabldm", "tiny", {"sampling": {"free_steps": 0, "latent_steps": 0, "pixel_steps": 0}})
+
+
+def _sampler(model, cfg, device="cpu"):
+    nets = torch_networks(model.role_modules("scratch"), device, ADABLDM_SIGNATURES)
+    return BlendedSampler(nets, DDIM(cfg.scheduler), cfg.sampling, cfg.model.vae.downsample_factor), nets
+
+
+def _inputs(cfg, b=2):
+    size = cfg.model.image_size
+    g = torch.Generator().manual_seed(0)
+    x_ok = torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    mask = torch.zeros(b, 1, size, size)
+    mask[:, :, 20:36, 24:40] = 1
+    trimap = 0.5 + 0.5 * mask
+    return x_ok, mask, trimap
+
+
+def test_latent_stage_keeps_the_noised_source_outside_the_mask(run):
+    cfg, model, _ = load_adabldm(run, {"sampling": {"free_steps": 1, "latent_steps": 3, "pixel_steps": 1,
+                                                    "mask_dilation": 1}})
+    sampler, nets = _sampler(model, cfg)
+    x_ok, mask, trimap = _inputs(cfg)
+    ctx = model.prompt_encoder(["a tile with a scratch"] * 2).detach()
+    res = sampler.sample(x_ok, mask, trimap, ctx, [1, 2], trace=True)
+    m_z = latent_mask(mask, cfg.model.vae.downsample_factor, 1)
+    assert m_z.sum() > mask.sum() / cfg.model.vae.downsample_factor ** 2  # dilated
+    latent_steps = [tr for tr in res.trace if tr[0] == "latent"]
+    assert len(latent_steps) == 3
+    for _, t, z, source_t in latent_steps:
+        outside = (1 - m_z).bool().expand_as(z)
+        torch.testing.assert_close(z[outside], source_t[outside], rtol=0, atol=0)
+        assert not torch.allclose(z[~outside], source_t[~outside])
+    # the source is the encoded x_ok noised to that step's level
+    z_ok = nets["vae_encoder"](image=x_ok)["latent"]
+    _, t, _, source_t = latent_steps[-1]
+    a = DDIM(cfg.scheduler).abar(t, z_ok)
+    implied_noise = (source_t - a.sqrt() * z_ok) / (1 - a).sqrt()
+    assert 0.5 < implied_noise.std() < 1.5
+
+
+def test_pixel_stage_returns_the_source_outside_the_mask_up_to_vae_error(run):
+    cfg, model, _ = load_adabldm(run, {"sampling": {"free_steps": 2, "latent_steps": 1, "pixel_steps": 2}})
+    sampler, nets = _sampler(model, cfg)
+    x_ok, mask, trimap = _inputs(cfg)
+    ctx = model.prompt_encoder(["a tile with a scratch"] * 2).detach()
+    res = sampler.sample(x_ok, mask, trimap, ctx, [5, 6])
+    roundtrip = nets["vae_decoder"](latent=nets["vae_encoder"](image=x_ok)["latent"])["image"].clamp(-1, 1)
+    # far from the mask (beyond the tiny autoencoder's reach) the output is the source's round trip
+    far = torch.ones_like(mask)
+    far[:, :, 12:44, 16:48] = 0
+    out_err = ((res.images - x_ok).abs() * far).sum() / far.sum() / 3
+    vae_err = ((roundtrip - x_ok).abs() * far).sum() / far.sum() / 3
+    assert out_err <= vae_err * 1.05 + 1e-3
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *a):
+        return self.fn(*a)
+
+
+def _stand_in_networks():
+    """A perfect autoencoder (latent = image) and a UNet that always predicts the same noise."""
+    modules = {
+        "vae_encoder": _Fn(lambda x: x.clone()),
+        "vae_decoder": _Fn(lambda z: z.clone()),
+        "trimap_encoder": _Fn(lambda m: torch.zeros(m.shape[0], 4, *m.shape[-2:])),
+        "unet": _Fn(lambda z, t, ctx, hint: 0.5 * torch.ones_like(z)),
+    }
+    return torch_networks(modules, "cpu", ADABLDM_SIGNATURES)
+
+
+@pytest.mark.parametrize("pixel_steps, exact", [(2, True), (0, False)])
+def test_pixel_stage_output_is_the_source_outside_the_mask(pixel_steps, exact):
+    cfg = build_config("adabldm", "tiny", {"sampling": {"free_steps": 2, "latent_steps": 2,
+                                                        "pixel_steps": pixel_steps}})
+    sampler = BlendedSampler(_stand_in_networks(), DDIM(cfg.scheduler), cfg.sampling, latent_factor=1)
+    x_ok, mask, trimap = _inputs(cfg)
+    res = sampler.sample(x_ok, mask, trimap, torch.zeros(2, 4, 16), [1, 2])
+    outside = (mask == 0).expand_as(x_ok)
+    if exact:
+        torch.testing.assert_close(res.images[outside], x_ok[outside], rtol=0, atol=1e-6)
+    else:
+        assert (res.images[outside] - x_ok[outside]).abs().mean() > 0.05
+    assert (res.images[~outside] - x_ok[~outside]).abs().mean() > 0.05  # the defect region was generated
+
+
+def test_samples_depend_on_their_seed_only(run):
+    cfg, model, _ = load_adabldm(run)
+    sampler, _ = _sampler(model, cfg)
+    x_ok, mask, trimap = _inputs(cfg, 3)
+    ctx = model.prompt_encoder(["a tile with a scratch"] * 3).detach()
+    batch = sampler.sample(x_ok, mask, trimap, ctx, [7, 8, 9]).latents
+    alone = sampler.sample(x_ok[1:2], mask[1:2], trimap[1:2], ctx[1:2], [8]).latents
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[1])
+
+
+def test_decoder_adaptation_lowers_the_normal_region_loss_and_keeps_the_original(run):
+    _, model, _ = load_adabldm(run)
+    decoder = LatentDecoder.from_vae(model.vae)
+    original = {k: v.clone() for k, v in decoder.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    size = model.cfg.model.image_size
+    z = torch.randn(4, size // 2, size // 2, generator=g)
+    ramp = torch.linspace(-0.8, 0.8, size)
+    x_ok = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size),
+                        torch.zeros(size, size)])  # a smooth normal image a decoder can learn
+    mask = torch.zeros(1, size, size)
+    mask[:, 10:30, 10:30] = 1
+    res = adapt_decoder(decoder, z, x_ok, mask, steps=40, lr=3e-3, lambda_con=100.0)
+    assert res.loss_outside[-1] < 0.8 * res.loss_outside[0]
+    final_outside = (((res.image - x_ok) ** 2) * (1 - mask)).sum() / (1 - mask).sum() / 3
+    first_outside = (((res.before - x_ok) ** 2) * (1 - mask)).sum() / (1 - mask).sum() / 3
+    assert final_outside < first_outside
+    # the defect region stays close to what the original decoder drew (lambda_con)
+    inside = (((res.image - res.before) ** 2) * mask).sum() / mask.sum() / 3
+    assert inside < 0.1 * first_outside
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, original[k]), k
+
+
+def test_generation_resumes_without_duplicates_or_gaps(run, tmp_path, monkeypatch):
+    whole = generate_adabldm(run, tmp_path / "whole", n_per_type=4, progress=False)
+    calls = {"n": 0}
+    real_write = gen_mod.GenerationWriter.write
+
+    def dying_write(self, i, *a, **k):
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real_write(self, i, *a, **k)
+
+    monkeypatch.setattr(gen_mod.GenerationWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        generate_adabldm(run, tmp_path / "killed", n_per_type=4, progress=False)
+    assert len(load_index(tmp_path / "killed")["items"]) == 3
+    monkeypatch.setattr(gen_mod.GenerationWriter, "write", real_write)
+    generate_adabldm(run, tmp_path / "killed", n_per_type=4, progress=False)
+    a, b = load_index(whole)["items"], load_index(tmp_path / "killed")["items"]
+    assert sorted(map(int, b)) == [0, 1, 2, 3]
+    import cv2
+
+    for k in a:
+        assert a[k]["seed"] == b[k]["seed"] and a[k]["source_image"] == b[k]["source_image"]
+        ia = cv2.imread(str(whole / a[k]["image"]))
+        ib = cv2.imread(str(tmp_path / "killed" / b[k]["image"]))
+        assert np.abs(ia.astype(int) - ib.astype(int)).max() <= 1
+        mask = cv2.imread(str(whole / a[k]["mask"]), 0) > 0
+        trimap = cv2.imread(str(whole / a[k]["trimap"]), 0)
+        assert mask.any() and (trimap[mask] == 255).all() and set(np.unique(trimap)) <= {0, 128, 255}
+
+
+def test_cli_train_and_generate(data_root, base, tmp_path, capsys):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text(f"method: adabldm\nmodel: {{preset: tiny}}\ntrain:\n  data_root: {data_root}\n"
+                   f"  init_from: {base}\n  seeds: {{scratch: ['000.png']}}\n")
+    assert main(["train", "adabldm", "--config", str(cfg), "--run", str(tmp_path / "run"), "--quiet"]) == 0
+    out = tmp_path / "gen"
+    assert main(["generate", "adabldm", "--model", str(tmp_path / "run"), "--out", str(out), "--per-type", "2",
+                 "--quiet", "--set", "sampling.adapt_steps=1"]) == 0
+    index = load_index(out)
+    assert len(index["items"]) == 2 and index["settings"]["sampling"]["adapt_steps"] == 1
+    assert "2 images" in capsys.readouterr().out
+    assert main(["generate", "adabldm", "--model", str(tmp_path / "run"), "--out", str(out), "--per-type", "2",
+                 "--quiet", "--set", "sampling.adapt_steps=2"]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_model_rejects_an_unknown_defect_type(run):
+    _, model, _ = load_adabldm(run)
+    assert isinstance(model, AdaBLDMModel)
+    with pytest.raises(KeyError, match="no control branch for defect type 'hole'"):
+        model.role_modules("hole")
+    hint = model.role_modules("scratch")["trimap_encoder"](torch.full((1, 1, 64, 64), 0.5))
+    assert hint.shape == (1, model.unet.config.block_out_channels[0], 32, 32)
