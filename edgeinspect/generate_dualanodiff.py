@@ -7,21 +7,25 @@ background, which is right for textures such as MTD tiles). Outputs are generate
 items were written before a kill, so a resumed job computes every image with exactly the same
 batch as the first attempt did and writes only the missing ones (GenerationWriter: atomic PNGs,
 index updated after each pair, no duplicates or gaps).
+
+`run_dual_job` is that job on any networks: `generate_dualanodiff` gives it a trained run's torch
+networks, runtime/dualanodiff_bundle.py a bundle's.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgeinspect.config import dump_config
+from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, read_image, resize_image, tensor_to_image
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.dual import DualSampler, PromptContexts
 from edgeinspect.runtime.generation import GenerationWriter
-from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.runtime.networks import Networks, torch_networks
 from edgeinspect.training.checkpoint import resolve_checkpoint
 from edgeinspect.training.dualanodiff import load_dualanodiff
 
@@ -33,10 +37,23 @@ def background_index(seed: int, count: int) -> int:
 
 def generate_dualanodiff(model: Path, out_dir: Path, n: int, data_root: Path | None = None,
                          overrides: dict | None = None, progress: bool = True) -> Path:
-    """Generate (or complete) `n` pairs into `out_dir`; returns `out_dir`."""
+    """Generate (or complete) `n` pairs into `out_dir` from a trained run; returns `out_dir`."""
     cfg, net, extra = load_dualanodiff(model, overrides)
-    s = cfg.sampling
     device = torch.device(cfg.runtime.device)
+    with torch.inference_mode():
+        enc = net.prompt_encoder
+        contexts = PromptContexts(enc([cfg.prompts.whole_prompt]), enc([cfg.prompts.part_prompt]), enc([""]))
+    return run_dual_job(cfg, torch_networks(net.role_modules(), device), contexts,
+                        {"model": str(resolve_checkpoint(model).resolve())}, extra.get("defect_type"), out_dir, n,
+                        data_root, progress)
+
+
+def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptContexts, source: dict,
+                 defect_type: str | None, out_dir: Path, n: int, data_root: Path | None = None,
+                 progress: bool = True) -> Path:
+    """Generate (or complete) `n` pairs into `out_dir` on `networks` (a run's torch networks or a bundle's);
+    `source` names the model in the job's settings. Returns `out_dir`."""
+    s = cfg.sampling
     size = cfg.model.image_size
     normals = None
     if cfg.bcm.enabled:
@@ -46,8 +63,8 @@ def generate_dualanodiff(model: Path, out_dir: Path, n: int, data_root: Path | N
         normals = MVTecFolder(data_root, "train", size, defect_types=["good"]).samples
     settings = {
         "method": "dualanodiff",
-        "model": str(resolve_checkpoint(model).resolve()),
-        "defect_type": extra.get("defect_type"),
+        **source,
+        "defect_type": defect_type,
         "prompts": {"whole": cfg.prompts.whole_prompt, "part": cfg.prompts.part_prompt},
         "sampling": dump_config(s),
         "image_size": size,
@@ -58,13 +75,8 @@ def generate_dualanodiff(model: Path, out_dir: Path, n: int, data_root: Path | N
     if not pending:
         return Path(out_dir)
 
-    net.to(device)
-    with torch.inference_mode():
-        enc = net.prompt_encoder
-        contexts = PromptContexts(enc([cfg.prompts.whole_prompt]), enc([cfg.prompts.part_prompt]), enc([""]))
     latent_shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
-    sampler = DualSampler(torch_networks(net.role_modules(), device), DDIM(cfg.scheduler), contexts, s,
-                          latent_shape, background=cfg.bcm.enabled)
+    sampler = DualSampler(networks, DDIM(cfg.scheduler), contexts, s, latent_shape, background=cfg.bcm.enabled)
     with writer.progress("dualanodiff", enabled=progress) as bar:
         for start in range(0, n, s.batch_size):
             batch = list(range(start, min(start + s.batch_size, n)))
@@ -80,7 +92,7 @@ def generate_dualanodiff(model: Path, out_dir: Path, n: int, data_root: Path | N
             for k, i in enumerate(batch):
                 if i not in pending:
                     continue
-                record = {"seed": seeds[k], "background": sources[k], "defect_type": extra.get("defect_type")}
+                record = {"seed": seeds[k], "background": sources[k], "defect_type": defect_type}
                 writer.write(i, tensor_to_image(out.whole[k]), out.masks[k], record)
                 bar.update(1)
     return Path(out_dir)
