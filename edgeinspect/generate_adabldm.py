@@ -6,7 +6,9 @@ seed mask and its placement. So a killed job rerun into the same folder continue
 and regenerates nothing twice (runtime/generation.py keeps the index).
 
 Per batch: Algorithm 1 (runtime/blended.py) on the networks of the chosen backend, then per sample
-Algorithm 2 (runtime/adaptation.py) in PyTorch on a fresh copy of the decoder.
+Algorithm 2 (runtime/adaptation.py) in PyTorch on a fresh copy of the decoder. `run_blended_job` is
+that job whatever its source: `generate_adabldm` feeds it a trained run's torch networks,
+runtime/adabldm_bundle.py a bundle's networks, decoder weights, contexts and seed masks.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgeinspect.config import dump_config
+from edgeinspect.config import AdaBLDMConfig, dump_config
 from edgeinspect.data.mvtec import MVTecFolder, tensor_to_image, uint8_to_model
 from edgeinspect.data.trimap import MaskDoesNotFit, make_trimap, place_mask
 from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
@@ -28,7 +31,7 @@ from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.runtime.blended import BlendedSampler
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.generation import GenerationWriter
-from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.runtime.networks import Networks, torch_networks
 from edgeinspect.training.adabldm import defect_prompt, foregrounds, load_adabldm, load_seeds
 from edgeinspect.training.checkpoint import resolve_checkpoint
 
@@ -69,13 +72,30 @@ def plan_item(i: int, base_seed: int, types: list[str], n_per_type: int, n_norma
                          f"drawn; last: {failures[-1]}")
 
 
+@dataclass
+class BlendedJob:
+    """What an AdaBLDM generation job runs with, whether from a trained run (torch) or a bundle (its
+    backend): the loop's networks per defect type, the original decoder that each sample's adaptation
+    copies, the prompt contexts and the seed masks; `source` names the model in the job's settings."""
+
+    cfg: AdaBLDMConfig
+    types: list[str]
+    networks: Callable[[str], Networks]  # defect type -> vae_encoder, trimap_encoder, unet, vae_decoder
+    decoder: LatentDecoder
+    prompts: dict[str, str]  # defect type -> its prompt
+    contexts: dict[str, torch.Tensor]  # defect type -> its prompt's embedding (1, L, D)
+    empty_context: torch.Tensor  # (1, L, D)
+    seed_masks: dict[str, np.ndarray]  # defect type -> bool (k, H, W) at the model size
+    seed_names: dict[str, list[str]]  # defect type -> the k seed images' names
+    source: dict
+
+
 def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, data_root: str | Path | None = None,
                      defect_types: list[str] | None = None, overrides: dict | None = None,
                      progress: bool = True, keep_before: bool = True) -> Path:
-    """Generate n_per_type defects of each type into out_dir (resumable); returns out_dir."""
+    """Generate n_per_type defects of each type into out_dir (resumable) from a trained run; returns out_dir."""
     ckpt = resolve_checkpoint(model)
     cfg, net, _ = load_adabldm(ckpt, overrides)
-    s = cfg.sampling
     device = torch.device(cfg.runtime.device)
     if cfg.runtime.backend != "torch":
         raise ValueError("a trained run generates with the torch backend; export it to a bundle and use "
@@ -85,22 +105,34 @@ def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, da
     unknown = sorted(set(types) - set(net.defect_types))
     if unknown:
         raise ValueError(f"no control branch for {unknown}; this model has {net.defect_types}")
-    size = cfg.model.image_size
-    normals = MVTecFolder(root, "train", size)
-    normals_u8, _, _ = normals.load_all()
-    seed_names = _run_seeds(ckpt)
-    seeds = load_seeds(root, {k: seed_names[k] for k in types}, size)
-    fg = foregrounds(cfg, normals_u8)
+    seed_names = run_seed_names(ckpt)
+    seeds = load_seeds(root, {k: seed_names[k] for k in types}, cfg.model.image_size)
+    net.to(device)
+    prompts = {t: defect_prompt(cfg, t) for t in types}
+    with torch.inference_mode():
+        contexts = {t: net.prompt_encoder([p]) for t, p in prompts.items()}
+        empty = net.prompt_encoder([""])
+    job = BlendedJob(
+        cfg, types, lambda t: torch_networks(net.role_modules(t), device, ADABLDM_SIGNATURES),
+        LatentDecoder.from_vae(net.vae).to(device), prompts, contexts, empty,
+        {k: v.masks.numpy() for k, v in seeds.items()}, {k: v.names for k, v in seeds.items()},
+        {"checkpoint": str(ckpt)})
+    return run_blended_job(job, out_dir, n_per_type, root, progress, keep_before)
 
-    settings = {"method": "adabldm", "checkpoint": str(ckpt), "data_root": str(root), "defect_types": types,
+
+def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_root: Path, progress: bool = True,
+                    keep_before: bool = True) -> Path:
+    """Plan, sample (Algorithm 1 on the job's networks), adapt (Algorithm 2 in PyTorch) and write every
+    pending item of the job; returns out_dir."""
+    cfg, types = job.cfg, job.types
+    s = cfg.sampling
+    normals = MVTecFolder(data_root, "train", cfg.model.image_size)
+    normals_u8, _, _ = normals.load_all()
+    fg = foregrounds(cfg, normals_u8)
+    settings = {"method": "adabldm", **job.source, "data_root": str(data_root), "defect_types": types,
                 "n_per_type": n_per_type, "sampling": dump_config(s), "foreground": dump_config(cfg.foreground)}
     writer = GenerationWriter(out_dir, settings, total=n_per_type * len(types))
-    net.to(device)
-    decoder = LatentDecoder.from_vae(net.vae).to(device)
     schedule = DDIM(cfg.scheduler)
-    seed_masks = {k: v.masks.numpy() for k, v in seeds.items()}
-    with torch.inference_mode():
-        uncond_one = net.prompt_encoder([""])
 
     pending = writer.pending()
     with writer.progress("adabldm", progress) as bar:
@@ -108,12 +140,10 @@ def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, da
             todo = [i for i in pending if types[i // n_per_type] == dtype]
             if not todo:
                 continue
-            nets = torch_networks(net.role_modules(dtype), device, ADABLDM_SIGNATURES)
-            sampler = BlendedSampler(nets, schedule, s, cfg.model.vae.downsample_factor)
-            with torch.inference_mode():
-                ctx_one = net.prompt_encoder([defect_prompt(cfg, dtype)])
+            sampler = BlendedSampler(job.networks(dtype), schedule, s, cfg.model.vae.downsample_factor)
+            prompt = job.prompts[dtype]
             for start in range(0, len(todo), s.batch_size):
-                plans = [plan_item(i, s.seed, types, n_per_type, len(normals_u8), seed_masks, fg, s.placement)
+                plans = [plan_item(i, s.seed, types, n_per_type, len(normals_u8), job.seed_masks, fg, s.placement)
                          for i in todo[start:start + s.batch_size]]
                 for p in plans:
                     if p.placement_failures:
@@ -124,17 +154,17 @@ def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, da
                 mask = torch.from_numpy(np.stack([p.mask for p in plans]))[:, None].float()
                 trimap = torch.from_numpy(np.stack([make_trimap(p.mask, fg[p.normal]) for p in plans]))[:, None]
                 t0 = time.perf_counter()
-                res = sampler.sample(x_ok, mask, trimap, ctx_one.expand(b, -1, -1), [p.seed for p in plans],
-                                     uncond_context=uncond_one.expand(b, -1, -1))
+                res = sampler.sample(x_ok, mask, trimap, job.contexts[dtype].expand(b, -1, -1),
+                                     [p.seed for p in plans], uncond_context=job.empty_context.expand(b, -1, -1))
                 sampling_s = (time.perf_counter() - t0) / b
                 for k, p in enumerate(plans):
                     t1 = time.perf_counter()
-                    ad = adapt_decoder(decoder, res.latents[k], x_ok[k], mask[k], s.adapt_steps, s.adapt_lr,
+                    ad = adapt_decoder(job.decoder, res.latents[k], x_ok[k], mask[k], s.adapt_steps, s.adapt_lr,
                                        s.lambda_con)
                     adapt_s = time.perf_counter() - t1
-                    record = {"seed": p.seed, "defect_type": dtype, "prompt": defect_prompt(cfg, dtype),
+                    record = {"seed": p.seed, "defect_type": dtype, "prompt": prompt,
                               "source_image": normals.samples[p.normal].path.name,
-                              "seed_defect": seeds[dtype].names[p.seed_defect], "placement": p.placement,
+                              "seed_defect": job.seed_names[dtype][p.seed_defect], "placement": p.placement,
                               "placement_failures": p.placement_failures, "sampling_s": sampling_s,
                               "adaptation_s": adapt_s,
                               "adaptation_loss": {"outside_first": ad.loss_outside[:1], "outside_last":
@@ -147,7 +177,8 @@ def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, da
     return Path(out_dir)
 
 
-def _run_seeds(ckpt: Path) -> dict[str, list[str]]:
+def run_seed_names(ckpt: Path) -> dict[str, list[str]]:
+    """The seed defects a run trained on, per type (its seeds.json)."""
     f = ckpt.parent.parent / "seeds.json"
     if not f.is_file():
         raise FileNotFoundError(f"{f} is missing: the run does not record its seed defects")

@@ -1,5 +1,6 @@
-"""Writing the deployable bundle: ONNX graphs (fp32 and fp16), prompt context, settings, config and a
-manifest with every file's sha256, written atomically (a temporary folder renamed into place).
+"""Writing the deployable bundle: ONNX graphs (fp32 and fp16), prompt context(s), payload tensors,
+settings, config and a manifest with every file's sha256, written atomically (a temporary folder
+renamed into place).
 
 The layout and the checks made on load are described in `edgeinspect.runtime.bundle_loading`.
 """
@@ -36,7 +37,7 @@ from edgeinspect.runtime.bundle_loading import (
 )
 
 
-EXPORTABLE_METHODS = ("diad", "glad")
+EXPORTABLE_METHODS = ("diad", "glad", "adabldm", "dualanodiff")
 
 
 def package_versions() -> dict[str, str]:
@@ -92,10 +93,17 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
                  source: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                  parity_atol: float = 1e-4, parity_rtol: float = 1e-3, fp16_atol: float = 1e-2,
                  fp16_rtol: float = 5e-2, threads: int | None = None, progress: bool = False,
-                 method_settings: dict[str, Any] | None = None) -> Path:
+                 method_settings: dict[str, Any] | None = None, contexts: dict[str, torch.Tensor] | None = None,
+                 payload: dict[str, dict[str, torch.Tensor]] | None = None,
+                 role_options: dict[str, Any] | None = None) -> Path:
     """Export a loaded model to a bundle folder (see `export_bundle` for a run folder). `method_settings`:
     what the method's loop runs with beyond the config (GLAD: the resolved ADP threshold), stored as the
-    manifest's `method_settings` and in settings.json."""
+    manifest's `method_settings` and in settings.json.
+
+    A generator's loop needs more than one prompt context and some tensors besides graphs: `contexts`
+    (name -> (1, L, D); the first is also the bundle's `context`, else it is the embedding of
+    train.prompt), `payload` (name -> tensors, written to <name>.safetensors) and `role_options`
+    (passed to the role builders as ExportContext.extra, e.g. AdaBLDM's defect type)."""
     from edgeinspect.config import dump_config
     from edgeinspect.export.fp16 import FP16_OP_BLOCK_LIST, convert_onnx_fp16
     from safetensors.torch import save_file
@@ -121,10 +129,17 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
                           "match no other build of it", UserWarning, stacklevel=2)
     if features is not None:
         features = features.eval()
-    prompt = cfg.train.prompt if cfg.train.prompt is not None else ""  # GLAD: as glad_pipeline does
-    with torch.no_grad():
-        context = model.context(prompt).detach().float().cpu().contiguous()
-    specs = build_role_exports(method, ExportContext(cfg, model, features, context), list(roles) if roles else None)
+    named = {k: v.detach().float().cpu().contiguous() for k, v in (contexts or {}).items()}
+    if "context" in named:
+        raise ExportError("a named context cannot be called 'context' (the key of the bundle's single context)")
+    if named:
+        context = next(iter(named.values()))
+    else:
+        prompt = cfg.train.prompt if cfg.train.prompt is not None else ""  # GLAD: as glad_pipeline does
+        with torch.no_grad():
+            context = model.context(prompt).detach().float().cpu().contiguous()
+    specs = build_role_exports(method, ExportContext(cfg, model, features, context, dict(role_options or {}), named),
+                               list(roles) if roles else None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -160,11 +175,19 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             entry = NetworkEntry(role, graph.inputs, graph.outputs, files, real, spec.batch_multiplier, spec.pipeline)
             networks[role] = {**entry.to_json(), "external_data": graph.external_data, "notes": spec.notes}
 
-        save_file({"context": context}, str(tmp / "context.safetensors"))
+        save_file({"context": context.clone(), **named}, str(tmp / "context.safetensors"))
+        payload_files = {}
+        for name, tensors in (payload or {}).items():
+            if not name.isidentifier() or name == "context":
+                raise ExportError(f"bad payload name {name!r} (an identifier other than 'context')")
+            payload_files[name] = f"{name}.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / payload_files[name]))
         config = dump_config(cfg)
         _write_json(tmp / "config.json", config)
-        settings = {k: config[k] for k in ("scheduler", "inference", "scoring", "runtime") if k in config}
-        settings["feature_size"] = cfg.scoring.feature_size
+        settings = {k: config[k] for k in ("scheduler", "inference", "scoring", "sampling", "runtime") if k in config}
+        scoring = getattr(cfg, "scoring", None)  # generators score nothing
+        if scoring is not None:
+            settings["feature_size"] = scoring.feature_size
         if method_settings is not None:
             settings["method_settings"] = method_settings
         _write_json(tmp / "settings.json", settings)
@@ -172,7 +195,8 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
         manifest = {
             "format": BUNDLE_FORMAT, "schema_version": SCHEMA_VERSION, "method": method,
             "preset": cfg.model.preset, "image_size": cfg.model.image_size, "latent_size": cfg.model.latent_size,
-            "feature_size": cfg.scoring.feature_size or cfg.model.image_size, "opset": real_opset,
+            "feature_size": (scoring.feature_size or cfg.model.image_size) if scoring is not None else None,
+            "opset": real_opset,
             "exporter": exporter, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(), "source": source or {}, "precisions": list(precision),
             "context": {"file": "context.safetensors", "key": "context", "shape": list(context.shape)},
@@ -185,6 +209,10 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
         }
         if method_settings is not None:
             manifest["method_settings"] = method_settings
+        if named:
+            manifest["contexts"] = {k: {"key": k, "shape": list(v.shape)} for k, v in named.items()}
+        if payload_files:
+            manifest["payload"] = payload_files
         _write_json(tmp / MANIFEST, finalize_manifest(tmp, manifest))
         _fsync_tree(tmp)
         if out.exists():
@@ -202,10 +230,12 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
 
 def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[str] = ("fp32", "fp16"), *,
                   features: torch.nn.Module | None = None, engines: bool = False,
-                  engine_max_batch: int | None = None, overwrite: bool = False, **kwargs: Any) -> Path:
+                  engine_max_batch: int | None = None, overwrite: bool = False, defect_type: str | None = None,
+                  data_root: str | Path | None = None, **kwargs: Any) -> Path:
     """Export a trained run (or checkpoint folder) to a bundle; `engines=True` also builds the TensorRT
     engines into <bundle>/engines (only on a machine with a GPU and tensorrt: checked before exporting).
-    Other keyword arguments: see `write_bundle`."""
+    AdaBLDM: one bundle per `defect_type` (may be left out when the run has one), its seed masks read
+    from `data_root` (default: the run's train.data_root). Other keyword arguments: see `write_bundle`."""
     from edgeinspect.runtime.torch_backend import load_diad
     from edgeinspect.training.checkpoint import resolve_checkpoint
 
@@ -219,19 +249,33 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[
     if method not in EXPORTABLE_METHODS:
         raise ExportError(f"{run_dir} is a {method!r} run: only {list(EXPORTABLE_METHODS)} runs can be exported so "
                           "far (a method is added by registering its roles, see edgeinspect/export/roles.py)")
-    method_settings = None
+    if (defect_type is not None or data_root is not None) and method != "adabldm":
+        raise ExportError(f"{run_dir} is a {method!r} run: a defect type and data folder are AdaBLDM export options")
+    parts: dict[str, Any] = {}
     if method == "glad":
         from edgeinspect.export.glad import glad_method_settings
         from edgeinspect.training.glad import load_glad
 
         cfg, model, extra = load_glad(run_dir)
-        method_settings = glad_method_settings(cfg, extra)
+        parts["method_settings"] = glad_method_settings(cfg, extra)
+    elif method == "adabldm":
+        from edgeinspect.export.adabldm import adabldm_bundle_parts
+        from edgeinspect.training.adabldm import load_adabldm
+
+        cfg, model, _ = load_adabldm(ckpt)
+        parts = adabldm_bundle_parts(cfg, model, ckpt, defect_type, data_root)
+    elif method == "dualanodiff":
+        from edgeinspect.export.dualanodiff import dualanodiff_bundle_parts
+        from edgeinspect.training.dualanodiff import load_dualanodiff
+
+        cfg, model, extra = load_dualanodiff(ckpt)
+        parts = dualanodiff_bundle_parts(cfg, model, extra)
     else:
         cfg, model = load_diad(run_dir)
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
               "weights_sha256": sha256_file(ckpt / "model.safetensors")}
     out = write_bundle(cfg, model, out_dir, features=features, precision=precision, overwrite=overwrite,
-                       source=source, method_settings=method_settings, **kwargs)
+                       source=source, **parts, **kwargs)
     if engines:
         from edgeinspect.export.tensorrt import build_bundle_engines
 

@@ -20,7 +20,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         out = export_bundle(args.model, args.out, precision, engines=args.engines, engine_max_batch=args.max_batch,
                             overwrite=args.overwrite, opset=args.opset, exporter=args.exporter,
-                            threads=args.threads, progress=not args.quiet)
+                            threads=args.threads, progress=not args.quiet, defect_type=args.defect_type,
+                            data_root=args.data)
     except (TensorRTUnavailableError, ExportError, Fp16ConversionError, BundleError, CheckpointError,
             ConfigError) as e:
         print(f"edgeinspect export: {e}", file=sys.stderr)
@@ -53,6 +54,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (dynamo needs onnxscript)")
+    p.add_argument("--defect-type", help="AdaBLDM: the defect type to export (one bundle per type; default: the "
+                                         "run's only type)")
+    p.add_argument("--data", type=Path, help="AdaBLDM: data folder with the seed defects' masks (default: the run's)")
     p.add_argument("--threads", type=int, help="onnxruntime threads for the parity checks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

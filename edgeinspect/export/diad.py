@@ -45,7 +45,9 @@ class _Sizes:
         self.unet_factor = 2 ** (len(m.unet.block_out_channels) - 1)
         self.latent = m.latent_size
         self.latent_channels = m.vae.latent_channels
-        self.feature = cfg.scoring.feature_size or m.image_size
+        # generators (AdaBLDM, DualAnoDiff) have no scoring section and no features role
+        scoring = getattr(cfg, "scoring", None)
+        self.feature = (scoring.feature_size if scoring is not None else None) or m.image_size
         # probe: one more multiple of the whole downsampling, so every level stays an integer size
         self.probe_image = self.image + self.vae_factor * self.unet_factor
         self.probe_latent = self.probe_image // self.vae_factor

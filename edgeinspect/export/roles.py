@@ -19,14 +19,16 @@ from torch import nn
 
 @dataclass
 class ExportContext:
-    """Everything a role builder may need: the method's config, its model, the feature extractor and
-    the prompt context (a constant per deployment)."""
+    """Everything a role builder may need: the method's config, its model, the feature extractor, the
+    prompt context (a constant per deployment), the named contexts of a generator's loop (AdaBLDM:
+    defect, empty; DualAnoDiff: whole, part, empty) and method options (AdaBLDM: the defect type)."""
 
     cfg: Any
     model: nn.Module
     features: nn.Module | None = None
     context: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    contexts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,7 +57,9 @@ class RoleExport:
         return tuple(shape)
 
 
-RoleBuilder = Callable[[ExportContext], RoleExport]
+# A builder returns None when its role does not apply to the model at hand (DualAnoDiff exports
+# dual_unet with BCM and dual_unet_plain without).
+RoleBuilder = Callable[[ExportContext], "RoleExport | None"]
 _REGISTRY: dict[str, dict[str, RoleBuilder]] = {}
 
 
@@ -74,6 +78,10 @@ def _load_method_roles(method: str) -> None:
         import edgeinspect.export.diad  # noqa: F401  (registers the DiAD roles)
     elif method == "glad":
         import edgeinspect.export.glad  # noqa: F401  (registers the GLAD roles)
+    elif method == "adabldm":
+        import edgeinspect.export.adabldm  # noqa: F401  (registers the AdaBLDM roles)
+    elif method == "dualanodiff":
+        import edgeinspect.export.dualanodiff  # noqa: F401  (registers the DualAnoDiff roles)
 
 
 def method_roles(method: str) -> list[str]:
@@ -85,13 +93,16 @@ def method_roles(method: str) -> list[str]:
 
 def build_role_exports(method: str, ctx: ExportContext, roles: list[str] | None = None) -> dict[str, RoleExport]:
     known = method_roles(method)
-    roles = roles or known
-    unknown = [r for r in roles if r not in known]
+    unknown = [r for r in roles or [] if r not in known]
     if unknown:
         raise KeyError(f"method {method!r} has no export role(s) {unknown} (it has {known})")
     out = {}
-    for role in roles:
+    for role in roles or known:
         spec = _REGISTRY[method][role](ctx)
+        if spec is None:
+            if roles:
+                raise KeyError(f"export role {role!r} does not apply to this {method!r} model")
+            continue
         if spec.role != role:
             raise ValueError(f"builder for {role!r} returned a RoleExport for {spec.role!r}")
         out[role] = spec

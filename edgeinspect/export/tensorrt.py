@@ -121,7 +121,7 @@ def build_profile(inputs: Sequence[TensorSpec], max_batch: int, opt_batch: int |
 
 def bundle_profiles(bundle: Bundle, max_batch: int | None = None, opt_batch: int | None = None,
                     roles: Sequence[str] | None = None) -> dict[str, OptimizationProfile]:
-    max_batch = max_batch or bundle.config.inference.batch_size
+    max_batch = max_batch or bundle.batch_size
     opt_batch = min(opt_batch or max_batch, max_batch)
     out = {}
     for role in roles or bundle.pipeline_roles():

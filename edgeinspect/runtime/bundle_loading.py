@@ -7,7 +7,11 @@ A bundle (written by `edgeinspect.export.bundle.export_bundle`) is one folder:
     config.json            the full validated config of the run the bundle was exported from
     settings.json          scheduler (DDIM), inference and scoring settings, for readers without pydantic
     context.safetensors    the prompt embedding (a constant per deployment: the prompt encoder is not
-                           exported)
+                           exported) under "context"; a generator's loop needs several, stored beside
+                           it under their names (manifest `contexts`: AdaBLDM defect/empty,
+                           DualAnoDiff whole/part/empty)
+    <name>.safetensors     payload tensors a generator's loop needs besides graphs (manifest `payload`:
+                           AdaBLDM's decoder weights for its PyTorch adaptation and its seed masks)
     onnx/<role>.onnx       one graph per network role (fp32); onnx/<role>.fp16.onnx the fp16 variants
     engines/               TensorRT engines, built on the target machine (a cache: not hashed, every
                            engine is keyed by GPU, TensorRT version, profile and ONNX hash instead)
@@ -16,7 +20,8 @@ A bundle (written by `edgeinspect.export.bundle.export_bundle`) is one folder:
                            manifest's `calibration` slot
 
 The manifest's `method_settings` hold what a method's loop runs with beyond the config (GLAD: the
-category's ADP settings and the resolved firing threshold).
+category's ADP settings and the resolved firing threshold; AdaBLDM: the defect type, its seed-defect
+names and the decoder's architecture; DualAnoDiff: the defect type and prompts).
 
 `load_bundle` refuses a bundle whose files do not match their hashes, whose manifest was edited,
 that misses a file, or that was written by an incompatible edgeinspect (major version, schema) or
@@ -25,6 +30,8 @@ they are not a signature (whoever can write the folder can recompute them).
 
 A bundle holds graphs, not torch weights: the torch backend runs from the run folder
 (`edgeinspect.runtime.torch_backend.load_diad`, `edgeinspect.training.glad.load_glad`), never from a bundle.
+The one exception is AdaBLDM's decoder, whose per-sample adaptation needs gradients: its weights are
+payload, and the adaptation runs in PyTorch whatever backend runs the loop.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +62,10 @@ _REQUIRED_KEYS = {
 }
 _PIPELINE_ROLES = {"diad": ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"),
                    "glad": ("vae_encoder", "unet_plain", "vae_decoder", "features")}
+# Generators run as generation jobs (edgeinspect.runtime.adabldm_bundle, .dualanodiff_bundle), not as an
+# inspection pipeline. DualAnoDiff also needs dual_unet (BCM on) or dual_unet_plain (BCM off).
+_GENERATOR_ROLES = {"adabldm": ("vae_encoder", "trimap_encoder", "unet", "vae_decoder"),
+                    "dualanodiff": ("vae_encoder", "vae_decoder")}
 
 
 class BundleError(ValueError):
@@ -151,6 +162,7 @@ class Bundle:
     manifest: dict[str, Any]
     config: Any  # the method's validated config (DiADConfig)
     context: torch.Tensor
+    contexts: dict[str, torch.Tensor] = field(default_factory=dict)  # a generator's named prompt contexts
 
     @property
     def method(self) -> str:
@@ -163,6 +175,21 @@ class Bundle:
     @property
     def calibration(self) -> dict[str, Any] | None:
         return self.manifest.get("calibration")
+
+    @property
+    def batch_size(self) -> int:
+        """Frames (inspection) or samples (generators) per loop call: what TensorRT profiles are built for."""
+        cfg = self.config
+        return cfg.inference.batch_size if hasattr(cfg, "inference") else cfg.sampling.batch_size
+
+    def payload(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of a payload file (verified with the bundle, like every file)."""
+        from safetensors.torch import load_file
+
+        files = self.manifest.get("payload") or {}
+        if name not in files:
+            raise BundleError(f"{self.path / MANIFEST}: the bundle has no payload {name!r} (it has {sorted(files)})")
+        return load_file(str(self.path / files[name]))
 
     @property
     def networks(self) -> dict[str, NetworkEntry]:
@@ -244,6 +271,7 @@ def _check_files(path: Path, manifest: dict[str, Any]) -> None:
         if p.is_absolute() or ".." in p.parts:
             raise _fail(path, f"{MANIFEST}: file entry {rel!r} points outside the bundle")
     referenced = {manifest["config"], manifest["settings"], manifest["context"].get("file", "")}
+    referenced.update((manifest.get("payload") or {}).values())
     for role, entry in manifest["networks"].items():
         if not isinstance(entry, dict) or "files" not in entry or "inputs" not in entry or "outputs" not in entry:
             raise _fail(path, f"{MANIFEST}: networks.{role} needs inputs, outputs and files")
@@ -275,8 +303,9 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     _check_schema(path, manifest)
     _check_versions(path, manifest)
     _check_files(path, manifest)
-    if manifest["method"] in _PIPELINE_ROLES:
-        missing = [r for r in _PIPELINE_ROLES[manifest["method"]] if r not in manifest["networks"]]
+    required = {**_PIPELINE_ROLES, **_GENERATOR_ROLES}
+    if manifest["method"] in required:
+        missing = [r for r in required[manifest["method"]] if r not in manifest["networks"]]
         if missing:
             raise _fail(path, f"{MANIFEST}: method {manifest['method']!r} needs networks {missing}")
     return manifest
@@ -287,7 +316,8 @@ def _build_config(path: Path, manifest: dict[str, Any], overrides: dict[str, Any
 
     data = json.loads((path / manifest["config"]).read_text())
     if overrides:
-        bad = set(overrides) & {"model", "guidance", "method", "features"}
+        bad = set(overrides) & {"model", "guidance", "method", "features", "control", "lora", "saim", "bcm",
+                                "prompts"}
         if bad:
             raise BundleError(f"bundle {path}: cannot override {sorted(bad)}: they are baked into the graphs")
         data = _merge(data, overrides)
@@ -313,9 +343,12 @@ def load_bundle(path: str | Path, verify: bool = True, overrides: dict[str, Any]
     ctx_file = path / manifest["context"]["file"]
     tensors = load_file(str(ctx_file))
     key = manifest["context"].get("key", "context")
-    if key not in tensors:
-        raise BundleError(f"bundle {path}: {manifest['context']['file']} has no tensor {key!r}")
-    return Bundle(path, copy.deepcopy(manifest), cfg, tensors[key].float())
+    named = {name: spec.get("key", name) for name, spec in (manifest.get("contexts") or {}).items()}
+    absent = [k for k in (key, *named.values()) if k not in tensors]
+    if absent:
+        raise BundleError(f"bundle {path}: {manifest['context']['file']} has no tensor {absent[0]!r}")
+    contexts = {name: tensors[k].float() for name, k in named.items()}
+    return Bundle(path, copy.deepcopy(manifest), cfg, tensors[key].float(), contexts)
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -346,6 +379,20 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     raise BundleError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt' (or 'torch' from a run folder)")
 
 
+def generation_networks(bundle: Bundle, roles: Sequence[str], *, precision: str = "fp32"):
+    """The networks a generation job runs its loop on: the backend of the bundle config's runtime section
+    ("torch", a training run's default, means onnxruntime here: a bundle holds graphs) on its device
+    (onnxruntime with device "cuda" uses the CUDA provider). TensorRT profiles cover `sampling.batch_size`
+    samples per call, times each role's batch multiplier (classifier-free guidance doubles the UNet's)."""
+    runtime = bundle.config.runtime
+    backend = "onnxruntime" if runtime.backend == "torch" else runtime.backend
+    device = torch.device(runtime.device)
+    on_gpu = device.type == "cuda"
+    return bundle_networks(bundle, backend, precision=precision, roles=roles, max_batch=bundle.batch_size,
+                           providers=["cuda"] if backend == "onnxruntime" and on_gpu else None,
+                           device=device if on_gpu else None)
+
+
 def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
@@ -363,7 +410,10 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
         bundle = load_bundle(bundle, overrides=overrides)
     elif overrides:
         bundle = Bundle(bundle.path, bundle.manifest, _build_config(bundle.path, bundle.manifest, overrides),
-                        bundle.context)
+                        bundle.context, bundle.contexts)
+    if bundle.method in _GENERATOR_ROLES:
+        raise BundleError(f"bundle {bundle.path}: {bundle.method!r} is a generator, not an inspection pipeline; "
+                          f"run it with `edgeinspect generate {bundle.method} --bundle {bundle.path}`")
     if bundle.method not in _PIPELINE_ROLES:
         raise BundleError(f"bundle {bundle.path}: no pipeline for method {bundle.method!r} in this version")
     from edgeinspect.calibration.verdict import Verdict

@@ -262,7 +262,7 @@ def ort_networks(source: Any, providers: Sequence[Any] | None = None, *, precisi
             trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
             if bundle is not None:
-                b = bundle.config.inference.batch_size
+                b = bundle.batch_size
                 trt_options.update(_trt_profile_options(bundle, role, max_batch=b, opt_batch=b))
         resolved = resolve_providers(providers, device_id=device_id, trt_options=trt_options)
         ins, outs = names_of[role]
