@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from edgeinspect.config import parse_overrides
+from edgeinspect.runtime.bundle_loading import BundleError
 from edgeinspect.runtime.generation import GenerationError, load_index
 
 
@@ -28,12 +29,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       overrides=overrides, progress=not args.quiet)
         else:
             if args.bundle is not None:
-                raise ValueError("DualAnoDiff generation from a bundle is not available; use --model RUN")
-            from edgeinspect.generate_dualanodiff import generate_dualanodiff
+                from edgeinspect.runtime.dualanodiff_bundle import generate_dualanodiff_bundle as run_dual
+            else:
+                from edgeinspect.generate_dualanodiff import generate_dualanodiff as run_dual
 
-            out = generate_dualanodiff(source, args.out, args.per_type, data_root=args.data, overrides=overrides,
-                                       progress=not args.quiet)
-    except GenerationError as e:
+            out = run_dual(source, args.out, args.per_type, data_root=args.data, overrides=overrides,
+                           progress=not args.quiet)
+    except (GenerationError, BundleError) as e:
         print(f"edgeinspect: {e}", file=sys.stderr)
         return 2
     index = load_index(out)
