@@ -316,3 +316,25 @@ def test_generator_bundles_refuse_tampering(ada_bundle, dual_bundle, tmp_path):
         load_bundle(copy)
     with pytest.raises(BundleError, match="cannot override \\['prompts'\\]"):
         load_bundle(dual_bundle, overrides={"prompts": {"whole": "a vfx"}})
+
+
+def test_dualanodiff_without_bcm_exports_dual_unet_plain_with_an_fp16_variant(tmp_path):
+    from edgeinspect.export.bundle import write_bundle
+    from edgeinspect.export.dualanodiff import dualanodiff_bundle_parts
+    from edgeinspect.models.dualanodiff import DualAnoDiffModel, is_trainable_key
+    from edgeinspect.runtime.bundle_loading import load_bundle
+    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+
+    cfg = build_config("dualanodiff", "tiny", {"bcm": {"enabled": False}, "train": {"defect_type": "scratch"}})
+    torch.manual_seed(3)
+    model = DualAnoDiffModel(cfg)
+    _randomize_zeros(model, is_trainable_key, seed=4)
+    parts = dualanodiff_bundle_parts(cfg, model, {"defect_type": "scratch"})
+    with pytest.raises(KeyError, match="'dual_unet' does not apply"):
+        write_bundle(cfg, model, tmp_path / "no", precision=("fp32",), roles=["dual_unet"], **parts)
+    bundle = load_bundle(write_bundle(cfg, model, tmp_path / "b", precision=("fp32", "fp16"), threads=1, **parts))
+    assert set(bundle.networks) == {"vae_encoder", "dual_unet_plain", "vae_decoder"}
+    _check_graphs(bundle, {r: ROLE_SIGNATURES[r] for r in bundle.networks})
+    assert bundle.network("dual_unet_plain").precision["fp16"] == "fp16"
+    fp16 = bundle.manifest["parity"]["max_abs_error"]["dual_unet_plain"]["fp16_vs_fp32"]
+    assert max(fp16.values()) <= 1e-2 + 5e-2 * max(bundle.manifest["parity"]["max_abs_error"]["dual_unet_plain"]["scale"].values())
