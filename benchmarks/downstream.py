@@ -94,6 +94,16 @@ def load_generated(folder: str | Path, size: int) -> DefectImages:
     return DefectImages(images, masks, ids, index.get("settings", {}))
 
 
+def load_generated_folders(folders: list[str | Path], size: int) -> DefectImages:
+    """Several generation folders as one training set (e.g. one DualAnoDiff run per defect type)."""
+    parts = [load_generated(f, size) for f in folders]
+    if len(parts) == 1:
+        return parts[0]
+    return DefectImages(np.concatenate([p.images for p in parts]), np.concatenate([p.masks for p in parts]),
+                        [f"{Path(f).name}/{i}" for f, p in zip(folders, parts) for i in p.ids],
+                        {str(f): p.settings for f, p in zip(folders, parts)})
+
+
 def load_normals(root: str | Path, size: int) -> tuple[np.ndarray, list[str]]:
     """train/good as uint8 (N, size, size, 3) and the file names."""
     data = MVTecFolder(root, "train", size)
@@ -340,7 +350,7 @@ def _settings_from(args) -> SegmenterSettings:
 
 
 def run_train(args) -> dict:
-    names = args.name or [Path(d).name for d in args.defects]
+    names = args.name or [Path(d.split(",")[0]).name for d in args.defects]
     if len(names) != len(args.defects):
         raise SystemExit(f"give one --name per --defects folder ({len(args.defects)} folders, {len(names)} names)")
     settings = _settings_from(args)
@@ -350,7 +360,7 @@ def run_train(args) -> dict:
     evaluation = load_evaluation(args.data, split, settings.image_size)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name, folder in zip(names, args.defects):
-        defects = load_generated(folder, settings.image_size)
+        defects = load_generated_folders(folder.split(","), settings.image_size)
         model, stats = train_segmenter(normals, defects, settings, progress=not args.quiet)
         metrics = evaluate_segmenter(model, evaluation, settings)
         results[name] = {**metrics, **stats, "n_defect_images": len(defects.ids),
@@ -383,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train and evaluate one segmenter per defect folder")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--split", type=Path, required=True)
-    t.add_argument("--defects", type=Path, action="append", required=True)
+    t.add_argument("--defects", action="append", required=True,
+                   help="generation folder, or several joined by commas (trained on together)")
     t.add_argument("--name", action="append", help="result name per --defects (default: the folder name)")
     t.add_argument("--steps", type=int, default=SegmenterSettings().steps)
     t.add_argument("--size", type=int, default=SegmenterSettings().image_size)

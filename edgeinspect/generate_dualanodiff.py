@@ -88,11 +88,15 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
                 picks = [normals[background_index(seed, len(normals))].path for seed in seeds]
                 backgrounds = torch.stack([image_to_tensor(resize_image(read_image(p), size)) for p in picks])
                 sources = [p.name for p in picks]
+            t0 = time.perf_counter()
             out = sampler.sample(seeds, backgrounds)
+            sampling_s = (time.perf_counter() - t0) / len(batch)
             for k, i in enumerate(batch):
                 if i not in pending:
                     continue
-                record = {"seed": seeds[k], "background": sources[k], "defect_type": defect_type}
-                writer.write(i, tensor_to_image(out.whole[k]), out.masks[k], record)
+                record = {"seed": seeds[k], "background": sources[k], "defect_type": defect_type,
+                          "sampling_s": sampling_s}
+                writer.write(i, tensor_to_image(out.whole[k]), out.masks[k], record,
+                             extras={"part": tensor_to_image(out.part[k])})
                 bar.update(1)
     return Path(out_dir)
