@@ -560,10 +560,17 @@ class DualAnoDiffTrainConfig(Strict):
 
 class PartMaskConfig(Strict):
     """The mask segmented from the generated anomaly part (the paper's U2-Net is not available
-    offline): |part - empty value| (max over channels, images in [-1, 1], empty value 0) above
-    `threshold`, morphological opening then closing (elliptic kernels, sizes in pixels; <= 1: off),
-    and components smaller than `min_area` pixels dropped. Sizes are at the model image size."""
+    offline): |part - reference| (max over channels, images in [-1, 1]) above `threshold`,
+    morphological opening then closing (elliptic kernels, sizes in pixels; <= 1: off), and
+    components smaller than `min_area` pixels dropped. Sizes are at the model image size.
 
+    reference "empty": the empty value 0 the part branch is trained towards; "median": the part
+    image's own per-channel median, i.e. its empty level as generated (a briefly trained part
+    branch draws the empty background a few grey levels off 0 and with faint texture, which a
+    fixed reference turns into whole-image masks; the defect is a small fraction of the image, so
+    the median is the background)."""
+
+    reference: Literal["empty", "median"] = "empty"
     threshold: float = Field(0.2, gt=0, lt=2)
     open_kernel: int = Field(3, ge=0)
     close_kernel: int = Field(5, ge=0)

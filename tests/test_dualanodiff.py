@@ -264,3 +264,17 @@ def test_sampling_is_seeded_per_output():
     assert torch.equal(a.whole, b.whole) and torch.equal(a.part, b.part) and np.array_equal(a.masks, b.masks)
     assert torch.allclose(alone.whole[0], a.whole[1], atol=1e-5)  # the batch around an output does not matter
     assert not torch.allclose(a.whole[0], a.whole[1], atol=1e-3)
+
+
+def test_median_reference_ignores_an_offset_empty_level():
+    """A part image whose empty background came out a little off 0: the fixed empty reference masks
+    everything, the image's own median masks the defect only."""
+    part = torch.full((3, 32, 32), 0.15)
+    part[:, 10:16, 12:20] = -0.9
+    empty_ref = segment_part(part, PartMaskConfig(reference="empty", threshold=0.1, min_area=4))
+    median_ref = segment_part(part, PartMaskConfig(reference="median", threshold=0.1, min_area=4))
+    assert empty_ref.all()
+    expected = np.zeros((32, 32), bool)
+    expected[10:16, 12:20] = True
+    iou = (median_ref & expected).sum() / (median_ref | expected).sum()
+    assert iou > 0.85  # the opening rounds the rectangle's corners

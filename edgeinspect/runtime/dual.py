@@ -61,7 +61,12 @@ def _kernel(size: int) -> np.ndarray:
 
 def segment_part(part: torch.Tensor, cfg: PartMaskConfig) -> np.ndarray:
     """Bool (H, W) mask of a part image (3, H, W) in [-1, 1]: where it differs from empty."""
-    diff = (part.detach().float().cpu() - EMPTY_VALUE).abs().amax(dim=0).numpy()
+    part = part.detach().float().cpu()
+    if cfg.reference == "median":
+        reference = part.flatten(1).median(dim=1).values[:, None, None]
+    else:
+        reference = torch.full((part.shape[0], 1, 1), EMPTY_VALUE)
+    diff = (part - reference).abs().amax(dim=0).numpy()
     mask = (diff > cfg.threshold).astype(np.uint8)
     if cfg.open_kernel > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_kernel))
