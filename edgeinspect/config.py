@@ -450,6 +450,9 @@ class AdaBLDMSamplingConfig(Strict):
     adapt_steps: int = Field(200, ge=0)
     adapt_lr: float = 1e-4
     lambda_con: float = 100.0
+    # "decoder": the whole decoder adapts (the paper); "last_up_block": only its full-resolution
+    # tail, its input computed once (several times cheaper per step on a CPU).
+    adapt_scope: Literal["decoder", "last_up_block"] = "decoder"
     seed: int = 0
     batch_size: int = Field(8, ge=1)
     placement: PlacementConfig = PlacementConfig()

@@ -160,7 +160,7 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
                 for k, p in enumerate(plans):
                     t1 = time.perf_counter()
                     ad = adapt_decoder(job.decoder, res.latents[k], x_ok[k], mask[k], s.adapt_steps, s.adapt_lr,
-                                       s.lambda_con)
+                                       s.lambda_con, s.adapt_scope)
                     adapt_s = time.perf_counter() - t1
                     record = {"seed": p.seed, "defect_type": dtype, "prompt": prompt,
                               "source_image": normals.samples[p.normal].path.name,

@@ -258,3 +258,20 @@ def test_model_rejects_an_unknown_defect_type(run):
         model.role_modules("hole")
     hint = model.role_modules("scratch")["trimap_encoder"](torch.full((1, 1, 64, 64), 0.5))
     assert hint.shape == (1, model.unet.config.block_out_channels[0], 32, 32)
+
+
+def test_tail_adaptation_matches_the_decoder_and_trains_only_the_tail(run):
+    _, model, _ = load_adabldm(run)
+    decoder = LatentDecoder.from_vae(model.vae)
+    size = model.cfg.model.image_size
+    z = torch.randn(1, 4, size // 2, size // 2, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = model.vae.decode(z / model.scaling_factor).sample
+        torch.testing.assert_close(decoder(z), reference, rtol=1e-5, atol=1e-5)
+    x_ok = torch.zeros(3, size, size)
+    mask = torch.zeros(1, size, size)
+    mask[:, 5:15, 5:15] = 1
+    res = adapt_decoder(decoder, z[0], x_ok, mask, steps=15, lr=3e-3, lambda_con=100.0, scope="last_up_block")
+    assert res.loss_outside[-1] < res.loss_outside[0]
+    with pytest.raises(ValueError, match="scope"):
+        adapt_decoder(decoder, z[0], x_ok, mask, steps=1, lr=1e-3, lambda_con=1.0, scope="encoder")

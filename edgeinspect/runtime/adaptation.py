@@ -18,7 +18,9 @@ from torch import nn
 
 
 class LatentDecoder(nn.Module):
-    """Scaled latent -> image in [-1, 1]: the part of a diffusers AutoencoderKL that adaptation trains."""
+    """Scaled latent -> image in [-1, 1]: the part of a diffusers AutoencoderKL that adaptation trains,
+    split into a `prefix` (post-quant conv, conv_in, middle, all but the last up block) and a `tail`
+    (last up block, output norm and conv) so that adapting only the tail can compute the prefix once."""
 
     def __init__(self, post_quant_conv: nn.Module, decoder: nn.Module, scaling_factor: float):
         super().__init__()
@@ -30,8 +32,23 @@ class LatentDecoder(nn.Module):
         pqc = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
         return cls(copy.deepcopy(pqc), copy.deepcopy(vae.decoder), vae.config.scaling_factor)
 
+    def prefix(self, latent: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        h = d.mid_block(d.conv_in(self.post_quant_conv(latent / self.scaling_factor)), None)
+        for up in d.up_blocks[:-1]:
+            h = up(h, None)
+        return h
+
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        d = self.decoder
+        return d.conv_out(d.conv_act(d.conv_norm_out(d.up_blocks[-1](h, None))))
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        d = self.decoder
+        return [p for m in (d.up_blocks[-1], d.conv_norm_out, d.conv_out) for p in m.parameters()]
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(latent / self.scaling_factor))
+        return self.tail(self.prefix(latent))
 
 
 @dataclass
@@ -49,21 +66,31 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tens
 
 
 def adapt_decoder(decoder: LatentDecoder, latent: torch.Tensor, x_ok: torch.Tensor, mask: torch.Tensor,
-                  steps: int, lr: float, lambda_con: float) -> AdaptationResult:
-    """Adapt a fresh copy of `decoder` to one sample: latent (C,h,w), x_ok (3,H,W), mask (1,H,W)."""
+                  steps: int, lr: float, lambda_con: float, scope: str = "decoder") -> AdaptationResult:
+    """Adapt a fresh copy of `decoder` to one sample: latent (C,h,w), x_ok (3,H,W), mask (1,H,W).
+
+    scope "decoder" trains the whole decoder (the paper); "last_up_block" only its full-resolution
+    tail, whose input is then computed once: several times cheaper per step on a CPU, and the
+    tail is where the fine texture that adaptation restores is drawn."""
+    if scope not in ("decoder", "last_up_block"):
+        raise ValueError(f"scope must be 'decoder' or 'last_up_block', not {scope!r}")
     device = next(decoder.parameters()).device
     z = latent.unsqueeze(0).to(device).detach()
     x_ok = x_ok.unsqueeze(0).to(device)
     m = mask.unsqueeze(0).to(device).float()
+    work = copy.deepcopy(decoder).train()
+    work.requires_grad_(False)
     with torch.no_grad():
         before = decoder(z)
-    work = copy.deepcopy(decoder).train()
-    work.requires_grad_(True)
-    opt = torch.optim.AdamW(work.parameters(), lr=lr)
+        frozen = work.prefix(z) if scope == "last_up_block" else None
+    params = work.tail_parameters() if scope == "last_up_block" else list(work.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
     inside, outside = [], []
     with torch.enable_grad():
         for _ in range(steps):
-            x = work(z)
+            x = work.tail(frozen) if frozen is not None else work(z)
             l_i = _masked_mse(x, x_ok, 1 - m)
             l_d = _masked_mse(x, before, m)
             loss = l_i + lambda_con * l_d
