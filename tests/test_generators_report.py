@@ -1,0 +1,66 @@
+"""The generator reports' measures on known inputs: throughput and mask-image alignment."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeinspect.runtime.generation import GenerationWriter
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("generators_report", REPO / "benchmarks" / "generators_mtd.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tile(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur((rng.random((64, 64)) * 40 + 100).astype(np.float32), (0, 0), 2)
+    return np.repeat(base.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def test_background_difference_finds_the_added_defect(report):
+    background = _tile(0)
+    whole = background.copy()
+    whole[20:32, 30:44] = 20
+    region = report.background_difference_mask(whole, background)
+    truth = np.zeros((64, 64), bool)
+    truth[20:32, 30:44] = True
+    assert (region & truth).sum() / (region | truth).sum() > 0.7
+
+
+def test_alignment_and_throughput_from_a_generation_folder(report, tmp_path):
+    data = tmp_path / "data"
+    (data / "train" / "good").mkdir(parents=True)
+    gen = tmp_path / "gen"
+    w = GenerationWriter(gen, {"method": "dualanodiff"}, total=2)
+    for i in range(2):
+        background = _tile(i)
+        cv2.imwrite(str(data / "train" / "good" / f"{i}.png"), background)
+        whole = background.copy()
+        mask = np.zeros((64, 64), bool)
+        mask[10 + 20 * i:24 + 20 * i, 10:30] = True
+        whole[mask] = 15
+        part = np.full_like(whole, 127)
+        part[mask] = whole[mask]
+        # item 1's mask is misplaced: it covers half the real defect
+        written = mask if i == 0 else np.roll(mask, 10, axis=1)
+        w.write(i, whole, written, {"seed": i, "background": f"{i}.png", "defect_type": "hole",
+                                    "sampling_s": 0.5 + i}, extras={"part": part})
+    items = report.folder_items([gen])
+    align = report.mask_alignment(items, data)
+    ious = [1.0, 1 / 3]  # 20x14 region vs the same shifted by 10 px: overlap 10x14, union 30x14
+    assert align["mask_iou"] == pytest.approx(np.mean(ious), abs=0.08)
+    assert align["empty_masks"] == 0
+    thr = report.throughput(items, ("sampling",))
+    assert thr["images_per_s"] == pytest.approx(2 / 2.0)
+    assert thr["seconds_per_image_by_stage"]["sampling"] == pytest.approx(1.0)
