@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgeinspect.config import DiADConfig, build_config
+from edgeinspect.config import DiADConfig
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import FeatureExtractor
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.diad import DiADPipeline
 from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.training.checkpoint import load_model_weights, load_state, resolve_checkpoint
+from edgeinspect.training.checkpoint import load_model_weights, load_run_config
 from edgeinspect.training.diad import build_features
 
 
@@ -37,23 +36,11 @@ def load_diad(path: str | Path, overrides: dict | None = None) -> tuple[DiADConf
     """Model and config from a checkpoint folder or a run folder (latest checkpoint).
 
     `overrides` may change inference/scoring/runtime settings, never the model itself."""
-    ckpt = resolve_checkpoint(path)
-    cfg_file = ckpt.parent.parent / "config.json"
-    data = json.loads(cfg_file.read_text())
-    if overrides:
-        bad = set(overrides) & {"model", "guidance", "method"}
-        if bad:
-            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
-        from edgeinspect.config import _merge
-
-        data = _merge(data, overrides)
-    data.pop("method", None)
-    cfg = build_config("diad", data["model"]["preset"], data, source=str(cfg_file))
+    ckpt, cfg, extra = load_run_config(path, "diad", overrides, frozenset({"guidance"}))
     model = DiADModel(cfg)
     load_model_weights(model, ckpt)
-    sf = load_state(ckpt).extra.get("scaling_factor")
-    if sf is not None:
-        model.set_scaling_factor(sf)
+    if extra.get("scaling_factor") is not None:
+        model.set_scaling_factor(extra["scaling_factor"])
     return cfg, model.eval()
 
 

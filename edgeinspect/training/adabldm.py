@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeinspect.config import AdaBLDMConfig, _merge, build_config, dump_config
+from edgeinspect.config import AdaBLDMConfig, dump_config
 from edgeinspect.data.cutpaste import cut_paste
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.data.trimap import estimate_foreground, make_trimap
@@ -33,15 +33,14 @@ from edgeinspect.models.adabldm import AdaBLDMModel
 from edgeinspect.models.features import build_feature_extractor
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.training.checkpoint import (
+    load_run_config,
     CheckpointError,
     latest_checkpoint,
     load_model_weights,
-    load_state,
-    resolve_checkpoint,
     write_json_atomic,
 )
 from edgeinspect.training.diad import _Batches
-from edgeinspect.training.glad import _base_checkpoint, _run_config, encode_latents, load_base_weights
+from edgeinspect.training.base import base_checkpoint, encode_latents, load_base_weights, run_config
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 
@@ -110,8 +109,8 @@ def defect_prompt(cfg: AdaBLDMConfig, defect_type: str) -> str:
 
 def _base(cfg: AdaBLDMConfig) -> Path | None:
     if cfg.train.init_from is not None:
-        base = _base_checkpoint(cfg.train.init_from)
-        base_cfg = _run_config(base)
+        base = base_checkpoint(cfg.train.init_from)
+        base_cfg = run_config(base)
         if base_cfg and base_cfg.get("model") != dump_config(cfg.model):
             raise CheckpointError(f"the base model {base} was trained with a different model config "
                                   "(train.init_from must be a run of the same preset/model settings)")
@@ -249,21 +248,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
 def load_adabldm(path: str | Path, overrides: dict | None = None) -> tuple[AdaBLDMConfig, AdaBLDMModel, dict]:
     """Config, model and checkpoint state extras from an AdaBLDM checkpoint or run folder.
     `overrides` may change sampling/foreground/runtime settings, never the model."""
-    ckpt = resolve_checkpoint(path)
-    cfg_file = ckpt.parent.parent / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{ckpt} is not inside an AdaBLDM run folder (no {cfg_file})")
-    data = json.loads(cfg_file.read_text())
-    if data.get("method") != "adabldm":
-        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not an AdaBLDM one")
-    if overrides:
-        bad = set(overrides) & {"model", "control", "method"}
-        if bad:
-            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
-        data = _merge(data, overrides)
-    data.pop("method", None)
-    cfg = build_config("adabldm", data["model"]["preset"], data, source=str(cfg_file))
-    extra = load_state(ckpt).extra
+    ckpt, cfg, extra = load_run_config(path, "adabldm", overrides, frozenset({"control"}))
     types = extra.get("defect_types")
     if not types:
         raise CheckpointError(f"{ckpt} records no defect types (not an AdaBLDM checkpoint?)")

@@ -186,3 +186,27 @@ def load_rng(ckpt: Path, generators: dict[str, torch.Generator] | None = None) -
     for k, g in (generators or {}).items():
         if f"generator.{k}" in states:
             g.set_state(states[f"generator.{k}"])
+
+
+def load_run_config(path: str | Path, method: str, overrides: dict | None = None,
+                    fixed: frozenset[str] = frozenset()) -> tuple[Path, Any, dict[str, Any]]:
+    """(checkpoint folder, validated config, checkpoint state extras) of a trained `method` run, from
+    a run folder (its latest checkpoint) or a checkpoint folder. `overrides` may change any section
+    but `model` and the `fixed` ones (what the trained weights depend on)."""
+    from edgeinspect.config import _merge, build_config
+
+    ckpt = resolve_checkpoint(path)
+    cfg_file = ckpt.parent.parent / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{ckpt} is not inside a run folder (no {cfg_file})")
+    data = json.loads(cfg_file.read_text())
+    if data.get("method", method) != method:
+        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not a {method!r} one")
+    if overrides:
+        bad = set(overrides) & ({"model", "method"} | set(fixed))
+        if bad:
+            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
+        data = _merge(data, overrides)
+    data.pop("method", None)
+    cfg = build_config(method, data["model"]["preset"], data, source=str(cfg_file))
+    return ckpt, cfg, load_state(ckpt).extra

@@ -27,19 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeinspect.config import DualAnoDiffConfig, _merge, build_config, dump_config
+from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import DatasetError, MVTecFolder
 from edgeinspect.models.dualanodiff import DualAnoDiffModel, TrainableWeights
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.training.checkpoint import (
+    load_run_config,
     CheckpointError,
     latest_checkpoint,
     load_model_weights,
-    load_state,
-    resolve_checkpoint,
 )
 from edgeinspect.training.diad import _Batches
-from edgeinspect.training.glad import _base_checkpoint, _run_config, calibration_subset, load_base_weights
+from edgeinspect.training.base import base_checkpoint, load_base_weights, run_config
+from edgeinspect.training.glad import calibration_subset
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 # Config sections that define the trained network: a loaded run cannot change them.
@@ -132,8 +132,8 @@ def _resolve_base(cfg: DualAnoDiffConfig) -> Path:
     if cfg.train.init_from is None:
         raise ValueError("train.init_from is not set: DualAnoDiff adapts a frozen base model; point it at a "
                          "DiAD run (its unet-final checkpoint is used) or a checkpoint folder")
-    base = _base_checkpoint(cfg.train.init_from).resolve()
-    base_cfg = _run_config(base)
+    base = base_checkpoint(cfg.train.init_from).resolve()
+    base_cfg = run_config(base)
     if base_cfg and base_cfg.get("model") != dump_config(cfg.model):
         raise CheckpointError(f"the base model {base} was trained with a different model config than this one "
                               "(train.init_from must be a run of the same preset/model settings)")
@@ -217,19 +217,7 @@ def load_dualanodiff(path: str | Path, overrides: dict | None = None
                      ) -> tuple[DualAnoDiffConfig, DualAnoDiffModel, dict]:
     """Config, model (base weights + trained weights) and checkpoint state extras from a DualAnoDiff
     checkpoint or run folder. `overrides` may change sampling/runtime settings, not the network."""
-    ckpt = resolve_checkpoint(path)
-    cfg_file = ckpt.parent.parent / "config.json"
-    data = json.loads(cfg_file.read_text())
-    if data.get("method") != "dualanodiff":
-        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not a DualAnoDiff one")
-    if overrides:
-        bad = set(overrides) & _FIXED_SECTIONS
-        if bad:
-            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
-        data = _merge(data, overrides)
-    data.pop("method", None)
-    cfg = build_config("dualanodiff", data["model"]["preset"], data, source=str(cfg_file))
-    extra = load_state(ckpt).extra
+    ckpt, cfg, extra = load_run_config(path, "dualanodiff", overrides, frozenset(_FIXED_SECTIONS))
     if "base_checkpoint" not in extra:
         raise CheckpointError(f"{ckpt} names no base checkpoint: not a DualAnoDiff training checkpoint")
     base = Path(extra["base_checkpoint"])

@@ -20,17 +20,15 @@ each frame's largest ADP check score above min_step) and stored in the checkpoin
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from edgeinspect.config import GLADConfig, _merge, build_config, dump_config
+from edgeinspect.config import GLADConfig, build_config, dump_config
 from edgeinspect.data.anomalies import AnomalySynthesizer
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
@@ -40,18 +38,15 @@ from edgeinspect.runtime.glad import GLAD_SIGNATURES, GLADPipeline
 from edgeinspect.runtime.networks import Networks, torch_networks
 from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
 from edgeinspect.training.checkpoint import (
+    load_run_config,
     CheckpointError,
     latest_checkpoint,
     load_model_weights,
-    load_state,
-    resolve_checkpoint,
     write_json_atomic,
 )
+from edgeinspect.training.base import base_checkpoint, encode_latents, load_base_weights, run_config
 from edgeinspect.training.diad import _Batches, train_diad
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
-
-BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
-
 
 # --------------------------------------------------------------------------- model
 
@@ -133,44 +128,6 @@ def atp_target(z_n: torch.Tensor, z_a: torch.Tensor, eps: torch.Tensor, t: torch
 # --------------------------------------------------------------------------- base model
 
 
-def _base_checkpoint(init_from: Path) -> Path:
-    """A checkpoint folder as given; for a run folder its `unet-final` (DiAD after stage 2)."""
-    init_from = Path(init_from)
-    if (init_from / "model.safetensors").is_file():
-        return init_from
-    cand = init_from / "checkpoints" / "unet-final"
-    if (cand / "state.json").is_file():
-        return cand
-    if (init_from / "checkpoints").is_dir():
-        raise CheckpointError(
-            f"{init_from} has no checkpoints/unet-final yet (DiAD's UNet stage has not finished); "
-            "point train.init_from at a checkpoint folder to use another one")
-    raise CheckpointError(f"train.init_from={init_from} is neither a checkpoint folder nor a run folder")
-
-
-def _run_config(ckpt: Path) -> dict:
-    f = ckpt.parent.parent / "config.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def load_base_weights(model: LatentDiffusionModel, ckpt: Path) -> dict:
-    """vae/unet/prompt_encoder weights and the latent scaling factor from a base checkpoint."""
-    weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith(BASE_PREFIXES)}
-    result = model.load_state_dict(weights, strict=False)
-    missing = [k for k in result.missing_keys if k.startswith(BASE_PREFIXES)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{ckpt} does not match the model's autoencoder/UNet/prompt encoder: missing "
-                              f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
-    extra = load_state(ckpt).extra
-    sf = extra.get("scaling_factor")
-    if sf is None:
-        warnings.warn(f"{ckpt} has no scaling_factor (autoencoder not trained?); keeping {model.scaling_factor}",
-                      stacklevel=2)
-    else:
-        model.set_scaling_factor(sf)
-    return extra
-
-
 def _diad_base_config(cfg: GLADConfig):
     t = cfg.train
     data = {
@@ -192,7 +149,7 @@ def _diad_base_config(cfg: GLADConfig):
 def _prepare_base(cfg: GLADConfig, run_dir: Path, resume: bool, progress: bool) -> Path:
     """The base checkpoint: train.init_from, or DiAD's stages 1-2 trained in <run>/base."""
     if cfg.train.init_from is not None:
-        return _base_checkpoint(cfg.train.init_from)
+        return base_checkpoint(cfg.train.init_from)
     if cfg.features.model_kwargs or cfg.features.vit_blocks:
         raise ValueError("features.model_kwargs/vit_blocks cannot be passed on to DiAD's base training (its "
                          "perceptual loss); train the base separately and set train.init_from")
@@ -240,22 +197,6 @@ def calibration_subset(n: int, k: int) -> list[int]:
 # --------------------------------------------------------------------------- training
 
 
-def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling_factor: float,
-                   batch: int = 16) -> torch.Tensor:
-    """Scaled posterior means of every (flip code, image): (4 or 1, N, C, h, w)."""
-    vae.eval()
-    out = []
-    with torch.no_grad():
-        for code in range(4 if flips else 1):
-            lat = []
-            for s in range(0, len(images_u8), batch):
-                chunk = images_u8[s:s + batch]
-                x = _Batches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
-                lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
-            out.append(torch.cat(lat))
-    return torch.stack(out)
-
-
 def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) GLAD in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
@@ -263,7 +204,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     prepare_run(cfg, run_dir, resume)
 
     base = _prepare_base(cfg, run_dir, resume, progress)
-    base_cfg = _run_config(base)
+    base_cfg = run_config(base)
     if base_cfg and base_cfg.get("model") != dump_config(cfg.model):
         raise CheckpointError(f"the base model {base} was trained with a different model config than this one "
                               "(train.init_from must be a run of the same preset/model settings)")
@@ -364,21 +305,9 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
 def load_glad(path: str | Path, overrides: dict | None = None) -> tuple[GLADConfig, GLADModel, dict]:
     """Config, model and checkpoint state extras (scaling factor, calibrated ADP threshold) from a
     GLAD checkpoint folder or run folder. `overrides` may change anything but the model."""
-    ckpt = resolve_checkpoint(path)
-    cfg_file = ckpt.parent.parent / "config.json"
-    data = json.loads(cfg_file.read_text())
-    if data.get("method") != "glad":
-        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not a GLAD one")
-    if overrides:
-        bad = set(overrides) & {"model", "method"}
-        if bad:
-            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
-        data = _merge(data, overrides)
-    data.pop("method", None)
-    cfg = build_config("glad", data["model"]["preset"], data, source=str(cfg_file))
+    ckpt, cfg, extra = load_run_config(path, "glad", overrides)
     model = GLADModel(cfg)
     load_model_weights(model, ckpt)
-    extra = load_state(ckpt).extra
     if extra.get("scaling_factor") is not None:
         model.set_scaling_factor(extra["scaling_factor"])
     return cfg, model.eval(), extra

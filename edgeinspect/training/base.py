@@ -1,0 +1,74 @@
+"""The base every method after DiAD starts from: a checkpoint with a trained autoencoder, UNet and
+prompt encoder under the fixed names `vae.`, `unet.`, `prompt_encoder.` (a DiAD run's `unet-final`,
+i.e. after its autoencoder and UNet stages), and the latents of a training set under that autoencoder."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from edgeinspect.data.mvtec import uint8_to_model
+from edgeinspect.models.diad import LatentDiffusionModel
+from edgeinspect.training.checkpoint import CheckpointError, load_state
+from edgeinspect.training.diad import _Batches
+
+BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
+
+
+def base_checkpoint(init_from: Path) -> Path:
+    """A checkpoint folder as given; for a run folder its `unet-final` (DiAD after stage 2)."""
+    init_from = Path(init_from)
+    if (init_from / "model.safetensors").is_file():
+        return init_from
+    cand = init_from / "checkpoints" / "unet-final"
+    if (cand / "state.json").is_file():
+        return cand
+    if (init_from / "checkpoints").is_dir():
+        raise CheckpointError(
+            f"{init_from} has no checkpoints/unet-final yet (DiAD's UNet stage has not finished); "
+            "point train.init_from at a checkpoint folder to use another one")
+    raise CheckpointError(f"train.init_from={init_from} is neither a checkpoint folder nor a run folder")
+
+
+def run_config(ckpt: Path) -> dict:
+    f = ckpt.parent.parent / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_base_weights(model: LatentDiffusionModel, ckpt: Path) -> dict:
+    """vae/unet/prompt_encoder weights and the latent scaling factor from a base checkpoint."""
+    weights = {k: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith(BASE_PREFIXES)}
+    result = model.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith(BASE_PREFIXES)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{ckpt} does not match the model's autoencoder/UNet/prompt encoder: missing "
+                              f"{missing[:8]}, unexpected {result.unexpected_keys[:8]}")
+    extra = load_state(ckpt).extra
+    sf = extra.get("scaling_factor")
+    if sf is None:
+        warnings.warn(f"{ckpt} has no scaling_factor (autoencoder not trained?); keeping {model.scaling_factor}",
+                      stacklevel=2)
+    else:
+        model.set_scaling_factor(sf)
+    return extra
+
+
+def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling_factor: float,
+                   batch: int = 16) -> torch.Tensor:
+    """Scaled posterior means of every (flip code, image): (4 or 1, N, C, h, w)."""
+    vae.eval()
+    out = []
+    with torch.no_grad():
+        for code in range(4 if flips else 1):
+            lat = []
+            for s in range(0, len(images_u8), batch):
+                chunk = images_u8[s:s + batch]
+                x = _Batches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
+                lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
+            out.append(torch.cat(lat))
+    return torch.stack(out)
