@@ -132,15 +132,23 @@ class GuidanceConfig(Strict):
     sff: bool = True
 
 
-class DiADTrainConfig(Strict):
+class TrainLoopConfig(Strict):
+    """What every method's training shares: data, batches, seed, and the trainer loop's settings."""
+
     data_root: Path | None = None
-    prompt: str = "a photo of a normal object"
     batch_size: int = Field(8, ge=1)
     flips: bool = True
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(25, ge=1)
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    threads: int | None = None
+
+
+class DiADTrainConfig(TrainLoopConfig):
+    prompt: str = "a photo of a normal object"
     # Stage 1: autoencoder fine-tuning (L1 + KL + perceptual from the frozen feature extractor).
     autoencoder_steps: int = Field(2000, ge=0)
     autoencoder_lr: float = 2e-4
@@ -154,9 +162,6 @@ class DiADTrainConfig(Strict):
     # from SD weights; a from-scratch edge model converges in useful time with a larger one).
     guidance_steps: int = Field(4000, ge=0)
     guidance_lr: float = 1e-4
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    threads: int | None = None
 
 
 class DiADInferenceConfig(Strict):
@@ -251,18 +256,11 @@ class GLADFeatureConfig(FeatureConfig):
     vit_blocks: list[int] | None = None
 
 
-class GLADTrainConfig(Strict):
-    data_root: Path | None = None
+class GLADTrainConfig(TrainLoopConfig):
     # Name of the category (key of inference.categories); default: the data folder's name.
     category: str | None = None
     # null: the base run's prompt (so the prompt encoder the UNet was trained with stays valid).
     prompt: str | None = None
-    batch_size: int = Field(8, ge=1)
-    flips: bool = True
-    seed: int = 0
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(25, ge=1)
     # The domain base model (trained autoencoder + UNet): a DiAD run folder (its `unet-final`
     # checkpoint, i.e. after DiAD's stage 2) or a checkpoint folder. null: DiAD's autoencoder and
     # UNet stages run first, in <run>/base, with the step counts below.
@@ -276,9 +274,6 @@ class GLADTrainConfig(Strict):
     # ATP: all UNet parameters, anomaly-oriented target on synthetic anomalies + noise loss on clean.
     atp_steps: int = Field(3000, ge=0)
     atp_lr: float = 5e-5
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    threads: int | None = None
     anomalies: SyntheticAnomalyConfig = SyntheticAnomalyConfig()
 
 
@@ -403,8 +398,7 @@ class TrimapControlConfig(GuidanceConfig):
     sff: bool = False
 
 
-class AdaBLDMTrainConfig(Strict):
-    data_root: Path | None = None
+class AdaBLDMTrainConfig(TrainLoopConfig):
     # The object name in the prompts "a {object} with a {defect}" (normals: "a {object}").
     object_name: str = "object"
     defect_prompt: str = "a {object} with a {defect}"
@@ -417,12 +411,6 @@ class AdaBLDMTrainConfig(Strict):
     # Base model with vae./unet./prompt_encoder. weights (a DiAD run: its unet-final checkpoint).
     # null: the autoencoder and UNet train from scratch here first (DiAD's stages 1-2).
     init_from: Path | None = None
-    batch_size: int = Field(8, ge=1)
-    flips: bool = True
-    seed: int = 0
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(25, ge=1)
     # (a) domain pretraining of UNet + prompt encoder on all normals and seeds with their prompts;
     # seeds are a few dozen against hundreds of normals, so they get a fixed share of each batch.
     domain_steps: int = Field(1000, ge=0)
@@ -432,9 +420,6 @@ class AdaBLDMTrainConfig(Strict):
     # from SD weights; a small from-scratch model needs a larger one in CPU-hours).
     control_steps: int = Field(1000, ge=0)
     control_lr: float = 1e-5
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    threads: int | None = None
 
 
 class AdaBLDMSamplingConfig(Strict):
@@ -527,8 +512,7 @@ class PromptPairConfig(Strict):
         return self.part.format(object=self.object_word, defect=self.defect_word)
 
 
-class DualAnoDiffTrainConfig(Strict):
-    data_root: Path | None = None
+class DualAnoDiffTrainConfig(TrainLoopConfig):
     # Base model with vae./unet./prompt_encoder. weights: a DiAD run (its unet-final checkpoint) or
     # a checkpoint folder. Required: the UNet is frozen here, so it must already know the domain.
     init_from: Path | None = None
@@ -545,14 +529,6 @@ class DualAnoDiffTrainConfig(Strict):
     steps: int = Field(3000, ge=0)
     lr: float = 2e-5
     batch_size: int = Field(4, ge=1)
-    flips: bool = True
-    seed: int = 0
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(25, ge=1)
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    threads: int | None = None
 
     @model_validator(mode="after")
     def _one_image_source(self) -> "DualAnoDiffTrainConfig":
