@@ -35,12 +35,11 @@ from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.training.checkpoint import (
     load_run_config,
     CheckpointError,
-    latest_checkpoint,
     load_model_weights,
     write_json_atomic,
 )
 from edgeinspect.training.diad import _Batches
-from edgeinspect.training.base import base_checkpoint, encode_latents, load_base_weights, run_config
+from edgeinspect.training.base import base_checkpoint, encode_latents, run_config, train_from_base
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 
@@ -233,16 +232,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
                       state_extra=lambda: {"scaling_factor": model.scaling_factor, "defect_types": types,
                                            "base_checkpoint": str(base) if base else None},
                       progress=progress, generators={"batches": gen})
-    if resume and trainer.resume():
-        sf = trainer.state.extra.get("scaling_factor")
-        if sf is not None:
-            model.set_scaling_factor(sf)
-    elif base is not None:
-        load_base_weights(model, base)
-    trainer.run()
-    found = latest_checkpoint(run_dir)
-    assert found is not None
-    return found
+    return train_from_base(trainer, model, base, resume)
 
 
 def load_adabldm(path: str | Path, overrides: dict | None = None) -> tuple[AdaBLDMConfig, AdaBLDMModel, dict]:

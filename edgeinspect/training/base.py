@@ -14,8 +14,9 @@ from torch import nn
 
 from edgeinspect.data.mvtec import uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel
-from edgeinspect.training.checkpoint import CheckpointError, load_state
+from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.diad import _Batches
+from edgeinspect.training.loop import Trainer
 
 BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
 
@@ -72,3 +73,19 @@ def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling
                 lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
             out.append(torch.cat(lat))
     return torch.stack(out)
+
+
+def train_from_base(trainer: Trainer, model: LatentDiffusionModel, base: Path | None, resume: bool) -> Path:
+    """Run `trainer` on `model`: resumed from the run's latest checkpoint (with its latent scaling
+    factor) when asked and there is one, else started from the base checkpoint's weights (none: the
+    model's own, e.g. SD weights). Returns the final checkpoint folder."""
+    if resume and trainer.resume():
+        sf = trainer.state.extra.get("scaling_factor")
+        if sf is not None:
+            model.set_scaling_factor(sf)
+    elif base is not None:
+        load_base_weights(model, base)
+    trainer.run()
+    found = latest_checkpoint(trainer.run_dir)
+    assert found is not None
+    return found

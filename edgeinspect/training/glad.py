@@ -40,11 +40,10 @@ from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
 from edgeinspect.training.checkpoint import (
     load_run_config,
     CheckpointError,
-    latest_checkpoint,
     load_model_weights,
     write_json_atomic,
 )
-from edgeinspect.training.base import base_checkpoint, encode_latents, load_base_weights, run_config
+from edgeinspect.training.base import base_checkpoint, encode_latents, run_config, train_from_base
 from edgeinspect.training.diad import _Batches, train_diad
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
@@ -290,16 +289,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
                       log_every=t.log_every, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                       state_extra=lambda: {"scaling_factor": model.scaling_factor, "base_checkpoint": str(base)},
                       progress=progress, generators={"batches": batches.gen})
-    if resume and trainer.resume():
-        sf = trainer.state.extra.get("scaling_factor")
-        if sf is not None:
-            model.set_scaling_factor(sf)
-    else:
-        load_base_weights(model, base)
-    trainer.run()
-    found = latest_checkpoint(run_dir)
-    assert found is not None
-    return found
+    return train_from_base(trainer, model, base, resume)
 
 
 def load_glad(path: str | Path, overrides: dict | None = None) -> tuple[GLADConfig, GLADModel, dict]:
