@@ -57,3 +57,35 @@ def make_mvtec(root: Path, n_train: int = 6, n_good: int = 2, n_defect: int = 2,
 @pytest.fixture
 def synthetic_mvtec(tmp_path) -> Path:
     return make_mvtec(tmp_path / "cat")
+
+
+def check_resume_bit_for_bit(train, cfg, tmp_path: Path, batches_cls, monkeypatch, stage: str) -> None:
+    """`train(cfg, run, resume=..., progress=False)` interrupted at the start of its 4th step (before
+    that step draws anything, as a step-boundary SIGTERM does) refuses to restart without --resume,
+    and resumed ends bit for bit where an uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
+
+    train(cfg, tmp_path / "ref", progress=False)
+    real = batches_cls.draw
+    calls = {"n": 0}
+
+    def interrupt_at_call_4(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(batches_cls, "draw", interrupt_at_call_4)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint written"):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(batches_cls, "draw", real)
+    state = load_state(latest_checkpoint(tmp_path / "cut"))
+    assert (state.stage, state.step) == (stage, 3)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(cfg, tmp_path / "cut", progress=False)
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    ref = load_file(str(latest_checkpoint(tmp_path / "ref") / "model.safetensors"))
+    cut = load_file(str(latest_checkpoint(tmp_path / "cut") / "model.safetensors"))
+    assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)

@@ -19,6 +19,7 @@ from edgeinspect.runtime.generation import load_index
 from edgeinspect.runtime.networks import torch_networks
 from edgeinspect.training.adabldm import load_adabldm, train_adabldm
 from edgeinspect.training.diad import train_diad
+from tests.conftest import check_resume_bit_for_bit
 
 SEEDS = {"scratch": ["000.png", "001.png"]}
 
@@ -68,6 +69,13 @@ def test_training_stages_train_what_they_should(run, base):
     assert any(final[k].abs().sum() > 0 for k in zero_convs)
     seeds = json.loads((run / "seeds.json").read_text())
     assert seeds == SEEDS
+
+
+def test_interrupted_training_resumes_bit_for_bit(data_root, base, tmp_path, monkeypatch):
+    import edgeinspect.training.adabldm as ada_training
+
+    cfg = _cfg(data_root, base, domain_steps=5, control_steps=2)
+    check_resume_bit_for_bit(train_adabldm, cfg, tmp_path, ada_training._Batches, monkeypatch, "domain")
 
 
 def test_missing_base_and_seeds_say_what_to_do(data_root, base, tmp_path):

@@ -25,6 +25,7 @@ from edgeinspect.training.checkpoint import (
     write_json_atomic,
 )
 from edgeinspect.training.dualanodiff import fewshot_names, load_dualanodiff, train_dualanodiff
+from tests.conftest import check_resume_bit_for_bit
 
 BASE_SCALING = 0.7
 
@@ -93,27 +94,7 @@ def test_checkpoints_hold_only_trained_weights_and_load_onto_the_base(tmp_path, 
 
 def test_interrupted_training_resumes_bit_for_bit(tmp_path, data_root, base, monkeypatch):
     cfg = _cfg(data_root, base, steps=5)
-    train_dualanodiff(cfg, tmp_path / "ref", progress=False)
-    real = dual_training._Batches.draw
-    calls = {"n": 0}
-
-    def interrupt_at_call_4(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(dual_training._Batches, "draw", interrupt_at_call_4)
-    with pytest.raises(KeyboardInterrupt, match="checkpoint written"):
-        train_dualanodiff(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(dual_training._Batches, "draw", real)
-    state = load_state(latest_checkpoint(tmp_path / "cut"))
-    assert (state.stage, state.step) == ("dual", 3)
-    with pytest.raises(CheckpointError, match="--resume"):
-        train_dualanodiff(cfg, tmp_path / "cut", progress=False)
-    train_dualanodiff(cfg, tmp_path / "cut", resume=True, progress=False)
-    ref, cut = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
-    assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)
+    check_resume_bit_for_bit(train_dualanodiff, cfg, tmp_path, dual_training._Batches, monkeypatch, "dual")
 
 
 def test_fewshot_sources_and_errors(tmp_path, data_root, base):

@@ -12,6 +12,7 @@ from edgeinspect.config import build_config
 from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.diad import train_diad
 from edgeinspect.training.glad import load_glad, train_glad
+from tests.conftest import check_resume_bit_for_bit
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +63,7 @@ def test_atp_from_a_diad_base_trains_only_the_unet(tmp_path, data_root, diad_bas
 
 def test_interrupted_atp_resumes_bit_for_bit(tmp_path, data_root, diad_base, monkeypatch):
     cfg = _glad_cfg(data_root, diad_base, atp_steps=5)
-    train_glad(cfg, tmp_path / "ref", progress=False)
-    # interrupt at the start of the 4th step (before it draws anything), as a step-boundary SIGTERM does
-    real = glad_training._Batches.draw
-    calls = {"n": 0}
-
-    def interrupt_at_call_4(self):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(glad_training._Batches, "draw", interrupt_at_call_4)
-    with pytest.raises(KeyboardInterrupt, match="checkpoint written"):
-        train_glad(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(glad_training._Batches, "draw", real)
-    state = load_state(latest_checkpoint(tmp_path / "cut"))
-    assert (state.stage, state.step) == ("atp", 3)
-    with pytest.raises(CheckpointError, match="--resume"):
-        train_glad(cfg, tmp_path / "cut", progress=False)
-    train_glad(cfg, tmp_path / "cut", resume=True, progress=False)
-    ref, cut = _weights(tmp_path / "ref"), _weights(tmp_path / "cut")
-    assert ref.keys() == cut.keys() and all(torch.equal(ref[k], cut[k]) for k in ref)
+    check_resume_bit_for_bit(train_glad, cfg, tmp_path, glad_training._Batches, monkeypatch, "atp")
     assert load_state(latest_checkpoint(tmp_path / "cut")).extra["adp_threshold"] == pytest.approx(
         load_state(latest_checkpoint(tmp_path / "ref")).extra["adp_threshold"])
 
