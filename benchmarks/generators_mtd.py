@@ -150,12 +150,14 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
     s = settings["sampling"]
     md = [
         "# AdaBLDM on MTD (edge preset, CPU)", "",
-        f"Command: `{' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "",
+        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "",
         f"Generated {thr['images']} defects ({', '.join(f'{k} {v}' for k, v in counts.items())}) from the 10 real "
         "seed defects per type of `configs/mtd_fewshot_split.json` (excluded from the evaluation below), "
         f"Algorithm 1 with {s['free_steps']}/{s['latent_steps']}/{s['pixel_steps']} free/latent/pixel DDIM "
         f"steps and Algorithm 2 with {s['adapt_steps']} AdamW steps (lr {s['adapt_lr']}, lambda_con "
-        f"{s['lambda_con']}) per image, PyTorch, one thread beside other jobs.", "",
+        f"{s['lambda_con']}, scope `{s.get('adapt_scope', 'decoder')}`) per image, batch {s['batch_size']}, "
+        "PyTorch, one thread per job. Throughput was measured while other jobs (training, the other generator, "
+        "segmenters) shared the two cores, so an idle machine is faster.", "",
         "| stage | images/s | s/image |", "|---|---|---|",
         *[f"| {k} | {v:.3f} | {thr['seconds_per_image_by_stage'][k]:.2f} |"
           for k, v in thr["images_per_s_by_stage"].items()],
@@ -173,10 +175,20 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
     return result
 
 
-def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path) -> dict:
+def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
+                       ablation: tuple[str, list[Path]] | None = None) -> dict:
+    """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
+    its downstream entry is the results' `<label>`."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling",))
     align = mask_alignment(items, data_root)
+    variant = None
+    if ablation is not None:
+        v_items = folder_items(ablation[1])
+        variant = {"label": ablation[0], "folders": [str(f) for f in ablation[1]],
+                   "images_per_s": throughput(v_items, ("sampling",))["images_per_s"],
+                   "alignment": mask_alignment(v_items, data_root),
+                   "lora_target_modules": _lora_targets(ablation[1][0])}
     counts: dict[str, int] = {}
     for _, it in items:
         counts[it["defect_type"]] = counts.get(it["defect_type"], 0) + 1
@@ -187,27 +199,37 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         rows.append([label(whole, f"{it['defect_type']} whole"), label(_rgb(f / it["part"]), "part"),
                      label(_gray3(f / it["mask"]), "mask"), label(_overlay(whole, mask), "overlay")])
     write_png(out.with_suffix(".png"), grid(rows))
-    table, lines = downstream_table(downstream, {"cutpaste": "cutpaste_fewshot", "generated": "dualanodiff",
-                                                 "adabldm": "adabldm", "cutpaste_adabldm_seeds": "cutpaste"})
+    names = {"cutpaste": "cutpaste_fewshot", "generated": "dualanodiff", "adabldm": "adabldm",
+             "cutpaste_adabldm_seeds": "cutpaste"}
+    if variant is not None:
+        names[variant["label"]] = variant["label"]
+    table, lines = downstream_table(downstream, names)
     settings = {str(f): load_index(f)["settings"] for f in gen}
     s = next(iter(settings.values()))["sampling"]
     result = {"method": "dualanodiff", "images_per_s": thr["images_per_s"], "mask_iou": align["mask_iou"],
-              "alignment": align, "throughput": thr, "images_per_type": counts, "downstream": table,
+              "alignment": align, "lora_target_modules": _lora_targets(gen[0]), "variant": variant,
+              "throughput": thr, "images_per_type": counts, "downstream": table,
               "generation_settings": settings, "machine": _machine(), "command": " ".join(sys.argv)}
     md = [
         "# DualAnoDiff on MTD (edge preset, CPU)", "",
-        f"Command: `{' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "",
+        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "",
         f"Generated {thr['images']} image + mask pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), one "
         "run per defect type trained on about a third of that type's real defects (`configs/mtd_fewshot_split.json`, "
         f"excluded from the evaluation below); {s['steps']} DDIM steps, classifier-free guidance "
         f"{s['guidance_scale']}, BCM backgrounds = normal tiles, mask from the part image "
         f"(reference {s['mask'].get('reference', 'empty')}, threshold {s['mask']['threshold']}).", "",
         f"Throughput: {thr['images_per_s']:.3f} images/s ({1 / thr['images_per_s']:.2f} s/image, batch "
-        f"{s['batch_size']}, PyTorch, one thread).", "",
+        f"{s['batch_size']}, PyTorch, one thread, other jobs sharing the two cores).", "",
         f"Mask-image alignment: mean IoU {align['mask_iou']:.3f} (median {align['mask_iou_median']:.3f}) of the mask "
         "with the region where the whole image differs from its BCM background (Otsu on the blurred difference); "
         f"{align['empty_masks']} empty masks; mean |whole - part| inside the mask "
         f"{align['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels.", "",
+        f"LoRA on {', '.join(_lora_targets(gen[0]))}.", "",
+        *([f"Variant `{variant['label']}` (LoRA on {', '.join(variant['lora_target_modules'])}; "
+           f"`{', '.join(variant['folders'])}`): {variant['images_per_s']:.3f} images/s, mask IoU "
+           f"{variant['alignment']['mask_iou']:.3f}, mean |whole - part| inside the mask "
+           f"{variant['alignment']['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels, "
+           f"{variant['alignment']['empty_masks']} empty masks.", ""] if variant else []),
         f"![grid]({out.with_suffix('.png').name})", "",
         "## Downstream: the same segmenter trained on normals + each kind of defect", "",
         "Same evaluation set as AdaBLDM's report (170 real defects outside every few-shot set + 95 normals). "
@@ -219,6 +241,13 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     return result
 
 
+def _lora_targets(folder: Path) -> list[str]:
+    """The LoRA target modules of the DualAnoDiff run that made a generation folder."""
+    model = Path(load_index(folder)["settings"]["model"])
+    cfg = json.loads((model.parent.parent / "config.json").read_text())
+    return list(cfg["lora"]["target_modules"])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=["adabldm", "dualanodiff"])
@@ -226,12 +255,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--downstream", type=Path, required=True, help="benchmarks/downstream.py train results JSON")
     p.add_argument("--data", type=Path, required=True, help="the MVTec-layout dataset (normal images)")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--variant", help="DualAnoDiff: LABEL=folder,folder,... of a second variant to list beside")
     args = p.parse_args(argv)
     gen = [Path(g) for g in args.gen.split(",")]
     downstream = json.loads(args.downstream.read_text())
     out = args.results / f"{args.method}_mtd"
-    report = adabldm_report if args.method == "adabldm" else dualanodiff_report
-    r = report(gen, downstream, args.data, out)
+    if args.method == "adabldm":
+        r = adabldm_report(gen, downstream, args.data, out)
+    else:
+        variant = None
+        if args.variant:
+            label, folders = args.variant.split("=", 1)
+            variant = (label, [Path(f) for f in folders.split(",")])
+        r = dualanodiff_report(gen, downstream, args.data, out, variant)
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream")}, indent=2))
 
 

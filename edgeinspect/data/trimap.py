@@ -166,9 +166,16 @@ def affine_canvas(shape: tuple[int, int], angle: float, scale: float) -> tuple[n
 
 
 def warp_patch(patch: np.ndarray, angle: float, scale: float, interpolation: int) -> np.ndarray:
-    """`patch` through `affine_canvas`: nearest neighbour for masks, linear for pixels."""
+    """`patch` through `affine_canvas`: nearest neighbour for masks (0 outside the source patch),
+    linear for pixels (border replicated, so interpolation at the patch edge does not pull colours
+    towards black).
+
+    A mask's tight crop has mask pixels on every edge, so a replicated border would smear them across
+    the rotated canvas's corners (streaks and parallelograms that are not in the seed). Pixels are
+    used only where the mask is, so their border never shows."""
     m, (ch, cw) = affine_canvas(patch.shape[:2], angle, scale)
-    return cv2.warpAffine(patch, m, (cw, ch), flags=interpolation, borderMode=cv2.BORDER_REPLICATE)
+    border = cv2.BORDER_CONSTANT if interpolation == cv2.INTER_NEAREST else cv2.BORDER_REPLICATE
+    return cv2.warpAffine(patch, m, (cw, ch), flags=interpolation, borderMode=border, borderValue=0)
 
 
 @dataclass
