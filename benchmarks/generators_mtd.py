@@ -127,7 +127,11 @@ def _machine() -> str:
     return f"{cpu_name()}, {logical_cpus()} logical CPUs, no GPU"
 
 
-def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path) -> dict:
+def _caveat(note: str | None) -> list[str]:
+    return ["## Read this first", "", note, ""] if note else []
+
+
+def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path, note: str | None = None) -> dict:
     items = folder_items(gen)
     thr = throughput(items, ("sampling", "adaptation"))
     counts: dict[str, int] = {}
@@ -141,16 +145,17 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
                      label(_rgb(f / it["before_adaptation"]), "before adapt."),
                      label(_rgb(f / it["image"]), "after adapt."), label(_gray3(f / it["mask"]), "mask")])
     write_png(out.with_suffix(".png"), grid(rows))
-    table, lines = downstream_table(downstream, {"cutpaste": "cutpaste", "generated": "adabldm"})
+    table, lines = downstream_table(downstream, {"cutpaste": "cutpaste", "generated": "adabldm",
+                                                 "cutpaste_smeared": "cutpaste_smeared"})
     settings = load_index(gen[0])["settings"]
     result = {"method": "adabldm", "images_per_s": thr["images_per_s"],
               "images_per_s_by_stage": thr["images_per_s_by_stage"], "throughput": thr, "images_per_type": counts,
               "downstream": table, "generation_settings": settings, "machine": _machine(),
-              "command": " ".join(sys.argv)}
+              "command": " ".join(sys.argv), "note": note}
     s = settings["sampling"]
     md = [
         "# AdaBLDM on MTD (edge preset, CPU)", "",
-        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "",
+        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "", *_caveat(note),
         f"Generated {thr['images']} defects ({', '.join(f'{k} {v}' for k, v in counts.items())}) from the 10 real "
         "seed defects per type of `configs/mtd_fewshot_split.json` (excluded from the evaluation below), "
         f"Algorithm 1 with {s['free_steps']}/{s['latent_steps']}/{s['pixel_steps']} free/latent/pixel DDIM "
@@ -176,7 +181,7 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
 
 
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
-                       ablation: tuple[str, list[Path]] | None = None) -> dict:
+                       ablation: tuple[str, list[Path]] | None = None, note: str | None = None) -> dict:
     """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
     its downstream entry is the results' `<label>`."""
     items = folder_items(gen)
@@ -209,10 +214,11 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     result = {"method": "dualanodiff", "images_per_s": thr["images_per_s"], "mask_iou": align["mask_iou"],
               "alignment": align, "lora_target_modules": _lora_targets(gen[0]), "variant": variant,
               "throughput": thr, "images_per_type": counts, "downstream": table,
-              "generation_settings": settings, "machine": _machine(), "command": " ".join(sys.argv)}
+              "generation_settings": settings, "machine": _machine(), "command": " ".join(sys.argv),
+              "note": note}
     md = [
         "# DualAnoDiff on MTD (edge preset, CPU)", "",
-        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "",
+        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "", *_caveat(note),
         f"Generated {thr['images']} image + mask pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), one "
         "run per defect type trained on about a third of that type's real defects (`configs/mtd_fewshot_split.json`, "
         f"excluded from the evaluation below); {s['steps']} DDIM steps, classifier-free guidance "
@@ -256,18 +262,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", type=Path, required=True, help="the MVTec-layout dataset (normal images)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--variant", help="DualAnoDiff: LABEL=folder,folder,... of a second variant to list beside")
+    p.add_argument("--note", help="a paragraph every reader must see first (e.g. a known flaw of the run)")
     args = p.parse_args(argv)
     gen = [Path(g) for g in args.gen.split(",")]
     downstream = json.loads(args.downstream.read_text())
     out = args.results / f"{args.method}_mtd"
     if args.method == "adabldm":
-        r = adabldm_report(gen, downstream, args.data, out)
+        r = adabldm_report(gen, downstream, args.data, out, args.note)
     else:
         variant = None
         if args.variant:
             label, folders = args.variant.split("=", 1)
             variant = (label, [Path(f) for f in folders.split(",")])
-        r = dualanodiff_report(gen, downstream, args.data, out, variant)
+        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note)
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream")}, indent=2))
 
 
