@@ -127,6 +127,25 @@ def _machine() -> str:
     return f"{cpu_name()}, {logical_cpus()} logical CPUs, no GPU"
 
 
+def _per_type(items: list[tuple[Path, dict]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, it in items:
+        counts[it["defect_type"]] = counts.get(it["defect_type"], 0) + 1
+    return counts
+
+
+def _evaluated(downstream: dict) -> str:
+    """How many real defects and normals the segmenters were evaluated on (as the results say)."""
+    r = next(iter(downstream.values()), {})
+    return f"{r.get('n_defect_images_evaluated', '?')} real defects and {r.get('n_normal_images', '?')} normals"
+
+
+def _write(out: Path, md: list[str], result: dict) -> dict:
+    write_text_atomic(out.with_suffix(".md"), "\n".join(md))
+    write_json_atomic(out.with_suffix(".json"), result)
+    return result
+
+
 def _caveat(note: str | None) -> list[str]:
     return ["## Read this first", "", note, ""] if note else []
 
@@ -135,9 +154,7 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
                    cutpaste_name: str = "cutpaste") -> dict:
     items = folder_items(gen)
     thr = throughput(items, ("sampling", "adaptation"))
-    counts: dict[str, int] = {}
-    for _, it in items:
-        counts[it["defect_type"]] = counts.get(it["defect_type"], 0) + 1
+    counts = _per_type(items)
     rows = []
     for f, it in _pick(items, 2):
         source = resize_image(read_image(data_root / "train" / "good" / it["source_image"]),
@@ -171,13 +188,11 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
         "Columns: normal source image, trimap (white: defect, grey: foreground), Algorithm 1's output "
         "decoded by the original decoder, after online decoder adaptation, exact mask.", "",
         "## Downstream: the same segmenter trained on normals + each kind of defect", "",
-        "Evaluated on the real test defects not used as seeds or few-shot images (170) and the 95 test "
-        "normals, at 128 px (EfficientNet-Lite0 FPN segmenter, benchmarks/downstream.py).", "",
+        f"Evaluated on {_evaluated(downstream)} of the test split (no image used as a seed or few-shot "
+        "image), at 128 px (EfficientNet-Lite0 FPN segmenter, benchmarks/downstream.py).", "",
         *lines, "",
     ]
-    write_text_atomic(out.with_suffix(".md"), "\n".join(md))
-    write_json_atomic(out.with_suffix(".json"), result)
-    return result
+    return _write(out, md, result)
 
 
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
@@ -194,9 +209,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
                    "images_per_s": throughput(v_items, ("sampling",))["images_per_s"],
                    "alignment": mask_alignment(v_items, data_root),
                    "lora_target_modules": _lora_targets(ablation[1][0])}
-    counts: dict[str, int] = {}
-    for _, it in items:
-        counts[it["defect_type"]] = counts.get(it["defect_type"], 0) + 1
+    counts = _per_type(items)
     rows = []
     for f, it in _pick(items, 2):
         whole = _rgb(f / it["image"])
@@ -237,13 +250,11 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
            f"{variant['alignment']['empty_masks']} empty masks.", ""] if variant else []),
         f"![grid]({out.with_suffix('.png').name})", "",
         "## Downstream: the same segmenter trained on normals + each kind of defect", "",
-        "Same evaluation set as AdaBLDM's report (170 real defects outside every few-shot set + 95 normals). "
+        f"Same evaluation set as AdaBLDM's report ({_evaluated(downstream)} outside every few-shot set). "
         "`cutpaste` here pastes DualAnoDiff's few-shot defects (the same real images DualAnoDiff trained on).", "",
         *lines, "",
     ]
-    write_text_atomic(out.with_suffix(".md"), "\n".join(md))
-    write_json_atomic(out.with_suffix(".json"), result)
-    return result
+    return _write(out, md, result)
 
 
 def _lora_targets(folder: Path) -> list[str]:
