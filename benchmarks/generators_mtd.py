@@ -146,8 +146,10 @@ def _write(out: Path, md: list[str], result: dict) -> dict:
     return result
 
 
-def _caveat(note: str | None) -> list[str]:
-    return ["## Read this first", "", note, ""] if note else []
+def _header(title: str, note: str | None) -> list[str]:
+    """Title, command, machine and the note every reader must see first."""
+    lines = [f"# {title}", "", f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", ""]
+    return lines + (["## Read this first", "", note, ""] if note else [])
 
 
 def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path, note: str | None = None,
@@ -171,8 +173,7 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
               "command": " ".join(sys.argv), "note": note}
     s = settings["sampling"]
     md = [
-        "# AdaBLDM on MTD (edge preset, CPU)", "",
-        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "", *_caveat(note),
+        *_header("AdaBLDM on MTD (edge preset, CPU)", note),
         f"Generated {thr['images']} defects ({', '.join(f'{k} {v}' for k, v in counts.items())}) from the 10 real "
         "seed defects per type of `configs/mtd_fewshot_split.json` (excluded from the evaluation below), "
         f"Algorithm 1 with {s['free_steps']}/{s['latent_steps']}/{s['pixel_steps']} free/latent/pixel DDIM "
@@ -229,8 +230,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
               "generation_settings": settings, "machine": _machine(), "command": " ".join(sys.argv),
               "note": note}
     md = [
-        "# DualAnoDiff on MTD (edge preset, CPU)", "",
-        f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", "", *_caveat(note),
+        *_header("DualAnoDiff on MTD (edge preset, CPU)", note),
         f"Generated {thr['images']} image + mask pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), one "
         "run per defect type trained on about a third of that type's real defects (`configs/mtd_fewshot_split.json`, "
         f"excluded from the evaluation below); {s['steps']} DDIM steps, classifier-free guidance "

@@ -152,7 +152,8 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
                 b = len(plans)
                 x_ok = uint8_to_model(normals_u8[[p.normal for p in plans]])
                 mask = torch.from_numpy(np.stack([p.mask for p in plans]))[:, None].float()
-                trimap = torch.from_numpy(np.stack([make_trimap(p.mask, fg[p.normal]) for p in plans]))[:, None]
+                trimaps = np.stack([make_trimap(p.mask, fg[p.normal]) for p in plans])
+                trimap = torch.from_numpy(trimaps)[:, None]
                 t0 = time.perf_counter()
                 res = sampler.sample(x_ok, mask, trimap, job.contexts[dtype].expand(b, -1, -1),
                                      [p.seed for p in plans], uncond_context=job.empty_context.expand(b, -1, -1))
@@ -169,7 +170,7 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
                               "adaptation_s": adapt_s,
                               "adaptation_loss": {"outside_first": ad.loss_outside[:1], "outside_last":
                                                   ad.loss_outside[-1:], "inside_last": ad.loss_inside[-1:]}}
-                    extras = {"trimap": np.round(make_trimap(p.mask, fg[p.normal]) * 255).astype(np.uint8)}
+                    extras = {"trimap": np.round(trimaps[k] * 255).astype(np.uint8)}
                     if keep_before:
                         extras["before_adaptation"] = tensor_to_image(res.images[k])
                     writer.write(p.index, tensor_to_image(ad.image), p.mask, record, extras)
