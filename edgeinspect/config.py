@@ -469,11 +469,13 @@ class AdaBLDMConfig(Strict):
 
 
 class LoRABranchConfig(Strict):
-    """The two LoRA adapters ("whole", "part") on the frozen UNet's attention projections."""
+    """The two LoRA adapters ("whole", "part") on the frozen UNet's attention projections (and,
+    when named, Linear or Conv2d layers elsewhere, e.g. the resnets' conv1/conv2 and conv_out)."""
 
     rank: int = Field(32, ge=1)
     alpha: float = Field(32.0, gt=0)  # LoRA scaling = alpha / rank
-    # Module name suffixes (peft `target_modules`): every attention layer's q/k/v/out projections.
+    # Module name suffixes (peft `target_modules`): by default every attention layer's q/k/v/out
+    # projections, as in the paper.
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
     dropout: float = Field(0.0, ge=0, lt=1)
 

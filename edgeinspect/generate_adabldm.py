@@ -1,8 +1,9 @@
 """`edgeinspect generate adabldm`: defective images with exact masks from normal images.
 
-Item i of a job is a pure function of (settings, i): its generator is seeded with sampling.seed + i
-and picks the defect type (items are grouped by type, n_per_type each), the normal image, the real
-seed mask and its placement. So a killed job rerun into the same folder continues where it stopped
+Item i of a job is a pure function of (settings, i): items are grouped by type, n_per_type each, and
+item j of a type has the seed item_seed(sampling.seed, type, j) (runtime/generation.py), which picks
+the normal image, the real seed mask, its placement and the noises; a type generated alone gets the
+same items as in a job with all types. So a killed job rerun into the same folder continues where it stopped
 and regenerates nothing twice (runtime/generation.py keeps the index).
 
 Per batch: Algorithm 1 (runtime/blended.py) on the networks of the chosen backend, then per sample
@@ -30,7 +31,7 @@ from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.runtime.blended import BlendedSampler
 from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.generation import GenerationWriter
+from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
 from edgeinspect.runtime.networks import Networks, torch_networks
 from edgeinspect.training.adabldm import defect_prompt, foregrounds, load_adabldm, load_seeds
 from edgeinspect.training.checkpoint import resolve_checkpoint
@@ -56,7 +57,8 @@ def plan_item(i: int, base_seed: int, types: list[str], n_per_type: int, n_norma
               fg: np.ndarray, placement) -> PlannedItem:
     """Draw item i's normal image, seed defect and placement from its own generator."""
     dtype = types[i // n_per_type]
-    rng = np.random.default_rng(base_seed + i)
+    seed = item_seed(base_seed, dtype, i % n_per_type)
+    rng = np.random.default_rng(seed)
     failures = []
     for _ in range(MAX_PLACEMENT_ATTEMPTS):
         normal = int(rng.integers(n_normals))
@@ -67,7 +69,7 @@ def plan_item(i: int, base_seed: int, types: list[str], n_per_type: int, n_norma
         except MaskDoesNotFit as e:
             failures.append(f"normal {normal}, seed {k}: {e}")
             continue
-        return PlannedItem(i, base_seed + i, dtype, normal, k, placed.mask, placed.to_json(), failures)
+        return PlannedItem(i, seed, dtype, normal, k, placed.mask, placed.to_json(), failures)
     raise MaskDoesNotFit(f"item {i} ({dtype}): no seed mask fits any of {MAX_PLACEMENT_ATTEMPTS} normal images "
                          f"drawn; last: {failures[-1]}")
 
@@ -130,7 +132,7 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
     normals_u8, _, _ = normals.load_all()
     fg = foregrounds(cfg, normals_u8)
     settings = {"method": "adabldm", **job.source, "data_root": str(data_root), "defect_types": types,
-                "n_per_type": n_per_type, "sampling": dump_config(s), "foreground": dump_config(cfg.foreground)}
+                "n_per_type": n_per_type, "seeding": SEEDING, "sampling": dump_config(s), "foreground": dump_config(cfg.foreground)}
     writer = GenerationWriter(out_dir, settings, total=n_per_type * len(types))
     schedule = DDIM(cfg.scheduler)
 

@@ -1,6 +1,6 @@
 """`edgeinspect generate dualanodiff`: anomaly image + mask pairs from a trained DualAnoDiff run.
 
-Output i is made from seed `sampling.seed + i` alone: its noises and, with BCM, its background
+Output i is made from seed `item_seed(sampling.seed, defect type, i)` (runtime/generation.py) alone: its noises and, with BCM, its background
 (a normal image of <data>/train/good drawn with that seed; the whole normal image is the
 background, which is right for textures such as MTD tiles). Outputs are generated in fixed batches
 [k * batch_size, (k + 1) * batch_size), and a batch is always computed whole, even when some of its
@@ -24,7 +24,7 @@ from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, read_image, resize_image, tensor_to_image
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.dual import DualSampler, PromptContexts
-from edgeinspect.runtime.generation import GenerationWriter
+from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
 from edgeinspect.runtime.networks import Networks, torch_networks
 from edgeinspect.training.checkpoint import resolve_checkpoint
 from edgeinspect.training.dualanodiff import load_dualanodiff
@@ -65,6 +65,7 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
         "method": "dualanodiff",
         **source,
         "defect_type": defect_type,
+        "seeding": SEEDING,
         "prompts": {"whole": cfg.prompts.whole_prompt, "part": cfg.prompts.part_prompt},
         "sampling": dump_config(s),
         "image_size": size,
@@ -82,7 +83,7 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
             batch = list(range(start, min(start + s.batch_size, n)))
             if not pending.intersection(batch):
                 continue
-            seeds = [s.seed + i for i in batch]
+            seeds = [item_seed(s.seed, defect_type, i) for i in batch]
             backgrounds, sources = None, [None] * len(batch)
             if normals is not None:
                 picks = [normals[background_index(seed, len(normals))].path for seed in seeds]

@@ -283,3 +283,23 @@ def test_tail_adaptation_matches_the_decoder_and_trains_only_the_tail(run):
     assert res.loss_outside[-1] < res.loss_outside[0]
     with pytest.raises(ValueError, match="scope"):
         adapt_decoder(decoder, z[0], x_ok, mask, steps=1, lr=1e-3, lambda_con=1.0, scope="encoder")
+
+
+def test_items_do_not_depend_on_which_other_types_share_the_job():
+    from edgeinspect.config import PlacementConfig
+    from edgeinspect.generate_adabldm import plan_item
+    from edgeinspect.runtime.generation import item_seed
+
+    rng = np.random.default_rng(0)
+    fg = np.ones((6, 32, 32), bool)
+    masks = {t: rng.random((3, 32, 32)) > 0.9 for t in ("crack", "break")}
+    alone = [plan_item(j, 5, ["crack"], 4, 6, masks, fg, PlacementConfig()) for j in range(4)]
+    shared = [plan_item(4 + j, 5, ["break", "crack"], 4, 6, masks, fg, PlacementConfig()) for j in range(4)]
+    for a, b in zip(alone, shared):
+        assert a.seed == b.seed == item_seed(5, "crack", a.index)
+        assert (a.normal, a.seed_defect, a.placement) == (b.normal, b.seed_defect, b.placement)
+        assert np.array_equal(a.mask, b.mask)
+    # another type's item j has its own seed: per-type jobs do not reuse each other's draws
+    others = [plan_item(j, 5, ["break", "crack"], 4, 6, masks, fg, PlacementConfig()) for j in range(4)]
+    assert {p.seed for p in others}.isdisjoint({p.seed for p in alone})
+    assert len({item_seed(5, t, j) for t in ("crack", "break", "blowhole") for j in range(100)}) == 300

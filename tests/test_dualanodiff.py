@@ -9,6 +9,7 @@ from edgeinspect.config import PartMaskConfig, build_config
 from edgeinspect.models.dualanodiff import (
     BCM,
     SAIM,
+    BranchLoraConv2d,
     BranchLoraLinear,
     DualAnoDiffModel,
     TrainableWeights,
@@ -123,6 +124,29 @@ def test_branches_share_the_frozen_base_and_differ_only_in_their_adapters():
         w2, p2 = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
     assert not torch.allclose(p2, p, atol=1e-3)  # the part adapter drives the part branch
     assert torch.equal(w2, plain[0])  # and never the whole one (SAIM still at its zero start)
+
+
+def test_conv_targets_get_per_branch_adapters_too():
+    m = _model(lora={"rank": 4, "alpha": 4.0, "target_modules": ["to_q", "conv1", "conv2", "conv_out"]})
+    convs = {n: mod for n, mod in m.unet.named_modules() if isinstance(mod, BranchLoraConv2d)}
+    assert "conv_out" in convs and any(n.endswith("resnets.0.conv1") for n in convs)
+    assert all(mod.lora_A["part"].kernel_size == mod.base_layer.kernel_size for mod in convs.values())
+    sample, _, t, ctx_w, _, _ = _pairs(m)
+    with torch.no_grad():
+        base_w, base_p = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
+        convs["conv_out"].lora_B["part"].weight.normal_(0, 0.5)
+        w, p = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
+    assert torch.equal(w, base_w) and not torch.allclose(p, base_p, atol=1e-3)
+    # the conv adapters train: gradients reach both branches' A and B (B starts at zero, so A's
+    # gradient flows once B moved, as above for "part")
+    m.train()
+    w, p = m.dual_forward(sample, sample, t, ctx_w, ctx_w)
+    (w.square().mean() + p.square().mean()).backward()
+    lora_out = convs["conv_out"]
+    for name in ("whole", "part"):
+        assert lora_out.lora_B[name].weight.grad.abs().sum() > 0
+    assert lora_out.lora_A["part"].weight.grad.abs().sum() > 0
+    assert lora_out.base_layer.weight.grad is None  # the base stays frozen
 
 
 def test_bcm_gate_zero_is_exactly_the_branch_without_bcm():

@@ -18,8 +18,11 @@ Per-row adapters. peft's own mixed-batch path (`adapter_names=`) is refused in t
 LoraModel, and its layer code selects rows with Python index lists, which a traced graph would
 freeze for one batch size. So the adapters are peft's (LoraConfig, inject_adapter_in_model, its
 lora_A/lora_B/scaling per adapter), injected through peft's custom-module dispatch as
-`BranchLoraLinear`, a peft lora.Linear whose forward applies adapter "whole" to the whole and
-background row blocks and "part" to the part block.
+`BranchLoraLinear` / `BranchLoraConv2d`, peft's lora.Linear / lora.Conv2d whose forward applies
+adapter "whole" to the whole and background row blocks and "part" to the part block. Convolutions
+are valid targets (e.g. the resnets' conv1/conv2 and conv_out): the attention layers of a small UNet
+sit only at its lower resolutions, and the part branch must change what the full-resolution layers
+draw (an empty background).
 
 SAIM (after attn1 and/or attn2 of every transformer block, `saim.after`): per spatial position the
 two branches' attention outputs form a sequence of length 2 -> LayerNorm -> linear (q, k, v) ->
@@ -52,6 +55,7 @@ from contextlib import contextmanager
 import torch
 from diffusers.models.attention import BasicTransformerBlock
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import Conv2d as PeftLoraConv2d
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
@@ -91,8 +95,8 @@ class BranchLayout:
         return self.blocks
 
 
-class BranchLoraLinear(PeftLoraLinear):
-    """peft's LoRA Linear with one adapter per row block (see the module docstring)."""
+class _BranchRows:
+    """The per-row-block forward shared by the Linear and Conv2d LoRA layers (see the module docstring)."""
 
     layout: BranchLayout  # set by DualAnoDiffModel after injection
 
@@ -105,6 +109,14 @@ class BranchLoraLinear(PeftLoraLinear):
             a = self.lora_A[name]
             deltas.append(self.lora_B[name](a(self.lora_dropout[name](xs[b].to(a.weight.dtype)))) * self.scaling[name])
         return result + torch.cat(deltas).reshape(result.shape).to(result.dtype)
+
+
+class BranchLoraLinear(_BranchRows, PeftLoraLinear):
+    """peft's LoRA Linear with one adapter per row block."""
+
+
+class BranchLoraConv2d(_BranchRows, PeftLoraConv2d):
+    """peft's LoRA Conv2d (A: the layer's kernel to rank r, B: 1x1) with one adapter per row block."""
 
 
 class SAIM(nn.Module):
@@ -203,14 +215,14 @@ class DualAnoDiffModel(LatentDiffusionModel):
         for i, adapter in enumerate(ADAPTERS):
             config = LoraConfig(r=c.rank, lora_alpha=c.alpha, target_modules=list(c.target_modules),
                                 lora_dropout=c.dropout)
-            config._register_custom_module({nn.Linear: BranchLoraLinear})
+            config._register_custom_module({nn.Linear: BranchLoraLinear, nn.Conv2d: BranchLoraConv2d})
             with warnings.catch_warnings():
                 if i:  # peft warns that a second adapter goes into the same model: that is the point
                     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 inject_adapter_in_model(config, self.unet, adapter_name=adapter)
-        layers = [m for m in self.unet.modules() if isinstance(m, BranchLoraLinear)]
+        layers = [m for m in self.unet.modules() if isinstance(m, _BranchRows)]
         if not layers:
-            raise ValueError(f"lora.target_modules={c.target_modules} matches no Linear layer of the UNet")
+            raise ValueError(f"lora.target_modules={c.target_modules} matches no Linear or Conv2d layer of the UNet")
         for m in layers:
             m.layout = self.layout
 

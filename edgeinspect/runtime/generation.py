@@ -2,8 +2,8 @@
 
 Generation is long (hours on a CPU, thousands of images), so a killed job must lose at most the
 image in progress and a rerun must continue where it stopped, with no duplicates and no gaps.
-Item i is a pure function of the job's settings and i (its seed is `base seed + i`), so the
-writer only has to know which indices are done: an index entry is written after both of its PNGs
+Item i is a pure function of the job's settings and i (its seed is `item_seed(base seed, defect
+type, index within the type)`), so the writer only has to know which indices are done: an index entry is written after both of its PNGs
 are in place, and every file is written to a temporary name and renamed, so a crash at any point
 leaves either a complete item in the index or nothing that the index points to (an orphan PNG is
 overwritten when its index is generated again).
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,18 @@ def _write_png_atomic(path: Path, image: np.ndarray) -> None:
         raise GenerationError(f"could not write {tmp}")
     fsync_path(tmp)
     os.replace(tmp, path)
+
+
+# Recorded in every job's settings: a folder made with another seeding scheme is refused on resume.
+SEEDING = "SeedSequence(base_seed, crc32(defect_type), index_in_type)"
+
+
+def item_seed(base_seed: int, defect_type: str, index_in_type: int) -> int:
+    """The seed of output `index_in_type` of `defect_type`: independent across types and indices, and
+    the same whether the type is generated alone or in a job with other types (so per-type jobs never
+    reuse another type's noises, source images or placements)."""
+    seq = np.random.SeedSequence([base_seed, zlib.crc32(defect_type.encode()), index_in_type])
+    return int(seq.generate_state(1)[0])
 
 
 def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
