@@ -523,7 +523,13 @@ class DualAnoDiffTrainConfig(TrainLoopConfig):
     # list, or a split file whose `fewshot[<defect_type>]` lists them.
     images: list[str] | None = None
     split_file: Path | None = None
-    # Normals of train/good used as BCM backgrounds (spread evenly over the folder).
+    # The BCM background of a training pair: "inpainted" (default) = the pair's own image with its
+    # defect region removed (the dilated mask filled by inpainting), so the whole image is its
+    # background plus the defect and BCM learns to carry the background over, which sampling relies
+    # on (a normal image as background -> that image with a defect on it); "normals" = a random
+    # normal of train/good (up to `max_backgrounds`, spread evenly), unrelated to the pair.
+    background: Literal["inpainted", "normals"] = "inpainted"
+    inpaint_dilation: int = Field(5, ge=0)  # px the mask grows by before inpainting (defect halo)
     max_backgrounds: int = Field(64, ge=1)
     # Both prompts dropped together for this fraction of pairs, so the unconditional prediction that
     # classifier-free guidance needs is learnt (a small base never saw the empty prompt).
@@ -561,7 +567,7 @@ class PartMaskConfig(Strict):
 class DualAnoDiffSamplingConfig(Strict):
     steps: int = Field(50, ge=1, le=1000)  # DDIM steps from pure noise
     guidance_scale: float = Field(2.5, ge=1.0)  # 1: no classifier-free guidance (half the compute)
-    seed: int = 0  # output i uses seed + i
+    seed: int = 0  # output i of a type uses runtime.generation.item_seed(seed, type, i)
     batch_size: int = Field(8, ge=1)
     # BCM backgrounds: "normal" = a whole normal image of train/good, drawn per output from its seed
     # (right for textures such as MTD tiles, where the whole image is background).

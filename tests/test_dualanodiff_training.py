@@ -15,7 +15,7 @@ from edgeinspect.config import build_config, dump_config
 from edgeinspect.generate_dualanodiff import generate_dualanodiff
 from edgeinspect.models.diad import LatentDiffusionModel
 from edgeinspect.models.dualanodiff import is_trainable_key
-from edgeinspect.runtime.generation import GenerationError, GenerationWriter
+from edgeinspect.runtime.generation import GenerationError, GenerationWriter, item_seed
 from edgeinspect.training.checkpoint import (
     CheckpointError,
     TrainState,
@@ -70,7 +70,7 @@ def test_checkpoints_hold_only_trained_weights_and_load_onto_the_base(tmp_path, 
     assert extra["scaling_factor"] == pytest.approx(BASE_SCALING)
     assert extra["base_checkpoint"] == str((base / "checkpoints" / "unet-final").resolve())
     assert extra["fewshot_images"] == ["000.png", "002.png"] and extra["defect_type"] == "scratch"
-    assert len(extra["backgrounds"]) == 4
+    assert extra["backgrounds"] == ["inpainted"]
     cfg, model, _ = load_dualanodiff(tmp_path / "run")
     assert model.scaling_factor == pytest.approx(BASE_SCALING)
     state = model.state_dict()
@@ -90,6 +90,55 @@ def test_checkpoints_hold_only_trained_weights_and_load_onto_the_base(tmp_path, 
     (moved / "state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError, match="base checkpoint .* missing"):
         load_dualanodiff(moved)
+
+
+def test_remove_defects_fills_the_defect_from_its_surroundings():
+    img = np.full((1, 3, 32, 32), 120, np.uint8)
+    img[0, :, 10:16, 12:20] = 10  # a dark defect
+    mask = np.zeros((1, 32, 32), np.uint8)
+    mask[0, 11:15, 13:19] = 1  # the annotation a little smaller than the defect: the dilation covers it
+    out = dual_training.remove_defects(torch.from_numpy(img), torch.from_numpy(mask), dilation=2).numpy()
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - 120).max() <= 2  # the defect is gone, nothing else moved
+    assert np.array_equal(dual_training.remove_defects(torch.from_numpy(img), torch.from_numpy(mask), 0)[0, :, :5],
+                          img[0, :, :5])
+
+
+@pytest.mark.parametrize("background", ["inpainted", "normals"])
+def test_bcm_background_of_a_training_pair(tmp_path, data_root, base, monkeypatch, background):
+    """"inpainted": each pair's background is its own image with the defect removed, flipped with it;
+    "normals": normals drawn independently of the pair."""
+    calls = []
+
+    def tagged(vae, images, flips, scaling_factor, batch=16):  # latent value = call * 1000 + flip * 100 + image
+        k = len(calls)
+        calls.append(images)
+        n, size = len(images), build_config("dualanodiff", "tiny").model.latent_size
+        ids = torch.arange(4)[:, None] * 100 + torch.arange(n)[None] + k * 1000
+        return ids[:, :, None, None, None].float().expand(4, n, 4, size, size).clone()
+
+    class NoNoise:  # alphas_cumprod = 1: the noised latent is the clean one
+        def __init__(self, cfg):
+            self.alphas_cumprod = torch.ones(cfg.num_train_timesteps)
+
+    seen = []
+    real = dual_training.DualAnoDiffModel.dual_forward
+
+    def spy(self, zw, zp, t, cw, cp, bg=None):
+        seen.append((zw[:, 0, 0, 0].clone(), bg[:, 0, 0, 0].clone()))
+        return real(self, zw, zp, t, cw, cp, bg)
+
+    monkeypatch.setattr(dual_training, "encode_variants", tagged)
+    monkeypatch.setattr(dual_training, "DDIM", NoNoise)
+    monkeypatch.setattr(dual_training.DualAnoDiffModel, "dual_forward", spy)
+    train_dualanodiff(_cfg(data_root, base, steps=6, background=background), tmp_path / "run", progress=False)
+    whole = torch.cat([w for w, _ in seen])
+    bg = torch.cat([b for _, b in seen])
+    if background == "inpainted":
+        assert calls[2].shape == calls[0].shape  # one background per few-shot image
+        assert torch.equal(bg - 2000, whole)  # the pair's own image, same flip
+    else:
+        assert len(calls[2]) == 4 and not torch.equal(bg - 2000, whole)
 
 
 def test_interrupted_training_resumes_bit_for_bit(tmp_path, data_root, base, monkeypatch):
@@ -130,7 +179,7 @@ def test_cli_train_then_generation_resumes_without_duplicates_or_gaps(tmp_path, 
     index = json.loads((full / "index.json").read_text())
     assert sorted(index["items"], key=int) == ["0", "1", "2", "3", "4"]
     item = index["items"]["3"]
-    assert item["seed"] == 3 and item["defect_type"] == "scratch" and item["background"].endswith(".png")
+    assert item["seed"] == item_seed(0, "scratch", 3) and item["defect_type"] == "scratch" and item["background"].endswith(".png")
     assert index["settings"]["sampling"]["guidance_scale"] == 2.5
 
     real = GenerationWriter.write

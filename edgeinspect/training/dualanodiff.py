@@ -3,9 +3,12 @@
 Data: the few-shot anomaly images of one defect type (test/<type> with ground_truth/<type> masks
 of an MVTec-layout folder), named by `train.images` or by a split file's `fewshot[<type>]`, resized
 to the model size. Per image the whole target is I and the part target I * M (0 outside the
-defect in [-1, 1]); both get the same random flip, so the pair stays aligned. BCM backgrounds are
-normals of train/good (up to `max_backgrounds`, spread evenly), each drawn at random per pair with
-its own flip. All latents are the frozen autoencoder's posterior means, encoded once.
+defect in [-1, 1]); both get the same random flip, so the pair stays aligned. BCM background of a
+pair (`train.background`): "inpainted", the pair's own image with its (dilated) defect region
+inpainted away, flipped with the pair -- the whole target is then exactly its background plus the
+defect, which is what BCM has to learn to carry over; or "normals", a random normal of train/good
+(up to `max_backgrounds`, spread evenly) with its own flip. All latents are the frozen
+autoencoder's posterior means, encoded once.
 
 Step: per pair one timestep t shared by whole, part and background, independent noise for each;
 both prompts are replaced by the empty prompt together for a fraction of pairs (so classifier-free
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -90,6 +94,20 @@ def load_backgrounds(data_root: Path, size: int, count: int) -> tuple[torch.Tens
     picked = calibration_subset(len(folder), count)
     images = torch.from_numpy(np.stack([folder.load(i)[0] for i in picked])).permute(0, 3, 1, 2).contiguous()
     return images, [folder.samples[i].path.name for i in picked]
+
+
+def remove_defects(images_u8: torch.Tensor, masks: torch.Tensor, dilation: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images with each mask's region (grown by `dilation` px) filled by Telea
+    inpainting from its surroundings: the defect-free background of each anomaly image."""
+    out = []
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
+    for img, m in zip(images_u8, masks):
+        hole = (m.numpy() > 0).astype(np.uint8)
+        if dilation:
+            hole = cv2.dilate(hole, kernel)
+        rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+        out.append(torch.from_numpy(cv2.inpaint(rgb, hole, 3, cv2.INPAINT_TELEA)).permute(2, 0, 1))
+    return torch.stack(out)
 
 
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
@@ -161,8 +179,12 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
     whole_lat = encode_variants(model.vae, to_model_range(images_u8), t.flips, sf)
     part_lat = encode_variants(model.vae, part_targets(images_u8, masks), t.flips, sf)
     bg_names: list[str] = []
+    own_background = t.background == "inpainted"
     if cfg.bcm.enabled:
-        bg_u8, bg_names = load_backgrounds(t.data_root, cfg.model.image_size, t.max_backgrounds)
+        if own_background:
+            bg_u8, bg_names = remove_defects(images_u8, masks, t.inpaint_dilation), ["inpainted"]
+        else:
+            bg_u8, bg_names = load_backgrounds(t.data_root, cfg.model.image_size, t.max_backgrounds)
         bg_lat = encode_variants(model.vae, to_model_range(bg_u8), t.flips, sf)
 
     batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
@@ -184,8 +206,11 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
         zp, eps_p = noisy(part_lat[flip, idx], tt)
         background = None
         if cfg.bcm.enabled:
-            b_idx = torch.randint(len(bg_lat[0]), (n,), generator=gen)
-            b_flip = torch.randint(len(bg_lat), (n,), generator=gen)
+            if own_background:
+                b_idx, b_flip = idx, flip
+            else:
+                b_idx = torch.randint(len(bg_lat[0]), (n,), generator=gen)
+                b_flip = torch.randint(len(bg_lat), (n,), generator=gen)
             background, _ = noisy(bg_lat[b_flip, b_idx], tt)
         drop = (torch.rand(n, generator=gen) < t.empty_prompt_prob).tolist()
         ctx_w = model.prompt_encoder(["" if d else prompts.whole_prompt for d in drop])
