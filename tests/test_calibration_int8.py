@@ -1,11 +1,8 @@
-"""The TensorRT INT8 entropy calibrator without tensorrt: batch feeding, the keyed cache, the calibrator's
-behaviour (with host buffers standing in for device ones), the TensorRT subclass against a stand-in
-base class, inputs recorded from the pipeline, and the clear errors when tensorrt is missing or too new."""
+"""INT8 calibration data without a GPU: batches, the keyed cache, the pipeline's preprocessing and the
+inputs recorded from the pipeline."""
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +12,11 @@ import torch
 from edgeinspect.calibration.int8 import (
     CalibrationBatchStream,
     CalibrationCache,
-    CalibratorLogic,
     bundle_image_preprocess,
     calibration_cache_key,
-    entropy_calibrator_class,
     image_preprocess,
-    make_entropy_calibrator,
     record_role_inputs,
 )
-from edgeinspect.export.tensorrt import TensorRTUnavailableError
 
 try:
     from tests.test_export import tiny_bundle
@@ -35,35 +28,32 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 
 
 
-def host_buffer(a: np.ndarray):
-    """Stands in for the CUDA copy: (buffer kept alive, its address)."""
-    b = np.array(a, copy=True)
-    return b, b.ctypes.data
-
-
 def _items(n: int, shape=(3, 4, 4)) -> list[np.ndarray]:
     return [np.full(shape, i, np.float32) for i in range(n)]
 
 
-def test_stream_batches_drop_the_incomplete_last_one_and_reset():
+def test_stream_batches_the_last_one_short_or_dropped_and_reset():
     s = CalibrationBatchStream(_items(10), lambda x: x, batch_size=4)
-    assert len(s) == 2 and s.input_names == ("image",)
-    b1, b2 = s.next_batch(), s.next_batch()
+    assert len(s) == 3 and s.input_names == ("image",)
+    b1, b2, b3 = s.next_batch(), s.next_batch(), s.next_batch()
     assert s.next_batch() is None
     assert b1["image"].shape == (4, 3, 4, 4) and b1["image"].dtype == np.float32 and b1["image"].flags.c_contiguous
     assert b1["image"][:, 0, 0, 0].tolist() == [0, 1, 2, 3] and b2["image"][:, 0, 0, 0].tolist() == [4, 5, 6, 7]
+    assert b3["image"][:, 0, 0, 0].tolist() == [8, 9]  # short: no item repeated
     s.reset()
     assert s.next_batch()["image"][0, 0, 0, 0] == 0
-    assert [b["image"][0, 0, 0, 0] for b in s] == [0, 4]  # iterating starts over
-    wrap = CalibrationBatchStream(_items(10), lambda x: x, batch_size=4, drop_last=False)
-    last = list(wrap)[-1]["image"][:, 0, 0, 0].tolist()
-    assert len(wrap) == 3 and last == [8, 9, 0, 1]  # filled up with the first items
+    assert [b["image"][0, 0, 0, 0] for b in s] == [0, 4, 8]  # iterating starts over
+    assert s.batch(1)["image"][:, 0, 0, 0].tolist() == [4, 5, 6, 7]
+    with pytest.raises(IndexError):
+        s.batch(3)
+    fixed = CalibrationBatchStream(_items(10), lambda x: x, batch_size=4, drop_last=True)
+    assert len(fixed) == 2 and [len(b["image"]) for b in fixed] == [4, 4]
     assert len(CalibrationBatchStream(_items(100), lambda x: x, 4, max_batches=5)) == 5
 
 
 def test_stream_checks_items():
     with pytest.raises(ValueError, match="fewer than one batch"):
-        CalibrationBatchStream(_items(3), lambda x: x, batch_size=4)
+        CalibrationBatchStream(_items(3), lambda x: x, batch_size=4, drop_last=True)
     with pytest.raises(ValueError, match="no calibration items"):
         CalibrationBatchStream([], lambda x: x, batch_size=1)
     mixed = CalibrationBatchStream([np.zeros((3, 4, 4)), np.zeros((3, 5, 5))], lambda x: x, batch_size=2)
@@ -97,66 +87,22 @@ def test_image_preprocessing_is_the_pipelines():
 
 
 def test_cache_round_trip_and_key(tmp_path):
-    path = tmp_path / "engines" / "vae_encoder.int8.calib"
-    key = calibration_cache_key(onnx_sha256="ab" * 32, images=["a.png", "b.png"], batch=4)
-    assert key != calibration_cache_key(onnx_sha256="ab" * 32, images=["a.png"], batch=4)
+    path = tmp_path / "engines" / "int8" / "vae_encoder.ranges.json"
+    key = calibration_cache_key(onnx_sha256="ab" * 32, images=["a.png", "b.png"], method="entropy")
+    assert key != calibration_cache_key(onnx_sha256="ab" * 32, images=["a.png"], method="entropy")
+    assert key != calibration_cache_key(onnx_sha256="ab" * 32, images=["a.png", "b.png"], method="minmax")
     c = CalibrationCache(path, key)
     assert c.read() is None
-    c.write(b"TRT-8601-EntropyCalibration2\ninput: 3c010a14\n")
-    assert c.read() == b"TRT-8601-EntropyCalibration2\ninput: 3c010a14\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["vae_encoder.int8.calib", "vae_encoder.int8.calib.json"]
+    c.write(b'{"ranges": 1}')
+    assert c.read() == b'{"ranges": 1}'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["vae_encoder.ranges.json", "vae_encoder.ranges.json.json"]
     assert CalibrationCache(path, "another key").read() is None  # made for another graph/images: recalibrate
-    assert CalibrationCache(path).read() is not None  # unkeyed: any table
+    assert CalibrationCache(path).read() is not None  # unkeyed: any result
+    path.write_bytes(b'{"ranges": 2}')  # replaced without its key (a write killed in between): not trusted
+    assert c.read() is None
+    c.write(b'{"ranges": 1}')
     c.meta_path.write_text("{broken")
     assert c.read() is None
-
-
-def test_calibrator_logic_feeds_batches_in_the_order_tensorrt_asks(tmp_path):
-    stream = CalibrationBatchStream(range(8), lambda i: {"a": np.full((2,), i), "b": np.full((3,), -i)}, 4,
-                                    input_names=("a", "b"))
-    cache = CalibrationCache(tmp_path / "t.calib", "k")
-    cal = CalibratorLogic(stream, cache, to_device=host_buffer)
-    assert cal.get_batch_size() == 4 and cal.read_calibration_cache() is None
-    ptrs = cal.get_batch(["b", "a"])
-    assert len(ptrs) == 2 and all(isinstance(p, int) for p in ptrs)
-    b_buf, a_buf = cal._held
-    assert ptrs == [b_buf.ctypes.data, a_buf.ctypes.data]
-    assert a_buf[:, 0].tolist() == [0, 1, 2, 3] and b_buf[:, 0].tolist() == [0, -1, -2, -3]
-    assert cal.get_batch(["a", "b"]) is not None and cal.get_batch(["a", "b"]) is None
-    assert cal.batches_served == 2
-    cal.write_calibration_cache(memoryview(b"table"))
-    assert cal.read_calibration_cache() == b"table"
-    stream.reset()
-    with pytest.raises(KeyError, match="'c'"):
-        cal.get_batch(["a", "c"])
-
-
-def test_clear_error_without_tensorrt(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    stream = CalibrationBatchStream(_items(4), lambda x: x, 2)
-    with pytest.raises(TensorRTUnavailableError, match="'tensorrt' is not installed.*edgeinspect\\[gpu\\]"):
-        make_entropy_calibrator(stream)
-
-
-def test_tensorrt_without_implicit_int8_says_so(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.4.0"))
-    with pytest.raises(TensorRTUnavailableError, match="removed in TensorRT 11.*Q/DQ|QuantizeLinear"):
-        entropy_calibrator_class()
-
-
-def test_the_calibrator_subclasses_tensorrts_entropy_calibrator(monkeypatch, tmp_path):
-    class IInt8EntropyCalibrator2:  # stand-in for the TensorRT 10 base class
-        def __init__(self):
-            self.base_initialised = True
-
-    fake = types.SimpleNamespace(__version__="10.99.0-test", IInt8EntropyCalibrator2=IInt8EntropyCalibrator2)
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    stream = CalibrationBatchStream(_items(4), lambda x: x, 2)
-    cal = make_entropy_calibrator(stream, tmp_path / "x.calib", to_device=host_buffer)
-    assert isinstance(cal, IInt8EntropyCalibrator2) and isinstance(cal, CalibratorLogic) and cal.base_initialised
-    assert type(cal).__name__ == "EntropyCalibrator" and isinstance(cal.cache, CalibrationCache)
-    assert cal.get_batch_size() == 2 and len(cal.get_batch(["image"])) == 1
-    assert entropy_calibrator_class() is type(cal)  # built once per TensorRT module
 
 
 def test_unet_inputs_recorded_from_the_pipeline():

@@ -22,7 +22,7 @@ from edgeinspect.export.tensorrt import (
     ensure_engine,
     require_engine_support,
 )
-from edgeinspect.runtime.bundle_loading import TensorSpec, load_bundle
+from edgeinspect.runtime.bundle_loading import BundleError, TensorSpec, load_bundle
 try:  # tests/ as a package (tests/__init__.py) or as plain test files
     from tests.test_export import tiny_bundle
 except ImportError:
@@ -98,8 +98,8 @@ def test_engine_source_graphs(bundle):
     assert path.name == "unet.fp16.onnx" and precision == "fp16"
     path, precision = engine_precision_file(bundle, "vae_decoder", "fp16")  # the VAE stays fp32
     assert path.name == "vae_decoder.onnx" and precision == "fp32"
-    path, precision = engine_precision_file(bundle, "unet", "int8")  # no Q/DQ graph yet: the INT8 hook
-    assert path.name == "unet.onnx" and precision == "int8"
+    with pytest.raises(BundleError, match=r"no int8 \(Q/DQ\) graphs.*calibrate .*--int8"):
+        engine_precision_file(bundle, "unet", "int8")  # not calibrated for INT8: nothing to build from
 
 
 @pytest.fixture

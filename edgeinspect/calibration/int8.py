@@ -1,22 +1,18 @@
-"""TensorRT INT8 entropy calibration, fed by the same images as the thresholds.
+"""INT8 calibration data, fed by the same images as the thresholds: batches, a keyed cache, the inputs.
 
-    stream = CalibrationBatchStream(paths, image_preprocess(bundle, "vae_encoder"), batch_size=8)
-    cache = CalibrationCache(bundle.path / "engines" / "vae_encoder.int8.calib", key=calibration_cache_key(...))
-    calibrator = make_entropy_calibrator(stream, cache)          # an IInt8EntropyCalibrator2
-    build_engine(onnx, profile, precision="int8", int8_calibrator=calibrator)   # export/tensorrt.py
+    stream = CalibrationBatchStream(paths, bundle_image_preprocess(bundle, "vae_encoder"), batch_size=8)
+    items = record_role_inputs(pipe, "unet", frames)         # networks that do not take images
+    cache = CalibrationCache(path, key=calibration_cache_key(onnx_sha256=..., images=..., method=...))
 
-Split so that everything but the TensorRT base class is plain Python (and tested without tensorrt):
-`CalibrationBatchStream` turns items + a preprocessing function into fixed-size batches of named float32
-arrays; `CalibrationCache` reads/writes TensorRT's calibration table atomically, keyed so a table made
-for another graph or other images is not reused; `CalibratorLogic` is the calibrator's behaviour
-(batch size, device copies of the next batch in the order TensorRT names the inputs, cache hooks);
-`entropy_calibrator_class()` mixes it into `tensorrt.IInt8EntropyCalibrator2`, importing tensorrt only
-then. Networks whose inputs are not images (the UNet: latents, timesteps, context) are fed with inputs
-recorded from the pipeline itself (`record_role_inputs`).
+`CalibrationBatchStream` turns items + a preprocessing function into batches of named float32 arrays;
+`CalibrationCache` reads/writes a calibration result (the activation ranges) atomically, keyed so a result
+made for another graph or other images is not reused; `image_preprocess`/`bundle_image_preprocess` are the
+pipeline's own preprocessing; `record_role_inputs` records what the pipeline itself feeds a network whose
+inputs are not images (the UNet: latents, timesteps, context, hint).
 
-Availability: implicit INT8 calibration (this calibrator) exists up to TensorRT 10; TensorRT 11 removed
-IInt8EntropyCalibrator2 and needs explicitly quantized (Q/DQ) ONNX instead, and
-`make_entropy_calibrator` says so.
+The quantisation that consumes them (explicit Q/DQ graphs for TensorRT's INT8, written with onnxruntime's
+quantisation tooling) is `edgeinspect.calibration.qdq`. TensorRT 11 (the `gpu` extra) has no implicit INT8
+calibrator (IInt8EntropyCalibrator2): its INT8 comes only from such Q/DQ graphs.
 """
 
 from __future__ import annotations
@@ -37,15 +33,15 @@ Preprocess = Callable[[Any], "Feeds | np.ndarray"]
 
 
 class CalibrationBatchStream:
-    """Fixed-size batches of named float32 arrays from `items` through `preprocess` (item -> one array
-    without the batch axis for a single-input network named `input_names[0]`, or a dict name -> array).
+    """Batches of named float32 arrays from `items` through `preprocess` (item -> one array without the
+    batch axis for a single-input network named `input_names[0]`, or a dict name -> array).
 
-    TensorRT wants every batch at the calibrator's batch size, so an incomplete last batch is dropped
-    (`drop_last`, default) or filled up by repeating the first items of the stream. `max_batches` caps the
-    number of batches. `reset()` starts over (TensorRT may read the stream more than once)."""
+    The last batch is shorter when the items do not fill it (`drop_last=True` drops it instead: for a
+    consumer that needs every batch at one size). `max_batches` caps the number of batches; `batch(i)` is
+    the i-th batch; `reset()` starts over (a calibrator may read the stream more than once)."""
 
     def __init__(self, items: Sequence[Any], preprocess: Preprocess, batch_size: int,
-                 input_names: Sequence[str] = ("image",), max_batches: int | None = None, drop_last: bool = True):
+                 input_names: Sequence[str] = ("image",), max_batches: int | None = None, drop_last: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.items = list(items)
@@ -88,15 +84,21 @@ class CalibrationBatchStream:
             feeds[n] = a
         return feeds
 
+    def batch(self, index: int) -> Feeds:
+        """Batch `index` (name -> (batch, ...) float32, C-contiguous; the last one may be shorter)."""
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} of a stream of {self.num_batches}")
+        start = index * self.batch_size
+        idx = range(start, min(start + self.batch_size, len(self.items)))
+        per_item = [self._feeds(self.items[i], i) for i in idx]
+        return {n: np.ascontiguousarray(np.stack([f[n] for f in per_item])) for n in self.input_names}
+
     def next_batch(self) -> Feeds | None:
-        """The next batch (name -> (batch_size, ...) float32, C-contiguous), or None at the end."""
+        """The next batch, or None at the end."""
         if self._next >= self.num_batches:
             return None
-        start = self._next * self.batch_size
-        idx = [(start + i) % len(self.items) for i in range(self.batch_size)]  # wraps only without drop_last
-        per_item = [self._feeds(self.items[i], i) for i in idx]
         self._next += 1
-        return {n: np.ascontiguousarray(np.stack([f[n] for f in per_item])) for n in self.input_names}
+        return self.batch(self._next - 1)
 
     def __iter__(self) -> Iterator[Feeds]:
         self.reset()
@@ -114,13 +116,13 @@ def _describe(item: Any) -> str:
 
 
 def calibration_cache_key(**parts: Any) -> str:
-    """sha256 of the JSON of what the table depends on (e.g. onnx_sha256, images, preprocessing, batch)."""
+    """sha256 of the JSON of what a calibration result depends on (e.g. onnx_sha256, images, method)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class CalibrationCache:
-    """TensorRT's calibration table in a file, with `<file>.json` holding the key it was made under: a
-    table whose key differs (another graph, other images) reads as absent, so TensorRT calibrates again."""
+    """A calibration result in a file, with `<file>.json` holding the key it was made under: a result whose
+    key differs (another graph, other images, another method) reads as absent, so calibration runs again."""
 
     def __init__(self, path: str | Path, key: str | None = None):
         self.path = Path(path)
@@ -130,19 +132,23 @@ class CalibrationCache:
     def read(self) -> bytes | None:
         if not self.path.is_file():
             return None
+        data = self.path.read_bytes()
         if self.key is not None:
             try:
                 meta = json.loads(self.meta_path.read_text())
             except (OSError, json.JSONDecodeError):
                 return None
-            if meta.get("key") != self.key:
+            # the digest also catches a result replaced without its key (a write killed in between)
+            if meta.get("key") != self.key or meta.get("sha256", hashlib.sha256(data).hexdigest()) != \
+                    hashlib.sha256(data).hexdigest():
                 return None
-        return self.path.read_bytes()
+        return data
 
     def write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for target, payload in ((self.path, bytes(data)),
-                                (self.meta_path, json.dumps({"key": self.key, "bytes": len(data)}).encode())):
+        data = bytes(data)
+        meta = {"key": self.key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for target, payload in ((self.path, data), (self.meta_path, json.dumps(meta).encode())):
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -152,91 +158,6 @@ class CalibrationCache:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-
-
-def torch_cuda_buffer(a: np.ndarray) -> tuple[Any, int]:
-    """(buffer to keep alive, device pointer): the array copied to the current CUDA device with torch."""
-    import torch
-
-    t = torch.from_numpy(a).to("cuda", non_blocking=False).contiguous()
-    return t, int(t.data_ptr())
-
-
-class CalibratorLogic:
-    """The behaviour of the INT8 calibrator, without TensorRT: TensorRT calls get_batch_size, get_batch
-    (device pointers, one per input name it asks for, or None at the end), read_calibration_cache and
-    write_calibration_cache."""
-
-    def __init__(self, stream: CalibrationBatchStream, cache: CalibrationCache | None = None,
-                 to_device: Callable[[np.ndarray], tuple[Any, int]] = torch_cuda_buffer):
-        self.stream = stream
-        self.cache = cache
-        self._to_device = to_device
-        self._held: list[Any] = []  # the current batch's device buffers: TensorRT reads them after get_batch
-        self.batches_served = 0
-
-    def get_batch_size(self) -> int:
-        return self.stream.batch_size
-
-    def get_batch(self, names: Sequence[str], *_: Any) -> list[int] | None:
-        batch = self.stream.next_batch()
-        if batch is None:
-            self._held = []
-            return None
-        missing = [n for n in names if n not in batch]
-        if missing:
-            raise KeyError(f"TensorRT asks for calibration inputs {missing}; the stream has {sorted(batch)}")
-        held, ptrs = [], []
-        for n in names:
-            buf, ptr = self._to_device(batch[n])
-            held.append(buf)
-            ptrs.append(int(ptr))
-        self._held = held
-        self.batches_served += 1
-        return ptrs
-
-    def read_calibration_cache(self, *_: Any) -> bytes | None:
-        return self.cache.read() if self.cache is not None else None
-
-    def write_calibration_cache(self, cache: Any, *_: Any) -> None:
-        if self.cache is not None:
-            self.cache.write(bytes(cache))
-
-
-_CLASS: dict[str, type] = {}
-
-
-def entropy_calibrator_class() -> type:
-    """`CalibratorLogic` mixed into tensorrt.IInt8EntropyCalibrator2 (tensorrt imported here)."""
-    from edgeinspect.export.tensorrt import TensorRTUnavailableError, import_tensorrt
-
-    trt = import_tensorrt()
-    base = getattr(trt, "IInt8EntropyCalibrator2", None)
-    if base is None:
-        raise TensorRTUnavailableError(
-            f"TensorRT {getattr(trt, '__version__', '?')} has no IInt8EntropyCalibrator2: implicit INT8 calibration "
-            "was removed in TensorRT 11. Quantize the ONNX explicitly (QuantizeLinear/DequantizeLinear nodes) and "
-            "build with precision='int8', or use TensorRT 10 for this calibrator")
-    key = f"{getattr(trt, '__version__', '')}:{id(base)}"
-    if key not in _CLASS:
-        def __init__(self, stream, cache=None, to_device=torch_cuda_buffer):
-            base.__init__(self)
-            CalibratorLogic.__init__(self, stream, cache, to_device)
-
-        _CLASS[key] = type("EntropyCalibrator", (CalibratorLogic, base), {
-            "__init__": __init__, "__module__": __name__,
-            "__doc__": "INT8 entropy calibrator (IInt8EntropyCalibrator2) fed by a CalibrationBatchStream."})
-    return _CLASS[key]
-
-
-def make_entropy_calibrator(stream: CalibrationBatchStream, cache: CalibrationCache | str | Path | None = None,
-                            to_device: Callable[[np.ndarray], tuple[Any, int]] = torch_cuda_buffer) -> Any:
-    """An IInt8EntropyCalibrator2 for `build_engine(..., precision="int8", int8_calibrator=...)`. Raises
-    TensorRTUnavailableError when tensorrt is missing or has no implicit INT8 calibration."""
-    cls = entropy_calibrator_class()
-    if cache is not None and not isinstance(cache, CalibrationCache):
-        cache = CalibrationCache(cache)
-    return cls(stream, cache, to_device)
 
 
 # --------------------------------------------------------------------------- feeding from a bundle

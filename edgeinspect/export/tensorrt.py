@@ -8,9 +8,10 @@ Precision: TensorRT 11 removed the weak-typing builder flags (BuilderFlag.FP16/I
 calibrator); networks are always strongly typed and take their precision from the ONNX graph. So
 "fp16" builds from the bundle's fp16 ONNX variant (fragile ops already fp32 in it, float32 IO), and
 "fp32" from the fp32 graphs; the VAE roles are fp32 in both. On TensorRT 10 the same graphs are built
-with the STRONGLY_TYPED flag, so both versions give the same precision. INT8 (the hook): TensorRT 11
-needs an explicitly quantized (Q/DQ) ONNX, produced by calibration; on TensorRT 10 an
-`int8_calibrator` may be passed for implicit INT8 instead.
+with the STRONGLY_TYPED flag, so both versions give the same precision. "int8" builds from the
+explicitly quantised (QuantizeLinear/DequantizeLinear) graphs that `edgeinspect calibrate --int8` writes
+into the bundle (`edgeinspect.calibration.qdq`), and the roles left unquantised from their fp16 graph
+(else fp32): `Bundle.variant`. There is no implicit INT8 (calibrator + INT8 flag): TensorRT 11 removed it.
 
 The cache key is the sha256 of: ONNX file hash, the profile (min/opt/max of every input), precision,
 GPU name and compute capability, TensorRT version and the builder options; any change builds anew.
@@ -186,28 +187,22 @@ def _has_qdq(onnx_path: Path) -> bool:
 
 def build_engine(onnx_path: str | Path, profile: OptimizationProfile, *, precision: str = "fp16",
                  timing_cache: str | Path | None = None, workspace_bytes: int | None = None,
-                 int8_calibrator: Any = None, builder_optimization_level: int | None = None,
-                 log_level: str = "WARNING") -> bytes:
-    """Serialized engine for one ONNX graph (its precision is the graph's: pass the fp16 variant for fp16)."""
+                 builder_optimization_level: int | None = None, log_level: str = "WARNING") -> bytes:
+    """Serialized engine for one ONNX graph (its precision is the graph's: pass the fp16 variant for fp16,
+    the Q/DQ variant for int8)."""
     require_engine_support()
     trt = import_tensorrt()
     if precision not in ENGINE_PRECISIONS:
         raise ValueError(f"precision must be one of {ENGINE_PRECISIONS}, got {precision!r}")
     onnx_path = Path(onnx_path)
+    if precision == "int8" and not _has_qdq(onnx_path):
+        raise ValueError(f"{onnx_path.name}: INT8 needs an explicitly quantized ONNX (QuantizeLinear/"
+                         "DequantizeLinear nodes): write it with `edgeinspect calibrate --int8`")
     logger = trt.Logger(getattr(trt.Logger, log_level))
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    implicit_int8 = precision == "int8" and int8_calibrator is not None
-    if precision == "int8" and not implicit_int8 and not _has_qdq(onnx_path):
-        raise ValueError(
-            f"{onnx_path.name}: INT8 needs an explicitly quantized ONNX (QuantizeLinear/DequantizeLinear nodes, "
-            "written by calibration)" + ("" if major >= 11 else " or an int8_calibrator (TensorRT 10 only)"))
-    if implicit_int8 and (major >= 11 or not hasattr(trt.BuilderFlag, "INT8")):
-        raise ValueError(f"TensorRT {trt.__version__} has no implicit INT8 calibration (removed in 11): "
-                         "quantize the ONNX explicitly (Q/DQ) instead")
     flags = 0
     strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if strongly is not None and not implicit_int8:
+    if strongly is not None:
         flags |= 1 << int(strongly)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -219,9 +214,6 @@ def build_engine(onnx_path: str | Path, profile: OptimizationProfile, *, precisi
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
     if builder_optimization_level is not None:
         config.builder_optimization_level = int(builder_optimization_level)
-    if implicit_int8:  # TensorRT 10 hook: weakly typed network with the INT8 flag and a calibrator
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.int8_calibrator = int8_calibrator
     p = builder.create_optimization_profile()
     for name, r in profile.shapes:
         p.set_shape(name, r.min, r.opt, r.max)
@@ -239,17 +231,11 @@ def build_engine(onnx_path: str | Path, profile: OptimizationProfile, *, precisi
 
 def engine_precision_file(bundle: Bundle, role: str, precision: str) -> tuple[Path, str]:
     """The ONNX file an engine of `precision` is built from, and the precision that file really has (the
-    VAE's "fp16" entry is its fp32 graph). INT8 uses an "int8" (Q/DQ) variant when calibration wrote one,
-    else the fp32 graph (implicit INT8: TensorRT 10 with a calibrator only)."""
-    entry = bundle.network(role)
+    VAE's "fp16" entry is its fp32 graph; "int8" is the role's Q/DQ graph, or its fp16/fp32 graph for a role
+    left unquantised): `Bundle.variant`, whose BundleError (a ValueError) says what to export or calibrate."""
     if precision not in ENGINE_PRECISIONS:
         raise ValueError(f"precision must be one of {ENGINE_PRECISIONS}, got {precision!r}")
-    if precision in entry.files:
-        return bundle.path / entry.files[precision], entry.precision.get(precision, precision)
-    if precision == "fp16":
-        raise ValueError(f"bundle {bundle.path} has no fp16 variant of {role}; export it with --fp16 or build fp32 "
-                         "engines")
-    return bundle.path / entry.files["fp32"], precision
+    return bundle.variant(role, precision)
 
 
 def ensure_engine(bundle: Bundle, role: str, precision: str, profile: OptimizationProfile,
@@ -262,7 +248,7 @@ def ensure_engine(bundle: Bundle, role: str, precision: str, profile: Optimizati
     rel = str(onnx_path.relative_to(bundle.path))
     onnx_hash = bundle.manifest["files"].get(rel) or sha256_file(onnx_path)
     gpu = gpu or GpuIdentity.current()
-    options = {k: v for k, v in build_options.items() if k != "int8_calibrator"}
+    options = dict(build_options)
     key = engine_cache_key(onnx_hash, profile, gpu, trt.__version__, real_precision, options)
     path = cache_dir / engine_filename(role, real_precision, key)
     if path.is_file():

@@ -12,9 +12,12 @@ A bundle (written by `edgeinspect.export.bundle.export_bundle`) is one folder:
                            DualAnoDiff whole/part/empty)
     <name>.safetensors     payload tensors a generator's loop needs besides graphs (manifest `payload`:
                            AdaBLDM's decoder weights for its PyTorch adaptation and its seed masks)
-    onnx/<role>.onnx       one graph per network role (fp32); onnx/<role>.fp16.onnx the fp16 variants
+    onnx/<role>.onnx       one graph per network role (fp32); onnx/<role>.fp16.onnx the fp16 variants;
+                           onnx/<role>.int8.onnx explicitly quantised (Q/DQ) variants, written into the
+                           bundle by `edgeinspect calibrate --int8` (manifest: files.int8, networks.<role>.int8)
     engines/               TensorRT engines, built on the target machine (a cache: not hashed, every
-                           engine is keyed by GPU, TensorRT version, profile and ONNX hash instead)
+                           engine is keyed by GPU, TensorRT version, profile and ONNX hash instead);
+                           engines/int8/ the INT8 activation ranges (a cache keyed by graph, images, method)
     calibration/           files stored with the calibration (`edgeinspect calibrate`: the scores it was
                            fitted on), hashed like the rest; the thresholds themselves are in the
                            manifest's `calibration` slot
@@ -205,13 +208,25 @@ class Bundle:
         return tuple(r for r, e in self.networks.items() if e.pipeline)
 
     def onnx_path(self, role: str, precision: str = "fp32") -> Path:
+        return self.variant(role, precision)[0]
+
+    def variant(self, role: str, precision: str = "fp32") -> tuple[Path, str]:
+        """The graph `role` runs from at `precision`, and the precision that graph really has (the VAE's
+        fp16 entry is its fp32 graph). "int8" takes the role's Q/DQ graph (`edgeinspect calibrate --int8`);
+        a role left unquantised (the VAE decoder) runs from its fp16 graph, else its fp32 one."""
         entry = self.network(role)
-        if precision not in entry.files:
-            raise BundleError(
-                f"{self.path / MANIFEST}: network {role!r} has no {precision} variant (it has {sorted(entry.files)}); "
-                f"re-export with that precision (edgeinspect export --fp16)"
-            )
-        return self.path / entry.files[precision]
+        if precision in entry.files:
+            return self.path / entry.files[precision], entry.precision.get(precision, precision)
+        if precision == "int8":
+            if not any("int8" in e.files for e in self.networks.values()):
+                raise BundleError(f"{self.path / MANIFEST}: the bundle has no int8 (Q/DQ) graphs; write them with "
+                                  f"`edgeinspect calibrate --bundle {self.path} --normals IMAGES --int8`")
+            fallback = "fp16" if "fp16" in entry.files else "fp32"
+            return self.path / entry.files[fallback], entry.precision.get(fallback, fallback)
+        raise BundleError(
+            f"{self.path / MANIFEST}: network {role!r} has no {precision} variant (it has {sorted(entry.files)}); "
+            f"re-export with that precision (edgeinspect export --fp16)"
+        )
 
 
 def _fail(path: Path, what: str) -> BundleError:
