@@ -1,5 +1,6 @@
 """TensorRT paths that need no GPU: optimisation profiles from the manifest, engine cache keys, the
-engine cache lookup, and the clear error when tensorrt or a GPU is missing."""
+engine cache lookup, the graphs and builder settings an int8 engine is built from (against a stand-in
+tensorrt), and the clear error when tensorrt or a GPU is missing."""
 
 from __future__ import annotations
 
@@ -126,6 +127,128 @@ def test_engine_cache_hit_and_miss(bundle, tmp_path, fake_tensorrt):
     fake_tensorrt.__version__ = "11.4.0.106"
     with pytest.raises(FileNotFoundError):
         ensure_engine(bundle, "unet", "fp16", profile, tmp_path, gpu=other_gpu, build=False)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    """The tiny bundle with an int8 (Q/DQ) VAE encoder, as `edgeinspect calibrate --int8 vae_encoder` writes it."""
+    import shutil
+    from pathlib import Path
+
+    from edgeinspect.calibration.qdq import quantize_bundle
+
+    dst = tmp_path_factory.mktemp("trt-int8") / "bundle"
+    shutil.copytree(tiny_bundle()[1], dst)
+    train = sorted((Path(__file__).resolve().parents[1] / "data" / "mtd_sample" / "train" / "good").glob("*.jpg"))
+    quantize_bundle(dst, train[:2], ["vae_encoder"], batch_size=2, threads=1)
+    return load_bundle(dst)
+
+
+def test_int8_engines_build_from_the_qdq_graphs(int8_bundle):
+    from edgeinspect.export.tensorrt import _has_qdq
+
+    path, precision = engine_precision_file(int8_bundle, "vae_encoder", "int8")
+    assert path.name == "vae_encoder.int8.onnx" and precision == "int8" and _has_qdq(path)
+    # roles left unquantised: their fp16 graph (the VAE decoder's fp16 entry is its fp32 graph)
+    path, precision = engine_precision_file(int8_bundle, "unet", "int8")
+    assert path.name == "unet.fp16.onnx" and precision == "fp16" and not _has_qdq(path)
+    path, precision = engine_precision_file(int8_bundle, "vae_decoder", "int8")
+    assert path.name == "vae_decoder.onnx" and precision == "fp32"
+
+
+def _stand_in_tensorrt(calls: dict) -> types.ModuleType:
+    """Just enough of the tensorrt 11 builder API for build_engine, recording what it is asked."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "11.4.0.106"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Config:
+        def set_flag(self, flag):
+            calls.setdefault("builder_flags", []).append(flag)
+
+        def add_optimization_profile(self, profile):
+            pass
+
+        def create_timing_cache(self, data):
+            return data
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            pass
+
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: b"timing")
+
+    class Profile:
+        def set_shape(self, name, lo, opt, hi):
+            calls.setdefault("shapes", {})[name] = (lo, opt, hi)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            calls["network_flags"] = flags
+            return "network"
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"serialized engine"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            calls.setdefault("parsed", []).append(path)
+            return True
+
+    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
+    trt.BuilderFlag = types.SimpleNamespace(FP16=0, INT8=1)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    return trt
+
+
+def test_int8_engine_build_configuration(int8_bundle, tmp_path, monkeypatch):
+    """ensure_engine for precision int8 parses the Q/DQ graph into a strongly typed network with no
+    builder precision flags (TensorRT 11 has none), and caches it under the int8 graph's hash."""
+    import json
+
+    import edgeinspect.export.tensorrt as trt_mod
+    from edgeinspect.export.tensorrt import build_engine
+
+    calls: dict = {}
+    monkeypatch.setitem(sys.modules, "tensorrt", _stand_in_tensorrt(calls))
+    monkeypatch.setattr(trt_mod, "require_engine_support", lambda: None)
+    gpu = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
+    profile = bundle_profiles(int8_bundle)["vae_encoder"]
+    engine = ensure_engine(int8_bundle, "vae_encoder", "int8", profile, tmp_path, gpu=gpu)
+    qdq = int8_bundle.path / "onnx" / "vae_encoder.int8.onnx"
+    assert calls["parsed"] == [str(qdq)] and calls["network_flags"] == 1 << 1 and "builder_flags" not in calls
+    b = int8_bundle.batch_size
+    assert calls["shapes"]["image"] == ((1, 3, 64, 64), (b, 3, 64, 64), (b, 3, 64, 64))
+    key = engine_cache_key(int8_bundle.manifest["files"]["onnx/vae_encoder.int8.onnx"], profile, gpu, "11.4.0.106",
+                           "int8", {})
+    assert engine == tmp_path / engine_filename("vae_encoder", "int8", key)
+    assert engine.read_bytes() == b"serialized engine"
+    meta = json.loads(engine.with_suffix(".json").read_text())
+    assert meta["onnx"] == "onnx/vae_encoder.int8.onnx" and meta["precision"] == "int8"
+    # a graph without Q/DQ nodes is refused for int8 before anything is built
+    with pytest.raises(ValueError, match=r"vae_encoder\.onnx: INT8 needs an explicitly quantized ONNX.*--int8"):
+        build_engine(int8_bundle.path / "onnx" / "vae_encoder.onnx", profile, precision="int8")
+    assert calls["parsed"] == [str(qdq)]
 
 
 @needs_no_engine_support

@@ -303,3 +303,38 @@ def set_calibration(bundle_dir: str | Path, calibration: dict[str, Any],
     _write_json(tmp, new)
     os.replace(tmp, root / MANIFEST)
     return new
+
+
+def set_int8_variants(bundle_dir: str | Path,
+                      variants: dict[str, tuple[Sequence[Path], dict[str, Any]]]) -> dict[str, Any]:
+    """Store int8 (Q/DQ) graphs in a verified bundle: role -> (files written elsewhere on the same file
+    system, the graph first and its external data after it; the manifest record). The files are moved to
+    onnx/ (the graph becomes networks.<role>.files.int8, precision int8, the record networks.<role>.int8),
+    "int8" joins the bundle's precisions, hashes and digest are updated and the manifest replaced
+    atomically. Returns the new manifest."""
+    root = Path(bundle_dir)
+    manifest = verify_bundle(root)  # never re-sign a tampered bundle
+    for role, (files, record) in variants.items():
+        if role not in manifest["networks"]:
+            raise BundleError(f"bundle {root}: no network {role!r} to add an int8 graph to")
+        json.dumps(record)  # must be JSON
+        names = [Path(f).name for f in files]
+        if not names or not names[0].endswith(".onnx") or any("/" in n or n.startswith(".") for n in names):
+            raise BundleError(f"bundle {root}: bad int8 files for {role!r}: {names}")
+    for role, (files, record) in variants.items():
+        for f in files:
+            fsync_path(Path(f))
+            os.replace(f, root / "onnx" / Path(f).name)
+        entry = manifest["networks"][role]
+        entry["files"] = {**entry["files"], "int8": f"onnx/{Path(files[0]).name}"}
+        entry["precision"] = {**entry.get("precision", {}), "int8": "int8"}
+        entry["int8"] = record
+    if "int8" not in manifest["precisions"]:
+        manifest["precisions"] = [*manifest["precisions"], "int8"]
+    new = finalize_manifest(root, manifest)
+    tmp = root / f".{MANIFEST}.tmp"
+    _write_json(tmp, new)
+    fsync_path(tmp)
+    os.replace(tmp, root / MANIFEST)
+    fsync_path(root)
+    return new
