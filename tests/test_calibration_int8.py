@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,35 @@ def test_int8_graphs_are_hashed_and_tampering_refused(int8_bundle, tmp_path):
     (edited / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(BundleError, match="modified after export"):
         load_bundle(edited)
+
+
+def test_calibrate_verb_with_int8(tmp_path, capsys):
+    import argparse
+
+    from edgeinspect.calibration.cli import add_calibrate_parser
+    from edgeinspect.runtime.bundle_loading import load_bundle
+
+    ap = argparse.ArgumentParser(prog="edgeinspect")
+    add_calibrate_parser(ap.add_subparsers(dest="verb", required=True))
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle()[1], dst)
+    base = ["calibrate", "--bundle", str(dst), "--normals", str(SAMPLE / "train" / "good"), "--limit", "20",
+            "--target-frr", "0.1", "--threads", "1", "--quiet"]
+    args = ap.parse_args(base + ["--int8", "vae_encoder", "features", "--int8-images", "6"])
+    assert args.int8 == ["vae_encoder", "features"] and args.precision is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "INT8 Q/DQ graphs from 6 of the normal images" in out
+    assert "int8 vae_encoder" in out and "onnx/features.int8.onnx" in out and "calibrated (entropy" in out
+    assert "calibrated on 20 normal images, scored with the int8 graphs" in out
+    b = load_bundle(dst)
+    assert b.calibration["settings"]["precision"] == "int8"
+    assert {r for r, e in b.networks.items() if "int8" in e.files} == {"vae_encoder", "features"}
+    args = ap.parse_args(base + ["--int8", "--dry-run"])
+    assert args.int8 == [] and args.func(args) == 2
+    assert "--dry-run" in capsys.readouterr().err
+    args = ap.parse_args(base + ["--int8", "vae_decoder", "guidance"])
+    assert args.func(args) == 2
+    assert "'guidance' is not run by the pipeline" in capsys.readouterr().err

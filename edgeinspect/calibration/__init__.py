@@ -8,7 +8,7 @@
     int8.py        INT8 calibration data: batch stream, keyed cache, image preprocessing, recorded role inputs
     qdq.py         INT8 Q/DQ graphs with onnxruntime's quantize_static (entropy calibration on the same normals
                    as the thresholds), written into the bundle for TensorRT's strongly typed INT8
-    cli.py         the `edgeinspect calibrate` verb (add_calibrate_parser)
+    cli.py         the `edgeinspect calibrate` verb (add_calibrate_parser; --int8 runs qdq first)
 
 Heavy imports stay inside these modules, so importing the package is cheap.
 """

@@ -143,6 +143,17 @@ def fit_calibration(normal_scores: np.ndarray, normal_maps: np.ndarray | None, t
     return cal
 
 
+def select_normals(normals: str | Path | Sequence[Path], limit: int | None = None) -> list[Path]:
+    """The normal images calibration uses: a folder's images (an MVTec category folder gives its test/good)
+    or a list of files; with `limit`, at most that many, spread evenly over the sorted list. The thresholds
+    and the INT8 ranges are fitted on the same ones."""
+    paths = [Path(p) for p in (list(normals) if isinstance(normals, (list, tuple)) else normal_images(normals))]
+    if limit is not None and limit < len(paths):
+        idx = np.unique(np.linspace(0, len(paths) - 1, limit).round().astype(int))
+        paths = [paths[i] for i in idx]
+    return paths
+
+
 def _settings_digest(bundle: Any) -> str:
     text = (bundle.path / bundle.manifest["settings"]).read_bytes()
     return hashlib.sha256(text).hexdigest()
@@ -155,7 +166,9 @@ def calibrate_bundle(bundle_dir: str | Path, normals: str | Path | Sequence[Path
     """Score the normals (and labelled defects) through the bundle's pipeline on onnxruntime (CPU), fit the
     calibration and store it in the bundle (`store=False`: only return it). `normals`: a folder (an MVTec
     category folder gives its test/good) or a list of image files. `defects`: an MVTec-layout folder or a
-    JSON index of {image, mask} pairs. `limit`: use at most this many normals (evenly spread)."""
+    JSON index of {image, mask} pairs. `limit`: use at most this many normals (evenly spread). `precision`:
+    the graphs to score with, as the line will run them: fp32, fp16, or int8 (the Q/DQ graphs written by
+    `edgeinspect.calibration.qdq.quantize_bundle`, the roles left unquantised in fp16, else fp32)."""
     from edgeinspect.export.bundle import set_calibration
     from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
 
@@ -165,11 +178,7 @@ def calibrate_bundle(bundle_dir: str | Path, normals: str | Path | Sequence[Path
         raise ValueError("the F1-optimal verdict threshold (verdict_from='f1') needs labelled defects")
     bundle = load_bundle(bundle_dir)
     size = bundle.config.model.image_size
-    normal_paths = list(normals) if isinstance(normals, (list, tuple)) else normal_images(normals)
-    normal_paths = [Path(p) for p in normal_paths]
-    if limit is not None and limit < len(normal_paths):
-        idx = np.unique(np.linspace(0, len(normal_paths) - 1, limit).round().astype(int))
-        normal_paths = [normal_paths[i] for i in idx]
+    normal_paths = select_normals(normals, limit)
     pipe = bundle_pipeline(bundle, "onnxruntime", precision=precision, intra_op_threads=threads, verdict=False)
     bs = batch_size or bundle.config.inference.batch_size
     n_scores, n_maps = score_images(pipe, normal_paths, size, bs, progress, "normals")

@@ -1,4 +1,5 @@
-"""`edgeinspect calibrate`: thresholds and score normalisation from held-out images, stored in a bundle."""
+"""`edgeinspect calibrate`: thresholds and score normalisation from held-out images, stored in a bundle;
+with --int8, first the INT8 (Q/DQ) graphs TensorRT builds int8 engines from, calibrated on the same images."""
 
 from __future__ import annotations
 
@@ -12,16 +13,40 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.6g}"
 
 
+def _print_int8(results: dict) -> None:
+    for role, r in results.items():
+        c, q = r["calibration"], r["quantization"]
+        layers = ", ".join(f"{v['quantized']}/{v['total']} {k}" for k, v in q["layers"].items())
+        err = r["vs_fp32"]["outputs"]
+        worst = max(err.values(), key=lambda e: e["rel_rms"])
+        print(f"  int8 {role:12s} {r['file']:26s} {r['status']} ({r['method']}, {c['items']} inputs from "
+              f"{c['images']} images); int8 layers {layers}; vs fp32 rel. RMS error {worst['rel_rms']:.3g}, "
+              f"correlation {worst['corr']:.4f}")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgeinspect.calibration.calibrate import calibrate_bundle
+    from edgeinspect.calibration.calibrate import calibrate_bundle, select_normals
     from edgeinspect.data.mvtec import DatasetError
     from edgeinspect.runtime.bundle_loading import BundleError
 
+    int8 = args.int8 is not None
+    precision = args.precision or ("int8" if int8 else "fp32")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
+            if int8:
+                from edgeinspect.calibration.qdq import quantize_bundle, spread_indices
+
+                if args.dry_run:
+                    raise ValueError("--dry-run stores nothing and --int8 writes graphs into the bundle: use one")
+                normals = select_normals(args.normals, args.limit)
+                images = [normals[i] for i in spread_indices(len(normals), args.int8_images)]
+                results = quantize_bundle(args.bundle, images, args.int8 or None, method=args.int8_method,
+                                          threads=args.threads, progress=not args.quiet)
+                print(f"bundle {args.bundle}: INT8 Q/DQ graphs from {len(images)} of the normal images")
+                _print_int8(results)
             cal = calibrate_bundle(args.bundle, args.normals, args.defects, args.target_frr,
-                                   precision=args.precision, threads=args.threads, batch_size=args.batch_size,
+                                   precision=precision, threads=args.threads, batch_size=args.batch_size,
                                    pixel_rule=args.pixel_rule, verdict_from=args.verdict, limit=args.limit,
                                    progress=not args.quiet, store=not args.dry_run)
     except (BundleError, DatasetError, ValueError) as e:
@@ -33,6 +58,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     img, norm, v = cal["image"], cal["normalization"], cal["verdict"]
     print(f"bundle {args.bundle}: calibrated on {img['n']} normal images"
           + (f" and {cal['data']['labelled']['n']} labelled images" if cal["data"]["labelled"] else "")
+          + f", scored with the {precision} graphs"
           + (" (dry run: not stored)" if args.dry_run else ""))
     print(f"  normalisation  (s - {norm['median']:.6g}) / {norm['scale']:.6g}   [(s - median) / (p99 - median)]")
     print(f"  image @ FRR {img['target_frr']:g}  threshold {img['threshold']:.6g} (normalised "
@@ -64,7 +90,9 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     "bundle's pipeline on onnxruntime; fit the image threshold at a target false-reject rate "
                     "(split-conformal rule: the ceil((n+1)(1-FRR))-th smallest normal score), the pixel threshold, "
                     "the score normalisation (s - median) / (p99 - median) of the normals, and with defects the "
-                    "F1-optimal thresholds; store them in the bundle's calibration slot (hashes updated).")
+                    "F1-optimal thresholds; store them in the bundle's calibration slot (hashes updated). With "
+                    "--int8, first write INT8 (Q/DQ) graphs calibrated on the same images, then score with them: "
+                    "TensorRT then builds int8 engines from the bundle (precision int8).")
     p.add_argument("--bundle", type=Path, required=True, help="bundle folder (edgeinspect export)")
     p.add_argument("--normals", type=Path, required=True,
                    help="folder of held-out normal images (not the training images; an MVTec category folder "
@@ -79,8 +107,18 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                         "(default); pixels = a fraction FRR of normal pixels is over it")
     p.add_argument("--verdict", choices=["target_frr", "f1"], default="target_frr",
                    help="which image threshold decides OK/NG (f1 needs --defects)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="graphs to score with (calibrate with the precision the line will run)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"],
+                   help="graphs to score with (calibrate with the precision the line will run; default int8 with "
+                        "--int8, else fp32; int8 runs the Q/DQ graphs, the roles without one in fp16, else fp32)")
+    p.add_argument("--int8", nargs="*", metavar="ROLE",
+                   help="first write INT8 Q/DQ graphs (onnx/<role>.int8.onnx, hashed in the manifest) for TensorRT "
+                        "int8 engines, calibrated on the same normal images; roles default to the UNet, the VAE "
+                        "encoder and the feature extractor (the VAE decoder stays fp16/fp32). Up-to-date graphs "
+                        "are kept and the activation ranges are cached (BUNDLE/engines/int8)")
+    p.add_argument("--int8-method", choices=["entropy", "percentile", "minmax"], default="entropy",
+                   help="INT8 calibration method (default entropy)")
+    p.add_argument("--int8-images", type=int, default=64,
+                   help="use at most this many of the normal images for INT8 (spread evenly; default 64)")
     p.add_argument("--limit", type=int, help="use at most this many normal images (spread evenly)")
     p.add_argument("--batch-size", type=int, help="frames per pipeline call (default: inference.batch_size)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
