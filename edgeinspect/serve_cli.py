@@ -102,7 +102,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--pub", default="tcp://127.0.0.1:5556",
                    help="PUB endpoint for results, topic = camera id; 'none' for no PUB socket (default %(default)s)")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="graphs to run (int8: the Q/DQ graphs `edgeinspect calibrate --int8` wrote, the other roles "
+                        "in fp16, else fp32; with --backend tensorrt the engines are built on first load)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op / torch threads (default: the library's)")
     p.add_argument("--max-batch", type=int, help="largest batch (default: the bundle's inference.batch_size)")
     p.add_argument("--batch-deadline-ms", type=float, default=2.0,

@@ -77,7 +77,7 @@ class DaemonConfig(BaseModel):
     bind: str = "tcp://127.0.0.1:5555"
     pub: str | None = "tcp://127.0.0.1:5556"  # None: no PUB socket
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # int8: the Q/DQ graphs of `calibrate --int8`
     threads: int | None = Field(None, ge=1)  # onnxruntime intra-op and torch threads (None: library default)
     max_batch: int | None = Field(None, ge=1, le=256)  # None: the bundle's inference.batch_size
     batch_deadline_ms: float = Field(2.0, ge=0)
