@@ -565,8 +565,14 @@ class PartMaskConfig(Strict):
 
 
 class DualAnoDiffSamplingConfig(Strict):
-    steps: int = Field(50, ge=1, le=1000)  # DDIM steps from pure noise
+    steps: int = Field(50, ge=1, le=1000)  # DDIM steps over the whole schedule
     guidance_scale: float = Field(2.5, ge=1.0)  # 1: no classifier-free guidance (half the compute)
+    # 1: both branches start from pure noise (the paper). Below 1 (an extension, img2img-style): the
+    # whole branch starts from its background image noised to the level of the schedule's last
+    # round(strength x steps) steps and the part branch from the empty part image noised the same
+    # way, so the whole image keeps the background's layout and texture and the defect is drawn into
+    # it. Needs the background images (BCM's; normals also when the model has no BCM).
+    strength: float = Field(1.0, gt=0, le=1)
     seed: int = 0  # output i of a type uses runtime.generation.item_seed(seed, type, i)
     batch_size: int = Field(8, ge=1)
     # BCM backgrounds: "normal" = a whole normal image of train/good, drawn per output from its seed

@@ -1,8 +1,9 @@
 """`edgeinspect generate dualanodiff`: anomaly image + mask pairs from a trained DualAnoDiff run.
 
-Output i is made from seed `item_seed(sampling.seed, defect type, i)` (runtime/generation.py) alone: its noises and, with BCM, its background
-(a normal image of <data>/train/good drawn with that seed; the whole normal image is the
-background, which is right for textures such as MTD tiles). Outputs are generated in fixed batches
+Output i is made from seed `item_seed(sampling.seed, defect type, i)` (runtime/generation.py)
+alone: its noises and, with BCM or sampling.strength < 1, its background (a normal image of
+<data>/train/good drawn with that seed; the whole normal image is the background, which is right
+for textures such as MTD tiles). Outputs are generated in fixed batches
 [k * batch_size, (k + 1) * batch_size), and a batch is always computed whole, even when some of its
 items were written before a kill, so a resumed job computes every image with exactly the same
 batch as the first attempt did and writes only the missing ones (GenerationWriter: atomic PNGs,
@@ -56,10 +57,11 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
     s = cfg.sampling
     size = cfg.model.image_size
     normals = None
-    if cfg.bcm.enabled:
+    if cfg.bcm.enabled or s.strength < 1.0:
         data_root = data_root or cfg.train.data_root
         if data_root is None:
-            raise ValueError("BCM backgrounds need normal images: pass the data folder (its train/good is used)")
+            raise ValueError("background images (BCM's, or the start when sampling.strength < 1) are normal images: "
+                             "pass the data folder (its train/good is used)")
         normals = MVTecFolder(data_root, "train", size, defect_types=["good"]).samples
     settings = {
         "method": "dualanodiff",
@@ -78,6 +80,7 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
 
     latent_shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
     sampler = DualSampler(networks, DDIM(cfg.scheduler), contexts, s, latent_shape, background=cfg.bcm.enabled)
+    assert sampler.needs_images == (normals is not None)
     with writer.progress("dualanodiff", enabled=progress) as bar:
         for start in range(0, n, s.batch_size):
             batch = list(range(start, min(start + s.batch_size, n)))

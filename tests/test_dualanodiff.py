@@ -302,3 +302,34 @@ def test_median_reference_ignores_an_offset_empty_level():
     expected[10:16, 12:20] = True
     iou = (median_ref & expected).sum() / (median_ref | expected).sum()
     assert iou > 0.85  # the opening rounds the rectangle's corners
+
+
+def test_strength_starts_from_the_noised_background_and_empty_part():
+    cfg = build_config("dualanodiff", "tiny", {"sampling": {"steps": 4, "guidance_scale": 1.0, "strength": 0.5}})
+    schedule = DDIM(cfg.scheduler)
+    shape = (3, 8, 8)
+    backgrounds = torch.rand(2, *shape) - 0.5
+    seeds = [3, 4]
+    seen = []
+
+    def plain_unet(sample_whole, sample_part, timestep, ctx_whole, ctx_part):  # no BCM: no background input
+        seen.append((int(timestep[0]), sample_whole.clone(), sample_part.clone()))
+        return torch.zeros_like(sample_whole), torch.zeros_like(sample_part)
+
+    sig = ("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part")
+    nets = Networks({"dual_unet_plain": TorchNetwork(plain_unet, sig, ("noise_whole", "noise_part")),
+                     "vae_encoder": TorchNetwork(lambda x: x + 0.1, ("image",), ("latent",)),
+                     "vae_decoder": TorchNetwork(lambda x: x, ("latent",), ("image",))})
+    ctx = PromptContexts(torch.ones(1, 4, 16), torch.ones(1, 4, 16), torch.zeros(1, 4, 16))
+    sampler = DualSampler(nets, schedule, ctx, cfg.sampling, shape, background=False)
+    full = schedule.timesteps(schedule.num_train_timesteps - 1, 4)
+    assert sampler.needs_images and list(sampler.timesteps) == list(full[2:])  # the last half of the schedule
+    sampler.sample(seeds, backgrounds)
+    assert [t for t, _, _ in seen] == [int(t) for t in full[2:]]
+    t0, whole0, part0 = seen[0]
+    noise = [seeded_noises(s, shape, 3) for s in seeds]
+    assert torch.allclose(whole0, schedule.add_noise(backgrounds + 0.1, torch.stack([e[0] for e in noise]), t0))
+    empty_latent = torch.full_like(backgrounds, 0.0) + 0.1  # the encoded empty part image
+    assert torch.allclose(part0, schedule.add_noise(empty_latent, torch.stack([e[1] for e in noise]), t0))
+    with pytest.raises(ValueError, match="strength"):
+        sampler.sample(seeds)

@@ -1,4 +1,4 @@
-"""DualAnoDiff sampling: both branches denoised together from pure noise, then the mask from the part.
+"""DualAnoDiff sampling: both branches denoised together, then the mask from the part.
 
 Written only against named networks (`dual_unet` or `dual_unet_plain`, `vae_encoder`,
 `vae_decoder`) and DDIM, so the same loop runs on any backend. Prompt contexts come in as tensors
@@ -11,6 +11,11 @@ unconditional (empty prompt for both branches) rows in one network call:
 eps = eps_u + s (eps_c - eps_u), per branch. With BCM the background latent (the encoded normal
 image) is noised to each step's timestep with its fixed seeded noise, so the background run sits at
 the same noise level as the pair it compensates.
+
+Start: from pure noise (`sampling.strength` 1, the paper), or, with strength < 1, from the last
+round(strength x steps) steps of the schedule with the whole branch's latent = the background
+image's latent noised to the first of them and the part branch's = the empty part image's latent
+(EMPTY_VALUE everywhere) noised likewise, with the same seeded noises.
 
 The mask is segmented from the decoded part image (empty value 0 in [-1, 1], as the training
 targets I * M are): |part| (max over channels) above a threshold, opening, closing, small
@@ -90,6 +95,14 @@ class DualSampler:
         self.latent_shape = tuple(latent_shape)
         self.background = background
         self.timesteps = schedule.timesteps(schedule.num_train_timesteps - 1, sampling.steps)
+        self.from_images = sampling.strength < 1.0
+        if self.from_images:
+            self.timesteps = self.timesteps[len(self.timesteps) - max(1, round(sampling.strength * sampling.steps)):]
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether `sample` needs background images (BCM, or a start from them)."""
+        return self.background or self.from_images
 
     def _contexts(self, n: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.contexts
@@ -102,9 +115,10 @@ class DualSampler:
         return torch.cat([rows(c.whole), rows(c.empty)]), torch.cat([rows(c.part), rows(c.empty)])
 
     def sample(self, seeds: list[int], backgrounds: torch.Tensor | None = None) -> DualSamples:
-        """One output per seed; `backgrounds` (n, 3, H, W) in [-1, 1]: the BCM background images."""
-        if self.background != (backgrounds is not None):
-            raise ValueError("backgrounds are needed exactly when the model has BCM")
+        """One output per seed; `backgrounds` (n, 3, H, W) in [-1, 1]: the background images (BCM's,
+        and the start of the whole branch when sampling.strength < 1)."""
+        if self.needs_images != (backgrounds is not None):
+            raise ValueError("background images are needed exactly when the model has BCM or sampling.strength < 1")
         n = len(seeds)
         device = self.nets.device
         noises = [seeded_noises(s, self.latent_shape, 3) for s in seeds]
@@ -114,12 +128,16 @@ class DualSampler:
         guided = scale != 1.0
         copies = 2 if guided else 1
         ctx_whole, ctx_part = self._contexts(n, guided)
-        if self.background:
+        if self.needs_images:
             bg_clean = self.nets["vae_encoder"](image=backgrounds.to(device))["latent"]
             bg_noise = torch.stack([e[2] for e in noises]).to(device, bg_clean.dtype)
-            unet = self.nets["dual_unet"]
-        else:
-            unet = self.nets["dual_unet_plain"]
+        if self.from_images:
+            t0 = self.timesteps[0]
+            empty = torch.full_like(backgrounds[:1], EMPTY_VALUE).to(device)
+            z_empty = self.nets["vae_encoder"](image=empty)["latent"].expand_as(bg_clean)
+            z_whole = self.schedule.add_noise(bg_clean, z_whole.to(bg_clean.dtype), t0)
+            z_part = self.schedule.add_noise(z_empty, z_part.to(bg_clean.dtype), t0)
+        unet = self.nets["dual_unet" if self.background else "dual_unet_plain"]
         for i, t in enumerate(self.timesteps):
             t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
             inputs = {
