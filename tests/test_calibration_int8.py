@@ -14,6 +14,7 @@ pipeline's at >= 0.9.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -193,7 +194,7 @@ def test_int8_graphs_are_symmetric_qdq_for_tensorrt(int8_bundle):
     assert all(r["status"] == "calibrated" and r["method"] == "entropy" for r in results.values())
     assert results["unet"]["calibration"]["items"] == 8 * 2 and results["features"]["calibration"]["items"] == 8
     for role in results:
-        path = dst / "onnx" / f"{role}.int8.onnx"
+        path = dst / results[role]["file"]
         onnx.checker.check_model(str(path))
         m = onnx.load(str(path))
         inits = {t.name: t for t in m.graph.initializer}
@@ -253,17 +254,18 @@ def test_int8_ranges_cached_and_invalidated(int8_bundle, tmp_path, calibrator_ca
 
     dst = tmp_path / "bundle"
     shutil.copytree(int8_bundle[0], dst)
-    graph = dst / "onnx" / "vae_encoder.int8.onnx"
+    graph = dst / load_bundle(dst).network("vae_encoder").files["int8"]
     before = graph.read_bytes()
     r = quantize_bundle(dst, TRAIN[:8], ["vae_encoder"], threads=1)["vae_encoder"]
     assert r["status"] == "up to date" and calibrator_calls == [] and graph.read_bytes() == before
     r = quantize_bundle(dst, TRAIN[:8], ["vae_encoder"], threads=1, force=True)["vae_encoder"]
     assert r["status"] == "from cache" and calibrator_calls == []  # rewritten from the cached ranges
-    assert graph.read_bytes() == before
+    assert dst / r["file"] == graph and graph.read_bytes() == before  # same graph, same place
     key = r["key"]
     # other images: recalibrated, and the cache now holds their ranges
     r = quantize_bundle(dst, TRAIN[8:16], ["vae_encoder"], threads=1)["vae_encoder"]
     assert r["status"] == "calibrated" and len(calibrator_calls) == 1 and r["key"] != key
+    assert r["file"] != graph.relative_to(dst).as_posix() and not graph.parent.exists()  # the replaced one is gone
     meta = json.loads((dst / "engines" / "int8" / "vae_encoder.ranges.json.json").read_text())
     assert meta["key"] == r["key"] == load_bundle(dst).manifest["networks"]["vae_encoder"]["int8"]["key"]
     # another graph (as a new export would write it): the cached ranges are not used
@@ -276,6 +278,31 @@ def test_int8_ranges_cached_and_invalidated(int8_bundle, tmp_path, calibrator_ca
     assert r["status"] == "calibrated" and len(calibrator_calls) == 2
 
 
+def test_a_kill_while_storing_an_int8_graph_leaves_a_valid_bundle(int8_bundle, tmp_path, monkeypatch):
+    import edgeinspect.export.bundle as bundle_mod
+    from edgeinspect.calibration.qdq import quantize_bundle
+    from edgeinspect.runtime.bundle_loading import load_bundle
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(int8_bundle[0], dst)
+    old = load_bundle(dst).network("vae_encoder").files["int8"]
+    real = bundle_mod.finalize_manifest
+
+    def killed(*args, **kwargs):  # the new graph is in the bundle, the manifest not yet replaced
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bundle_mod, "finalize_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_bundle(dst, TRAIN[8:16], ["vae_encoder"], threads=1)
+    b = load_bundle(dst)  # still verifies: the old graph was not overwritten
+    assert b.network("vae_encoder").files["int8"] == old and (dst / old).is_file()
+    assert len(list((dst / "onnx" / "int8").glob("vae_encoder-*"))) == 2  # the orphan, until the next call
+    monkeypatch.setattr(bundle_mod, "finalize_manifest", real)
+    r = quantize_bundle(dst, TRAIN[8:16], ["vae_encoder"], threads=1)["vae_encoder"]
+    assert load_bundle(dst).network("vae_encoder").files["int8"] == r["file"] != old
+    assert [p.name for p in (dst / "onnx" / "int8").glob("vae_encoder-*")] == [Path(r["file"]).parent.name]
+
+
 def test_int8_graphs_are_hashed_and_tampering_refused(int8_bundle, tmp_path):
     from edgeinspect.calibration.qdq import quantize_bundle
     from edgeinspect.runtime.bundle_loading import MANIFEST, BundleError, load_bundle, sha256_file
@@ -284,17 +311,19 @@ def test_int8_graphs_are_hashed_and_tampering_refused(int8_bundle, tmp_path):
     b = load_bundle(dst)
     assert b.precisions == ["fp32", "fp16", "int8"]
     for role in results:
-        rel = f"onnx/{role}.int8.onnx"
+        rel = results[role]["file"]
+        assert re.fullmatch(rf"onnx/int8/{role}-[0-9a-f]{{16}}/{role}\.int8\.onnx", rel)
         assert b.network(role).files["int8"] == rel and b.network(role).precision["int8"] == "int8"
         assert b.manifest["files"][rel] == sha256_file(dst / rel)
         assert b.manifest["networks"][role]["int8"]["vs_fp32"]["outputs"]
     assert "int8" not in b.network("vae_decoder").files
     tampered = tmp_path / "tampered"
     shutil.copytree(dst, tampered)
-    data = bytearray((tampered / "onnx" / "unet.int8.onnx").read_bytes())
+    unet_int8 = tampered / results["unet"]["file"]
+    data = bytearray(unet_int8.read_bytes())
     data[-20] ^= 0xFF
-    (tampered / "onnx" / "unet.int8.onnx").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"onnx/unet\.int8\.onnx does not match its sha256"):
+    unet_int8.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"unet\.int8\.onnx does not match its sha256"):
         load_bundle(tampered)
     with pytest.raises(BundleError, match=r"unet\.int8\.onnx"):  # never re-signs a tampered bundle
         quantize_bundle(tampered, TRAIN[:8], ["vae_encoder"])
@@ -326,7 +355,7 @@ def test_calibrate_verb_with_int8(tmp_path, capsys):
         assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "INT8 Q/DQ graphs from 6 of the normal images" in out
-    assert "int8 vae_encoder" in out and "onnx/features.int8.onnx" in out and "calibrated (entropy" in out
+    assert "int8 vae_encoder" in out and "features.int8.onnx" in out and "calibrated (entropy" in out
     assert "calibrated on 20 normal images, scored with the int8 graphs" in out
     b = load_bundle(dst)
     assert b.calibration["settings"]["precision"] == "int8"

@@ -235,16 +235,17 @@ def test_int8_engine_build_configuration(int8_bundle, tmp_path, monkeypatch):
     gpu = GpuIdentity("NVIDIA H100 80GB HBM3", "9.0")
     profile = bundle_profiles(int8_bundle)["vae_encoder"]
     engine = ensure_engine(int8_bundle, "vae_encoder", "int8", profile, tmp_path, gpu=gpu)
-    qdq = int8_bundle.path / "onnx" / "vae_encoder.int8.onnx"
+    rel = int8_bundle.network("vae_encoder").files["int8"]
+    qdq = int8_bundle.path / rel
     assert calls["parsed"] == [str(qdq)] and calls["network_flags"] == 1 << 1 and "builder_flags" not in calls
     b = int8_bundle.batch_size
     assert calls["shapes"]["image"] == ((1, 3, 64, 64), (b, 3, 64, 64), (b, 3, 64, 64))
-    key = engine_cache_key(int8_bundle.manifest["files"]["onnx/vae_encoder.int8.onnx"], profile, gpu, "11.4.0.106",
+    key = engine_cache_key(int8_bundle.manifest["files"][rel], profile, gpu, "11.4.0.106",
                            "int8", {})
     assert engine == tmp_path / engine_filename("vae_encoder", "int8", key)
     assert engine.read_bytes() == b"serialized engine"
     meta = json.loads(engine.with_suffix(".json").read_text())
-    assert meta["onnx"] == "onnx/vae_encoder.int8.onnx" and meta["precision"] == "int8"
+    assert meta["onnx"] == rel and meta["precision"] == "int8"
     # a graph without Q/DQ nodes is refused for int8 before anything is built
     with pytest.raises(ValueError, match=r"vae_encoder\.onnx: INT8 needs an explicitly quantized ONNX.*--int8"):
         build_engine(int8_bundle.path / "onnx" / "vae_encoder.onnx", profile, precision="int8")

@@ -27,8 +27,8 @@ The activation ranges are cached (`CalibrationCache`, engines/int8/<role>.ranges
 cache, not hashed) under a key of the fp32 graph's sha256, the images' sha256, the method and the
 quantisation settings (`int8_cache_key`; for recorded inputs also what makes them). A rerun with the
 same inputs leaves an up-to-date int8 graph alone, and rewriting one (`force`, or its manifest entry
-gone) reuses the cached ranges without calibrating. The int8 graph goes to onnx/<role>.int8.onnx with a
-manifest entry (`set_int8_variants`: hashed, so loading refuses it when tampered) recording the method,
+gone) reuses the cached ranges without calibrating. The int8 graph goes to onnx/int8/<role>-<hash>/ (a new
+folder per graph, so replacing one is crash-safe) with a manifest entry (`set_int8_variants`: hashed, so loading refuses it when tampered) recording the method,
 the data, the key and how far its outputs are from the fp32 graph's on calibration batches (`vs_fp32`).
 
 Roles: `default_int8_roles` = the pipeline's UNet (unet / unet_plain), VAE encoder and feature extractor.
@@ -423,7 +423,9 @@ def quantize_bundle(bundle_dir: str | Path, images: Sequence[str | Path], roles:
             results[role] = {"status": "calibrated" if out["calibrated"] else "from cache",
                              "file": f"onnx/{dst.name}", **record}
         if staged:
-            set_int8_variants(bundle.path, staged)
+            manifest = set_int8_variants(bundle.path, staged)
+            for role in staged:
+                results[role]["file"] = manifest["networks"][role]["files"]["int8"]
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return results
