@@ -73,7 +73,8 @@ def hash_files(root: Path, exclude: Sequence[Path] = ()) -> dict[str, str]:
     return out
 
 
-def finalize_manifest(root: Path, manifest: dict[str, Any], exclude: Sequence[Path] | set[Path] = ()) -> dict[str, Any]:
+def finalize_manifest(root: Path, manifest: dict[str, Any],
+                      exclude: Sequence[Path] | set[Path] = ()) -> dict[str, Any]:
     manifest = dict(manifest)
     manifest["files"] = hash_files(root, tuple(exclude))
     manifest.pop("manifest_sha256", None)
@@ -315,7 +316,8 @@ def set_int8_variants(bundle_dir: str | Path,
                       variants: dict[str, tuple[Sequence[Path], dict[str, Any]]]) -> dict[str, Any]:
     """Store int8 (Q/DQ) graphs in a verified bundle: role -> (files written elsewhere on the same file
     system, the graph first and its external data after it; the manifest record). The files are moved to
-    onnx/int8/<role>-<hash>/ (the graph becomes networks.<role>.files.int8, precision int8, the record networks.<role>.int8),
+    onnx/int8/<role>-<hash>/ (the graph becomes networks.<role>.files.int8, precision int8, the record
+    networks.<role>.int8),
     "int8" joins the bundle's precisions, hashes and digest are updated and the manifest replaced
     atomically. Returns the new manifest."""
     root = Path(bundle_dir)
