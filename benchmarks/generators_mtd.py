@@ -106,8 +106,16 @@ def background_difference_mask(whole: np.ndarray, background: np.ndarray, sigma:
     return region.astype(bool)
 
 
+def inside_vs_ring(diff: np.ndarray, mask: np.ndarray, ring_px: int = 7) -> float:
+    """(mean of `diff` inside the mask + 1) / (mean in a ring of `ring_px` around it + 1): how much more the
+    whole image differs from its background where the mask is than right next to it (1: not at all)."""
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((2 * ring_px + 1,) * 2, np.uint8)).astype(bool)
+    ring = grown & ~mask
+    return float((diff[mask].mean() + 1) / (diff[ring].mean() + 1)) if ring.any() else float("nan")
+
+
 def mask_alignment(items: list[tuple[Path, dict]], data_root: Path) -> dict:
-    ious, part_err = [], []
+    ious, part_err, ratios = [], [], []
     for f, it in items:
         whole = _rgb(f / it["image"])
         mask = cv2.imread(str(f / it["mask"]), cv2.IMREAD_GRAYSCALE) > 127
@@ -118,9 +126,13 @@ def mask_alignment(items: list[tuple[Path, dict]], data_root: Path) -> dict:
         if mask.any():
             part = _rgb(f / it["part"]).astype(np.float32)
             part_err.append(float(np.abs(part - whole.astype(np.float32))[mask].mean()))
+            diff = np.abs(cv2.GaussianBlur(whole.astype(np.float32), (0, 0), 1.0)
+                          - cv2.GaussianBlur(background.astype(np.float32), (0, 0), 1.0)).max(axis=2)
+            ratios.append(inside_vs_ring(diff, mask))
     return {"mask_iou": float(np.mean(ious)), "mask_iou_median": float(np.median(ious)),
             "empty_masks": int(sum(1 for _, it in items if it["mask_pixels"] == 0)),
-            "part_vs_whole_inside_mask_mean_abs_grey": float(np.mean(part_err)) if part_err else None}
+            "part_vs_whole_inside_mask_mean_abs_grey": float(np.mean(part_err)) if part_err else None,
+            "inside_vs_ring_difference_median": float(np.nanmedian(ratios)) if ratios else None}
 
 
 def _machine() -> str:
@@ -206,7 +218,9 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     variant = None
     if ablation is not None:
         v_items = folder_items(ablation[1])
-        variant = {"label": ablation[0], "folders": [str(f) for f in ablation[1]],
+        v_sampling = load_index(ablation[1][0])["settings"]["sampling"]
+        variant = {"label": ablation[0], "folders": [str(f) for f in ablation[1]], "images": len(v_items),
+                   "start": _start(v_sampling), "training": _training(ablation[1][0]),
                    "images_per_s": throughput(v_items, ("sampling",))["images_per_s"],
                    "alignment": mask_alignment(v_items, data_root),
                    "lora_target_modules": _lora_targets(ablation[1][0])}
@@ -233,20 +247,26 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         *_header("DualAnoDiff on MTD (edge preset, CPU)", note),
         f"Generated {thr['images']} image + mask pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), one "
         "run per defect type trained on about a third of that type's real defects (`configs/mtd_fewshot_split.json`, "
-        f"excluded from the evaluation below); {s['steps']} DDIM steps, classifier-free guidance "
+        f"excluded from the evaluation below); {_start(s)}, classifier-free guidance "
         f"{s['guidance_scale']}, BCM backgrounds = normal tiles, mask from the part image "
-        f"(reference {s['mask'].get('reference', 'empty')}, threshold {s['mask']['threshold']}).", "",
+        f"(reference {s['mask'].get('reference', 'empty')}, threshold {s['mask']['threshold']}). "
+        f"Training: {_training(gen[0])}.", "",
         f"Throughput: {thr['images_per_s']:.3f} images/s ({1 / thr['images_per_s']:.2f} s/image, batch "
         f"{s['batch_size']}, PyTorch, one thread, other jobs sharing the two cores).", "",
         f"Mask-image alignment: mean IoU {align['mask_iou']:.3f} (median {align['mask_iou_median']:.3f}) of the mask "
         "with the region where the whole image differs from its BCM background (Otsu on the blurred difference); "
         f"{align['empty_masks']} empty masks; mean |whole - part| inside the mask "
-        f"{align['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels.", "",
+        f"{align['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels; median ratio of "
+        "the whole image's difference from its background inside the mask to that in a 7-px ring around it "
+        f"{_num(align.get('inside_vs_ring_difference_median'))} (1: the whole image has no defect where the mask "
+        "is).", "",
         f"LoRA on {', '.join(_lora_targets(gen[0]))}.", "",
         *([f"Variant `{variant['label']}` (LoRA on {', '.join(variant['lora_target_modules'])}; "
-           f"`{', '.join(variant['folders'])}`): {variant['images_per_s']:.3f} images/s, mask IoU "
+           f"{variant['start']}; training: {variant['training']}; `{', '.join(variant['folders'])}`): "
+           f"{variant['images']} pairs, {variant['images_per_s']:.3f} images/s, mask IoU "
            f"{variant['alignment']['mask_iou']:.3f}, mean |whole - part| inside the mask "
            f"{variant['alignment']['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels, "
+           f"inside/ring ratio {_num(variant['alignment'].get('inside_vs_ring_difference_median'))}, "
            f"{variant['alignment']['empty_masks']} empty masks.", ""] if variant else []),
         f"![grid]({out.with_suffix('.png').name})", "",
         "## Downstream: the same segmenter trained on normals + each kind of defect", "",
@@ -257,11 +277,33 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     return _write(out, md, result)
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _start(sampling: dict) -> str:
+    strength = sampling.get("strength", 1.0)
+    if strength >= 1.0:
+        return f"{sampling['steps']} DDIM steps from pure noise"
+    return (f"the last {max(1, round(strength * sampling['steps']))} of {sampling['steps']} DDIM steps, started "
+            f"from the background noised to that level (strength {strength})")
+
+
+def _run_config(folder: Path) -> dict:
+    model = Path(load_index(folder)["settings"]["model"])
+    return json.loads((model.parent.parent / "config.json").read_text())
+
+
+def _training(folder: Path) -> str:
+    """How the DualAnoDiff run that made a generation folder was trained."""
+    t = _run_config(folder)["train"]
+    return (f"{t['steps']} steps, lr {t['lr']}, batch {t['batch_size']}, BCM background "
+            f"{t.get('background', 'normals')}")
+
+
 def _lora_targets(folder: Path) -> list[str]:
     """The LoRA target modules of the DualAnoDiff run that made a generation folder."""
-    model = Path(load_index(folder)["settings"]["model"])
-    cfg = json.loads((model.parent.parent / "config.json").read_text())
-    return list(cfg["lora"]["target_modules"])
+    return list(_run_config(folder)["lora"]["target_modules"])
 
 
 def main(argv: list[str] | None = None) -> None:

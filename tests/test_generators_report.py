@@ -38,6 +38,15 @@ def test_background_difference_finds_the_added_defect(report):
     assert (region & truth).sum() / (region | truth).sum() > 0.7
 
 
+def test_inside_vs_ring_is_one_without_a_defect_under_the_mask(report):
+    diff = np.full((40, 40), 5.0)
+    mask = np.zeros((40, 40), bool)
+    mask[15:25, 15:25] = True
+    assert report.inside_vs_ring(diff, mask) == pytest.approx(1.0)
+    diff[mask] = 59.0
+    assert report.inside_vs_ring(diff, mask) == pytest.approx(10.0)
+
+
 def test_alignment_and_throughput_from_a_generation_folder(report, tmp_path):
     data = tmp_path / "data"
     (data / "train" / "good").mkdir(parents=True)
@@ -61,6 +70,9 @@ def test_alignment_and_throughput_from_a_generation_folder(report, tmp_path):
     ious = [1.0, 1 / 3]  # 20x14 region vs the same shifted by 10 px: overlap 10x14, union 30x14
     assert align["mask_iou"] == pytest.approx(np.mean(ious), abs=0.08)
     assert align["empty_masks"] == 0
+    # item 0: the defect exactly under its mask (inside ~100 grey levels off, the ring ~0); item 1's mask
+    # half off it: the ring holds the other half
+    assert align["inside_vs_ring_difference_median"] > 3
     thr = report.throughput(items, ("sampling",))
     assert thr["images_per_s"] == pytest.approx(2 / 2.0)
     assert thr["seconds_per_image_by_stage"]["sampling"] == pytest.approx(1.0)
