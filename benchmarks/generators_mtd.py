@@ -165,7 +165,8 @@ def _header(title: str, note: str | None) -> list[str]:
 
 
 def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path, note: str | None = None,
-                   cutpaste_name: str = "cutpaste") -> dict:
+                   cutpaste_name: str = "cutpaste", also: dict[str, str] | None = None) -> dict:
+    """`also`: more downstream rows, label -> entry of the results (e.g. an earlier run)."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling", "adaptation"))
     counts = _per_type(items)
@@ -177,7 +178,7 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
                      label(_rgb(f / it["before_adaptation"]), "before adapt."),
                      label(_rgb(f / it["image"]), "after adapt."), label(_gray3(f / it["mask"]), "mask")])
     write_png(out.with_suffix(".png"), grid(rows))
-    table, lines = downstream_table(downstream, {"cutpaste": cutpaste_name, "generated": "adabldm"})
+    table, lines = downstream_table(downstream, {"cutpaste": cutpaste_name, "generated": "adabldm", **(also or {})})
     settings = load_index(gen[0])["settings"]
     result = {"method": "adabldm", "images_per_s": thr["images_per_s"],
               "images_per_s_by_stage": thr["images_per_s_by_stage"], "throughput": thr, "images_per_type": counts,
@@ -209,9 +210,10 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
 
 
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
-                       ablation: tuple[str, list[Path]] | None = None, note: str | None = None) -> dict:
+                       ablation: tuple[str, list[Path]] | None = None, note: str | None = None,
+                       also: dict[str, str] | None = None) -> dict:
     """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
-    its downstream entry is the results' `<label>`."""
+    its downstream entry is the results' `<label>`. `also`: more downstream rows, label -> entry."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling",))
     align = mask_alignment(items, data_root)
@@ -235,7 +237,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     names = {"cutpaste": "cutpaste_fewshot", "generated": "dualanodiff", "adabldm": "adabldm"}
     if variant is not None:
         names[variant["label"]] = variant["label"]
-    table, lines = downstream_table(downstream, names)
+    table, lines = downstream_table(downstream, {**names, **(also or {})})
     settings = {str(f): load_index(f)["settings"] for f in gen}
     s = next(iter(settings.values()))["sampling"]
     result = {"method": "dualanodiff", "images_per_s": thr["images_per_s"], "mask_iou": align["mask_iou"],
@@ -317,18 +319,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--note", help="a paragraph every reader must see first (e.g. a known flaw of the run)")
     p.add_argument("--cutpaste-name", default="cutpaste",
                    help="AdaBLDM: the downstream entry of its cut-paste baseline (same seeds)")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=ENTRY",
+                   help="one more downstream row: the results' ENTRY under LABEL (repeatable)")
     args = p.parse_args(argv)
+    also = dict(a.split("=", 1) for a in args.also)
     gen = [Path(g) for g in args.gen.split(",")]
     downstream = json.loads(args.downstream.read_text())
     out = args.results / f"{args.method}_mtd"
     if args.method == "adabldm":
-        r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name)
+        r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also)
     else:
         variant = None
         if args.variant:
             label, folders = args.variant.split("=", 1)
             variant = (label, [Path(f) for f in folders.split(",")])
-        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note)
+        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also)
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream")}, indent=2))
 
 
