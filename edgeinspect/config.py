@@ -431,6 +431,11 @@ class AdaBLDMSamplingConfig(Strict):
     # latent region the model may change covers the whole defect.
     mask_dilation: int = Field(1, ge=0)
     guidance_scale: float = Field(1.0, ge=1.0)  # >1: classifier-free guidance with the empty prompt
+    # What the unguided row of classifier-free guidance sees as trimap: "same" (the defect trimap, as
+    # ControlNet pipelines do: guidance amplifies the prompt only) or "no_defect" (the trimap with its
+    # defect region made plain foreground: guidance then also amplifies what the control draws into
+    # the defect region; an extension).
+    uncond_trimap: Literal["same", "no_defect"] = "same"
     # Algorithm 2: online decoder adaptation (PyTorch, fresh decoder copy per sample).
     adapt_steps: int = Field(200, ge=0)
     adapt_lr: float = 1e-4

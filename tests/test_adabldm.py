@@ -177,6 +177,32 @@ def test_pixel_stage_output_is_the_source_outside_the_mask(pixel_steps, exact):
     assert (res.images[~outside] - x_ok[~outside]).abs().mean() > 0.05  # the defect region was generated
 
 
+@pytest.mark.parametrize("uncond_trimap", ["same", "no_defect"])
+def test_guidance_rows_get_the_trimap_they_should(uncond_trimap):
+    """The guided (defect prompt) rows always see the defect trimap; the unguided rows see it too
+    ("same") or the trimap with its defect region made plain foreground ("no_defect")."""
+    cfg = build_config("adabldm", "tiny", {"sampling": {"free_steps": 2, "latent_steps": 0, "pixel_steps": 0,
+                                                        "guidance_scale": 3.0, "uncond_trimap": uncond_trimap}})
+    seen = []
+
+    def unet(z, t, ctx, hint):
+        seen.append(hint.clone())
+        return torch.zeros_like(z)
+
+    modules = {"vae_encoder": _Fn(lambda x: x.clone()), "vae_decoder": _Fn(lambda z: z.clone()),
+               "trimap_encoder": _Fn(lambda m: m.expand(-1, 4, -1, -1).clone()), "unet": _Fn(unet)}
+    sampler = BlendedSampler(torch_networks(modules, "cpu", ADABLDM_SIGNATURES), DDIM(cfg.scheduler), cfg.sampling,
+                             latent_factor=1)
+    x_ok, mask, trimap = _inputs(cfg)
+    assert (trimap == 1).any() and (trimap == 0.5).any()
+    sampler.sample(x_ok, mask, trimap, torch.ones(2, 4, 16), [1, 2], uncond_context=torch.zeros(2, 4, 16))
+    assert len(seen) == 2
+    uncond_rows, cond_rows = seen[0][:2, :1], seen[0][2:, :1]
+    assert torch.equal(cond_rows, trimap)
+    expected = trimap if uncond_trimap == "same" else torch.where(trimap == 1, torch.full_like(trimap, 0.5), trimap)
+    assert torch.equal(uncond_rows, expected)
+
+
 def test_samples_depend_on_their_seed_only(run):
     cfg, model, _ = load_adabldm(run)
     sampler, _ = _sampler(model, cfg)

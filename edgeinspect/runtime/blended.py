@@ -4,7 +4,9 @@ Written against named networks (`vae_encoder`, `trimap_encoder`, `unet`, `vae_de
 same loop runs on torch, onnxruntime or TensorRT networks. One DDIM schedule of
 free + latent + pixel steps from pure noise (t = 999 down):
 
-* free steps: plain denoising, guided by the trimap and the defect prompt;
+* free steps: plain denoising, guided by the trimap and the defect prompt (with guidance_scale > 1,
+  classifier-free guidance against the empty prompt and, with `uncond_trimap: no_defect`, the trimap
+  without its defect region);
 * latent steps: before each step, outside the dilated latent mask M_z the latent is replaced by
   the source latent noised to the current level, z = z M_z + q_sample(z_OK, t) (1 - M_z) (the
   paper writes the clean z_OK here; blending a clean latent into a noisy one is the authors' bug
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeinspect.config import AdaBLDMSamplingConfig
+from edgeinspect.data.trimap import TRIMAP_DEFECT, TRIMAP_FOREGROUND
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.networks import Networks
 from edgeinspect.runtime.timing import StageTimer
@@ -72,7 +75,7 @@ class BlendedSampler:
         return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(like.device, like.dtype)
 
     def _eps(self, z: torch.Tensor, t: int, hint: torch.Tensor, context: torch.Tensor,
-             uncond: torch.Tensor | None) -> torch.Tensor:
+             uncond: torch.Tensor | None, uncond_hint: torch.Tensor) -> torch.Tensor:
         unet = self.nets["unet"]
         if uncond is None:
             tt = torch.full((z.shape[0],), float(t), device=z.device)
@@ -80,7 +83,7 @@ class BlendedSampler:
         b = z.shape[0]
         tt = torch.full((2 * b,), float(t), device=z.device)
         both = unet(sample=torch.cat([z, z]), timestep=tt, encoder_hidden_states=torch.cat([uncond, context]),
-                    hint=torch.cat([hint, hint]))["noise_pred"]
+                    hint=torch.cat([uncond_hint, hint]))["noise_pred"]
         e_u, e_c = both[:b], both[b:]
         return e_u + self.cfg.guidance_scale * (e_c - e_u)
 
@@ -106,6 +109,10 @@ class BlendedSampler:
         with timer("encode"):
             z_ok = self.nets["vae_encoder"](image=x_ok)["latent"]
             hint = self.nets["trimap_encoder"](trimap=trimap)["hint"]
+            uncond_hint = hint
+            if uncond is not None and self.cfg.uncond_trimap == "no_defect":
+                plain = torch.where(trimap >= TRIMAP_DEFECT, torch.full_like(trimap, TRIMAP_FOREGROUND), trimap)
+                uncond_hint = self.nets["trimap_encoder"](trimap=plain)["hint"]
             m_z = latent_mask(mask, self.factor, self.cfg.mask_dilation)
         z = self._noise(z_ok, gens)
         ts = self.timesteps
@@ -119,7 +126,7 @@ class BlendedSampler:
                     z = z * m_z + source_t * (1 - m_z)
                 if trace:
                     result.trace.append((stage, t, z.clone(), source_t))
-                eps = self._eps(z, t, hint, context, uncond)
+                eps = self._eps(z, t, hint, context, uncond, uncond_hint)
                 if stage != "pixel":
                     z, _ = self.schedule.step(z, eps, t, t_prev)
                     continue
