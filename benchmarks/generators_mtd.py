@@ -158,14 +158,19 @@ def _write(out: Path, md: list[str], result: dict) -> dict:
     return result
 
 
-def _header(title: str, note: str | None) -> list[str]:
-    """Title, command, machine and the note every reader must see first."""
+def _header(title: str, note: str | None, how: list[str] | None = None) -> list[str]:
+    """Title, command, machine, the note every reader must see first and the commands that made the inputs."""
     lines = [f"# {title}", "", f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", ""]
-    return lines + (["## Read this first", "", note, ""] if note else [])
+    lines += ["## Read this first", "", note, ""] if note else []
+    if how:
+        lines += ["How the inputs were made (each folder's index.json holds its full settings):", "",
+                  *[f"    {c}" for c in how], ""]
+    return lines
 
 
 def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path, note: str | None = None,
-                   cutpaste_name: str = "cutpaste", also: dict[str, str] | None = None) -> dict:
+                   cutpaste_name: str = "cutpaste", also: dict[str, str] | None = None,
+                   how: list[str] | None = None) -> dict:
     """`also`: more downstream rows, label -> entry of the results (e.g. an earlier run)."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling", "adaptation"))
@@ -183,14 +188,14 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
     result = {"method": "adabldm", "images_per_s": thr["images_per_s"],
               "images_per_s_by_stage": thr["images_per_s_by_stage"], "throughput": thr, "images_per_type": counts,
               "downstream": table, "generation_settings": settings, "machine": _machine(),
-              "command": " ".join(sys.argv), "note": note}
+              "command": " ".join(sys.argv), "note": note, "inputs_made_by": how or []}
     s = settings["sampling"]
     md = [
-        *_header("AdaBLDM on MTD (edge preset, CPU)", note),
+        *_header("AdaBLDM on MTD (edge preset, CPU)", note, how),
         f"Generated {thr['images']} defects ({', '.join(f'{k} {v}' for k, v in counts.items())}) from the 10 real "
         "seed defects per type of `configs/mtd_fewshot_split.json` (excluded from the evaluation below), "
         f"Algorithm 1 with {s['free_steps']}/{s['latent_steps']}/{s['pixel_steps']} free/latent/pixel DDIM "
-        f"steps and Algorithm 2 with {s['adapt_steps']} AdamW steps (lr {s['adapt_lr']}, lambda_con "
+        f"steps, {_guidance(s)}, and Algorithm 2 with {s['adapt_steps']} AdamW steps (lr {s['adapt_lr']}, lambda_con "
         f"{s['lambda_con']}, scope `{s.get('adapt_scope', 'decoder')}`) per image, batch {s['batch_size']}, "
         "PyTorch, one thread per job. Throughput was measured while other jobs (training, the other generator, "
         "segmenters) shared the two cores, so an idle machine is faster.", "",
@@ -211,7 +216,7 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
 
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
                        ablation: tuple[str, list[Path]] | None = None, note: str | None = None,
-                       also: dict[str, str] | None = None) -> dict:
+                       also: dict[str, str] | None = None, how: list[str] | None = None) -> dict:
     """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
     its downstream entry is the results' `<label>`. `also`: more downstream rows, label -> entry."""
     items = folder_items(gen)
@@ -244,9 +249,9 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
               "alignment": align, "lora_target_modules": _lora_targets(gen[0]), "variant": variant,
               "throughput": thr, "images_per_type": counts, "downstream": table,
               "generation_settings": settings, "machine": _machine(), "command": " ".join(sys.argv),
-              "note": note}
+              "note": note, "inputs_made_by": how or []}
     md = [
-        *_header("DualAnoDiff on MTD (edge preset, CPU)", note),
+        *_header("DualAnoDiff on MTD (edge preset, CPU)", note, how),
         f"Generated {thr['images']} image + mask pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), one "
         "run per defect type trained on about a third of that type's real defects (`configs/mtd_fewshot_split.json`, "
         f"excluded from the evaluation below); {_start(s)}, classifier-free guidance "
@@ -277,6 +282,15 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         *lines, "",
     ]
     return _write(out, md, result)
+
+
+def _guidance(sampling: dict) -> str:
+    scale = sampling.get("guidance_scale", 1.0)
+    if scale <= 1.0:
+        return "no classifier-free guidance"
+    against = ("the empty prompt and the trimap without its defect" if sampling.get("uncond_trimap") == "no_defect"
+               else "the empty prompt")
+    return f"classifier-free guidance {scale:g} against {against}"
 
 
 def _num(x: float | None) -> str:
@@ -321,19 +335,21 @@ def main(argv: list[str] | None = None) -> None:
                    help="AdaBLDM: the downstream entry of its cut-paste baseline (same seeds)")
     p.add_argument("--also", action="append", default=[], metavar="LABEL=ENTRY",
                    help="one more downstream row: the results' ENTRY under LABEL (repeatable)")
+    p.add_argument("--how", action="append", default=[], metavar="COMMAND",
+                   help="a command that made the inputs (training, generation, segmenter), listed in the report")
     args = p.parse_args(argv)
     also = dict(a.split("=", 1) for a in args.also)
     gen = [Path(g) for g in args.gen.split(",")]
     downstream = json.loads(args.downstream.read_text())
     out = args.results / f"{args.method}_mtd"
     if args.method == "adabldm":
-        r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also)
+        r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also, args.how)
     else:
         variant = None
         if args.variant:
             label, folders = args.variant.split("=", 1)
             variant = (label, [Path(f) for f in folders.split(",")])
-        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also)
+        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also, args.how)
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream")}, indent=2))
 
 

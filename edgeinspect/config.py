@@ -436,6 +436,11 @@ class AdaBLDMSamplingConfig(Strict):
     # defect region made plain foreground: guidance then also amplifies what the control draws into
     # the defect region; an extension).
     uncond_trimap: Literal["same", "no_defect"] = "same"
+    # Paste the generated defect back into the exact source image (as diffusers' inpainting pipelines
+    # can): weight 1 on the mask, falling to 0 over `paste_feather` px outside it, so every pixel
+    # farther away is the real normal image, not its autoencoder reconstruction (a small autoencoder
+    # blurs the whole frame, which a downstream model would learn as "defect"). None: off (the paper).
+    paste_feather: int | None = Field(None, ge=1)
     # Algorithm 2: online decoder adaptation (PyTorch, fresh decoder copy per sample).
     adapt_steps: int = Field(200, ge=0)
     adapt_lr: float = 1e-4

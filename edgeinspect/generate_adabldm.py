@@ -29,7 +29,7 @@ from edgeinspect.data.mvtec import MVTecFolder, tensor_to_image, uint8_to_model
 from edgeinspect.data.trimap import MaskDoesNotFit, make_trimap, place_mask
 from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
-from edgeinspect.runtime.blended import BlendedSampler
+from edgeinspect.runtime.blended import BlendedSampler, paste_back
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
 from edgeinspect.runtime.networks import Networks, torch_networks
@@ -175,7 +175,10 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
                     extras = {"trimap": np.round(trimaps[k] * 255).astype(np.uint8)}
                     if keep_before:
                         extras["before_adaptation"] = tensor_to_image(res.images[k])
-                    writer.write(p.index, tensor_to_image(ad.image), p.mask, record, extras)
+                    image = ad.image
+                    if s.paste_feather is not None:
+                        image = paste_back(image, x_ok[k], mask[k], s.paste_feather)
+                    writer.write(p.index, tensor_to_image(image), p.mask, record, extras)
                     bar.update(1, sampling_s=sampling_s, adapt_s=adapt_s)
     return Path(out_dir)
 

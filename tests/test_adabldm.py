@@ -2,6 +2,7 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -329,3 +330,20 @@ def test_items_do_not_depend_on_which_other_types_share_the_job():
     others = [plan_item(j, 5, ["break", "crack"], 4, 6, masks, fg, PlacementConfig()) for j in range(4)]
     assert {p.seed for p in others}.isdisjoint({p.seed for p in alone})
     assert len({item_seed(5, t, j) for t in ("crack", "break", "blowhole") for j in range(100)}) == 300
+
+
+def test_paste_back_keeps_the_exact_source_beyond_the_feather():
+    from edgeinspect.runtime.blended import paste_back
+
+    gen = torch.full((3, 32, 32), 0.8)
+    src = torch.linspace(-1, 1, 32 * 32).reshape(1, 32, 32).expand(3, -1, -1).clone()
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 10:14, 12:20] = 1
+    out = paste_back(gen, src, mask, feather=4)
+    inside = mask[0] > 0
+    assert torch.equal(out[:, inside], gen[:, inside])
+    far = ~torch.from_numpy(cv2.dilate(mask[0].numpy().astype(np.uint8), np.ones((9, 9), np.uint8)) > 0)
+    assert torch.equal(out[:, far], src[:, far])  # the real image, not a reconstruction
+    w = (out - src) / (gen - src)  # the blend weight: 1 on the mask, falling off outside it
+    assert 0 < w[0, 10, 21] < 1 and w[0, 10, 21] > w[0, 10, 22]
+    assert torch.equal(paste_back(gen, src, torch.zeros(1, 32, 32), 4), src)

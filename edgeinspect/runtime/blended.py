@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -52,6 +54,15 @@ def latent_mask(mask: torch.Tensor, factor: int, dilation: int) -> torch.Tensor:
     if dilation > 0:
         m = F.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
     return m
+
+
+def paste_back(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """The generated image (C,H,W) inside the mask (1,H,W), the source beyond `feather` px from it, and a
+    linear ramp between (weight 1 - distance / feather)."""
+    outside = (mask[0] <= 0.5).cpu().numpy().astype(np.uint8)
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, 5) if not outside.all() else np.full(outside.shape, np.inf)
+    weight = torch.from_numpy(np.clip(1.0 - dist / feather, 0.0, 1.0)).to(generated)[None]
+    return weight * generated + (1 - weight) * source.to(generated)
 
 
 def stage_of(i: int, cfg: AdaBLDMSamplingConfig) -> str:
