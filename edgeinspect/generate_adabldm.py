@@ -3,8 +3,8 @@
 Item i of a job is a pure function of (settings, i): items are grouped by type, n_per_type each, and
 item j of a type has the seed item_seed(sampling.seed, type, j) (runtime/generation.py), which picks
 the normal image, the real seed mask, its placement and the noises; a type generated alone gets the
-same items as in a job with all types. So a killed job rerun into the same folder continues where it stopped
-and regenerates nothing twice (runtime/generation.py keeps the index).
+same items as in a job with all types. So a killed job rerun into the same folder continues where it
+stopped and regenerates nothing twice (runtime/generation.py keeps the index).
 
 Per batch: Algorithm 1 (runtime/blended.py) on the networks of the chosen backend, then per sample
 Algorithm 2 (runtime/adaptation.py) in PyTorch on a fresh copy of the decoder. `run_blended_job` is
@@ -132,7 +132,8 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
     normals_u8, _, _ = normals.load_all()
     fg = foregrounds(cfg, normals_u8)
     settings = {"method": "adabldm", **job.source, "data_root": str(data_root), "defect_types": types,
-                "n_per_type": n_per_type, "seeding": SEEDING, "sampling": dump_config(s), "foreground": dump_config(cfg.foreground)}
+                "n_per_type": n_per_type, "seeding": SEEDING, "sampling": dump_config(s),
+                "foreground": dump_config(cfg.foreground)}
     writer = GenerationWriter(out_dir, settings, total=n_per_type * len(types))
     schedule = DDIM(cfg.scheduler)
 

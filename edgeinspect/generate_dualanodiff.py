@@ -80,7 +80,6 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
 
     latent_shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
     sampler = DualSampler(networks, DDIM(cfg.scheduler), contexts, s, latent_shape, background=cfg.bcm.enabled)
-    assert sampler.needs_images == (normals is not None)
     with writer.progress("dualanodiff", enabled=progress) as bar:
         for start in range(0, n, s.batch_size):
             batch = list(range(start, min(start + s.batch_size, n)))

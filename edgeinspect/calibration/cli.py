@@ -111,7 +111,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="graphs to score with (calibrate with the precision the line will run; default int8 with "
                         "--int8, else fp32; int8 runs the Q/DQ graphs, the roles without one in fp16, else fp32)")
     p.add_argument("--int8", nargs="*", metavar="ROLE",
-                   help="first write INT8 Q/DQ graphs (onnx/int8/<role>-<hash>/<role>.int8.onnx, hashed in the manifest) for TensorRT "
+                   help="first write INT8 Q/DQ graphs (onnx/int8/<role>-<hash>/, hashed in the manifest) for TensorRT "
                         "int8 engines, calibrated on the same normal images; roles default to the UNet, the VAE "
                         "encoder and the feature extractor (the VAE decoder stays fp16/fp32). Up-to-date graphs "
                         "are kept and the activation ranges are cached (BUNDLE/engines/int8)")

@@ -25,11 +25,12 @@ graph with `onnxruntime.quantization.quantize_static` in the form TensorRT build
 
 The activation ranges are cached (`CalibrationCache`, engines/int8/<role>.ranges.json: a target-machine
 cache, not hashed) under a key of the fp32 graph's sha256, the images' sha256, the method and the
-quantisation settings (`int8_cache_key`; for recorded inputs also what makes them). A rerun with the
-same inputs leaves an up-to-date int8 graph alone, and rewriting one (`force`, or its manifest entry
-gone) reuses the cached ranges without calibrating. The int8 graph goes to onnx/int8/<role>-<hash>/ (a new
-folder per graph, so replacing one is crash-safe) with a manifest entry (`set_int8_variants`: hashed, so loading refuses it when tampered) recording the method,
-the data, the key and how far its outputs are from the fp32 graph's on calibration batches (`vs_fp32`).
+quantisation settings (`int8_cache_key`; for recorded inputs also what makes them). A rerun with the same
+inputs leaves an up-to-date int8 graph alone, and rewriting one (`force`, or its manifest entry gone) reuses
+the cached ranges without calibrating. The int8 graph goes to onnx/int8/<role>-<hash>/ (a new folder per
+graph, so replacing one is crash-safe) with a manifest entry (`set_int8_variants`: hashed, so loading
+refuses it when tampered) recording the method, the data, the key and how far its outputs are from the fp32
+graph's on calibration batches (`vs_fp32`).
 
 Roles: `default_int8_roles` = the pipeline's UNet (unet / unet_plain), VAE encoder and feature extractor.
 The VAE decoder stays out: its output is the reconstruction the anomaly map is measured against, so its

@@ -13,7 +13,7 @@ A bundle (written by `edgeinspect.export.bundle.export_bundle`) is one folder:
     <name>.safetensors     payload tensors a generator's loop needs besides graphs (manifest `payload`:
                            AdaBLDM's decoder weights for its PyTorch adaptation and its seed masks)
     onnx/<role>.onnx       one graph per network role (fp32); onnx/<role>.fp16.onnx the fp16 variants;
-                           onnx/int8/<role>-<hash>/<role>.int8.onnx explicitly quantised (Q/DQ) variants, written into the
+                           onnx/int8/<role>-<hash>/ explicitly quantised (Q/DQ) variants, written into the
                            bundle by `edgeinspect calibrate --int8` (manifest: files.int8, networks.<role>.int8)
     engines/               TensorRT engines, built on the target machine (a cache: not hashed, every
                            engine is keyed by GPU, TensorRT version, profile and ONNX hash instead);

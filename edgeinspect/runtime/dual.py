@@ -130,6 +130,7 @@ class DualSampler:
         ctx_whole, ctx_part = self._contexts(n, guided)
         if self.needs_images:
             bg_clean = self.nets["vae_encoder"](image=backgrounds.to(device))["latent"]
+        if self.background:
             bg_noise = torch.stack([e[2] for e in noises]).to(device, bg_clean.dtype)
         if self.from_images:
             t0 = self.timesteps[0]

@@ -3,10 +3,10 @@
 Generation is long (hours on a CPU, thousands of images), so a killed job must lose at most the
 image in progress and a rerun must continue where it stopped, with no duplicates and no gaps.
 Item i is a pure function of the job's settings and i (its seed is `item_seed(base seed, defect
-type, index within the type)`), so the writer only has to know which indices are done: an index entry is written after both of its PNGs
-are in place, and every file is written to a temporary name and renamed, so a crash at any point
-leaves either a complete item in the index or nothing that the index points to (an orphan PNG is
-overwritten when its index is generated again).
+type, index within the type)`), so the writer only has to know which indices are done: an index
+entry is written after both of its PNGs are in place, and every file is written to a temporary name
+and renamed, so a crash at any point leaves either a complete item in the index or nothing that the
+index points to (an orphan PNG is overwritten when its index is generated again).
 
 Layout of `out_dir`:
     images/000000.png ...   the generated images

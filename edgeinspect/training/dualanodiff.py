@@ -33,6 +33,7 @@ from torch import nn
 
 from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import DatasetError, MVTecFolder
+from edgeinspect.data.trimap import dilate_mask
 from edgeinspect.models.dualanodiff import DualAnoDiffModel, TrainableWeights
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.training.checkpoint import (
@@ -100,11 +101,8 @@ def remove_defects(images_u8: torch.Tensor, masks: torch.Tensor, dilation: int) 
     """uint8 (N, 3, H, W) images with each mask's region (grown by `dilation` px) filled by Telea
     inpainting from its surroundings: the defect-free background of each anomaly image."""
     out = []
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
     for img, m in zip(images_u8, masks):
-        hole = (m.numpy() > 0).astype(np.uint8)
-        if dilation:
-            hole = cv2.dilate(hole, kernel)
+        hole = dilate_mask(m.numpy() > 0, dilation).astype(np.uint8)
         rgb = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
         out.append(torch.from_numpy(cv2.inpaint(rgb, hole, 3, cv2.INPAINT_TELEA)).permute(2, 0, 1))
     return torch.stack(out)
