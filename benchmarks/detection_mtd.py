@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
+from edgeinspect.config import parse_overrides
 from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of
+from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
 from edgeinspect.sysinfo import cpu_name
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
@@ -33,8 +35,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 
-def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type: int = 2) -> None:
-    _, cfg, pipe = detector_from_run(model_path)
+def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type: int = 2,
+           overrides: dict | None = None) -> None:
+    _, cfg, pipe = detector_from_run(model_path, overrides)
     data = MVTecFolder(data_root, "test", cfg.model.image_size)
     scores = {r["image"] + r["type"]: r["score"] for r in res["per_image"]}
     by_type: dict[str, list[int]] = {}
@@ -60,6 +63,45 @@ def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type
                      label(heatmap_overlay(im, r.maps[k].numpy(), vmin, vmax, mask), "anomaly map"),
                      label(gt, "ground truth")])
     write_png(out_png, grid(rows))
+
+
+def read_names(path: Path) -> set[str]:
+    """Names in a list file: one per line (file name, `type/name` or path); `#` starts a comment."""
+    return {line.split("#")[0].strip() for line in path.read_text().splitlines()} - {""}
+
+
+def heldout_metrics(res: dict, data_root: Path, selection: Path, maps_file: Path) -> tuple[dict, int]:
+    """Metrics over the test images NOT named in `selection` (by file name or path), from the
+    evaluation's stored maps; (metrics, number of images the settings were chosen on)."""
+    chosen = read_names(selection)
+    data = MVTecFolder(data_root, "test", res["settings"]["image_size"])
+    keep = np.array([not {s.path.name, f"{s.defect_type}/{s.path.name}", str(s.path)} & chosen for s in data.samples])
+    n_chosen = int((~keep).sum())
+    if n_chosen == 0:
+        raise SystemExit(f"--selection {selection}: none of its names is a test image of {data_root}")
+    stored = np.load(maps_file)
+    if len(stored["maps"]) != len(data.samples):
+        raise SystemExit("--selection cannot be combined with --exclude (the stored maps cover other images)")
+    masks = np.stack([data.load(i)[1] for i in np.flatnonzero(keep)])
+    m = compute_metrics(stored["labels"][keep], stored["scores"][keep], masks, stored["maps"][keep])
+    out = {k: round(float(v), 4) for k, v in m.items()}
+    out["n_images"] = int(keep.sum())
+    out["n_defective"] = int(stored["labels"][keep].sum())
+    return out, n_chosen
+
+
+def selection_section(held_out: dict, n_chosen: int, selection: Path) -> str:
+    return f"""
+## Settings chosen on part of the test split
+
+The `--set` settings above were chosen on {n_chosen} test images (listed in `{selection}`), so the
+full-split numbers are optimistic. On the other {held_out['n_images']} test images ({held_out['n_defective']}
+defective), which played no part in the choice:
+
+| metric | held-out value |
+|---|---|
+""" + "\n".join(f"| {k} | {held_out[k]:.4f} |" for k in
+                ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pro")) + "\n"
 
 
 def stage_note(method: str, s: dict) -> str:
@@ -104,7 +146,13 @@ def main() -> int:
     ap.add_argument("--name", help="result file stem (default: <method>_mtd)")
     ap.add_argument("--exclude", type=Path)
     ap.add_argument("--train-command", help="the command that trained the model (for the report)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an inference/scoring setting of the run, as `edgeinspect test --set`")
+    ap.add_argument("--selection", type=Path,
+                    help="text file of the test images the settings were chosen on: the report also gives the "
+                         "metrics on the other test images, which played no part in the choice")
     args = ap.parse_args()
+    overrides = parse_overrides(args.overrides)
     method = method_of(args.model)
     args.name = args.name or f"{method}_mtd"
     args.train_command = args.train_command or (
@@ -118,8 +166,8 @@ def main() -> int:
         from edgeinspect.runtime.diad import STAGES
 
     raw_json = args.model / f"{args.name}_eval.json"
-    res = evaluate(args.model, args.data, out_json=raw_json, exclude_file=args.exclude, progress=True,
-                   latency_repeats=20)
+    res = evaluate(args.model, args.data, out_json=raw_json, overrides=overrides, exclude_file=args.exclude,
+                   progress=True, latency_repeats=20)
     res["_maps_file"] = str(raw_json.with_suffix(".maps.npz"))
     m = res["metrics"]
     lat = res["latency_batch1"]
@@ -133,10 +181,14 @@ def main() -> int:
                "n_images": res["n_images"], "n_defective": res["n_defective"], "method": method,
                "settings": res["settings"], "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}}
     extra_md = ""
+    if args.selection is not None:
+        held_out, chosen_on = heldout_metrics(res, args.data, args.selection, raw_json.with_suffix(".maps.npz"))
+        summary["held_out"] = held_out
+        extra_md += selection_section(held_out, chosen_on, args.selection)
     if method == "glad":
         summary["adp"] = res["adp"]
         summary["adp_checks_ms"] = round(lat.get("adp_checks_ms", 0.0), 1)
-        extra_md = adp_section(res, lat)
+        extra_md += adp_section(res, lat)
         diad_file = args.results / "diad_mtd.json"
         if diad_file.is_file():
             diad = json.loads(diad_file.read_text())
@@ -146,7 +198,7 @@ def main() -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.results / f"{args.name}.json", summary)
     png = args.results / f"{args.name}.png"
-    figure(args.model, args.data, res, png)
+    figure(args.model, args.data, res, png, overrides=overrides)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     s = res["settings"]
@@ -155,6 +207,8 @@ def main() -> int:
     run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
     train_root = run_cfg["train"]["data_root"]
     n_train = sum(1 for p in (Path(train_root) / "train" / "good").iterdir() if p.is_file())
+    flags = "".join(f" --set {o}" for o in args.overrides)
+    flags += f" --selection {args.selection}" if args.selection else ""
     md = f"""# {title} on {args.data.name} ({s['image_size']} px model, {run_cfg['model']['preset']} preset)
 
 Real run on the test split of `{args.data}` ({res['n_images']} images, {res['n_defective']} defective:
@@ -165,7 +219,7 @@ Code at commit `{commit}`.
 ## Commands
 
     {args.train_command}
-    python benchmarks/detection_mtd.py --model {args.model} --data {args.data}
+    python benchmarks/detection_mtd.py --model {args.model} --data {args.data}{flags}
 
 ## Machine
 
