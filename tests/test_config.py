@@ -1,6 +1,7 @@
 import pytest
 
 from edgeinspect.config import ConfigError, build_config, load_config
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("preset", ["tiny", "edge"])
@@ -51,3 +52,16 @@ def test_missing_file_and_unknown_preset(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("diad", "huge")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.model.latent_size * cfg.model.vae.downsample_factor == cfg.model.image_size
+
+
+def test_f4_config_has_a_finer_latent():
+    f8 = load_config(REPO / "configs/diad_mtd_edge.yaml")
+    f4 = load_config(REPO / "configs/diad_mtd_edge_f4.yaml")
+    assert f8.model.vae.downsample_factor == 8 and f4.model.vae.downsample_factor == 4
+    assert f4.model.latent_size == 2 * f8.model.latent_size
