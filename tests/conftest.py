@@ -1,5 +1,8 @@
+import importlib.util
+import sys
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import cv2
 import numpy as np
@@ -12,6 +15,16 @@ SAMPLE = REPO / "data" / "mtd_sample"
 # Test networks are tiny: one thread each is as fast and keeps parallel work (subprocess daemons,
 # trainers) from oversubscribing the cores.
 torch.set_num_threads(1)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) as a module, registered in sys.modules because
+    dataclasses look their module up while a class is built."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(autouse=True)

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
 import pytest
 
 from edgeinspect.data.mvtec import MVTecFolder
 from edgeinspect.metrics import auroc
-from tests.conftest import REPO, make_mvtec
+from tests.conftest import load_benchmark, make_mvtec
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("detection_report", REPO / "benchmarks" / "detection_mtd.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("detection_mtd")
 
 
 def _stored(tmp_path, root, size=32):

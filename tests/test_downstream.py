@@ -3,9 +3,7 @@ evaluation selection, a segmenter that learns an obvious defect, and the train c
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import cv2
 import numpy as np
@@ -16,17 +14,13 @@ from edgeinspect.data.mvtec import read_image, resize_image
 from edgeinspect.runtime.generation import GenerationError, GenerationWriter
 
 try:
-    from tests.conftest import REPO, make_mvtec
+    from tests.conftest import load_benchmark, make_mvtec
 except ImportError:
-    from conftest import REPO, make_mvtec
+    from conftest import load_benchmark, make_mvtec
 
 
 def _downstream():
-    spec = importlib.util.spec_from_file_location("downstream_benchmark", REPO / "benchmarks" / "downstream.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("downstream")
 
 
 ds = _downstream()

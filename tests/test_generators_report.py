@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import cv2
 import numpy as np
 import pytest
 
 from edgeinspect.runtime.generation import GenerationWriter
-from tests.conftest import REPO
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("generators_report", REPO / "benchmarks" / "generators_mtd.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("generators_mtd")
 
 
 def _tile(seed: int) -> np.ndarray:

@@ -4,31 +4,24 @@ here (tiny models, a loaded test machine)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 try:
+    from tests.conftest import SAMPLE, load_benchmark
     from tests.test_export import make_tiny_run
     from tests.test_export_glad import make_tiny_glad_run, sample_frames
 except ImportError:
+    from conftest import SAMPLE, load_benchmark
     from test_export import make_tiny_run
     from test_export_glad import make_tiny_glad_run, sample_frames
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "mtd_sample"
-
 
 
 
 def _latency_module():
-    spec = importlib.util.spec_from_file_location("latency_benchmark", REPO / "benchmarks" / "latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("latency")
 
 
 def _positive(x) -> bool:
