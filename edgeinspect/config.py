@@ -336,6 +336,11 @@ class GLADInferenceConfig(Strict):
 
 class GLADScoringConfig(Strict):
     feature_size: int | None = Field(None, ge=32)
+    # What the final reconstruction is compared with: the input frame (the paper), or the input's own
+    # autoencoder round trip, so that a small autoencoder's blur is on both sides (one extra decode per
+    # frame; the ADP checks compare two decoded estimates either way). On MTD's edge model it ranks
+    # images better and pixels worse (benchmarks/results/glad_mtd.md).
+    reference: Literal["input", "vae_roundtrip"] = "input"
     # Feature size for the ADP checks (null: feature_size); smaller makes each check cheaper.
     adp_feature_size: int | None = Field(None, ge=32)
     # Gaussian blur of the maps, in pixels of the model image (the paper's ~6 is at 256 px).

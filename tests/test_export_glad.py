@@ -245,3 +245,20 @@ def test_glad_bundle_calibrates_and_gives_verdicts(tmp_path):
     thr = cal["verdict"]["image_threshold"]
     assert r.verdicts == ["NG" if s > thr else "OK" for s in r.scores.tolist()]
     assert r.normalized_scores.shape == (4,) and (r.fire_step >= 0).all()
+
+
+def test_glad_vae_roundtrip_reference_through_the_bundle(bundle):
+    """scoring.reference is a loop setting: the bundle's graphs serve it, torch and onnxruntime agree."""
+    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.training.glad import glad_pipeline, load_glad
+
+    over = {"scoring": {"reference": "vae_roundtrip"}}
+    cfg, model, extra = load_glad(tiny_glad_bundle()[0], over)
+    frames = sample_frames()[:3]
+    ref = glad_pipeline(cfg, model, glad_features(cfg), threshold=extra["adp_threshold"])(frames)
+    got = bundle_pipeline(bundle, overrides=over, intra_op_threads=1)(frames)
+    assert got.timings_ms["decode"] > 0
+    assert (got.scores - ref.scores).abs().max() <= SCORE_TOL
+    assert (got.maps - ref.maps).abs().max() <= SCORE_TOL
+    plain = bundle_pipeline(bundle, intra_op_threads=1)(frames)
+    assert torch.equal(plain.fire_step, got.fire_step) and not torch.allclose(plain.maps, got.maps)

@@ -302,3 +302,21 @@ def test_glad_config_errors_name_the_field():
         build_config("glad", "tiny", {"inference": {"categories": {"a": {"t0": 10, "steps": 20}}}})
     with pytest.raises(ConfigError, match="train.atp_step"):
         build_config("glad", "tiny", {"train": {"atp_step": 3}})
+
+
+def test_vae_roundtrip_reference_compares_like_with_like(tiny):
+    """scoring.reference = vae_roundtrip scores the reconstruction against decode(encode(x)); the
+    reconstruction and the ADP firing are those of the plain reference."""
+    cfg, model, features = tiny
+    cfg_rt = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"reference": "vae_roundtrip"})})
+    x = _frames()
+    r = glad_pipeline(cfg_rt, model, features)(x)
+    plain_pipe = glad_pipeline(cfg, model, features)
+    plain = plain_pipe(x)
+    assert torch.equal(plain.reconstructions, r.reconstructions) and torch.equal(plain.fire_step, r.fire_step)
+    with torch.no_grad():
+        roundtrip = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        scores, maps = plain_pipe.score(roundtrip, r.reconstructions)
+    torch.testing.assert_close(r.scores, scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(r.maps, maps, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain.maps, r.maps)

@@ -22,7 +22,8 @@ Per frame (every frame of a batch independently):
         fused = w(m) c_traj + (1 - w(m)) c_in     (w: monotone map of m to [0, 1], latent size)
         z = q(fused, t, eps)                      (SAFF: same noise, so the noise is consistent)
     z = DDIM step from t with unet(z, t)
-  reconstruction = decode(z); final map/score as above between the input and the reconstruction.
+  reconstruction = decode(z); final map/score as above between the input (or, with
+  scoring.reference = vae_roundtrip, decode(z0)) and the reconstruction.
 
 At the first step the trajectory *is* the input noised with eps, so both estimates are identical;
 the check is skipped there unless t0 < min_step forces firing. With `inference.check_every` = k only
@@ -238,8 +239,12 @@ class GLADPipeline:
             with timer("denoise"):
                 z, _ = self.schedule.step(z, eps_pred, t, t_prev)
         with timer("decode"):
-            recon = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1)
-        return {"reconstructions": recon, "fire_step": fire_step, "fire_index": fire_index, "fire_score": fire_score,
+            if self.scoring.reference == "vae_roundtrip":
+                both = self.nets["vae_decoder"](latent=torch.cat([z, z0]))["image"].clamp(-1, 1)
+                recon, reference = both[:b], both[b:]
+            else:
+                recon, reference = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
+        return {"reconstructions": recon, "reference": reference, "fire_step": fire_step, "fire_index": fire_index, "fire_score": fire_score,
                 "fired_by_threshold": by_threshold, "adp_scores": adp_scores}
 
     def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
@@ -256,7 +261,8 @@ class GLADPipeline:
         timer = StageTimer(self.nets.device)
         images = images.to(self.nets.device)
         r = self.reconstruct(images, timer)
-        scores, maps = self.score(images, r["reconstructions"], timer)
+        reference = images if r["reference"] is None else r["reference"]
+        scores, maps = self.score(reference, r["reconstructions"], timer)
         return GLADResult(scores.float().cpu(), maps.float().cpu(), r["reconstructions"].float().cpu(),
                           r["fire_step"], r["fire_index"], r["fire_score"], r["fired_by_threshold"],
                           r["adp_scores"], list(self.timesteps), timer.ms)
