@@ -207,7 +207,8 @@ def main() -> int:
     run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
     train_root = run_cfg["train"]["data_root"]
     n_train = sum(1 for p in (Path(train_root) / "train" / "good").iterdir() if p.is_file())
-    flags = "".join(f" --set {o}" for o in args.overrides)
+    flags = f" --name {args.name}" if args.name != f"{method}_mtd" else ""
+    flags += "".join(f" --set {o}" for o in args.overrides)
     flags += f" --selection {args.selection}" if args.selection else ""
     md = f"""# {title} on {args.data.name} ({s['image_size']} px model, {run_cfg['model']['preset']} preset)
 
