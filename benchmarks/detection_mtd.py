@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
 from edgeinspect.config import parse_overrides
+from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
 from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
@@ -71,7 +71,7 @@ def read_names(path: Path) -> set[str]:
 
 
 def heldout_metrics(res: dict, data_root: Path, selection: Path, maps_file: Path) -> tuple[dict, int]:
-    """Metrics over the test images NOT named in `selection` (by file name or path), from the
+    """Metrics over the test images NOT named in `selection` (file name, type/name or path), from the
     evaluation's stored maps; (metrics, number of images the settings were chosen on)."""
     chosen = read_names(selection)
     data = MVTecFolder(data_root, "test", res["settings"]["image_size"])

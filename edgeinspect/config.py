@@ -338,8 +338,8 @@ class GLADScoringConfig(Strict):
     feature_size: int | None = Field(None, ge=32)
     # What the final reconstruction is compared with: the input frame (the paper), or the input's own
     # autoencoder round trip, so that a small autoencoder's blur is on both sides (one extra decode per
-    # frame; the ADP checks compare two decoded estimates either way). On MTD's edge model it ranks
-    # images better and pixels worse (benchmarks/results/glad_mtd.md).
+    # frame; the ADP checks compare two decoded estimates either way). On MTD's edge model: images no
+    # better on held-out data, pixels worse (benchmarks/results/glad_mtd_roundtrip.md).
     reference: Literal["input", "vae_roundtrip"] = "input"
     # Feature size for the ADP checks (null: feature_size); smaller makes each check cheaper.
     adp_feature_size: int | None = Field(None, ge=32)

@@ -244,8 +244,8 @@ class GLADPipeline:
                 recon, reference = both[:b], both[b:]
             else:
                 recon, reference = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
-        return {"reconstructions": recon, "reference": reference, "fire_step": fire_step, "fire_index": fire_index, "fire_score": fire_score,
-                "fired_by_threshold": by_threshold, "adp_scores": adp_scores}
+        return {"reconstructions": recon, "reference": reference, "fire_step": fire_step, "fire_index": fire_index,
+                "fire_score": fire_score, "fired_by_threshold": by_threshold, "adp_scores": adp_scores}
 
     def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
