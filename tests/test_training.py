@@ -49,6 +49,29 @@ def test_checkpoint_roundtrip(tmp_path):
         load_model_weights(nn.Linear(3, 1), path)
 
 
+def test_failed_checkpoint_write_leaves_the_previous_one_and_no_partial_copy(tmp_path, monkeypatch):
+    """A full disk in the middle of a write: the half-written copy is removed (its space given back),
+    `latest` still names the previous checkpoint, and the error says which one that is."""
+    import edgeinspect.training.checkpoint as ck
+
+    m = nn.Linear(2, 2)
+    first = save_checkpoint(tmp_path, "a-0000001", m, TrainState("a", 1))
+    real_save = ck.save_file
+    calls = []
+
+    def full_disk(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:  # the weights went through, the RNG state does not
+            raise OSError(28, "No space left on device")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ck, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="a-0000002.*No space left.*latest complete one is a-0000001"):
+        save_checkpoint(tmp_path, "a-0000002", m, TrainState("a", 2))
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["a-0000001", "latest"]
+    assert latest_checkpoint(tmp_path) == first and load_state(first) == TrainState("a", 1)
+
+
 def test_pruning_keeps_stage_finals_and_latest(tmp_path):
     m = nn.Linear(2, 2)
     for i, name in enumerate(["a-0000001", "a-final", "b-0000001", "b-0000002", "b-0000003"]):

@@ -96,19 +96,27 @@ def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, stat
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        tensors, meta = _optimizer_to_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", meta)
-    rng = {"torch": torch.get_rng_state()}
-    rng.update({f"generator.{k}": g.get_state() for k, g in (generators or {}).items()})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "state.json", asdict(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            tensors, meta = _optimizer_to_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            _write_json(tmp / "optimizer.json", meta)
+        rng = {"torch": torch.get_rng_state()}
+        rng.update({f"generator.{k}": g.get_state() for k, g in (generators or {}).items()})
+        save_file(rng, str(tmp / "rng.safetensors"))
+        _write_json(tmp / "state.json", asdict(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except Exception as err:
+        # e.g. a full disk: give the space of the half-written copy back; `latest` still names the
+        # previous checkpoint, so --resume loses only the steps since then
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = (ckpt_root / "latest").read_text().strip() if (ckpt_root / "latest").is_file() else None
+        raise CheckpointError(f"could not write checkpoint {final} ({err}); the latest complete one is "
+                              f"{latest or 'none'}") from err
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
