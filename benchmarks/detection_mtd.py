@@ -27,7 +27,7 @@ from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
 from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
-from edgeinspect.sysinfo import cpu_name
+from edgeinspect.sysinfo import cpu_name, gpu_name
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -63,6 +63,14 @@ def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type
                      label(heatmap_overlay(im, r.maps[k].numpy(), vmin, vmax, mask), "anomaly map"),
                      label(gt, "ground truth")])
     write_png(out_png, grid(rows))
+
+
+def machine_line(device: str) -> str:
+    """The evaluation machine: the CPU with its torch threads, and the GPU when the run used one."""
+    line = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
+    if str(device).startswith("cuda"):
+        return f"{line}, evaluated on {gpu_name()} (CUDA {torch.version.cuda})"
+    return f"{line}, no GPU"
 
 
 def read_names(path: Path) -> set[str]:
@@ -146,6 +154,7 @@ def main() -> int:
     ap.add_argument("--name", help="result file stem (default: <method>_mtd)")
     ap.add_argument("--exclude", type=Path)
     ap.add_argument("--train-command", help="the command that trained the model (for the report)")
+    ap.add_argument("--train-machine", help="where the model was trained, when not this machine (for the report)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override an inference/scoring setting of the run, as `edgeinspect test --set`")
     ap.add_argument("--selection", type=Path,
@@ -179,7 +188,9 @@ def main() -> int:
                "batched_ms_per_frame": round(res["batched"]["ms_per_frame"], 1),
                "batch_size": res["batched"]["batch_size"],
                "n_images": res["n_images"], "n_defective": res["n_defective"], "method": method,
-               "settings": res["settings"], "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads()}}
+               "settings": res["settings"], "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+                           "gpu": gpu_name() if str(res["settings"].get("device", "cpu")).startswith("cuda") else None,
+                           "trained_on": args.train_machine}}
     extra_md = ""
     if args.selection is not None:
         held_out, chosen_on = heldout_metrics(res, args.data, args.selection, raw_json.with_suffix(".maps.npz"))
@@ -224,7 +235,7 @@ Code at commit `{commit}`.
 
 ## Machine
 
-{cpu_name()}, {torch.get_num_threads()} torch threads, no GPU, torch {torch.__version__}, {platform.platform()}.
+{machine_line(res['settings'].get('device', 'cpu'))}, torch {torch.__version__}, {platform.platform()}.
 
 ## Detection and localisation
 
@@ -243,7 +254,7 @@ nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']}
 
 ## Cost
 
-- Training: {res['train_minutes']:.1f} min of optimisation steps on this CPU (autoencoder, UNet, SG stages;
+- Training: {res['train_minutes']:.1f} min of optimisation steps on {args.train_machine or 'this machine'} (autoencoder, UNet, SG stages;
   data loading and checkpoint writes not counted).
 - Per frame, batch 1, torch eager, median of {lat['repeats']}: **{lat['ms_per_frame']:.1f} ms**
   (p90 {lat['ms_per_frame_p90']:.1f} ms); DDIM from t={s.get('t_start', s.get('t0'))}, {s['steps']} steps,

@@ -7,6 +7,7 @@ file fails loudly with the field's dotted path instead of being silently ignored
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,6 +146,17 @@ class TrainLoopConfig(Strict):
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     threads: int | None = None
+    # Where training runs: "cpu", "cuda", "cuda:N", or "auto" (the first GPU when there is one).
+    # Batches and noise are drawn on the CPU from the checkpointed generator either way, so a run
+    # resumes on another device with the same data order.
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f"train.device must be cpu, cuda, cuda:N or auto, not {v!r}")
+        return v
 
 
 class DiADTrainConfig(TrainLoopConfig):

@@ -119,7 +119,8 @@ def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = Non
         "checkpoint": str(ckpt),
         "settings": {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
                      "image_size": size, "feature_size": cfg.scoring.feature_size,
-                     "features": cfg.features.name, "torch_threads": torch.get_num_threads()},
+                     "features": cfg.features.name, "torch_threads": torch.get_num_threads(),
+                     "device": str(pipe.nets.device)},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": torch.get_num_threads()},
         "per_image": [{"image": str(smp.path.name), "type": smp.defect_type, "score": float(sc)}

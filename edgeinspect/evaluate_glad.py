@@ -132,7 +132,7 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
                      "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
                      "seed": inf.seed, "image_size": size, "feature_size": cfg.scoring.feature_size,
                      "blur_sigma": cfg.scoring.blur_sigma, "features": cfg.features.name,
-                     "torch_threads": torch.get_num_threads()},
+                     "torch_threads": torch.get_num_threads(), "device": str(pipe.nets.device)},
         "adp": _adp_summary(pipe, fire_step, by_threshold, labels),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": torch.get_num_threads()},

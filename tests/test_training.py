@@ -21,7 +21,7 @@ from edgeinspect.training.checkpoint import (
     save_checkpoint,
 )
 from edgeinspect.training.diad import train_diad
-from edgeinspect.training.loop import Stage, Trainer
+from edgeinspect.training.loop import Stage, Trainer, training_device
 
 
 def test_checkpoint_roundtrip(tmp_path):
@@ -117,6 +117,20 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, interrupt_at):
     assert torch.equal(ref.weight, resumed.weight) and torch.equal(ref.bias, resumed.bias)
     log = [json.loads(ln) for ln in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["stage"] == "second" and log[-1]["step"] == 5
+
+
+def test_training_device_choices(monkeypatch):
+    assert training_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+        training_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="only 1 GPU"):
+        training_device("cuda:1")
+    with pytest.raises(ValueError, match="train.device must be"):
+        build_config("diad", "tiny", {"train": {"device": "gpu"}})
 
 
 def _tiny_cfg(data_root, **train):

@@ -125,7 +125,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
     """Train (or resume) AdaBLDM in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
     t = cfg.train
-    prepare_run(cfg, run_dir, resume)
+    device = prepare_run(cfg, run_dir, resume)
     names = seed_names(cfg)
     base = _base(cfg)
 
@@ -137,9 +137,9 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
     fg = foregrounds(cfg, normals_u8)
     write_json_atomic(run_dir / "seeds.json", {k: v.names for k, v in seeds.items()})
 
-    model = AdaBLDMModel(cfg, types)
+    model = AdaBLDMModel(cfg, types).to(device)
     schedule = DDIM(cfg.scheduler)
-    abar = schedule.alphas_cumprod.float()
+    abar = schedule.alphas_cumprod.float().to(device)
     batches = _Batches(normals_u8, t.batch_size, t.flips, t.seed)
     gen = batches.gen
     normal_prompt = t.normal_prompt.format(object=t.object_name)
@@ -155,15 +155,15 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
         return ["" if d else p for p, d in zip(prompts, drop.tolist())]
 
     def noisy(z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tt = torch.randint(0, cfg.scheduler.num_train_timesteps, (z0.shape[0],), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
+        tt = torch.randint(0, cfg.scheduler.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
         a = abar[tt].view(-1, 1, 1, 1)
         return a.sqrt() * z0 + (1 - a).sqrt() * eps, tt, eps
 
     def encode(images_u8: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             model.vae.eval()
-            return model.vae.encode(uint8_to_model(images_u8)).latent_dist.mean * model.scaling_factor
+            return model.vae.encode(uint8_to_model(images_u8).to(device)).latent_dist.mean * model.scaling_factor
 
     # ---- stage "domain"
     def domain_setup(_fresh: bool) -> None:
@@ -183,7 +183,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
             prompts.append(defect_prompt(cfg, dtype))
         if seed_imgs:
             latents.append(encode(_Batches.apply_flip(torch.stack(seed_imgs), flip[:n_seed])))
-        latents.append(cache["normals"][flip[n_seed:], idx[n_seed:]])
+        latents.append(cache["normals"][flip[n_seed:].to(device), idx[n_seed:].to(device)])
         prompts += [normal_prompt] * (t.batch_size - n_seed)
         zt, tt, eps = noisy(torch.cat(latents))
         ctx = model.prompt_encoder(maybe_empty(prompts))
@@ -217,7 +217,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
             zt, tt, eps = noisy(encode(x))
             with torch.no_grad():
                 ctx = model.prompt_encoder(maybe_empty([prompt] * len(idx)))
-            hint = model.control(dtype).encode_hint(trimap)
+            hint = model.control(dtype).encode_hint(trimap.to(device))
             return F.mse_loss(holder["unet"](zt, tt, ctx, hint), eps)
 
         return Stage(f"control-{dtype}", t.control_steps, t.control_lr,

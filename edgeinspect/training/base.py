@@ -63,6 +63,7 @@ def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling
                    batch: int = 16) -> torch.Tensor:
     """Scaled posterior means of every (flip code, image): (4 or 1, N, C, h, w)."""
     vae.eval()
+    device = next(vae.parameters()).device
     out = []
     with torch.no_grad():
         for code in range(4 if flips else 1):
@@ -70,7 +71,7 @@ def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling
             for s in range(0, len(images_u8), batch):
                 chunk = images_u8[s:s + batch]
                 x = _Batches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
-                lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
+                lat.append(vae.encode(x.to(device)).latent_dist.mean * scaling_factor)
             out.append(torch.cat(lat))
     return torch.stack(out)
 

@@ -76,16 +76,16 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     """Train (or resume) a DiAD model in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
     t = cfg.train
-    prepare_run(cfg, run_dir, resume)
+    device = prepare_run(cfg, run_dir, resume)
 
     torch.manual_seed(t.seed)
     data = MVTecFolder(t.data_root, "train", cfg.model.image_size)
     images_u8, _, _ = data.load_all()
     batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
-    model = DiADModel(cfg)
-    features = build_features(cfg)
+    model = DiADModel(cfg).to(device)
+    features = build_features(cfg).to(device)
     schedule = DDIM(cfg.scheduler)
-    abar = schedule.alphas_cumprod.float()
+    abar = schedule.alphas_cumprod.float().to(device)
     crop = crop or max(32, cfg.model.image_size // 2)
     cache: dict[str, torch.Tensor] = {}
 
@@ -106,6 +106,7 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
             i0 = int(torch.randint(x.shape[-2] - crop + 1, (1,), generator=g))
             j0 = int(torch.randint(x.shape[-1] - crop + 1, (1,), generator=g))
             x = x[..., i0:i0 + crop, j0:j0 + crop]
+        x = x.to(device)
         post = model.vae.encode(x).latent_dist
         rec = model.vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
@@ -125,7 +126,7 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
             for s in range(0, len(images_u8), 16):
                 x = _Batches.apply_flip(uint8_to_model(images_u8[s:s + 16]),
                                         torch.full((min(16, len(images_u8) - s),), code))
-                lat.append(model.vae.encode(x).latent_dist.mean)
+                lat.append(model.vae.encode(x.to(device)).latent_dist.mean)
             out.append(torch.cat(lat))
         return torch.stack(out)
 
@@ -139,11 +140,12 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     def latents_for(idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         if "latents" not in cache:
             cache["latents"] = encode_all() * model.scaling_factor
-        return cache["latents"][flip, idx]
+        return cache["latents"][flip.to(device), idx.to(device)]
 
     def noisy(z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tt = torch.randint(0, cfg.scheduler.num_train_timesteps, (z0.shape[0],), generator=batches.gen)
-        eps = torch.randn(z0.shape, generator=batches.gen)
+        eps = torch.randn(z0.shape, generator=batches.gen).to(device)
+        tt = tt.to(device)
         a = abar[tt].view(-1, 1, 1, 1)
         return a.sqrt() * z0 + (1 - a).sqrt() * eps, tt, eps
 
@@ -171,7 +173,7 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     def guidance_loss(_step: int) -> torch.Tensor:
         idx, flip = batches.draw()
         zt, tt, eps = noisy(latents_for(idx, flip))
-        x0 = batches.images_for(idx, flip)
+        x0 = batches.images_for(idx, flip).to(device)
         with torch.no_grad():
             ctx = model.context(t.prompt, len(idx))
         pred = guided(zt, tt, ctx, model.guidance.encode_hint(x0))

@@ -123,13 +123,14 @@ def encode_variants(vae: nn.Module, images: torch.Tensor, flips: bool, scaling_f
     """Scaled posterior means of every (flip code, image) of float images in [-1, 1]:
     (4 or 1, N, C, h, w), flip codes as `_Batches.apply_flip`."""
     vae.eval()
+    device = next(vae.parameters()).device
     out = []
     for code in range(4 if flips else 1):
         lat = []
         for s in range(0, len(images), batch):
             chunk = images[s:s + batch]
             x = _Batches.apply_flip(chunk, torch.full((len(chunk),), code))
-            lat.append(vae.encode(x).latent_dist.mean * scaling_factor)
+            lat.append(vae.encode(x.to(device)).latent_dist.mean * scaling_factor)
         out.append(torch.cat(lat))
     return torch.stack(out)
 
@@ -168,11 +169,12 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
         raise ValueError("train.defect_type is not set: DualAnoDiff trains one model per defect type")
     names = fewshot_names(cfg)
     base = _resolve_base(cfg)
-    prepare_run(cfg, run_dir, resume)
+    device = prepare_run(cfg, run_dir, resume)
 
     torch.manual_seed(t.seed)
     images_u8, masks, names = load_fewshot(t.data_root, t.defect_type, names, cfg.model.image_size)
     model, _ = build_dualanodiff(cfg, base)
+    model.to(device)
     sf = model.scaling_factor
     whole_lat = encode_variants(model.vae, to_model_range(images_u8), t.flips, sf)
     part_lat = encode_variants(model.vae, part_targets(images_u8, masks), t.flips, sf)
@@ -187,21 +189,21 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
 
     batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
     gen = batches.gen
-    abar = DDIM(cfg.scheduler).alphas_cumprod.float()
+    abar = DDIM(cfg.scheduler).alphas_cumprod.float().to(device)
     T = cfg.scheduler.num_train_timesteps
     prompts = cfg.prompts
 
     def noisy(z0: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        eps = torch.randn(z0.shape, generator=gen)
+        eps = torch.randn(z0.shape, generator=gen).to(device)
         a = abar[tt].view(-1, 1, 1, 1)
         return a.sqrt() * z0 + (1 - a).sqrt() * eps, eps
 
     def loss(_step: int) -> torch.Tensor:
         idx, flip = batches.draw()
         n = len(idx)
-        tt = torch.randint(0, T, (n,), generator=gen)
-        zw, eps_w = noisy(whole_lat[flip, idx], tt)
-        zp, eps_p = noisy(part_lat[flip, idx], tt)
+        tt = torch.randint(0, T, (n,), generator=gen).to(device)
+        zw, eps_w = noisy(whole_lat[flip.to(device), idx.to(device)], tt)
+        zp, eps_p = noisy(part_lat[flip.to(device), idx.to(device)], tt)
         background = None
         if cfg.bcm.enabled:
             if own_background:
@@ -209,7 +211,7 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
             else:
                 b_idx = torch.randint(len(bg_lat[0]), (n,), generator=gen)
                 b_flip = torch.randint(len(bg_lat), (n,), generator=gen)
-            background, _ = noisy(bg_lat[b_flip, b_idx], tt)
+            background, _ = noisy(bg_lat[b_flip.to(device), b_idx.to(device)], tt)
         drop = (torch.rand(n, generator=gen) < t.empty_prompt_prob).tolist()
         ctx_w = model.prompt_encoder(["" if d else prompts.whole_prompt for d in drop])
         ctx_p = model.prompt_encoder(["" if d else prompts.part_prompt for d in drop])

@@ -140,7 +140,7 @@ def _diad_base_config(cfg: GLADConfig):
                   "autoencoder_lr": t.autoencoder_lr, "kl_weight": t.kl_weight,
                   "perceptual_weight": t.perceptual_weight, "unet_steps": t.unet_steps, "unet_lr": t.unet_lr,
                   "guidance_steps": 0, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
-                  "threads": t.threads},
+                  "threads": t.threads, "device": t.device},
     }
     return build_config("diad", cfg.model.preset, data, source="GLAD base")
 
@@ -176,7 +176,7 @@ def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int =
                        torch.full((sc.shape[0],), float("nan")))
     finally:
         pipe.threshold = saved
-    return torch.cat(out).numpy().astype(np.float64)
+    return torch.cat(out).cpu().numpy().astype(np.float64)
 
 
 def propose_threshold(maxima: np.ndarray, percentile: float, margin: float) -> float:
@@ -200,7 +200,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     """Train (or resume) GLAD in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
     t = cfg.train
-    prepare_run(cfg, run_dir, resume)
+    device = prepare_run(cfg, run_dir, resume)
 
     base = _prepare_base(cfg, run_dir, resume, progress)
     base_cfg = run_config(base)
@@ -225,7 +225,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     pool = images_u8.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3) sources for "another image"
     synth = AnomalySynthesizer(t.anomalies, pool)
     batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
-    model = GLADModel(cfg)
+    model = GLADModel(cfg).to(device)
     schedule = DDIM(cfg.scheduler)
     abar = schedule.alphas_cumprod
     T = cfg.scheduler.num_train_timesteps
@@ -234,7 +234,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     def latents_for(idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         if "latents" not in cache:
             cache["latents"] = encode_latents(model.vae, images_u8, t.flips, model.scaling_factor)
-        return cache["latents"][flip, idx]
+        return cache["latents"][flip.to(device), idx.to(device)]
 
     def atp_setup(_fresh: bool) -> None:
         model.requires_grad_(False)
@@ -259,9 +259,9 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
             x_a = uint8_to_model(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))
             model.vae.eval()
             with torch.no_grad():
-                z_a[anomalous] = model.vae.encode(x_a).latent_dist.mean * model.scaling_factor
-        tt = torch.randint(0, T, (len(idx),), generator=batches.gen)
-        eps = torch.randn(z_n.shape, generator=batches.gen)
+                z_a[anomalous] = model.vae.encode(x_a.to(device)).latent_dist.mean * model.scaling_factor
+        tt = torch.randint(0, T, (len(idx),), generator=batches.gen).to(device)
+        eps = torch.randn(z_n.shape, generator=batches.gen).to(device)
         x_t, eps_star = atp_target(z_n, z_a, eps, tt, abar, T)
         ctx = cache["context"].expand(len(idx), *cache["context"].shape[1:])
         pred = model.unet(x_t, tt, encoder_hidden_states=ctx).sample
@@ -272,7 +272,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
         if n <= 0:
             return {}
         sel = calibration_subset(len(images_u8), n)
-        pipe = glad_pipeline(cfg, model, threshold=None, category=cfg.category)
+        pipe = glad_pipeline(cfg, model, device=device, threshold=None, category=cfg.category)
         maxima = adp_check_maxima(pipe, uint8_to_model(images_u8[sel]), cfg.inference.batch_size)
         model.train()
         try:

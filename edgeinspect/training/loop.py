@@ -34,12 +34,35 @@ from edgeinspect.training.checkpoint import (
 )
 
 
-def prepare_run(cfg, run_dir: Path, resume: bool) -> None:
-    """Checks shared by every method before training in `run_dir`: data set, threads, no silent
-    overwrite of an existing run, no resume with a different model; then writes config.json."""
+def training_device(name: str) -> torch.device:
+    """train.device as a torch device; "auto" is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name}, but this PyTorch sees no CUDA GPU "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                               "use train.device=cpu or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"train.device={name}, but only {torch.cuda.device_count()} GPU(s) are visible")
+        device = torch.device("cuda", index)
+        # TF32 matmuls/convolutions: the usual speed-for-precision trade for training on Ampere+.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # each stage's shapes are fixed
+    return device
+
+
+def prepare_run(cfg, run_dir: Path, resume: bool) -> torch.device:
+    """Checks shared by every method before training in `run_dir`: data set, device, threads, no
+    silent overwrite of an existing run, no resume with a different model; then writes config.json.
+    Returns the device to train on."""
     t = cfg.train
     if t.data_root is None:
         raise ValueError("train.data_root is not set: point it at an MVTec-layout category folder")
+    device = training_device(t.device)
     if t.threads:
         torch.set_num_threads(t.threads)
     existing = latest_checkpoint(run_dir) if run_dir.exists() else None
@@ -51,6 +74,7 @@ def prepare_run(cfg, run_dir: Path, resume: bool) -> None:
             raise CheckpointError(f"{run_dir}/config.json has a different model config than the one given")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "config.json", dump_config(cfg))
+    return device
 
 
 @dataclass
