@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -135,10 +136,10 @@ ADP checks cost {lat.get('adp_checks_ms', 0.0):.1f} ms of the batch-1 frame. Fir
 """
 
 
-def side_by_side(vs: dict) -> str:
+def side_by_side(vs: dict, diad_file: Path) -> str:
     rows = "\n".join(f"| {k} | {v['glad']} | {v['diad']} |" for k, v in vs.items())
     return f"""
-## GLAD beside DiAD (same split, same machine, benchmarks/results/diad_mtd.json)
+## GLAD beside DiAD (same split, `{diad_file}`)
 
 | | GLAD | DiAD |
 |---|---|---|
@@ -154,6 +155,8 @@ def main() -> int:
     ap.add_argument("--name", help="result file stem (default: <method>_mtd)")
     ap.add_argument("--exclude", type=Path)
     ap.add_argument("--train-command", help="the command that trained the model (for the report)")
+    ap.add_argument("--vs", type=Path, help="GLAD: the DiAD results JSON to compare with (default: "
+                    "<results>/diad_mtd.json)")
     ap.add_argument("--train-machine", help="where the model was trained, when not this machine (for the report)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override an inference/scoring setting of the run, as `edgeinspect test --set`")
@@ -200,18 +203,22 @@ def main() -> int:
         summary["adp"] = res["adp"]
         summary["adp_checks_ms"] = round(lat.get("adp_checks_ms", 0.0), 1)
         extra_md += adp_section(res, lat)
-        diad_file = args.results / "diad_mtd.json"
+        diad_file = args.vs or args.results / "diad_mtd.json"
         if diad_file.is_file():
             diad = json.loads(diad_file.read_text())
             summary["vs_diad"] = {k: {"glad": summary[k], "diad": diad[k]} for k in
                                   ("image_auroc", "pixel_auroc", "pixel_ap", "pro", "ms_per_frame")}
-            extra_md += side_by_side(summary["vs_diad"])
+            extra_md += side_by_side(summary["vs_diad"], diad_file)
     args.results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.results / f"{args.name}.json", summary)
     png = args.results / f"{args.name}.png"
     figure(args.model, args.data, res, png, overrides=overrides)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without git
+        commit = os.environ.get("EDGEINSPECT_COMMIT", "unknown")
     s = res["settings"]
     stage_rows = "\n".join(f"| {st} | {lat['stage_ms'][st]:.1f} |" for st in STAGES)
     title = "DiAD" if method == "diad" else "GLAD"
@@ -221,6 +228,7 @@ def main() -> int:
     flags = f" --name {args.name}" if args.name != f"{method}_mtd" else ""
     flags += "".join(f" --set {o}" for o in args.overrides)
     flags += f" --selection {args.selection}" if args.selection else ""
+    flags += f" --vs {args.vs}" if args.vs else ""
     md = f"""# {title} on {args.data.name} ({s['image_size']} px model, {run_cfg['model']['preset']} preset)
 
 Real run on the test split of `{args.data}` ({res['n_images']} images, {res['n_defective']} defective:
