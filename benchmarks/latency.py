@@ -250,7 +250,10 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
     backends = {}
     for name, t in timed.items():
         sec = t["ms"]["median"] / 1e3
-        backends[name] = {**t, "gflops_achieved": gflop / sec, "peak_fraction": gflop / sec / peak["gflops"],
+        on_gpu = runs_on_gpu(name)
+        backends[name] = {**t, "runs_on": "gpu" if on_gpu else "cpu", "gflops_achieved": gflop / sec,
+                          # the measured peak is the CPU's: no fraction of it for a GPU backend
+                          "peak_fraction": None if on_gpu else gflop / sec / peak["gflops"],
                           "vs_torch_speedup": timed[torch_name]["ms"]["median"] / t["ms"]["median"]}
     seen = ~torch.isnan(ref)
     parity = {name: float((s[seen] - ref[seen]).abs().max()) if seen.any() else None
@@ -277,15 +280,20 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
 # --------------------------------------------------------------------------- reporting
 
 
+def runs_on_gpu(backend: str) -> bool:
+    return "cuda" in backend or "tensorrt" in backend
+
+
 def markdown(res: dict[str, Any]) -> str:
     m, pk, st = res["machine"], res["measured_peak"], res["settings"]
     lines = [
         f"# Latency per frame: {m['slug']}", "",
         "Command:", "", f"    {res['command']}", "",
+        *([res["note"], ""] if res.get("note") else []),
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs available, {m['threads']} thread(s) used "
         f"(torch and onnxruntime intra-op); {m['platform']}; torch {m['torch']}, onnxruntime {m['onnxruntime']}"
         + (f"; GPU {m['gpu']}" if m.get("gpu") else "") + ".",
-        f"Measured peak: {pk['gflops']:.1f} GFLOP/s ({pk['how']}).",
+        f"Measured peak (CPU): {pk['gflops']:.1f} GFLOP/s ({pk['how']}); GPU backends get no fraction of it.",
         f"Batch 1; {st['warmup']} warm-up frame(s) per backend, then {st['repeats']} timed frames per backend, "
         "interleaved across backends; median and p10-p90 of the whole frame (wall clock around the pipeline "
         "call) and of each stage (the pipelines' stage timers). FLOPs: torch.utils.flop_counter over the torch "
@@ -297,14 +305,16 @@ def markdown(res: dict[str, Any]) -> str:
                   f"Run `{r['run']}` (preset {r['preset']}, {r['image_size']} px model image, features at "
                   f"{r['feature_size']} px; {', '.join(f'{k} {v}' for k, v in r['settings'].items())}); "
                   f"frames: {r['frames']}. {r['gflop_per_frame']:.3f} GFLOP per frame.", "",
-                  "| backend | median ms/frame | p10 | p90 | vs torch eager | GFLOP/s | of measured peak | "
+                  "| backend | runs on | median ms/frame | p10 | p90 | vs torch eager | GFLOP/s | of measured peak | "
                   "max abs score diff vs torch |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         par = r["parity"]["max_abs_score_diff_vs_torch"]
         for b, v in r["backends"].items():
             d = par.get(b)
-            lines.append(f"| {b} | {v['ms']['median']:.1f} | {v['ms']['p10']:.1f} | {v['ms']['p90']:.1f} | "
-                         f"{v['vs_torch_speedup']:.2f}x | {v['gflops_achieved']:.2f} | {100 * v['peak_fraction']:.1f} % | "
+            where = "GPU" if runs_on_gpu(b) else f"CPU, {m['threads']} thr"
+            frac = "-" if v.get("peak_fraction") is None else f"{100 * v['peak_fraction']:.1f} %"
+            lines.append(f"| {b} | {where} | {v['ms']['median']:.1f} | {v['ms']['p10']:.1f} | {v['ms']['p90']:.1f} | "
+                         f"{v['vs_torch_speedup']:.2f}x | {v['gflops_achieved']:.2f} | {frac} | "
                          f"{'-' if d is None else f'{d:.1e}'} |")
         lines += ["", f"**onnxruntime fp32 vs torch eager: {r['ort_vs_torch_speedup']:.2f}x** "
                       f"({r['ort_ms']:.1f} ms vs {r['torch_ms']:.1f} ms per frame).", ""]
@@ -337,6 +347,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="folder for the exported bundles")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for latency_<machine>.md/.json")
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
+    ap.add_argument("--note", help="a paragraph for the report, e.g. how the runs were made")
     ap.add_argument("--peak-size", type=int, default=2048, help="matmul size for the measured peak (default 2048)")
     args = ap.parse_args(argv)
     if args.diad is None and args.glad is None:
@@ -360,11 +371,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for method, run in (("diad", args.diad), ("glad", args.glad)):
         if run is not None:
             methods[method] = bench_method(method, run, args, peak)
-    gpu_used = any("cuda" in b or "tensorrt" in b for r in methods.values() for b in r["backends"])
+    gpu_used = any(runs_on_gpu(b) for r in methods.values() for b in r["backends"])
     gpu = gpu_name()
     machine_slug = args.machine or (slug(gpu) if gpu_used and gpu else f"cpu{logical_cpus()}")
     res = {
         "command": command,
+        "note": args.note,
         "machine": {"slug": machine_slug, "slug_rule": "--machine, else cpu<logical CPUs available>, else the GPU "
                                                        "name when a GPU backend ran",
                     "cpu": cpu_name(), "logical_cpus": logical_cpus(), "threads": args.threads,

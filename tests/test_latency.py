@@ -68,8 +68,19 @@ def test_latency_script_end_to_end(tmp_path, capsys):
     md = (results / "latency_testbox.md").read_text()
     assert "# Latency per frame: testbox" in md and "python benchmarks/latency.py --diad" in md
     assert "| onnxruntime_fp32 |" in md and "onnxruntime fp32 vs torch eager" in md and "## GLAD" in md
-    assert "Measured peak:" in md and "| adp_unet |" in md
+    assert "Measured peak (CPU):" in md and "| adp_unet |" in md and "| torch | CPU, 1 thr |" in md
     assert not [p for p in results.iterdir() if p.name.startswith(".")]
+    # a GPU backend's row says so and gets no fraction of the CPU's measured peak
+    assert all(v["runs_on"] == "cpu" for r in saved["methods"].values() for v in r["backends"].values())
+    gpu = json.loads(json.dumps(saved))
+    r = gpu["methods"]["diad"]
+    r["backends"]["torch_cuda"] = {**r["backends"].pop("torch"), "runs_on": "gpu", "peak_fraction": None}
+    r["stage_ms"]["torch_cuda"] = r["stage_ms"].pop("torch")
+    gpu["note"] = "How the runs were made."
+    md = latency.markdown(gpu)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| torch_cuda |"))
+    assert row.startswith("| torch_cuda | GPU |") and row.split("|")[8].strip() == "-"
+    assert "How the runs were made." in md
 
 
 def test_latency_script_needs_a_run():

@@ -7,6 +7,7 @@ The layout and the checks made on load are described in `edgeinspect.runtime.bun
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -90,6 +91,15 @@ def _progress(items: Sequence[str], enabled: bool, desc: str):
     return tqdm(items, desc=desc, unit="net")
 
 
+def _on_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """The module itself when it lives on the CPU, else a CPU copy: export traces and checks parity on the
+    CPU, and a caller's module (e.g. a GPU pipeline's feature extractor) must stay where it is."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if all(t.device.type == "cpu" for t in tensors):
+        return module
+    return copy.deepcopy(module).cpu()
+
+
 def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, features: torch.nn.Module | None = None,
                  precision: Sequence[str] = ("fp32", "fp16"), opset: int = DEFAULT_OPSET,
                  exporter: str = "torchscript", roles: Sequence[str] | None = None, overwrite: bool = False,
@@ -119,7 +129,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
     if out.exists() and not overwrite:
         raise BundleError(f"bundle {out}: already exists (pass overwrite=True / --overwrite to replace it)")
     method = cfg.method
-    model = model.eval()
+    model = _on_cpu(model).eval()
     if features is None and method in ("diad", "glad"):
         if method == "diad":
             from edgeinspect.training.diad import build_features
@@ -131,7 +141,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             warnings.warn("the exported feature extractor has RANDOM weights (features.weights is null): its scores "
                           "match no other build of it", UserWarning, stacklevel=2)
     if features is not None:
-        features = features.eval()
+        features = _on_cpu(features).eval()
     named = {k: v.detach().float().cpu().contiguous() for k, v in (contexts or {}).items()}
     if "context" in named:
         raise ExportError("a named context cannot be called 'context' (the key of the bundle's single context)")
