@@ -139,7 +139,7 @@ ADP checks cost {lat.get('adp_checks_ms', 0.0):.1f} ms of the batch-1 frame. Fir
 def side_by_side(vs: dict, diad_file: Path) -> str:
     rows = "\n".join(f"| {k} | {v['glad']} | {v['diad']} |" for k, v in vs.items())
     return f"""
-## GLAD beside DiAD (same split, `{diad_file}`)
+## GLAD beside DiAD (same split, `{os.path.relpath(diad_file)}`)
 
 | | GLAD | DiAD |
 |---|---|---|
@@ -222,6 +222,9 @@ def main() -> int:
     s = res["settings"]
     stage_rows = "\n".join(f"| {st} | {lat['stage_ms'][st]:.1f} |" for st in STAGES)
     title = "DiAD" if method == "diad" else "GLAD"
+    trained_stages = ("autoencoder, UNet, SG stages" if method == "diad" else
+                      "the ATP stage, its first step's encoding of the training latents included; the base model's "
+                      "stages not counted")
     run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
     train_root = run_cfg["train"]["data_root"]
     n_train = sum(1 for p in (Path(train_root) / "train" / "good").iterdir() if p.is_file())
@@ -262,7 +265,7 @@ nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']}
 
 ## Cost
 
-- Training: {res['train_minutes']:.1f} min of optimisation steps on {args.train_machine or 'this machine'} (autoencoder, UNet, SG stages;
+- Training: {res['train_minutes']:.1f} min of optimisation steps on {args.train_machine or 'this machine'} ({trained_stages};
   data loading and checkpoint writes not counted).
 - Per frame, batch 1, torch eager, median of {lat['repeats']}: **{lat['ms_per_frame']:.1f} ms**
   (p90 {lat['ms_per_frame_p90']:.1f} ms); DDIM from t={s.get('t_start', s.get('t0'))}, {s['steps']} steps,
