@@ -115,20 +115,11 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
             loss = loss + t.perceptual_weight * perceptual_distance(features, rec, x)
         return loss
 
-    @torch.no_grad()
     def encode_all() -> torch.Tensor:
-        """Posterior means of every (image, flip) pair: (4 or 1, N, C, h, w), unscaled."""
-        model.vae.eval()
-        variants = 4 if t.flips else 1
-        out = []
-        for code in range(variants):
-            lat = []
-            for s in range(0, len(images_u8), 16):
-                x = _Batches.apply_flip(uint8_to_model(images_u8[s:s + 16]),
-                                        torch.full((min(16, len(images_u8) - s),), code))
-                lat.append(model.vae.encode(x.to(device)).latent_dist.mean)
-            out.append(torch.cat(lat))
-        return torch.stack(out)
+        """Posterior means of every (flip code, image): (4 or 1, N, C, h, w), unscaled."""
+        from edgeinspect.training.base import encode_latents  # base imports this module
+
+        return encode_latents(model.vae, images_u8, t.flips, 1.0)
 
     def ae_finish() -> dict:
         latents = encode_all()
