@@ -49,10 +49,6 @@ STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_sc
           "features", "scoring")
 ADP_STAGES = ("adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff")
 
-# The plain UNet role (no guidance). Pass to `torch_networks(..., signatures=GLAD_SIGNATURES)` until
-# runtime/networks.py lists it in ROLE_SIGNATURES.
-UNET_PLAIN_SIGNATURE = (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",))
-GLAD_SIGNATURES = {"unet_plain": UNET_PLAIN_SIGNATURE}
 ROLES = ("vae_encoder", "unet_plain", "vae_decoder", "features")
 
 

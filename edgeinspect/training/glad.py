@@ -34,7 +34,7 @@ from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
 from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
 from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.glad import GLAD_SIGNATURES, GLADPipeline
+from edgeinspect.runtime.glad import GLADPipeline
 from edgeinspect.runtime.networks import Networks, torch_networks
 from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
 from edgeinspect.training.checkpoint import (
@@ -83,9 +83,7 @@ def build_glad_features(cfg: GLADConfig) -> FeatureExtractor:
 def glad_networks(model: GLADModel, features: FeatureExtractor, device: str | torch.device = "cpu") -> Networks:
     modules = dict(model.role_modules())
     modules["features"] = FeatureNet(features)
-    sigs = dict(GLAD_SIGNATURES)
-    sigs["features"] = feature_signature(len(features.strides))
-    return torch_networks(modules, device, sigs)
+    return torch_networks(modules, device, {"features": feature_signature(len(features.strides))})
 
 
 def glad_pipeline(cfg: GLADConfig, model: GLADModel, features: FeatureExtractor | None = None,
