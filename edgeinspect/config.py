@@ -437,6 +437,10 @@ class AdaBLDMTrainConfig(TrainLoopConfig):
     # from SD weights; a small from-scratch model needs a larger one in CPU-hours).
     control_steps: int = Field(1000, ge=0)
     control_lr: float = 1e-5
+    # Control loss weighted 1 + w on the pasted defect's latent cells (0: the paper's plain noise
+    # loss): the defect covers a few percent of a composite, so unweighted the control learns mostly
+    # to reproduce the tile. `training.base.defect_weighted_mse`.
+    defect_loss_weight: float = Field(0.0, ge=0)
 
 
 class AdaBLDMSamplingConfig(Strict):
@@ -564,6 +568,10 @@ class DualAnoDiffTrainConfig(TrainLoopConfig):
     steps: int = Field(3000, ge=0)
     lr: float = 2e-5
     batch_size: int = Field(4, ge=1)
+    # Both branches' noise loss weighted 1 + w on the defect's latent cells (0: the paper's plain
+    # sum of MSEs): the defect is a few percent of the whole image, so unweighted the whole branch
+    # learns mostly the tile. `training.base.defect_weighted_mse`.
+    defect_loss_weight: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _one_image_source(self) -> "DualAnoDiffTrainConfig":

@@ -347,3 +347,29 @@ def test_paste_back_keeps_the_exact_source_beyond_the_feather():
     w = (out - src) / (gen - src)  # the blend weight: 1 on the mask, falling off outside it
     assert 0 < w[0, 10, 21] < 1 and w[0, 10, 21] > w[0, 10, 22]
     assert torch.equal(paste_back(gen, src, torch.zeros(1, 32, 32), 4), src)
+
+
+def test_control_loss_is_weighted_on_the_pasted_defect(data_root, base, tmp_path, monkeypatch):
+    """train.defect_loss_weight: the control loss gets the composite's pasted-defect mask, which is the
+    trimap's defect region (value 1) of the same, identically flipped, composite."""
+    import edgeinspect.training.adabldm as ada_training
+    from edgeinspect.models.guidance import GuidanceNet
+
+    trimaps, seen = [], []
+    real_hint, real_loss = GuidanceNet.encode_hint, ada_training.defect_weighted_mse
+
+    def hint_spy(self, trimap):
+        trimaps.append(trimap.clone())
+        return real_hint(self, trimap)
+
+    def loss_spy(pred, target, mask, weight):
+        seen.append((mask.clone(), weight))
+        return real_loss(pred, target, mask, weight)
+
+    monkeypatch.setattr(GuidanceNet, "encode_hint", hint_spy)
+    monkeypatch.setattr(ada_training, "defect_weighted_mse", loss_spy)
+    train_adabldm(_cfg(data_root, base, domain_steps=0, control_steps=3, defect_loss_weight=4.0), tmp_path / "r",
+                  progress=False)
+    assert len(seen) == len(trimaps) == 3 and {w for _, w in seen} == {4.0}
+    for (mask, _), trimap in zip(seen, trimaps):
+        assert mask.any() and torch.equal(mask > 0.5, trimap == 1.0)

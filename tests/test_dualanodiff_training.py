@@ -209,3 +209,44 @@ def test_cli_train_then_generation_resumes_without_duplicates_or_gaps(tmp_path, 
 def _untimed(items: dict) -> dict:
     """Index items without their wall-clock fields (which differ between runs)."""
     return {k: {f: v for f, v in it.items() if f != "sampling_s"} for k, it in items.items()}
+
+
+def test_defect_weighted_loss_gets_each_pairs_own_flipped_mask(tmp_path, data_root, base, monkeypatch):
+    """With train.defect_loss_weight the loss sees, per pair, that image's mask flipped with it (for both
+    branches), at the weight configured; 0 keeps the paper's plain MSE (checked in test_training)."""
+    size = build_config("dualanodiff", "tiny").model.latent_size
+
+    def tagged(vae, images, flips, scaling_factor, batch=16):  # latent value = flip * 100 + image
+        ids = torch.arange(4)[:, None] * 100 + torch.arange(len(images))[None]
+        return ids[:, :, None, None, None].float().expand(4, len(images), 4, size, size).clone()
+
+    class NoNoise:
+        def __init__(self, cfg):
+            self.alphas_cumprod = torch.ones(cfg.num_train_timesteps)
+
+    seen, real = [], dual_training.defect_weighted_mse
+
+    def spy(pred, target, mask, weight):
+        seen.append((mask.clone(), weight))
+        return real(pred, target, mask, weight)
+
+    zs = []
+    real_forward = dual_training.DualAnoDiffModel.dual_forward
+
+    def forward_spy(self, zw, zp, t, cw, cp, bg=None):
+        zs.append(zw[:, 0, 0, 0].clone())
+        return real_forward(self, zw, zp, t, cw, cp, bg)
+
+    monkeypatch.setattr(dual_training, "encode_variants", tagged)
+    monkeypatch.setattr(dual_training, "DDIM", NoNoise)
+    monkeypatch.setattr(dual_training, "defect_weighted_mse", spy)
+    monkeypatch.setattr(dual_training.DualAnoDiffModel, "dual_forward", forward_spy)
+    cfg = _cfg(data_root, base, steps=4, defect_loss_weight=5.0)
+    train_dualanodiff(cfg, tmp_path / "run", progress=False)
+    _, masks, _ = dual_training.load_fewshot(data_root, "scratch", ["000.png", "002"], cfg.model.image_size)
+    assert masks.any() and len({int(f) for z in zs for f in z // 100}) > 1  # several flips drawn
+    assert len(seen) == 2 * len(zs) == 8 and {w for _, w in seen} == {5.0}
+    for k, z in enumerate(zs):
+        flip, image = (z // 100).long(), (z % 100).long()
+        want = dual_training._Batches.apply_flip(masks[image][:, None].float(), flip)
+        assert torch.equal(seen[2 * k][0], want) and torch.equal(seen[2 * k + 1][0], want)

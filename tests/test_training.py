@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgeinspect.config import build_config
@@ -199,3 +200,33 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes(tmp_path, synthetic_mvt
                           capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 0, done.stderr
     assert load_state(latest_checkpoint(run)).stage == "done"
+
+
+# --------------------------------------------------------------------------- defect-weighted loss
+
+
+def test_defect_weighted_mse_values_and_gradients():
+    from edgeinspect.training.base import defect_weighted_mse
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 4, 4, 4, requires_grad=True), torch.randn(2, 4, 4, 4)
+    mask = torch.zeros(2, 1, 16, 16)
+    assert torch.equal(defect_weighted_mse(pred, target, mask, 0.0), F.mse_loss(pred, target))
+    # no defect pixels: the plain MSE whatever the weight
+    assert torch.allclose(defect_weighted_mse(pred, target, mask, 9.0), F.mse_loss(pred, target))
+    # sample 0: one latent cell (4x4 image px) fully defect, sample 1: half of one cell
+    mask[0, 0, :4, :4] = 1
+    mask[1, 0, 4:6, 4:8] = 1
+    w = 9.0
+    err = (pred - target).detach() ** 2
+    cell = torch.zeros(2, 1, 4, 4)
+    cell[0, 0, 0, 0], cell[1, 0, 1, 1] = 1.0, 0.5
+    wt = (1 + w * cell).expand(2, 4, 4, 4)
+    want = torch.stack([(wt[i] * err[i]).sum() / wt[i].sum() for i in range(2)]).mean()
+    got = defect_weighted_mse(pred, target, mask, w)
+    assert torch.allclose(got, want)
+    got.backward()
+    g = pred.grad.abs() / (pred - target).detach().abs()
+    assert torch.allclose(g[0, :, 0, 0], g[0, :, 3, 3] * (1 + w))  # the defect cell pulls 1 + w times harder
+    with pytest.raises(ValueError, match="mask must be"):
+        defect_weighted_mse(pred, target, torch.zeros(2, 16, 16), w)

@@ -39,7 +39,13 @@ from edgeinspect.training.checkpoint import (
     write_json_atomic,
 )
 from edgeinspect.training.diad import _Batches
-from edgeinspect.training.base import base_checkpoint, encode_latents, run_config, train_from_base
+from edgeinspect.training.base import (
+    base_checkpoint,
+    defect_weighted_mse,
+    encode_latents,
+    run_config,
+    train_from_base,
+)
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 
@@ -205,20 +211,22 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
         def loss(_step: int) -> torch.Tensor:
             idx, flip = batches.draw()
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            composites, trimaps = [], []
+            composites, trimaps, defects = [], [], []
             for i in idx.tolist():
                 k = int(rng.integers(len(seed.names)))
                 cp = cut_paste(normals_u8[i].permute(1, 2, 0).numpy(), seed.images[k].permute(1, 2, 0).numpy(),
                                seed.masks[k].numpy(), fg[i], rng, rotation=place.rotation, scale=place.scale)
                 composites.append(torch.from_numpy(cp.image).permute(2, 0, 1))
                 trimaps.append(torch.from_numpy(make_trimap(cp.mask, fg[i]))[None])
+                defects.append(torch.from_numpy(cp.mask.astype(np.float32))[None])
             x = _Batches.apply_flip(torch.stack(composites), flip)
             trimap = _Batches.apply_flip(torch.stack(trimaps), flip)
             zt, tt, eps = noisy(encode(x))
             with torch.no_grad():
                 ctx = model.prompt_encoder(maybe_empty([prompt] * len(idx)))
             hint = model.control(dtype).encode_hint(trimap.to(device))
-            return F.mse_loss(holder["unet"](zt, tt, ctx, hint), eps)
+            defect = _Batches.apply_flip(torch.stack(defects), flip)
+            return defect_weighted_mse(holder["unet"](zt, tt, ctx, hint), eps, defect, t.defect_loss_weight)
 
         return Stage(f"control-{dtype}", t.control_steps, t.control_lr,
                      lambda: model.control(dtype).parameters(), loss, setup)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
 
 from edgeinspect.data.mvtec import uint8_to_model
@@ -34,6 +35,26 @@ def base_checkpoint(init_from: Path) -> Path:
             f"{init_from} has no checkpoints/unet-final yet (DiAD's UNet stage has not finished); "
             "point train.init_from at a checkpoint folder to use another one")
     raise CheckpointError(f"train.init_from={init_from} is neither a checkpoint folder nor a run folder")
+
+
+def defect_weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: float
+                        ) -> torch.Tensor:
+    """Noise MSE with each latent position weighted 1 + `weight` * (the defect's share of its cell).
+
+    `mask` (B, 1, H, W) in [0, 1] at image resolution is area-averaged to the latent grid. Each
+    sample's weighted sum is divided by its total weight, so the loss keeps the scale of a plain MSE
+    (a sample without defect pixels gets exactly its plain MSE); `weight` 0 is `F.mse_loss`. A defect
+    covers a few percent of a frame, so in the plain loss the background texture outweighs it; the
+    weight makes the defect region count as much as the model is meant to learn it (an extension of
+    the papers' plain noise loss, for small models trained briefly)."""
+    if weight == 0:
+        return F.mse_loss(pred, target)
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] != pred.shape[0]:
+        raise ValueError(f"mask must be (B, 1, H, W) for a batch of {pred.shape[0]}, got {tuple(mask.shape)}")
+    cell = F.adaptive_avg_pool2d(mask.to(pred.device, pred.dtype), pred.shape[-2:])
+    w = (1 + weight * cell).expand_as(pred)
+    per_sample = (w * (pred - target) ** 2).flatten(1).sum(1) / w.flatten(1).sum(1)
+    return per_sample.mean()
 
 
 def run_config(ckpt: Path) -> dict:

@@ -12,7 +12,8 @@ autoencoder's posterior means, encoded once.
 
 Step: per pair one timestep t shared by whole, part and background, independent noise for each;
 both prompts are replaced by the empty prompt together for a fraction of pairs (so classifier-free
-guidance has a learnt unconditional prediction); loss = MSE(whole noise) + MSE(part noise).
+guidance has a learnt unconditional prediction); loss = MSE(whole noise) + MSE(part noise), each
+optionally weighted up on the defect's latent cells (`train.defect_loss_weight`; 0 = the paper).
 
 Base: `train.init_from` (a DiAD run's unet-final, or a checkpoint folder) provides the autoencoder,
 UNet and prompt encoder; the UNet and autoencoder stay frozen. Checkpoints hold only the trainable
@@ -28,7 +29,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgeinspect.config import DualAnoDiffConfig, dump_config
@@ -43,7 +43,7 @@ from edgeinspect.training.checkpoint import (
     load_model_weights,
 )
 from edgeinspect.training.diad import _Batches
-from edgeinspect.training.base import base_checkpoint, load_base_weights, run_config
+from edgeinspect.training.base import base_checkpoint, defect_weighted_mse, load_base_weights, run_config
 from edgeinspect.training.glad import calibration_subset
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
@@ -187,6 +187,7 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
             bg_u8, bg_names = load_backgrounds(t.data_root, cfg.model.image_size, t.max_backgrounds)
         bg_lat = encode_variants(model.vae, to_model_range(bg_u8), t.flips, sf)
 
+    masks_f = masks[:, None].float()
     batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
     gen = batches.gen
     abar = DDIM(cfg.scheduler).alphas_cumprod.float().to(device)
@@ -216,7 +217,9 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
         ctx_w = model.prompt_encoder(["" if d else prompts.whole_prompt for d in drop])
         ctx_p = model.prompt_encoder(["" if d else prompts.part_prompt for d in drop])
         pred_w, pred_p = model.dual_forward(zw, zp, tt, ctx_w, ctx_p, background)
-        return F.mse_loss(pred_w, eps_w) + F.mse_loss(pred_p, eps_p)
+        m = _Batches.apply_flip(masks_f[idx], flip)
+        w = t.defect_loss_weight
+        return defect_weighted_mse(pred_w, eps_w, m, w) + defect_weighted_mse(pred_p, eps_p, m, w)
 
     def trainable():
         return (p for p in model.parameters() if p.requires_grad)
