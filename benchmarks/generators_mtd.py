@@ -313,8 +313,9 @@ def _run_config(folder: Path) -> dict:
 def _training(folder: Path) -> str:
     """How the DualAnoDiff run that made a generation folder was trained."""
     t = _run_config(folder)["train"]
+    weighted = f", noise loss weighted 1 + {t['defect_loss_weight']:g} on the defect" if t.get("defect_loss_weight") else ""
     return (f"{t['steps']} steps, lr {t['lr']}, batch {t['batch_size']}, BCM background "
-            f"{t.get('background', 'normals')}")
+            f"{t.get('background', 'normals')}{weighted}")
 
 
 def _lora_targets(folder: Path) -> list[str]:

@@ -69,3 +69,19 @@ def test_alignment_and_throughput_from_a_generation_folder(report, tmp_path):
     thr = report.throughput(items, ("sampling",))
     assert thr["images_per_s"] == pytest.approx(2 / 2.0)
     assert thr["seconds_per_image_by_stage"]["sampling"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("weight, says", [(0.0, False), (20.0, True)])
+def test_training_line_names_the_defect_loss_weight(report, tmp_path, weight, says):
+    import json
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "done").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 600, "lr": 1e-3, "batch_size": 4,
+                                                           "background": "inpainted",
+                                                           "defect_loss_weight": weight}}))
+    gen = tmp_path / "gen"
+    GenerationWriter(gen, {"method": "dualanodiff", "model": str(run / "checkpoints" / "done")}, total=1)
+    line = report._training(gen)
+    assert line.startswith("600 steps, lr 0.001, batch 4, BCM background inpainted")
+    assert ("noise loss weighted 1 + 20 on the defect" in line) == says
