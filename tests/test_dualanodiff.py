@@ -71,6 +71,23 @@ def test_saim_and_bcm_shapes_and_start():
     assert torch.allclose(bcm(h, h_bg), bcm.mlp(h_bg))
 
 
+def test_residual_bcm_starts_as_the_background_and_its_gate_learns_from_step_one():
+    torch.manual_seed(0)
+    h, h_bg, g = torch.randn(3, 10, 32), torch.randn(3, 10, 32), torch.randn(3, 10, 32)
+    bcm = BCM(32, 48, "residual")
+    assert torch.equal(bcm(h, h_bg), h)  # gate 0: the branch's own features
+    (bcm(h, h_bg) * g).sum().backward()
+    # at the start the gate's gradient compares the background's own features with the branch's ...
+    assert torch.allclose(bcm.gate.grad, (g * (h_bg - h)).sum())
+    # ... while the MLP, behind a closed gate, gets none (why the plain MLP and its gate barely move)
+    assert all(p.grad is None or not p.grad.any() for p in bcm.mlp.parameters())
+    with torch.no_grad():
+        bcm.gate.fill_(1.0)
+    assert torch.equal(bcm(h, h_bg), h_bg)  # open gate, zero-initialised MLP: exactly the background
+    with pytest.raises(ValueError, match="plain' or 'residual"):
+        BCM(32, 48, "mystery")
+
+
 def test_model_hooks_every_transformer_block():
     m = _model()
     blocks = [n for n, mod in m.unet.named_modules() if type(mod).__name__ == "BasicTransformerBlock"]
@@ -149,8 +166,9 @@ def test_conv_targets_get_per_branch_adapters_too():
     assert lora_out.base_layer.weight.grad is None  # the base stays frozen
 
 
-def test_bcm_gate_zero_is_exactly_the_branch_without_bcm():
-    m = _model()
+@pytest.mark.parametrize("mlp", ["plain", "residual"])
+def test_bcm_gate_zero_is_exactly_the_branch_without_bcm(mlp):
+    m = _model(bcm={"mlp": mlp})
     _randomise([m.saim])  # interaction on, so the part branch would see any change of the whole one
     zw, zp, t, ctx_w, ctx_p, bg = _pairs(m)
     with torch.no_grad():

@@ -146,15 +146,25 @@ class SAIM(nn.Module):
 
 
 class BCM(nn.Module):
-    """Background compensation for one self-attention layer: (1 - a) h + a MLP(h_bg), a from 0."""
+    """Background compensation for one self-attention layer: (1 - a) h + a f(h_bg), a from 0;
+    f = MLP ("plain") or identity + MLP with a zero-initialised last layer ("residual")."""
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, mlp: str = "plain"):
         super().__init__()
+        if mlp not in ("plain", "residual"):
+            raise ValueError(f"BCM mlp must be 'plain' or 'residual', not {mlp!r}")
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, channels))
+        self.residual = mlp == "residual"
+        if self.residual:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, h: torch.Tensor, h_background: torch.Tensor) -> torch.Tensor:
-        return (1 - self.gate) * h + self.gate * self.mlp(h_background)
+        f = self.mlp(h_background)
+        if self.residual:
+            f = h_background + f
+        return (1 - self.gate) * h + self.gate * f
 
 
 def _saim_hook(saim: SAIM, layout: BranchLayout) -> Callable:
@@ -204,7 +214,7 @@ class DualAnoDiffModel(LatentDiffusionModel):
                     attn.register_forward_hook(_saim_hook(saim, self.layout))
             if cfg.bcm.enabled:
                 dim = block.attn1.query_dim
-                bcm = BCM(dim, max(1, round(cfg.bcm.mlp_ratio * dim)))
+                bcm = BCM(dim, max(1, round(cfg.bcm.mlp_ratio * dim)), cfg.bcm.mlp)
                 self.bcm[key] = bcm
                 block.attn1.register_forward_pre_hook(_bcm_hook(bcm, self.layout), with_kwargs=True)
         for name, p in self.named_parameters():
