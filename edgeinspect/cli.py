@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="run folder or checkpoint folder")
     p.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
     p.add_argument("--out", type=Path, help="write metrics, per-image scores and latency here (JSON)")
-    p.add_argument("--exclude", type=Path, help="text file of test image names to leave out (e.g. generator seeds)")
+    p.add_argument("--exclude", type=Path, help="text file of test images to leave out, one per line: a name, "
+                   "<type>/<name> or a path (e.g. generator seeds)")
     p.add_argument("--overlays", type=Path, help="also write heat-map overlays into this folder")
     p.add_argument("--max-overlays", type=int, default=24)
     p.add_argument("--quiet", action="store_true")

@@ -113,7 +113,8 @@ class MVTecFolder:
         samples: list[Sample] = []
         for t in types:
             for p in _list_images(split_dir / t):
-                if p.name in exclude or str(p) in exclude:
+                # a name, "<type>/<name>" (as the benchmarks' selection lists), or the full path
+                if p.name in exclude or f"{t}/{p.name}" in exclude or str(p) in exclude:
                     continue
                 if include is not None and p.name not in include:
                     continue
