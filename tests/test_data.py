@@ -46,6 +46,8 @@ def test_exclude_and_roundtrip(synthetic_mvtec):
     by_type = MVTecFolder(synthetic_mvtec, "test", 32, exclude={f"{one.parent.name}/{one.name}"})
     assert len(by_type) == len(all_test) - 1  # "<type>/<name>", as the selection lists write them
     assert one not in [s.path for s in by_type.samples]
+    with pytest.raises(DatasetError, match="match no image"):  # a typo must not leave a seen image in
+        MVTecFolder(synthetic_mvtec, "test", 32, exclude={"000.png", "good/nope.png"})
     img = read_image(synthetic_mvtec / "train/good/000.png")
     assert np.array_equal(tensor_to_image(image_to_tensor(img)), img)
     assert image_to_tensor(img).min() >= -1 and image_to_tensor(img).max() <= 1

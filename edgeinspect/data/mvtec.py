@@ -110,6 +110,14 @@ class MVTecFolder:
                 raise DatasetError(f"{split_dir} has no folder(s) {sorted(missing)}; found {types}")
             types = [t for t in types if t in defect_types]
         exclude = exclude or set()
+        if exclude:
+            # an entry that names no image would silently leave a seen image in an evaluation
+            every = {k for t in sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+                     for p in _list_images(split_dir / t) for k in (p.name, f"{t}/{p.name}", str(p))}
+            unknown = sorted(exclude - every)
+            if unknown:
+                raise DatasetError(f"{split_dir}: {len(unknown)} excluded name(s) match no image "
+                                   f"(expected <name>, <type>/<name> or a path): {unknown[:8]}")
         samples: list[Sample] = []
         for t in types:
             for p in _list_images(split_dir / t):
