@@ -154,15 +154,37 @@ def load_seeds(root: str | Path, split: FewShotSplit, which: str, size: int
 # --------------------------------------------------------------------------- cut-paste baseline
 
 
+def autoencoder_roundtrip(checkpoint: str | Path, size: int):
+    """image (uint8 HWC) -> the same image encoded and decoded by an AdaBLDM checkpoint's autoencoder."""
+    from edgeinspect.data.mvtec import tensor_to_image, uint8_to_model
+    from edgeinspect.training.adabldm import load_adabldm
+
+    cfg, model, _ = load_adabldm(checkpoint)
+    if cfg.model.image_size != size:
+        raise ValueError(f"--roundtrip {checkpoint} works at {cfg.model.image_size} px, not --size {size}")
+
+    @torch.no_grad()
+    def roundtrip(image: np.ndarray) -> np.ndarray:
+        x = uint8_to_model(torch.from_numpy(image).permute(2, 0, 1)[None])
+        return tensor_to_image(model.vae.decode(model.vae.encode(x).latent_dist.mean).sample[0])
+
+    return roundtrip
+
+
 def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabldm", "fewshot"], per_type: int,
                    size: int, out: str | Path, foreground: Literal["whole", "otsu", "features"] = "whole",
-                   seed: int = 0, feather: float = 0.0, progress: bool = True) -> Path:
+                   seed: int = 0, feather: float = 0.0, progress: bool = True,
+                   roundtrip: str | Path | None = None) -> Path:
     """Write `per_type` cut-paste composites per defect type into a generation folder (resumable).
 
     Item i is a pure function of (seed, i): its normal, its seed defect, the foreground and the
-    placement all come from a generator seeded with [seed, i]."""
+    placement all come from a generator seeded with [seed, i]. With `roundtrip` (an AdaBLDM checkpoint)
+    each composite is passed through that model's autoencoder: perfect defects at the fidelity of the
+    generator's images, the most its latent diffusion could give the segmenter."""
     settings = {"source": "cutpaste", "data": str(root), "split_seed": split.seed, "seeds": seeds,
-                "per_type": per_type, "size": size, "foreground": foreground, "seed": seed, "feather": feather}
+                "per_type": per_type, "size": size, "foreground": foreground, "seed": seed, "feather": feather,
+                "roundtrip": str(roundtrip) if roundtrip else None}
+    through_ae = autoencoder_roundtrip(roundtrip, size) if roundtrip else None
     types = split.defect_types
     writer = GenerationWriter(out, settings, total=per_type * len(types))
     normals, normal_names = load_normals(root, size)
@@ -186,7 +208,8 @@ def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabld
             else:
                 raise MaskDoesNotFit(f"item {i} ({t}): no seed fitted the foreground of {CUTPASTE_MAX_REDRAWS} "
                                      f"normal images (foreground {foreground!r}); try --foreground whole")
-            writer.write(i, cp.image, cp.mask, {"defect_type": t, "seed_file": name,
+            image = through_ae(cp.image) if through_ae else cp.image
+            writer.write(i, image, cp.mask, {"defect_type": t, "seed_file": name,
                                                 "normal_file": normal_names[n],
                                                 "placement": cp.placement.to_json(), "redraws": redraw})
             bar.update()
@@ -388,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="where defects may go; 'whole' for textures and MTD tiles")
     c.add_argument("--feather", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--roundtrip", type=Path, help="pass each composite through this AdaBLDM checkpoint's autoencoder")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--quiet", action="store_true")
     t = sub.add_parser("train", help="train and evaluate one segmenter per defect folder")
@@ -407,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.verb == "cutpaste":
         out = build_cutpaste(args.data, FewShotSplit.load(args.split), args.seeds, args.per_type, args.size,
-                             args.out, args.foreground, args.seed, args.feather, progress=not args.quiet)
+                             args.out, args.foreground, args.seed, args.feather, progress=not args.quiet,
+                             roundtrip=args.roundtrip)
         print(f"wrote {out}")
     else:
         run_train(args)

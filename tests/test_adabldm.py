@@ -373,3 +373,19 @@ def test_control_loss_is_weighted_on_the_pasted_defect(data_root, base, tmp_path
     assert len(seen) == len(trimaps) == 3 and {w for _, w in seen} == {4.0}
     for (mask, _), trimap in zip(seen, trimaps):
         assert mask.any() and torch.equal(mask > 0.5, trimap == 1.0)
+
+
+def test_downstream_roundtrip_is_the_models_autoencoder(run):
+    from benchmarks.downstream import autoencoder_roundtrip
+
+    cfg, model, _ = load_adabldm(run / "checkpoints/done")
+    size = cfg.model.image_size
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = autoencoder_roundtrip(run / "checkpoints/done", size)(image)
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+        ref = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample[0]
+    assert out.shape == image.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - ((ref.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()).max() <= 1
+    with pytest.raises(ValueError, match="px"):
+        autoencoder_roundtrip(run / "checkpoints/done", size * 2)

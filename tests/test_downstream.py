@@ -120,6 +120,23 @@ def test_cutpaste_builder_writes_composites_of_the_split_seeds(dataset, tmp_path
         assert (out / name).read_bytes() == (again / name).read_bytes()
 
 
+def test_cutpaste_roundtrip_passes_every_composite_through_the_autoencoder(dataset, tmp_path, monkeypatch):
+    root, split = dataset
+    seen = []
+
+    def fake(checkpoint, size):  # the autoencoder itself is tested in test_adabldm
+        assert (str(checkpoint), size) == ("ckpt", 32)
+        return lambda image: seen.append(image.copy()) or 255 - image
+
+    monkeypatch.setattr(ds, "autoencoder_roundtrip", fake)
+    plain = ds.load_generated(ds.build_cutpaste(root, split, "adabldm", 4, 32, tmp_path / "a", progress=False), 32)
+    out = ds.build_cutpaste(root, split, "adabldm", 4, 32, tmp_path / "b", progress=False, roundtrip="ckpt")
+    through = ds.load_generated(out, 32)
+    assert len(seen) == 4 and np.array_equal(through.images, 255 - plain.images)
+    assert np.array_equal(through.masks, plain.masks)  # the labels stay the composites' exact masks
+    assert json.loads((out / "index.json").read_text())["settings"]["roundtrip"] == "ckpt"
+
+
 # --------------------------------------------------------------------------- the segmenter
 
 
