@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -390,7 +391,7 @@ def run_train(args) -> dict:
                          "n_empty_defect_masks": int((~defects.masks.any(axis=(1, 2))).sum()),
                          "n_normal_train_images": len(normals), "defects": str(folder),
                          "defect_settings": defects.settings, "settings": settings.model_dump(),
-                         "threads": args.threads, "command": " ".join(sys.argv)}
+                         "threads": args.threads, "command": shlex.join(sys.argv)}
         write_json_atomic(args.out, results)
         print(f"{name}: pixel AP {metrics['pixel_ap']:.3f}  pixel AUROC {metrics['pixel_auroc']:.3f}  "
               f"image AUROC {metrics['image_auroc']:.3f}  ({stats['train_seconds']:.0f} s, "

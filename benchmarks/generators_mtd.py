@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def _write(out: Path, md: list[str], result: dict) -> dict:
 
 def _header(title: str, note: str | None, how: list[str] | None = None) -> list[str]:
     """Title, command, machine, the note every reader must see first and the commands that made the inputs."""
-    lines = [f"# {title}", "", f"Command: `python {' '.join(sys.argv)}`  ", f"Machine: {_machine()}", ""]
+    lines = [f"# {title}", "", f"Command: `python {shlex.join(sys.argv)}`  ", f"Machine: {_machine()}", ""]
     lines += ["## Read this first", "", note, ""] if note else []
     if how:
         lines += ["How the inputs were made (each folder's index.json holds its full settings):", "",
@@ -188,7 +189,7 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
     result = {"method": "adabldm", "images_per_s": thr["images_per_s"],
               "images_per_s_by_stage": thr["images_per_s_by_stage"], "throughput": thr, "images_per_type": counts,
               "downstream": table, "generation_settings": settings, "machine": _machine(),
-              "command": " ".join(sys.argv), "note": note, "inputs_made_by": how or []}
+              "command": shlex.join(sys.argv), "note": note, "inputs_made_by": how or []}
     s = settings["sampling"]
     md = [
         *_header("AdaBLDM on MTD (edge preset, CPU)", note, how),
@@ -248,7 +249,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     result = {"method": "dualanodiff", "images_per_s": thr["images_per_s"], "mask_iou": align["mask_iou"],
               "alignment": align, "lora_target_modules": _lora_targets(gen[0]), "variant": variant,
               "throughput": thr, "images_per_type": counts, "downstream": table,
-              "generation_settings": settings, "machine": _machine(), "command": " ".join(sys.argv),
+              "generation_settings": settings, "machine": _machine(), "command": shlex.join(sys.argv),
               "note": note, "inputs_made_by": how or []}
     md = [
         *_header("DualAnoDiff on MTD (edge preset, CPU)", note, how),
@@ -323,6 +324,21 @@ def _lora_targets(folder: Path) -> list[str]:
     return list(_run_config(folder)["lora"]["target_modules"])
 
 
+def parse_also(specs: list[str], downstream: dict) -> dict[str, str]:
+    """LABEL=ENTRY pairs (a label may itself hold '='; an entry is a results key) -> {label: entry};
+    an entry missing from the results is an error, not a silently dropped row."""
+    also = {}
+    for spec in specs:
+        label, sep, entry = spec.rpartition("=")
+        if not sep or not label or not entry:
+            raise SystemExit(f"--also {spec!r}: expected LABEL=ENTRY")
+        if entry not in downstream:
+            raise SystemExit(f"--also {spec!r}: no entry {entry!r} in the downstream results "
+                             f"(they hold {sorted(downstream)})")
+        also[label] = entry
+    return also
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("method", choices=["adabldm", "dualanodiff"])
@@ -339,9 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--how", action="append", default=[], metavar="COMMAND",
                    help="a command that made the inputs (training, generation, segmenter), listed in the report")
     args = p.parse_args(argv)
-    also = dict(a.split("=", 1) for a in args.also)
     gen = [Path(g) for g in args.gen.split(",")]
     downstream = json.loads(args.downstream.read_text())
+    also = parse_also(args.also, downstream)
     out = args.results / f"{args.method}_mtd"
     if args.method == "adabldm":
         r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also, args.how)

@@ -85,3 +85,14 @@ def test_training_line_names_the_defect_loss_weight(report, tmp_path, weight, sa
     line = report._training(gen)
     assert line.startswith("600 steps, lr 0.001, batch 4, BCM background inpainted")
     assert ("noise loss weighted 1 + 20 on the defect" in line) == says
+
+
+def test_also_rows_split_at_the_last_equals_sign_and_must_exist():
+    gm = load_benchmark("generators_mtd")
+    results = {"cutpaste_ae_f4": {}, "adabldm_f8": {}}
+    assert gm.parse_also(["through the f = 4 autoencoder=cutpaste_ae_f4", "f8=adabldm_f8"], results) == {
+        "through the f = 4 autoencoder": "cutpaste_ae_f4", "f8": "adabldm_f8"}
+    with pytest.raises(SystemExit, match="no entry 'missing'"):
+        gm.parse_also(["a row=missing"], results)
+    with pytest.raises(SystemExit, match="LABEL=ENTRY"):
+        gm.parse_also(["no separator"], results)
