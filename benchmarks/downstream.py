@@ -181,7 +181,8 @@ def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabld
     Item i is a pure function of (seed, i): its normal, its seed defect, the foreground and the
     placement all come from a generator seeded with [seed, i]. With `roundtrip` (an AdaBLDM checkpoint)
     each composite is passed through that model's autoencoder: perfect defects at the fidelity of the
-    generator's images, the most its latent diffusion could give the segmenter."""
+    generator's images, a reference for what its latent diffusion can give the segmenter (not a strict
+    bound: guidance may draw a defect with more contrast than its round trip keeps)."""
     settings = {"source": "cutpaste", "data": str(root), "split_seed": split.seed, "seeds": seeds,
                 "per_type": per_type, "size": size, "foreground": foreground, "seed": seed, "feather": feather,
                 "roundtrip": str(roundtrip) if roundtrip else None}
