@@ -19,6 +19,18 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set inference.steps=20 (repeatable)")
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int,
+                   help="torch CPU threads (default: the run's train.threads, else all cores)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.method, args.preset, args.overrides)
     if args.data is not None:
@@ -56,7 +68,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.overrides)
     result = evaluate(args.model, args.data, out_json=args.out, overrides=overrides,
                       exclude_file=args.exclude, progress=not args.quiet,
-                      overlays_dir=args.overlays, max_overlays=args.max_overlays)
+                      overlays_dir=args.overlays, max_overlays=args.max_overlays, threads=args.threads)
     print(json.dumps(result["metrics"], indent=2))
     return 0
 
@@ -70,7 +82,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from edgeinspect.evaluate import predict_diad as predict
 
     overrides = parse_overrides(args.overrides)
-    rows = predict(args.model, args.images, args.out, overrides=overrides, threshold=args.threshold)
+    rows = predict(args.model, args.images, args.out, overrides=overrides, threshold=args.threshold,
+                   threads=args.threads)
     for r in rows:
         verdict = "" if r["verdict"] is None else f"  {r['verdict']}"
         print(f"{r['score']:.5f}{verdict}  {r['image']} -> {r['overlay']}")
@@ -81,7 +94,7 @@ def cmd_glad_threshold(args: argparse.Namespace) -> int:
     from edgeinspect.evaluate_glad import glad_threshold
 
     r = glad_threshold(args.model, args.data, overrides=parse_overrides(args.overrides), images=args.images,
-                       percentile=args.percentile, margin=args.margin, out_json=args.out)
+                       percentile=args.percentile, margin=args.margin, out_json=args.out, threads=args.threads)
     print(json.dumps({k: v for k, v in r.items() if k != "set"}, indent=2))
     print(f"proposed ADP threshold {r['threshold']:.6g}; apply with: {r['set']}")
     return 0
@@ -112,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-overlays", type=int, default=24)
     p.add_argument("--quiet", action="store_true")
     _add_overrides(p)
+    _add_threads(p)
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images and write heat-map overlays")
@@ -120,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for overlay PNGs and scores.json")
     p.add_argument("--threshold", type=float, help="image-score threshold for an OK/NG verdict")
     _add_overrides(p)
+    _add_threads(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("glad-threshold", help="propose GLAD's ADP firing threshold from normal images")
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, help="factor applied to that percentile")
     p.add_argument("--out", type=Path, help="write the proposal and its statistics here (JSON)")
     _add_overrides(p)
+    _add_threads(p)
     p.set_defaults(func=cmd_glad_threshold)
     add_generate_parser(sub)
     add_export_parser(sub)

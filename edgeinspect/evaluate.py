@@ -52,6 +52,14 @@ def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: 
     }
 
 
+def use_threads(cfg, threads: int | None) -> None:
+    """torch's CPU threads for inference: `threads` when given (the CLI's --threads), else the run's
+    train.threads, else torch's default (all cores)."""
+    n = threads or cfg.train.threads
+    if n:
+        torch.set_num_threads(n)
+
+
 def method_of(model: Path) -> str:
     """The method a run/checkpoint folder was trained with (its config.json)."""
     cfg_file = resolve_checkpoint(model).parent.parent / "config.json"
@@ -75,10 +83,9 @@ def detector_from_run(model: Path, overrides: dict | None = None):
 
 def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,
                   exclude_file: Path | None = None, progress: bool = True, overlays_dir: Path | None = None,
-                  max_overlays: int = 24, latency_repeats: int = 10) -> dict:
+                  max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
     cfg, model = load_diad(model_path, overrides)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    use_threads(cfg, threads)
     pipe = diad_pipeline(cfg, model)
     size = cfg.model.image_size
     data = MVTecFolder(data_root, "test", size, exclude=_read_exclude(exclude_file))
@@ -166,8 +173,9 @@ def _collect_images(paths: list[Path]) -> list[Path]:
 
 
 def predict_diad(model_path: Path, inputs: list[Path], out_dir: Path, overrides: dict | None = None,
-                 threshold: float | None = None) -> list[dict]:
+                 threshold: float | None = None, threads: int | None = None) -> list[dict]:
     cfg, model = load_diad(model_path, overrides)
+    use_threads(cfg, threads)
     pipe = diad_pipeline(cfg, model)
     size = cfg.model.image_size
     files = _collect_images(inputs)

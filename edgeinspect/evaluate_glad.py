@@ -25,7 +25,8 @@ from edgeinspect.data.mvtec import (
     tensor_to_image,
     uint8_to_model,
 )
-from edgeinspect.evaluate import _collect_images, _pick_examples, _read_exclude, measure_frame_latency, peak_rss_mb
+from edgeinspect.evaluate import (_collect_images, _pick_examples, _read_exclude, measure_frame_latency, peak_rss_mb,
+                                  use_threads)
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
 from edgeinspect.training.checkpoint import load_state, resolve_checkpoint, write_json_atomic
@@ -39,11 +40,10 @@ from edgeinspect.training.glad import (
 from edgeinspect.visualize import heatmap_overlay, write_png
 
 
-def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | None = None
-              ) -> tuple[GLADConfig, GLADPipeline, dict]:
+def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | None = None,
+                      threads: int | None = None) -> tuple[GLADConfig, GLADPipeline, dict]:
     cfg, model, extra = load_glad(model_path, overrides)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    use_threads(cfg, threads)
     category = category or cfg.category
     settings = cfg.inference.for_category(category)
     calibrated = extra.get("adp_threshold")
@@ -76,8 +76,8 @@ def _adp_summary(pipe: GLADPipeline, fire_step: np.ndarray, by_threshold: np.nda
 
 def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,
                   exclude_file: Path | None = None, progress: bool = True, overlays_dir: Path | None = None,
-                  max_overlays: int = 24, latency_repeats: int = 10) -> dict:
-    cfg, pipe, extra = pipeline_from_run(model_path, overrides)
+                  max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
+    cfg, pipe, extra = pipeline_from_run(model_path, overrides, threads=threads)
     size = cfg.model.image_size
     data = MVTecFolder(data_root, "test", size, exclude=_read_exclude(exclude_file))
     n = len(data)
@@ -156,9 +156,9 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
 
 
 def predict_glad(model_path: Path, inputs: list[Path], out_dir: Path, overrides: dict | None = None,
-                 threshold: float | None = None) -> list[dict]:
+                 threshold: float | None = None, threads: int | None = None) -> list[dict]:
     """Score image files; `threshold` is the image-score verdict threshold (not the ADP one)."""
-    cfg, pipe, _ = pipeline_from_run(model_path, overrides)
+    cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads)
     size = cfg.model.image_size
     files = _collect_images(inputs)
     out_dir = Path(out_dir)
@@ -187,11 +187,11 @@ def predict_glad(model_path: Path, inputs: list[Path], out_dir: Path, overrides:
 
 def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: dict | None = None,
                    images: int | None = None, percentile: float | None = None, margin: float | None = None,
-                   out_json: Path | None = None) -> dict:
+                   out_json: Path | None = None, threads: int | None = None) -> dict:
     """Propose the ADP firing threshold from normal images (default: the training normals of the
     run's data folder): `percentile` of each frame's largest ADP check score above min_step, times
     `margin`. Returns the proposal with the `--set` override that applies it."""
-    cfg, pipe, _ = pipeline_from_run(model_path, overrides)
+    cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads)
     root = Path(data_root) if data_root is not None else cfg.train.data_root
     if root is None:
         raise ValueError("no data folder: pass --data")

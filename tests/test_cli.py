@@ -51,6 +51,22 @@ def test_exclude_file_leaves_images_out(trained_run, tmp_path):
     assert res["n_images"] == 18 and not {r["image"] for r in res["per_image"]} & set(names)
 
 
+def test_threads_flag_sets_inference_threads(trained_run, tmp_path, monkeypatch):
+    import torch
+
+    from tests.conftest import SAMPLE
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls: list[int] = []
+    out = tmp_path / "m.json"
+    assert main(["test", "--model", str(trained_run), "--data", str(SAMPLE), "--out", str(out), "--quiet",
+                 "--threads", "3"]) == 0
+    assert calls == [3] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        main(["test", "--model", str(trained_run), "--data", str(SAMPLE), "--threads", "0"])
+
+
 def test_predict_writes_overlays_and_verdicts(trained_run, tmp_path, capsys):
     from tests.conftest import SAMPLE
 
