@@ -101,7 +101,8 @@ class MVTecFolder:
                 f"{self.root} is not an MVTec-layout folder: missing {split}/ "
                 "(expected train/good, test/<type>, ground_truth/<type>/<name>_mask.png)"
             )
-        types = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        images = {d.name: _list_images(d) for d in sorted(split_dir.iterdir()) if d.is_dir()}
+        types = list(images)
         if split == "train" and "good" not in types:
             raise DatasetError(f"{split_dir} has no good/ folder of normal images")
         if defect_types is not None:
@@ -109,20 +110,22 @@ class MVTecFolder:
             if missing:
                 raise DatasetError(f"{split_dir} has no folder(s) {sorted(missing)}; found {types}")
             types = [t for t in types if t in defect_types]
+
+        def keys(t: str, p: Path) -> tuple[str, str, str]:
+            # a name, "<type>/<name>" (as the benchmarks' selection lists), or the full path
+            return p.name, f"{t}/{p.name}", str(p)
+
         exclude = exclude or set()
         if exclude:
-            # an entry that names no image would silently leave a seen image in an evaluation
-            every = {k for t in sorted(d.name for d in split_dir.iterdir() if d.is_dir())
-                     for p in _list_images(split_dir / t) for k in (p.name, f"{t}/{p.name}", str(p))}
-            unknown = sorted(exclude - every)
+            # an entry that names no image (of any type) would silently leave a seen image in an evaluation
+            unknown = sorted(exclude - {k for t, ps in images.items() for p in ps for k in keys(t, p)})
             if unknown:
                 raise DatasetError(f"{split_dir}: {len(unknown)} excluded name(s) match no image "
                                    f"(expected <name>, <type>/<name> or a path): {unknown[:8]}")
         samples: list[Sample] = []
         for t in types:
-            for p in _list_images(split_dir / t):
-                # a name, "<type>/<name>" (as the benchmarks' selection lists), or the full path
-                if p.name in exclude or f"{t}/{p.name}" in exclude or str(p) in exclude:
+            for p in images[t]:
+                if not exclude.isdisjoint(keys(t, p)):
                     continue
                 if include is not None and p.name not in include:
                     continue
