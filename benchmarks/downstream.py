@@ -175,7 +175,7 @@ def autoencoder_roundtrip(checkpoint: str | Path, size: int):
 def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabldm", "fewshot"], per_type: int,
                    size: int, out: str | Path, foreground: Literal["whole", "otsu", "features"] = "whole",
                    seed: int = 0, feather: float = 0.0, progress: bool = True,
-                   roundtrip: str | Path | None = None) -> Path:
+                   roundtrip: str | Path | None = None, edge_band: int = 0) -> Path:
     """Write `per_type` cut-paste composites per defect type into a generation folder (resumable).
 
     Item i is a pure function of (seed, i): its normal, its seed defect, the foreground and the
@@ -185,7 +185,7 @@ def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabld
     bound: guidance may draw a defect with more contrast than its round trip keeps)."""
     settings = {"source": "cutpaste", "data": str(root), "split_seed": split.seed, "seeds": seeds,
                 "per_type": per_type, "size": size, "foreground": foreground, "seed": seed, "feather": feather,
-                "roundtrip": str(roundtrip) if roundtrip else None}
+                "roundtrip": str(roundtrip) if roundtrip else None, "edge_band": edge_band}
     through_ae = autoencoder_roundtrip(roundtrip, size) if roundtrip else None
     types = split.defect_types
     writer = GenerationWriter(out, settings, total=per_type * len(types))
@@ -203,7 +203,8 @@ def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabld
                 if n not in foregrounds:
                     foregrounds[n] = estimate_foreground(normals[n], foreground, extractor)
                 try:
-                    cp = cut_paste(normals[n], seed_image, seed_mask, foregrounds[n], rng, feather=feather)
+                    cp = cut_paste(normals[n], seed_image, seed_mask, foregrounds[n], rng, feather=feather,
+                                   edge_band=edge_band)
                     break
                 except MaskDoesNotFit:
                     continue
@@ -413,6 +414,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="where defects may go; 'whole' for textures and MTD tiles")
     c.add_argument("--feather", type=float, default=0.0)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--edge-band", type=int, default=0,
+                   help="keep seeds reaching within this many px of their frame on the foreground's edge "
+                        "(edge defects; as AdaBLDM's sampling.placement.edge_band)")
     c.add_argument("--roundtrip", type=Path, help="pass each composite through this AdaBLDM checkpoint's autoencoder")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--quiet", action="store_true")
@@ -434,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.verb == "cutpaste":
         out = build_cutpaste(args.data, FewShotSplit.load(args.split), args.seeds, args.per_type, args.size,
                              args.out, args.foreground, args.seed, args.feather, progress=not args.quiet,
-                             roundtrip=args.roundtrip)
+                             roundtrip=args.roundtrip, edge_band=args.edge_band)
         print(f"wrote {out}")
     else:
         run_train(args)

@@ -405,6 +405,10 @@ class PlacementConfig(Strict):
     tries: int = Field(50, ge=1)
     # Masks too large for the foreground are shrunk, down to this factor, before giving up.
     min_shrink: float = Field(0.25, gt=0, le=1)
+    # > 0: a seed mask reaching within this many px of its picture's frame is an edge defect (MTD's
+    # chipped tile edges): turned by multiples of 90 degrees, maybe mirrored, and kept on the target
+    # foreground's edge (`data.trimap.place_mask`). 0: every seed is placed anywhere (the paper).
+    edge_band: int = Field(0, ge=0)
 
 
 class TrimapControlConfig(GuidanceConfig):

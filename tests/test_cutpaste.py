@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -75,3 +76,28 @@ def test_shape_errors():
         cut_paste(normal, seed_image, seed_mask, fg[:32], rng)
     with pytest.raises(ValueError, match="feather"):
         cut_paste(normal, seed_image, seed_mask, fg, rng, feather=-1)
+
+
+def test_mirrored_edge_paste_moves_pixels_with_the_mask():
+    """An edge seed is turned by multiples of 90 degrees and maybe mirrored: its pixels follow exactly."""
+    from edgeinspect.data.trimap import warp_patch
+
+    rng = np.random.default_rng(1)
+    normal = np.zeros((64, 64, 3), np.uint8)
+    seed_image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)
+    seed_mask = np.zeros((64, 64), bool)
+    seed_mask[0:8, 20:40] = True
+    seed_mask[8:14, 20:26] = True  # an L-shaped chip from the top edge
+    flips = set()
+    for _ in range(12):
+        cp = cut_paste(normal, seed_image, seed_mask, np.ones((64, 64), bool), rng, scale=(1, 1), edge_band=2)
+        p = cp.placement
+        flips.add(p.flip)
+        t, l, h, w = p.seed_box
+        pixels = warp_patch(seed_image[t:t + h, l:l + w], p.angle, 1.0, cv2.INTER_NEAREST, p.flip)
+        ct, cl, ch, cw = p.canvas_box
+        expected = np.zeros_like(normal)
+        expected[p.offset[0]:p.offset[0] + ch, p.offset[1]:p.offset[1] + cw] = pixels[ct:ct + ch, cl:cl + cw]
+        np.testing.assert_array_equal(cp.image[cp.mask], expected[cp.mask])  # 90-degree turns: exact pixels
+        assert not cp.image[~cp.mask].any()
+    assert flips == {False, True}

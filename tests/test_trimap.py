@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edgeinspect.data.trimap import (MaskDoesNotFit, affine_canvas, dilate_mask, estimate_foreground,
-                                     fitting_offsets, make_trimap, place_mask)
+from edgeinspect.data.trimap import (SIDES, MaskDoesNotFit, affine_canvas, dilate_mask, edge_band_of,
+                                     estimate_foreground, fitting_offsets, frame_contact, make_trimap, moved_side,
+                                     place_mask, warp_patch)
 
 
 def crack_seed(shape=(64, 64)) -> np.ndarray:
@@ -118,6 +119,91 @@ def test_identity_affine_keeps_the_patch():
     np.testing.assert_allclose(m, [[1, 0, 0], [0, 1, 0]], atol=1e-12)
     _, shape90 = affine_canvas((10, 35), 90.0, 1.0)
     assert shape90 == (35, 10)
+
+
+# --------------------------------------------------------------------------- edge defects
+
+
+def chip_seed(shape=(64, 64)) -> np.ndarray:
+    """A chipped edge: a lopsided notch cut into the top edge (wide and shallow, longer on the left)."""
+    m = np.zeros(shape, bool)
+    m[0:6, 10:40] = True
+    m[6:12, 10:22] = True
+    return m
+
+
+@pytest.mark.parametrize("angle", [0, 90, 180, 270])
+@pytest.mark.parametrize("flip", [False, True])
+def test_moved_side_matches_the_warp(angle, flip):
+    """A patch's marked side lands where moved_side says, for every 90-degree turn and mirror."""
+    for side in SIDES:
+        patch = np.zeros((7, 11), np.uint8)
+        {"top": patch[0], "bottom": patch[-1], "left": patch[:, 0], "right": patch[:, -1]}[side][:] = 1
+        patch[3, 2] = 1  # an off-centre pixel so a mirror is visible in the patch too
+        moved = warp_patch(patch, angle, 1.0, cv2.INTER_NEAREST, flip) > 0
+        lines = {"top": moved[0], "bottom": moved[-1], "left": moved[:, 0], "right": moved[:, -1]}
+        assert lines[moved_side(side, angle, flip)].all(), (side, angle, flip)
+
+
+def test_edge_band_of_a_tile_and_of_an_object():
+    tile = np.ones((10, 12), bool)
+    top = edge_band_of(tile, 2, "top")
+    assert top[:2].all() and not top[2:].any()
+    obj = np.zeros((20, 20), bool)
+    obj[5:15, 4:16] = True
+    left = edge_band_of(obj, 3, "left")
+    assert np.array_equal(np.nonzero(left.any(axis=0))[0], [4, 5, 6]) and not (left & ~obj).any()
+
+
+@pytest.mark.parametrize("foreground", ["tile", "object"])
+def test_edge_defect_stays_on_the_edge_with_its_contact_side(foreground):
+    """A seed cut into the top edge is placed with the pixels that touched the frame on the target's
+    edge, on the side the 90-degree turn (and mirror) moved them to, and off every other edge."""
+    seed = chip_seed()
+    assert set(frame_contact(seed, 3)) == {"top"}
+    if foreground == "tile":
+        fg = np.ones((96, 128), bool)
+    else:
+        fg = np.zeros((96, 128), bool)
+        fg[10:86, 12:116] = True
+    rng = np.random.default_rng(0)
+    sides = set()
+    for _ in range(30):
+        p = place_mask(seed, fg, rng, edge_band=3)
+        assert p.edge and p.angle in (0.0, 90.0, 180.0, 270.0) and not (p.mask & ~fg).any()
+        side = moved_side("top", p.angle, p.flip)
+        sides.add(side)
+        on_edge = edge_band_of(fg, 3, side) & p.mask
+        # the 30-px-wide notch mouth (scaled 0.85-1.15) lies on that edge band
+        assert on_edge.sum() >= 0.5 * 30 * 0.85 * 3
+        for other in set(SIDES) - {side}:
+            assert not (edge_band_of(fg, 3, other) & p.mask).any()
+        # the mouth is the notch's wide end: it hugs the edge, the narrow part points inward
+        ys, xs = np.nonzero(p.mask)
+        depth = {"top": ys - ys.min(), "bottom": ys.max() - ys, "left": xs - xs.min(), "right": xs.max() - xs}[side]
+        assert (depth < 3).sum() > (depth > 8).sum()
+    assert sides == set(SIDES)  # every edge gets defects
+
+
+def test_edge_band_leaves_other_seeds_exactly_as_before():
+    seed = crack_seed()  # stays > 3 px from its frame
+    assert not frame_contact(seed, 3)
+    fg = ring_foreground()
+    a = place_mask(seed, fg, np.random.default_rng(5))
+    b = place_mask(seed, fg, np.random.default_rng(5), edge_band=3)
+    assert np.array_equal(a.mask, b.mask) and not b.edge
+    assert {k: v for k, v in a.to_json().items()} == b.to_json()
+
+
+def test_an_edge_defect_that_finds_no_edge_is_reported():
+    seed = np.zeros((64, 64), bool)
+    seed[0:20, 0:60] = True  # a 60-px-wide chip along the top edge
+    fg = np.zeros((64, 64), bool)
+    fg[20:44, 20:44] = True  # an object narrower than the chip, even shrunk to half
+    with pytest.raises(MaskDoesNotFit, match="along the foreground's edge.*edge_band 0"):
+        place_mask(seed, fg, np.random.default_rng(0), tries=5, min_shrink=0.5, edge_band=3)
+    with pytest.raises(ValueError, match="edge_band"):
+        place_mask(seed, fg, np.random.default_rng(0), edge_band=-1)
 
 
 # --------------------------------------------------------------------------- trimap

@@ -5,6 +5,12 @@ defect mask is a real seed mask cropped to its bounding box, rotated and scaled 
 (shrunk when it must be) so that it lies wholly inside the foreground. The transform is recorded in
 a `PlacedMask`, so a cut-paste composite can move the seed's pixels with exactly the same warp.
 
+Edge defects (`edge_band` > 0): a seed mask reaching within `edge_band` px of its picture's frame is
+a defect of the part's edge (a chipped tile edge, a crack running off it). Placed anywhere, it would
+become a blob or a stub in mid-part that no real part shows; so it is turned by a multiple of 90
+degrees, maybe mirrored, and placed where the pixels that touched the frame lie along the target
+foreground's edge (the frame, or the object's boundary). Other seeds are placed as before.
+
 Foregrounds: "whole" (textures, tiles), "otsu" (`anomalies.otsu_foreground`) or "features" (two-way
 k-means of pretrained features with the border-is-background prior, edges refined by GrabCut). Images are uint8 RGB (H, W, 3),
 masks bool (H, W).
@@ -29,6 +35,8 @@ ForegroundMethod = Literal["whole", "otsu", "features"]
 TRIMAP_DEFECT = 1.0
 TRIMAP_FOREGROUND = 0.5
 SHRINK_STEP = 0.9  # each fitting round shrinks the mask to 90 % of the previous size
+# An edge seed's placement must put at least this share of its frame-contact pixels on the target's edge band.
+EDGE_CONTACT_SHARE = 0.5
 
 
 class MaskDoesNotFit(ValueError):
@@ -165,14 +173,16 @@ def affine_canvas(shape: tuple[int, int], angle: float, scale: float) -> tuple[n
     return m, (int(math.ceil(span[1] - 1e-6)) + 1, int(math.ceil(span[0] - 1e-6)) + 1)
 
 
-def warp_patch(patch: np.ndarray, angle: float, scale: float, interpolation: int) -> np.ndarray:
-    """`patch` through `affine_canvas`: nearest neighbour for masks (0 outside the source patch),
+def warp_patch(patch: np.ndarray, angle: float, scale: float, interpolation: int, flip: bool = False) -> np.ndarray:
+    """`patch` (mirrored left-right first when `flip`) through `affine_canvas`: nearest neighbour for masks (0 outside the source patch),
     linear for pixels (border replicated, so interpolation at the patch edge does not pull colours
     towards black).
 
     A mask's tight crop has mask pixels on every edge, so a replicated border would smear them across
     the rotated canvas's corners (streaks and parallelograms that are not in the seed). Pixels are
     used only where the mask is, so their border never shows."""
+    if flip:
+        patch = np.ascontiguousarray(patch[:, ::-1])
     m, (ch, cw) = affine_canvas(patch.shape[:2], angle, scale)
     border = cv2.BORDER_CONSTANT if interpolation == cv2.INTER_NEAREST else cv2.BORDER_REPLICATE
     return cv2.warpAffine(patch, m, (cw, ch), flags=interpolation, borderMode=border, borderValue=0)
@@ -183,8 +193,9 @@ class PlacedMask:
     """A seed mask moved into an image: `mask` bool (H, W) lies wholly inside the foreground.
 
     The seed's bounding-box crop `seed_box` (top, left, h, w) went through
-    `warp_patch(crop, angle, scale * shrink)`; `canvas_box` (top, left, h, w) is the tight box of the
-    result inside that canvas, and its top-left corner sits at `offset` (top, left) in the image."""
+    `warp_patch(crop, angle, scale * shrink, flip=flip)`; `canvas_box` (top, left, h, w) is the tight box
+    of the result inside that canvas, and its top-left corner sits at `offset` (top, left) in the image.
+    `edge` says the seed was an edge defect, placed on the foreground's edge."""
 
     mask: np.ndarray
     angle: float
@@ -193,6 +204,8 @@ class PlacedMask:
     shrink: float
     seed_box: tuple[int, int, int, int]
     canvas_box: tuple[int, int, int, int]
+    flip: bool = False
+    edge: bool = False
 
     @property
     def effective_scale(self) -> float:
@@ -201,21 +214,67 @@ class PlacedMask:
     def to_json(self) -> dict:
         return {"angle": self.angle, "scale": self.scale, "shrink": self.shrink, "offset": list(self.offset),
                 "seed_box": list(self.seed_box), "canvas_box": list(self.canvas_box),
-                "area": int(self.mask.sum())}
+                "area": int(self.mask.sum()), "flip": self.flip, "edge": self.edge}
 
 
-def transformed_seed_mask(seed_mask: np.ndarray, angle: float, scale: float
+def transformed_seed_mask(seed_mask: np.ndarray, angle: float, scale: float, flip: bool = False
                           ) -> tuple[np.ndarray, tuple[int, int, int, int], tuple[int, int, int, int]] | None:
-    """The seed mask's crop rotated and scaled, cropped tight: (patch, seed_box, canvas_box), or None
-    when the scale is so small that nothing is left."""
+    """The seed mask's crop (mirrored when `flip`) rotated and scaled, cropped tight:
+    (patch, seed_box, canvas_box), or None when the scale is so small that nothing is left."""
     seed_box = mask_box(seed_mask)
     t, l, h, w = seed_box
-    canvas = warp_patch(seed_mask[t:t + h, l:l + w].astype(np.uint8), angle, scale, cv2.INTER_NEAREST) > 0
+    canvas = warp_patch(seed_mask[t:t + h, l:l + w].astype(np.uint8), angle, scale, cv2.INTER_NEAREST, flip) > 0
     if not canvas.any():
         return None
     canvas_box = mask_box(canvas)
     ct, cl, chh, cww = canvas_box
     return canvas[ct:ct + chh, cl:cl + cww], seed_box, canvas_box
+
+
+SIDES = ("top", "right", "bottom", "left")  # counter-clockwise rotation by 90 degrees moves each to the previous
+
+
+def frame_contact(mask: np.ndarray, band: int) -> dict[str, np.ndarray]:
+    """Per side of the picture's frame, the mask's pixels within `band` px of it (bool, same shape);
+    sides the mask does not reach are left out (all of them when band is 0)."""
+    mask = np.asarray(mask, bool)
+    out = {}
+    if band <= 0:
+        return out
+    for side in SIDES:
+        near = np.zeros_like(mask)
+        if side == "top":
+            near[:band] = True
+        elif side == "bottom":
+            near[-band:] = True
+        elif side == "left":
+            near[:, :band] = True
+        else:
+            near[:, -band:] = True
+        if (mask & near).any():
+            out[side] = mask & near
+    return out
+
+
+def moved_side(side: str, angle: float, flip: bool) -> str:
+    """Where a patch's `side` ends up after `warp_patch(..., angle, flip=flip)` with `angle` a multiple of 90."""
+    if flip and side in ("left", "right"):
+        side = "right" if side == "left" else "left"
+    turns = int(round(angle / 90.0)) % 4  # counter-clockwise
+    return SIDES[(SIDES.index(side) - turns) % 4]
+
+
+def edge_band_of(foreground: np.ndarray, band: int, side: str) -> np.ndarray:
+    """Foreground pixels with the foreground's edge (the picture's frame or a background pixel) within
+    `band` px towards `side`: where a defect reaching that side of its patch may sit."""
+    fg = np.asarray(foreground, bool)
+    h, w = fg.shape
+    padded = np.pad(fg, band, constant_values=False)
+    dy, dx = {"top": (-1, 0), "bottom": (1, 0), "left": (0, -1), "right": (0, 1)}[side]
+    out = np.zeros_like(fg)
+    for d in range(1, band + 1):
+        out |= ~padded[band + d * dy:band + d * dy + h, band + d * dx:band + d * dx + w]
+    return fg & out
 
 
 def fitting_offsets(patch: np.ndarray, foreground: np.ndarray) -> np.ndarray:
@@ -234,13 +293,19 @@ def fitting_offsets(patch: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 
 def place_mask(seed_mask: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
                rotation: tuple[float, float] = (0.0, 360.0), scale: tuple[float, float] = (0.85, 1.15),
-               tries: int = 50, min_shrink: float = 0.25) -> PlacedMask:
+               tries: int = 50, min_shrink: float = 0.25, edge_band: int = 0) -> PlacedMask:
     """A random rotation and scale of the seed mask, placed uniformly among the positions where it lies
     wholly inside the foreground.
 
     `tries` (angle, scale) pairs are drawn up front (so the generator advances by the same amount
     every call); the first that fits anywhere is used. When none fits, the mask is shrunk by steps of
-    0.9 down to `min_shrink`, trying every pair again at each size; past that, MaskDoesNotFit."""
+    0.9 down to `min_shrink`, trying every pair again at each size; past that, MaskDoesNotFit.
+
+    `edge_band` > 0 and a seed reaching within that many px of its frame (an edge defect, module
+    docstring): the angles are multiples of 90 degrees, each pair mirrored or not at random, and a
+    position fits only when, besides lying inside the foreground, at least half of the seed's
+    frame-contact pixels fall within `edge_band` px of the foreground's edge. Other seeds draw
+    exactly as with `edge_band` 0."""
     seed_mask = np.asarray(seed_mask, bool)
     foreground = np.asarray(foreground, bool)
     if seed_mask.ndim != 2 or foreground.ndim != 2:
@@ -252,28 +317,70 @@ def place_mask(seed_mask: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
         raise ValueError("the foreground is empty: there is nowhere to place a defect")
     if tries < 1 or not 0 < min_shrink <= 1:
         raise ValueError(f"tries must be >= 1 and min_shrink in (0, 1], got {tries} and {min_shrink}")
-    angles = rng.uniform(rotation[0], rotation[1], tries)
+    if edge_band < 0:
+        raise ValueError(f"edge_band must be >= 0, got {edge_band}")
+    contact = frame_contact(seed_mask, edge_band)
+    edge = bool(contact)
+    if edge:
+        angles = 90.0 * rng.integers(0, 4, tries)
+        flips = rng.random(tries) < 0.5
+        bands = {side: edge_band_of(foreground, edge_band, side).astype(np.float32) for side in SIDES}
+    else:
+        angles = rng.uniform(rotation[0], rotation[1], tries)
+        flips = np.zeros(tries, bool)
     scales = rng.uniform(scale[0], scale[1], tries)
     shrink = 1.0
     while shrink >= min_shrink - 1e-9:
-        for angle, s in zip(angles, scales):
-            moved = transformed_seed_mask(seed_mask, float(angle), float(s) * shrink)
+        for angle, s, flip in zip(angles, scales, flips):
+            moved = transformed_seed_mask(seed_mask, float(angle), float(s) * shrink, bool(flip))
             if moved is None:
                 continue
             patch, seed_box, canvas_box = moved
             offsets = fitting_offsets(patch, foreground)
+            if edge and len(offsets):
+                offsets = offsets[_on_edge(patch, contact, seed_box, canvas_box, float(angle), float(s) * shrink,
+                                           bool(flip), bands)[offsets[:, 0], offsets[:, 1]]]
             if len(offsets):
                 top, left = (int(v) for v in offsets[rng.integers(len(offsets))])
                 mask = np.zeros_like(foreground)
                 mask[top:top + patch.shape[0], left:left + patch.shape[1]] = patch
-                return PlacedMask(mask, float(angle), float(s), (top, left), shrink, seed_box, canvas_box)
+                return PlacedMask(mask, float(angle), float(s), (top, left), shrink, seed_box, canvas_box,
+                                  bool(flip), edge)
         shrink *= SHRINK_STEP
     t, l, h, w = mask_box(seed_mask)
+    where = (f"along the foreground's edge (an edge defect: it reaches within {edge_band} px of its frame)"
+             if edge else "wholly inside the foreground")
     raise MaskDoesNotFit(
-        f"seed mask ({h}x{w} px bounding box, {int(seed_mask.sum())} px) does not fit wholly inside the "
-        f"foreground ({int(foreground.sum())} px of {foreground.shape[0]}x{foreground.shape[1]}) at any of "
+        f"seed mask ({h}x{w} px bounding box, {int(seed_mask.sum())} px) does not fit {where} "
+        f"({int(foreground.sum())} px of {foreground.shape[0]}x{foreground.shape[1]}) at any of "
         f"{tries} rotations/scales, even shrunk to {min_shrink:g}x: the foreground has no region that wide "
-        "(pass a larger foreground, a smaller min_shrink or another seed)")
+        "(pass a larger foreground, a smaller min_shrink or another seed"
+        + (", or edge_band 0 to place it anywhere)" if edge else ")"))
+
+
+def _on_edge(patch: np.ndarray, contact: dict[str, np.ndarray], seed_box, canvas_box, angle: float, scale: float,
+             flip: bool, bands: dict[str, np.ndarray]) -> np.ndarray:
+    """For every (top, left) of the placed `patch`: do enough of the seed's frame-contact pixels, moved
+    with the same warp, land on the foreground's edge on the side their frame side moved to (every
+    side the seed reached), and does the patch stay off the edge on every other side (a crack that ran
+    off one edge must not end up running along another)? A bool map indexed like `fitting_offsets`'
+    offsets."""
+    t, l, h, w = seed_box
+    ct, cl, ch, cw = canvas_box
+    ok = np.ones((bands["top"].shape[0] - ch + 1, bands["top"].shape[1] - cw + 1), bool)
+    kept = {moved_side(side, angle, flip) for side in contact}
+    for side in SIDES:
+        if side not in kept:
+            ok &= cv2.matchTemplate(bands[side], patch.astype(np.float32), cv2.TM_CCORR) < 0.5
+    for side, pixels in contact.items():
+        moved = warp_patch(pixels[t:t + h, l:l + w].astype(np.uint8), angle, scale, cv2.INTER_NEAREST, flip)
+        moved = moved[ct:ct + ch, cl:cl + cw].astype(np.float32)
+        count = float(moved.sum())
+        if count == 0:  # shrinking dropped this side's few contact pixels: nothing left to keep on an edge
+            continue
+        needed = max(1.0, math.ceil(EDGE_CONTACT_SHARE * count))
+        ok &= cv2.matchTemplate(bands[moved_side(side, angle, flip)], moved, cv2.TM_CCORR) >= needed - 0.5
+    return ok
 
 
 # --------------------------------------------------------------------------- trimaps

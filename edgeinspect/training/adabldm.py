@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from edgeinspect.config import AdaBLDMConfig, dump_config
 from edgeinspect.data.cutpaste import cut_paste
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
-from edgeinspect.data.trimap import estimate_foreground, make_trimap
+from edgeinspect.data.trimap import MaskDoesNotFit, estimate_foreground, make_trimap
 from edgeinspect.models.adabldm import AdaBLDMModel
 from edgeinspect.models.features import build_feature_extractor
 from edgeinspect.runtime.ddim import DDIM
@@ -47,6 +47,9 @@ from edgeinspect.training.base import (
     train_from_base,
 )
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
+
+# A control composite on normal image i draws another seed when one does not fit i's foreground.
+CONTROL_SEED_REDRAWS = 20
 
 
 @dataclass
@@ -213,9 +216,20 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
             composites, trimaps, defects = [], [], []
             for i in idx.tolist():
-                k = int(rng.integers(len(seed.names)))
-                cp = cut_paste(normals_u8[i].permute(1, 2, 0).numpy(), seed.images[k].permute(1, 2, 0).numpy(),
-                               seed.masks[k].numpy(), fg[i], rng, rotation=place.rotation, scale=place.scale)
+                failures = []
+                for _ in range(CONTROL_SEED_REDRAWS):  # another seed when one does not fit normal i
+                    k = int(rng.integers(len(seed.names)))
+                    try:
+                        cp = cut_paste(normals_u8[i].permute(1, 2, 0).numpy(),
+                                       seed.images[k].permute(1, 2, 0).numpy(), seed.masks[k].numpy(), fg[i], rng,
+                                       rotation=place.rotation, scale=place.scale, tries=place.tries,
+                                       min_shrink=place.min_shrink, edge_band=place.edge_band)
+                        break
+                    except MaskDoesNotFit as e:
+                        failures.append(f"{seed.names[k]}: {e}")
+                else:
+                    raise MaskDoesNotFit(f"no {dtype} seed fits normal image {i} in {CONTROL_SEED_REDRAWS} draws "
+                                         f"(check the foreground settings); last: {failures[-1]}")
                 composites.append(torch.from_numpy(cp.image).permute(2, 0, 1))
                 trimaps.append(torch.from_numpy(make_trimap(cp.mask, fg[i]))[None])
                 defects.append(torch.from_numpy(cp.mask.astype(np.float32))[None])
