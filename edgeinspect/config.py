@@ -624,6 +624,15 @@ class DualAnoDiffSamplingConfig(Strict):
     # (right for textures such as MTD tiles, where the whole image is background).
     background: Literal["normal"] = "normal"
     mask: PartMaskConfig = PartMaskConfig()
+    # Keep the background (an extension, blended-diffusion style): after every step the whole branch's
+    # latent is replaced, outside the part's current mask (segmented from the decoded clean estimate of
+    # the part branch, as the final mask is, max-pooled to the latent grid and dilated by
+    # `keep_background_dilation` latent px), by the background image's latent noised to the next
+    # timestep. The whole image then equals the background (through the autoencoder) except where the
+    # part branch draws its defect, so image and mask align by construction of the region, and the whole
+    # branch only draws the defect's content. Costs one decoder call per step. Needs background images.
+    keep_background: bool = False
+    keep_background_dilation: int = Field(1, ge=0)
 
 
 class DualAnoDiffConfig(Strict):

@@ -1,7 +1,7 @@
 """`edgeinspect generate dualanodiff`: anomaly image + mask pairs from a trained DualAnoDiff run.
 
 Output i is made from seed `item_seed(sampling.seed, defect type, i)` (runtime/generation.py)
-alone: its noises and, with BCM or sampling.strength < 1, its background (a normal image of
+alone: its noises and, with BCM, sampling.strength < 1 or sampling.keep_background, its background (a normal image of
 <data>/train/good drawn with that seed; the whole normal image is the background, which is right
 for textures such as MTD tiles). Outputs are generated in fixed batches
 [k * batch_size, (k + 1) * batch_size), and a batch is always computed whole, even when some of its
@@ -57,10 +57,11 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
     s = cfg.sampling
     size = cfg.model.image_size
     normals = None
-    if cfg.bcm.enabled or s.strength < 1.0:
+    if cfg.bcm.enabled or s.strength < 1.0 or s.keep_background:
         data_root = data_root or cfg.train.data_root
         if data_root is None:
-            raise ValueError("background images (BCM's, or the start when sampling.strength < 1) are normal images: "
+            raise ValueError("background images (BCM's, the start when sampling.strength < 1, or those "
+                             "sampling.keep_background keeps) are normal images: "
                              "pass the data folder (its train/good is used)")
         normals = MVTecFolder(data_root, "train", size, defect_types=["good"]).samples
     settings = {

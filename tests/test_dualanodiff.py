@@ -351,3 +351,51 @@ def test_strength_starts_from_the_noised_background_and_empty_part():
     assert torch.allclose(part0, schedule.add_noise(empty_latent, torch.stack([e[1] for e in noise]), t0))
     with pytest.raises(ValueError, match="strength"):
         sampler.sample(seeds)
+
+
+@pytest.mark.parametrize("dilation", [0, 1])
+def test_keep_background_keeps_it_outside_the_parts_mask(dilation):
+    """With sampling.keep_background the whole branch's latent outside the part's current mask (grown
+    by the dilation) is the background latent noised to the next timestep after every step; at the
+    end the whole image is the background there, and the branch's own image inside."""
+    cfg = build_config("dualanodiff", "tiny", {"sampling": {
+        "steps": 4, "guidance_scale": 1.0, "keep_background": True, "keep_background_dilation": dilation,
+        "mask": {"threshold": 0.2, "open_kernel": 0, "close_kernel": 0, "min_area": 0}}})
+    schedule = DDIM(cfg.scheduler)
+    shape = (3, 16, 16)  # identity autoencoder: the latent grid is the pixel grid
+    whole_target = torch.full((2, *shape), 0.6)
+    part_target = torch.zeros(2, *shape)
+    part_target[0, :, 2:6, 3:9] = -0.5
+    part_target[1, :, 10:14, 9:15] = 0.5
+    backgrounds = torch.rand(2, *shape) - 0.5
+    seeds = [5, 6]
+    seen = []
+
+    def plain_unet(sample_whole, sample_part, timestep, ctx_whole, ctx_part):  # its clean estimates: the targets
+        seen.append((int(timestep[0]), sample_whole.clone()))
+        a = schedule.abar(int(timestep[0]), sample_whole)
+        return ((sample_whole - a.sqrt() * whole_target) / (1 - a).sqrt(),
+                (sample_part - a.sqrt() * part_target) / (1 - a).sqrt())
+
+    sig = ("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part")
+    nets = Networks({"dual_unet_plain": TorchNetwork(plain_unet, sig, ("noise_whole", "noise_part")),
+                     "vae_encoder": TorchNetwork(lambda x: x, ("image",), ("latent",)),
+                     "vae_decoder": TorchNetwork(lambda x: x, ("latent",), ("image",))})
+    ctx = PromptContexts(torch.ones(1, 4, 16), torch.ones(1, 4, 16), torch.zeros(1, 4, 16))
+    sampler = DualSampler(nets, schedule, ctx, cfg.sampling, shape, background=False)
+    assert sampler.needs_images
+    out = sampler.sample(seeds, backgrounds)
+    keep = (part_target.abs().amax(1) > 0)[:, None].float()
+    if dilation:
+        keep = F.max_pool2d(keep, 2 * dilation + 1, stride=1, padding=dilation)
+    inside = keep.expand_as(whole_target).bool()
+    assert np.array_equal(out.masks, (part_target.abs().amax(1) > 0).numpy())
+    assert torch.allclose(out.whole[~inside], backgrounds[~inside], atol=1e-5)
+    assert torch.allclose(out.whole[inside], whole_target[inside], atol=1e-4)
+    bg_noise = torch.stack([seeded_noises(s, shape, 3)[2] for s in seeds])
+    assert len(seen) == 4
+    for t, z in seen[1:]:  # the latent each later step starts from
+        noised_bg = schedule.add_noise(backgrounds, bg_noise, t)
+        assert torch.allclose(z[~inside], noised_bg[~inside], atol=1e-5)
+    with pytest.raises(ValueError, match="keep_background"):
+        sampler.sample(seeds)

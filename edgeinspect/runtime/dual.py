@@ -17,6 +17,10 @@ round(strength x steps) steps of the schedule with the whole branch's latent = t
 image's latent noised to the first of them and the part branch's = the empty part image's latent
 (EMPTY_VALUE everywhere) noised likewise, with the same seeded noises.
 
+With `sampling.keep_background` (an extension) the whole branch keeps its background outside the part's
+current mask: after each step, its latent there is the background latent noised to the next timestep,
+and the mask is the part's clean estimate decoded and segmented like the final one (`latent_mask`).
+
 The mask is segmented from the decoded part image (empty value 0 in [-1, 1], as the training
 targets I * M are): |part| (max over channels) above a threshold, opening, closing, small
 components dropped. It is in the generated image's pixel grid, so it is aligned with it.
@@ -85,6 +89,16 @@ def segment_part(part: torch.Tensor, cfg: PartMaskConfig) -> np.ndarray:
     return mask.astype(bool)
 
 
+def latent_mask(masks: np.ndarray, latent_hw: tuple[int, int], dilation: int) -> torch.Tensor:
+    """Pixel masks (n, H, W) bool -> (n, 1, h, w) float 0/1 on the latent grid: a latent cell is in
+    when any of its pixels is, then grown by `dilation` cells (square)."""
+    m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
+    m = torch.nn.functional.adaptive_max_pool2d(m, latent_hw)
+    if dilation > 0:
+        m = torch.nn.functional.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
+    return m
+
+
 class DualSampler:
     def __init__(self, nets: Networks, schedule: DDIM, contexts: PromptContexts,
                  sampling: DualAnoDiffSamplingConfig, latent_shape: tuple[int, int, int], background: bool):
@@ -96,13 +110,14 @@ class DualSampler:
         self.background = background
         self.timesteps = schedule.timesteps(schedule.num_train_timesteps - 1, sampling.steps)
         self.from_images = sampling.strength < 1.0
+        self.keep_background = sampling.keep_background
         if self.from_images:
             self.timesteps = self.timesteps[len(self.timesteps) - max(1, round(sampling.strength * sampling.steps)):]
 
     @property
     def needs_images(self) -> bool:
-        """Whether `sample` needs background images (BCM, or a start from them)."""
-        return self.background or self.from_images
+        """Whether `sample` needs background images (BCM, a start from them, or keeping them)."""
+        return self.background or self.from_images or self.keep_background
 
     def _contexts(self, n: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.contexts
@@ -118,7 +133,8 @@ class DualSampler:
         """One output per seed; `backgrounds` (n, 3, H, W) in [-1, 1]: the background images (BCM's,
         and the start of the whole branch when sampling.strength < 1)."""
         if self.needs_images != (backgrounds is not None):
-            raise ValueError("background images are needed exactly when the model has BCM or sampling.strength < 1")
+            raise ValueError("background images are needed exactly when the model has BCM, sampling.strength < 1 "
+                             "or sampling.keep_background")
         n = len(seeds)
         device = self.nets.device
         noises = [seeded_noises(s, self.latent_shape, 3) for s in seeds]
@@ -130,7 +146,7 @@ class DualSampler:
         ctx_whole, ctx_part = self._contexts(n, guided)
         if self.needs_images:
             bg_clean = self.nets["vae_encoder"](image=backgrounds.to(device))["latent"]
-        if self.background:
+        if self.background or self.keep_background:
             bg_noise = torch.stack([e[2] for e in noises]).to(device, bg_clean.dtype)
         if self.from_images:
             t0 = self.timesteps[0]
@@ -156,7 +172,14 @@ class DualSampler:
                 eps_whole = eps_whole[n:] + scale * (eps_whole[:n] - eps_whole[n:])
                 eps_part = eps_part[n:] + scale * (eps_part[:n] - eps_part[n:])
             z_whole, _ = self.schedule.step(z_whole, eps_whole, t, t_prev)
-            z_part, _ = self.schedule.step(z_part, eps_part, t, t_prev)
+            z_part, part_clean = self.schedule.step(z_part, eps_part, t, t_prev)
+            if self.keep_background:
+                part_now = self.nets["vae_decoder"](latent=part_clean)["image"].clamp(-1, 1)
+                keep = latent_mask(np.stack([segment_part(p, self.sampling.mask) for p in part_now]),
+                                   tuple(z_whole.shape[-2:]), self.sampling.keep_background_dilation)
+                keep = keep.to(device, z_whole.dtype)
+                bg_prev = bg_clean if t_prev < 0 else self.schedule.add_noise(bg_clean, bg_noise, t_prev)
+                z_whole = keep * z_whole + (1 - keep) * bg_prev
         images = self.nets["vae_decoder"](latent=torch.cat([z_whole, z_part]))["image"].clamp(-1, 1)
         whole, part = images[:n], images[n:]
         masks = np.stack([segment_part(p, self.sampling.mask) for p in part])
