@@ -175,7 +175,7 @@ def autoencoder_roundtrip(checkpoint: str | Path, size: int):
 def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabldm", "fewshot"], per_type: int,
                    size: int, out: str | Path, foreground: Literal["whole", "otsu", "features"] = "whole",
                    seed: int = 0, feather: float = 0.0, progress: bool = True,
-                   roundtrip: str | Path | None = None, edge_band: int = 0) -> Path:
+                   roundtrip: str | Path | None = None, edge_band: int = 0, edge_turns: str = "half") -> Path:
     """Write `per_type` cut-paste composites per defect type into a generation folder (resumable).
 
     Item i is a pure function of (seed, i): its normal, its seed defect, the foreground and the
@@ -185,7 +185,8 @@ def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabld
     bound: guidance may draw a defect with more contrast than its round trip keeps)."""
     settings = {"source": "cutpaste", "data": str(root), "split_seed": split.seed, "seeds": seeds,
                 "per_type": per_type, "size": size, "foreground": foreground, "seed": seed, "feather": feather,
-                "roundtrip": str(roundtrip) if roundtrip else None, "edge_band": edge_band}
+                "roundtrip": str(roundtrip) if roundtrip else None, "edge_band": edge_band,
+                "edge_turns": edge_turns}
     through_ae = autoencoder_roundtrip(roundtrip, size) if roundtrip else None
     types = split.defect_types
     writer = GenerationWriter(out, settings, total=per_type * len(types))
@@ -204,7 +205,7 @@ def build_cutpaste(root: str | Path, split: FewShotSplit, seeds: Literal["adabld
                     foregrounds[n] = estimate_foreground(normals[n], foreground, extractor)
                 try:
                     cp = cut_paste(normals[n], seed_image, seed_mask, foregrounds[n], rng, feather=feather,
-                                   edge_band=edge_band)
+                                   edge_band=edge_band, edge_turns=edge_turns)
                     break
                 except MaskDoesNotFit:
                     continue
@@ -417,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--edge-band", type=int, default=0,
                    help="keep seeds reaching within this many px of their frame on the foreground's edge "
                         "(edge defects; as AdaBLDM's sampling.placement.edge_band)")
+    c.add_argument("--edge-turns", choices=("half", "quarter"), default="half",
+                   help="an edge seed's turns: 0/180 degrees (and mirrors) or any multiple of 90")
     c.add_argument("--roundtrip", type=Path, help="pass each composite through this AdaBLDM checkpoint's autoencoder")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--quiet", action="store_true")
@@ -438,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.verb == "cutpaste":
         out = build_cutpaste(args.data, FewShotSplit.load(args.split), args.seeds, args.per_type, args.size,
                              args.out, args.foreground, args.seed, args.feather, progress=not args.quiet,
-                             roundtrip=args.roundtrip, edge_band=args.edge_band)
+                             roundtrip=args.roundtrip, edge_band=args.edge_band,
+                             edge_turns=args.edge_turns)
         print(f"wrote {out}")
     else:
         run_train(args)

@@ -398,7 +398,8 @@ class ForegroundConfig(Strict):
 
 
 class PlacementConfig(Strict):
-    """Random affine of a real seed mask before it is fitted into the foreground."""
+    """Random affine of a real seed mask before it is fitted into the foreground (the fields are
+    `data.trimap.place_mask`'s keyword arguments)."""
 
     rotation: tuple[float, float] = (0.0, 360.0)
     scale: tuple[float, float] = (0.85, 1.15)
@@ -406,9 +407,13 @@ class PlacementConfig(Strict):
     # Masks too large for the foreground are shrunk, down to this factor, before giving up.
     min_shrink: float = Field(0.25, gt=0, le=1)
     # > 0: a seed mask reaching within this many px of its picture's frame is an edge defect (MTD's
-    # chipped tile edges): turned by multiples of 90 degrees, maybe mirrored, and kept on the target
-    # foreground's edge (`data.trimap.place_mask`). 0: every seed is placed anywhere (the paper).
+    # chipped tile edges): mirrored and turned, and kept on the target foreground's edge
+    # (`data.trimap.place_mask`). 0: every seed is placed anywhere (the paper).
     edge_band: int = Field(0, ge=0)
+    # An edge seed's turns: "half" = 0/180 degrees (with the mirror: it stays on an edge parallel to
+    # its own and a texture's grain keeps its direction); "quarter" = any multiple of 90 (objects
+    # without a preferred direction).
+    edge_turns: Literal["half", "quarter"] = "half"
 
 
 class TrimapControlConfig(GuidanceConfig):

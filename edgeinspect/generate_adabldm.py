@@ -64,9 +64,7 @@ def plan_item(i: int, base_seed: int, types: list[str], n_per_type: int, n_norma
         normal = int(rng.integers(n_normals))
         k = int(rng.integers(len(seed_masks[dtype])))
         try:
-            placed = place_mask(seed_masks[dtype][k], fg[normal], rng, rotation=placement.rotation,
-                                scale=placement.scale, tries=placement.tries, min_shrink=placement.min_shrink,
-                                edge_band=placement.edge_band)
+            placed = place_mask(seed_masks[dtype][k], fg[normal], rng, **placement.model_dump())
         except MaskDoesNotFit as e:
             failures.append(f"normal {normal}, seed {k}: {e}")
             continue

@@ -332,6 +332,33 @@ def test_items_do_not_depend_on_which_other_types_share_the_job():
     assert len({item_seed(5, t, j) for t in ("crack", "break", "blowhole") for j in range(100)}) == 300
 
 
+def test_planned_edge_seeds_stay_on_the_edge():
+    """sampling.placement.edge_band reaches the generation plan: a seed cut into the left edge is
+    placed on the left or right edge (half turns), the others anywhere."""
+    from edgeinspect.config import PlacementConfig
+    from edgeinspect.data.trimap import frame_contact
+    from edgeinspect.generate_adabldm import plan_item
+
+    edge_seed = np.zeros((32, 32), bool)
+    edge_seed[10:18, 0:5] = True
+    inner_seed = np.zeros((32, 32), bool)
+    inner_seed[12:16, 12:18] = True
+    masks = {"break": np.stack([edge_seed, inner_seed])}
+    fg = np.ones((3, 32, 32), bool)
+    placement = PlacementConfig(edge_band=2)
+    sides = set()
+    for j in range(24):
+        p = plan_item(j, 1, ["break"], 24, 3, masks, fg, placement)
+        contact = frame_contact(p.mask, 2)
+        assert p.placement["edge"] == (p.seed_defect == 0)
+        if p.seed_defect == 0:
+            assert set(contact) in ({"left"}, {"right"}) and p.placement["angle"] in (0.0, 180.0)
+            sides |= set(contact)
+        free = plan_item(j, 1, ["break"], 24, 3, masks, fg, PlacementConfig())
+        assert free.seed_defect == p.seed_defect and free.placement["edge"] is False
+    assert sides == {"left", "right"}
+
+
 def test_paste_back_keeps_the_exact_source_beyond_the_feather():
     from edgeinspect.runtime.blended import paste_back
 

@@ -90,7 +90,8 @@ def test_mirrored_edge_paste_moves_pixels_with_the_mask():
     seed_mask[8:14, 20:26] = True  # an L-shaped chip from the top edge
     flips = set()
     for _ in range(12):
-        cp = cut_paste(normal, seed_image, seed_mask, np.ones((64, 64), bool), rng, scale=(1, 1), edge_band=2)
+        cp = cut_paste(normal, seed_image, seed_mask, np.ones((64, 64), bool), rng, scale=(1, 1), edge_band=2,
+                       edge_turns="quarter")
         p = cp.placement
         flips.add(p.flip)
         t, l, h, w = p.seed_box

@@ -155,10 +155,12 @@ def test_edge_band_of_a_tile_and_of_an_object():
     assert np.array_equal(np.nonzero(left.any(axis=0))[0], [4, 5, 6]) and not (left & ~obj).any()
 
 
+@pytest.mark.parametrize("turns, expected_sides", [("half", {"top", "bottom"}), ("quarter", set(SIDES))])
 @pytest.mark.parametrize("foreground", ["tile", "object"])
-def test_edge_defect_stays_on_the_edge_with_its_contact_side(foreground):
+def test_edge_defect_stays_on_the_edge_with_its_contact_side(foreground, turns, expected_sides):
     """A seed cut into the top edge is placed with the pixels that touched the frame on the target's
-    edge, on the side the 90-degree turn (and mirror) moved them to, and off every other edge."""
+    edge, on the side the turn (and mirror) moved them to, and off every other edge; half turns keep
+    it on the top or bottom edge, quarter turns use all four."""
     seed = chip_seed()
     assert set(frame_contact(seed, 3)) == {"top"}
     if foreground == "tile":
@@ -169,8 +171,9 @@ def test_edge_defect_stays_on_the_edge_with_its_contact_side(foreground):
     rng = np.random.default_rng(0)
     sides = set()
     for _ in range(30):
-        p = place_mask(seed, fg, rng, edge_band=3)
-        assert p.edge and p.angle in (0.0, 90.0, 180.0, 270.0) and not (p.mask & ~fg).any()
+        p = place_mask(seed, fg, rng, edge_band=3, edge_turns=turns)
+        assert p.edge and p.angle in ((0.0, 180.0) if turns == "half" else (0.0, 90.0, 180.0, 270.0))
+        assert not (p.mask & ~fg).any()
         side = moved_side("top", p.angle, p.flip)
         sides.add(side)
         on_edge = edge_band_of(fg, 3, side) & p.mask
@@ -182,7 +185,7 @@ def test_edge_defect_stays_on_the_edge_with_its_contact_side(foreground):
         ys, xs = np.nonzero(p.mask)
         depth = {"top": ys - ys.min(), "bottom": ys.max() - ys, "left": xs - xs.min(), "right": xs.max() - xs}[side]
         assert (depth < 3).sum() > (depth > 8).sum()
-    assert sides == set(SIDES)  # every edge gets defects
+    assert sides == expected_sides
 
 
 def test_edge_band_leaves_other_seeds_exactly_as_before():
@@ -204,6 +207,8 @@ def test_an_edge_defect_that_finds_no_edge_is_reported():
         place_mask(seed, fg, np.random.default_rng(0), tries=5, min_shrink=0.5, edge_band=3)
     with pytest.raises(ValueError, match="edge_band"):
         place_mask(seed, fg, np.random.default_rng(0), edge_band=-1)
+    with pytest.raises(ValueError, match="edge_turns"):
+        place_mask(seed, fg, np.random.default_rng(0), edge_band=3, edge_turns="eighth")
 
 
 # --------------------------------------------------------------------------- trimap

@@ -26,7 +26,7 @@ class CutPaste:
 def cut_paste(normal_u8: np.ndarray, seed_image_u8: np.ndarray, seed_mask: np.ndarray, foreground: np.ndarray,
               rng: np.random.Generator, rotation: tuple[float, float] = (0.0, 360.0),
               scale: tuple[float, float] = (0.85, 1.15), feather: float = 0.0, tries: int = 50,
-              min_shrink: float = 0.25, edge_band: int = 0) -> CutPaste:
+              min_shrink: float = 0.25, edge_band: int = 0, edge_turns: str = "half") -> CutPaste:
     """Paste the seed's masked pixels into `normal_u8` inside `foreground` (placement: `place_mask`,
     whose arguments these are).
 
@@ -41,7 +41,7 @@ def cut_paste(normal_u8: np.ndarray, seed_image_u8: np.ndarray, seed_mask: np.nd
         raise ValueError(f"normal image {normal_u8.shape} and foreground {np.shape(foreground)} must have the same size")
     if feather < 0:
         raise ValueError(f"feather must be >= 0, got {feather}")
-    placed = place_mask(seed_mask, foreground, rng, rotation, scale, tries, min_shrink, edge_band)
+    placed = place_mask(seed_mask, foreground, rng, rotation, scale, tries, min_shrink, edge_band, edge_turns)
     t, l, h, w = placed.seed_box
     patch = warp_patch(seed_image_u8[t:t + h, l:l + w], placed.angle, placed.effective_scale, cv2.INTER_LINEAR,
                        placed.flip)

@@ -7,9 +7,11 @@ a `PlacedMask`, so a cut-paste composite can move the seed's pixels with exactly
 
 Edge defects (`edge_band` > 0): a seed mask reaching within `edge_band` px of its picture's frame is
 a defect of the part's edge (a chipped tile edge, a crack running off it). Placed anywhere, it would
-become a blob or a stub in mid-part that no real part shows; so it is turned by a multiple of 90
-degrees, maybe mirrored, and placed where the pixels that touched the frame lie along the target
-foreground's edge (the frame, or the object's boundary). Other seeds are placed as before.
+become a blob or a stub in mid-part that no real part shows; so it is mirrored and/or turned by 180
+degrees (`edge_turns` "half": the defect stays on an edge parallel to its own, and a texture's grain
+keeps its direction) or by any multiple of 90 degrees ("quarter"), and placed where the pixels that
+touched the frame lie along the target foreground's edge (the frame, or the object's boundary).
+Other seeds are placed as before.
 
 Foregrounds: "whole" (textures, tiles), "otsu" (`anomalies.otsu_foreground`) or "features" (two-way
 k-means of pretrained features with the border-is-background prior, edges refined by GrabCut). Images are uint8 RGB (H, W, 3),
@@ -31,6 +33,8 @@ from edgeinspect.data.anomalies import otsu_foreground
 from edgeinspect.data.mvtec import image_to_tensor
 
 ForegroundMethod = Literal["whole", "otsu", "features"]
+EdgeTurns = Literal["half", "quarter"]
+EDGE_TURNS = {"half": 180.0, "quarter": 90.0}  # the angle step of an edge seed's turns
 
 TRIMAP_DEFECT = 1.0
 TRIMAP_FOREGROUND = 0.5
@@ -293,7 +297,8 @@ def fitting_offsets(patch: np.ndarray, foreground: np.ndarray) -> np.ndarray:
 
 def place_mask(seed_mask: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
                rotation: tuple[float, float] = (0.0, 360.0), scale: tuple[float, float] = (0.85, 1.15),
-               tries: int = 50, min_shrink: float = 0.25, edge_band: int = 0) -> PlacedMask:
+               tries: int = 50, min_shrink: float = 0.25, edge_band: int = 0,
+               edge_turns: EdgeTurns = "half") -> PlacedMask:
     """A random rotation and scale of the seed mask, placed uniformly among the positions where it lies
     wholly inside the foreground.
 
@@ -305,7 +310,8 @@ def place_mask(seed_mask: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
     docstring): the angles are multiples of 90 degrees, each pair mirrored or not at random, and a
     position fits only when, besides lying inside the foreground, at least half of the seed's
     frame-contact pixels fall within `edge_band` px of the foreground's edge. Other seeds draw
-    exactly as with `edge_band` 0."""
+    exactly as with `edge_band` 0. `edge_turns` "half": the angles are 0 or 180 (with the mirror: the
+    four symmetries that keep the defect's axis); "quarter": any multiple of 90."""
     seed_mask = np.asarray(seed_mask, bool)
     foreground = np.asarray(foreground, bool)
     if seed_mask.ndim != 2 or foreground.ndim != 2:
@@ -317,12 +323,13 @@ def place_mask(seed_mask: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
         raise ValueError("the foreground is empty: there is nowhere to place a defect")
     if tries < 1 or not 0 < min_shrink <= 1:
         raise ValueError(f"tries must be >= 1 and min_shrink in (0, 1], got {tries} and {min_shrink}")
-    if edge_band < 0:
-        raise ValueError(f"edge_band must be >= 0, got {edge_band}")
+    if edge_band < 0 or edge_turns not in EDGE_TURNS:
+        raise ValueError(f"edge_band must be >= 0 and edge_turns one of {EDGE_TURNS}, got {edge_band} and "
+                         f"{edge_turns!r}")
     contact = frame_contact(seed_mask, edge_band)
     edge = bool(contact)
     if edge:
-        angles = 90.0 * rng.integers(0, 4, tries)
+        angles = EDGE_TURNS[edge_turns] * rng.integers(0, 360 // EDGE_TURNS[edge_turns], tries)
         flips = rng.random(tries) < 0.5
         bands = {side: edge_band_of(foreground, edge_band, side).astype(np.float32) for side in SIDES}
     else:

@@ -222,8 +222,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
                     try:
                         cp = cut_paste(normals_u8[i].permute(1, 2, 0).numpy(),
                                        seed.images[k].permute(1, 2, 0).numpy(), seed.masks[k].numpy(), fg[i], rng,
-                                       rotation=place.rotation, scale=place.scale, tries=place.tries,
-                                       min_shrink=place.min_shrink, edge_band=place.edge_band)
+                                       **place.model_dump())
                         break
                     except MaskDoesNotFit as e:
                         failures.append(f"{seed.names[k]}: {e}")
