@@ -4,6 +4,7 @@ evaluation selection, a segmenter that learns an obvious defect, and the train c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -118,6 +119,26 @@ def test_cutpaste_builder_writes_composites_of_the_split_seeds(dataset, tmp_path
     again = ds.build_cutpaste(root, split, "adabldm", per_type=4, size=32, out=tmp_path / "cp2", progress=False)
     for name in ("images/000003.png", "masks/000003.png"):
         assert (out / name).read_bytes() == (again / name).read_bytes()
+
+
+def test_cutpaste_edge_band_keeps_edge_seeds_on_an_edge(dataset, tmp_path):
+    from edgeinspect.data.trimap import frame_contact
+
+    root, split = dataset
+    first = sorted(split.adabldm_seeds["scratch"])[0]  # this seed's defect becomes a chip off the top edge
+    mask = np.zeros((40, 56), np.uint8)
+    mask[0:9, 20:34] = 255
+    cv2.imwrite(str(root / "ground_truth/scratch" / f"{Path(first).stem}_mask.png"), mask)
+    out = ds.build_cutpaste(root, split, "adabldm", per_type=8, size=32, out=tmp_path / "edge", progress=False,
+                            edge_band=3)
+    index = json.loads((out / "index.json").read_text())
+    assert (index["settings"]["edge_band"], index["settings"]["edge_turns"]) == (3, "half")
+    d = ds.load_generated(out, 32)
+    for k, item in index["items"].items():
+        assert item["placement"]["edge"] == (item["seed_file"] == first)
+        if item["placement"]["edge"]:  # on the top or bottom edge, as half turns keep it
+            assert set(frame_contact(d.masks[int(k)], 3)) in ({"top"}, {"bottom"})
+    assert any(item["placement"]["edge"] for item in index["items"].values())
 
 
 def test_cutpaste_roundtrip_passes_every_composite_through_the_autoencoder(dataset, tmp_path, monkeypatch):
