@@ -83,6 +83,38 @@ def downstream_table(results: dict, names: dict[str, str]) -> tuple[dict, list[s
     return out, lines
 
 
+def seed_spread(results: dict, groups: dict[str, list[str]]) -> tuple[dict, list[str]]:
+    """The same defects' segmenter trained with several seeds: per group (label -> results entries),
+    each metric's mean, min and max, as JSON and as markdown lines (empty for no groups)."""
+    if not groups:
+        return {}, []
+    out = {}
+    lines = ["| defects (segmenter seeds) | pixel AP | pixel AUROC | image AUROC | PRO | seeds |",
+             "|---|---|---|---|---|---|"]
+    for label, entries in groups.items():
+        vals = {m: [float(results[e][m]) for e in entries] for m in METRICS}
+        out[label] = {"entries": entries, "seeds": [results[e].get("settings", {}).get("seed") for e in entries],
+                      **{m: {"mean": float(np.mean(v)), "min": min(v), "max": max(v)} for m, v in vals.items()}}
+        cells = " | ".join(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" for v in vals.values())
+        lines.append(f"| {label} | {cells} | {len(entries)} |")
+    return out, lines
+
+
+def parse_spread(specs: list[str], downstream: dict) -> dict[str, list[str]]:
+    """LABEL=ENTRY,ENTRY,... groups (the label may hold '='); every entry must be in the results."""
+    groups = {}
+    for spec in specs:
+        label, sep, entries = spec.rpartition("=")
+        names = [e for e in entries.split(",") if e]
+        if not sep or not label or len(names) < 2:
+            raise SystemExit(f"--spread {spec!r}: expected LABEL=ENTRY,ENTRY[,...] (two or more entries)")
+        missing = [e for e in names if e not in downstream]
+        if missing:
+            raise SystemExit(f"--spread {spec!r}: no entries {missing} in the downstream results")
+        groups[label] = names
+    return groups
+
+
 def _pick(items: list[tuple[Path, dict]], per_type: int) -> list[tuple[Path, dict]]:
     by_type: dict[str, list] = {}
     for f, it in items:
@@ -171,8 +203,9 @@ def _header(title: str, note: str | None, how: list[str] | None = None) -> list[
 
 def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path, note: str | None = None,
                    cutpaste_name: str = "cutpaste", also: dict[str, str] | None = None,
-                   how: list[str] | None = None) -> dict:
-    """`also`: more downstream rows, label -> entry of the results (e.g. an earlier run)."""
+                   how: list[str] | None = None, spread: dict[str, list[str]] | None = None) -> dict:
+    """`also`: more downstream rows, label -> entry of the results (e.g. an earlier run); `spread`:
+    label -> entries of one kind of defects trained with several segmenter seeds."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling", "adaptation"))
     counts = _per_type(items)
@@ -185,10 +218,11 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
                      label(_rgb(f / it["image"]), "after adapt."), label(_gray3(f / it["mask"]), "mask")])
     write_png(out.with_suffix(".png"), grid(rows))
     table, lines = downstream_table(downstream, {"cutpaste": cutpaste_name, "generated": "adabldm", **(also or {})})
+    spread_table, spread_lines = seed_spread(downstream, spread or {})
     settings = load_index(gen[0])["settings"]
     result = {"method": "adabldm", "images_per_s": thr["images_per_s"],
               "images_per_s_by_stage": thr["images_per_s_by_stage"], "throughput": thr, "images_per_type": counts,
-              "downstream": table, "generation_settings": settings, "machine": _machine(),
+              "downstream": table, "seed_spread": spread_table, "generation_settings": settings, "machine": _machine(),
               "command": shlex.join(sys.argv), "note": note, "inputs_made_by": how or []}
     s = settings["sampling"]
     md = [
@@ -211,8 +245,16 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
         f"Evaluated on {_evaluated(downstream)} of the test split (no image used as a seed or few-shot "
         "image), at 128 px (EfficientNet-Lite0 FPN segmenter, benchmarks/downstream.py).", "",
         *lines, "",
+        *_spread_section(spread_lines),
     ]
     return _write(out, md, result)
+
+
+def _spread_section(lines: list[str]) -> list[str]:
+    if not lines:
+        return []
+    return ["## Segmenter seeds", "", "The same defects with the segmenter trained from other seeds (everything else "
+            "equal): mean (min-max). The rows above are single runs, seed 0.", "", *lines, ""]
 
 
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
@@ -352,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="AdaBLDM: the downstream entry of its cut-paste baseline (same seeds)")
     p.add_argument("--also", action="append", default=[], metavar="LABEL=ENTRY",
                    help="one more downstream row: the results' ENTRY under LABEL (repeatable)")
+    p.add_argument("--spread", action="append", default=[], metavar="LABEL=ENTRY,ENTRY",
+                   help="AdaBLDM: entries of the same defects trained with other segmenter seeds (repeatable)")
     p.add_argument("--how", action="append", default=[], metavar="COMMAND",
                    help="a command that made the inputs (training, generation, segmenter), listed in the report")
     args = p.parse_args(argv)
@@ -360,14 +404,15 @@ def main(argv: list[str] | None = None) -> None:
     also = parse_also(args.also, downstream)
     out = args.results / f"{args.method}_mtd"
     if args.method == "adabldm":
-        r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also, args.how)
+        r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also, args.how,
+                           parse_spread(args.spread, downstream))
     else:
         variant = None
         if args.variant:
             label, folders = args.variant.split("=", 1)
             variant = (label, [Path(f) for f in folders.split(",")])
         r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also, args.how)
-    print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream")}, indent=2))
+    print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream", "seed_spread")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,22 @@ def test_also_rows_split_at_the_last_equals_sign_and_must_exist():
         gm.parse_also(["a row=missing"], results)
     with pytest.raises(SystemExit, match="LABEL=ENTRY"):
         gm.parse_also(["no separator"], results)
+
+
+def test_seed_spread_gives_mean_min_max_per_metric():
+    gm = load_benchmark("generators_mtd")
+    results = {f"s{i}": {"pixel_ap": ap, "pixel_auroc": 0.5 + i / 10, "image_auroc": 0.9, "pro": 0.7,
+                         "settings": {"seed": i}} for i, ap in enumerate((0.1, 0.4, 0.25))}
+    groups = gm.parse_spread(["edge, a = b=s0,s1,s2"], results)
+    assert groups == {"edge, a = b": ["s0", "s1", "s2"]}
+    table, lines = gm.seed_spread(results, groups)
+    row = table["edge, a = b"]
+    assert row["seeds"] == [0, 1, 2]
+    assert row["pixel_ap"] == pytest.approx({"mean": 0.25, "min": 0.1, "max": 0.4})
+    assert row["pixel_auroc"]["mean"] == pytest.approx(0.6)
+    assert lines[-1].startswith("| edge, a = b | 0.250 (0.100-0.400) | 0.600 (0.500-0.700) |") and lines[-1].endswith("| 3 |")
+    assert gm.seed_spread(results, {}) == ({}, [])
+    with pytest.raises(SystemExit, match="two or more"):
+        gm.parse_spread(["one=s0"], results)
+    with pytest.raises(SystemExit, match="no entries"):
+        gm.parse_spread(["x=s0,gone"], results)
