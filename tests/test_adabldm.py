@@ -416,3 +416,31 @@ def test_downstream_roundtrip_is_the_models_autoencoder(run):
     assert np.abs(out.astype(int) - ((ref.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0).numpy()).max() <= 1
     with pytest.raises(ValueError, match="px"):
         autoencoder_roundtrip(run / "checkpoints/done", size * 2)
+
+
+def test_control_composites_redraw_a_seed_that_does_not_fit_then_say_so(data_root, base, tmp_path, monkeypatch):
+    """A seed that does not fit a normal image's foreground is redrawn; when none fits, training stops
+    with the reason instead of crashing on the placement's own error mid-batch."""
+    import edgeinspect.training.adabldm as ada_training
+    from edgeinspect.data.trimap import MaskDoesNotFit
+
+    real, calls = ada_training.cut_paste, []
+
+    def first_fails(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise MaskDoesNotFit("too wide")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ada_training, "cut_paste", first_fails)
+    cfg = _cfg(data_root, base, domain_steps=0, control_steps=1)
+    train_adabldm(cfg, tmp_path / "ok", progress=False)
+    assert len(calls) == cfg.train.batch_size + 1  # one redraw, then one composite per batch item
+    assert {k for k in calls[0]} >= {"rotation", "scale", "tries", "min_shrink", "edge_band", "edge_turns"}
+
+    def never_fits(*args, **kwargs):
+        raise MaskDoesNotFit("too wide")
+
+    monkeypatch.setattr(ada_training, "cut_paste", never_fits)
+    with pytest.raises(MaskDoesNotFit, match=r"no \w+ seed fits normal image \d+ in 20 draws.*too wide"):
+        train_adabldm(cfg, tmp_path / "never", progress=False)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from edgeinspect.config import DualAnoDiffSamplingConfig, PartMaskConfig
+from edgeinspect.runtime.blended import latent_mask
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.networks import Networks
 
@@ -87,16 +88,6 @@ def segment_part(part: torch.Tensor, cfg: PartMaskConfig) -> np.ndarray:
         keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= cfg.min_area
         mask = keep[labels].astype(np.uint8)
     return mask.astype(bool)
-
-
-def latent_mask(masks: np.ndarray, latent_hw: tuple[int, int], dilation: int) -> torch.Tensor:
-    """Pixel masks (n, H, W) bool -> (n, 1, h, w) float 0/1 on the latent grid: a latent cell is in
-    when any of its pixels is, then grown by `dilation` cells (square)."""
-    m = torch.from_numpy(np.ascontiguousarray(masks)).float()[:, None]
-    m = torch.nn.functional.adaptive_max_pool2d(m, latent_hw)
-    if dilation > 0:
-        m = torch.nn.functional.max_pool2d(m, 2 * dilation + 1, stride=1, padding=dilation)
-    return m
 
 
 class DualSampler:
@@ -175,9 +166,9 @@ class DualSampler:
             z_part, part_clean = self.schedule.step(z_part, eps_part, t, t_prev)
             if self.keep_background:
                 part_now = self.nets["vae_decoder"](latent=part_clean)["image"].clamp(-1, 1)
-                keep = latent_mask(np.stack([segment_part(p, self.sampling.mask) for p in part_now]),
-                                   tuple(z_whole.shape[-2:]), self.sampling.keep_background_dilation)
-                keep = keep.to(device, z_whole.dtype)
+                masks = torch.from_numpy(np.stack([segment_part(p, self.sampling.mask) for p in part_now]))[:, None]
+                keep = latent_mask(masks, part_now.shape[-1] // z_whole.shape[-1],
+                                   self.sampling.keep_background_dilation).to(device, z_whole.dtype)
                 bg_prev = bg_clean if t_prev < 0 else self.schedule.add_noise(bg_clean, bg_noise, t_prev)
                 z_whole = keep * z_whole + (1 - keep) * bg_prev
         images = self.nets["vae_decoder"](latent=torch.cat([z_whole, z_part]))["image"].clamp(-1, 1)
