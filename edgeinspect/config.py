@@ -452,6 +452,14 @@ class AdaBLDMTrainConfig(TrainLoopConfig):
     defect_loss_weight: float = Field(0.0, ge=0)
 
 
+# What `sampling.paste_feather` pastes into the real source/background image S with the feathered mask
+# weight w: "image" = the generated image G itself, w G + (1 - w) S (inside the mask the defect has
+# the autoencoder's smooth texture, which a downstream model then learns as "defect"); "residual" =
+# the change the diffusion made, S + w (G - R), R = the decoder's reconstruction of S's latent: the
+# defect keeps S's fine texture (edgeinspect.runtime.blended.paste_residual).
+PasteMode = Literal["image", "residual"]
+
+
 class AdaBLDMSamplingConfig(Strict):
     # Algorithm 1 on one DDIM schedule of free + latent + pixel steps (the authors' code: 26/20/5).
     free_steps: int = Field(26, ge=0)
@@ -466,11 +474,12 @@ class AdaBLDMSamplingConfig(Strict):
     # defect region made plain foreground: guidance then also amplifies what the control draws into
     # the defect region; an extension).
     uncond_trimap: Literal["same", "no_defect"] = "same"
-    # Paste the generated defect back into the exact source image (as diffusers' inpainting pipelines
-    # can): weight 1 on the mask, falling to 0 over `paste_feather` px outside it, so every pixel
-    # farther away is the real normal image, not its autoencoder reconstruction (a small autoencoder
-    # blurs the whole frame, which a downstream model would learn as "defect"). None: off (the paper).
+    # Paste the generated defect back into the exact source image (an extension): weight 1 on the
+    # mask, falling to 0 over `paste_feather` px outside it, so every pixel farther away is the real
+    # normal image, not its autoencoder reconstruction (a small autoencoder blurs the whole frame,
+    # which a downstream model would learn as "defect"). None: off (the paper). `paste_mode`: PasteMode.
     paste_feather: int | None = Field(None, ge=1)
+    paste_mode: PasteMode = "image"
     # Algorithm 2: online decoder adaptation (PyTorch, fresh decoder copy per sample).
     adapt_steps: int = Field(200, ge=0)
     adapt_lr: float = 1e-4
@@ -485,6 +494,14 @@ class AdaBLDMSamplingConfig(Strict):
     @property
     def total_steps(self) -> int:
         return self.free_steps + self.latent_steps + self.pixel_steps
+
+    @model_validator(mode="after")
+    def _residual_replaces_adaptation(self):
+        if self.paste_feather is not None and self.paste_mode == "residual" and self.adapt_steps:
+            raise ValueError("paste_mode 'residual' takes the defect's change from the original decoder and the "
+                             "real source image everywhere else, which is what decoder adaptation approximates: "
+                             "set adapt_steps: 0 with it")
+        return self
 
 
 class AdaBLDMConfig(Strict):
@@ -638,6 +655,12 @@ class DualAnoDiffSamplingConfig(Strict):
     # branch only draws the defect's content. Costs one decoder call per step. Needs background images.
     keep_background: bool = False
     keep_background_dilation: int = Field(1, ge=0)
+    # Paste onto the background image (an extension, as AdaBLDM's sampling.paste_feather): weight 1 on
+    # the final mask, falling to 0 over `paste_feather` px outside it; beyond that the whole image is
+    # the real background, not its autoencoder reconstruction. Needs background images. `paste_mode`:
+    # PasteMode.
+    paste_feather: int | None = Field(None, ge=1)
+    paste_mode: PasteMode = "image"
 
 
 class DualAnoDiffConfig(Strict):

@@ -29,7 +29,7 @@ from edgeinspect.data.mvtec import MVTecFolder, tensor_to_image, uint8_to_model
 from edgeinspect.data.trimap import MaskDoesNotFit, make_trimap, place_mask
 from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
-from edgeinspect.runtime.blended import BlendedSampler, paste_back
+from edgeinspect.runtime.blended import BlendedSampler, paste
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
 from edgeinspect.runtime.networks import Networks, torch_networks
@@ -163,21 +163,23 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
                 for k, p in enumerate(plans):
                     t1 = time.perf_counter()
                     ad = adapt_decoder(job.decoder, res.latents[k], x_ok[k], mask[k], s.adapt_steps, s.adapt_lr,
-                                       s.lambda_con, s.adapt_scope)
+                                       s.lambda_con, s.adapt_scope) if s.adapt_steps else None
                     adapt_s = time.perf_counter() - t1
                     record = {"seed": p.seed, "defect_type": dtype, "prompt": prompt,
                               "source_image": normals.samples[p.normal].path.name,
                               "seed_defect": job.seed_names[dtype][p.seed_defect], "placement": p.placement,
                               "placement_failures": p.placement_failures, "sampling_s": sampling_s,
-                              "adaptation_s": adapt_s,
-                              "adaptation_loss": {"outside_first": ad.loss_outside[:1], "outside_last":
-                                                  ad.loss_outside[-1:], "inside_last": ad.loss_inside[-1:]}}
+                              "adaptation_s": adapt_s}
+                    if ad is not None:
+                        record["adaptation_loss"] = {"outside_first": ad.loss_outside[:1], "outside_last":
+                                                     ad.loss_outside[-1:], "inside_last": ad.loss_inside[-1:]}
                     extras = {"trimap": np.round(trimaps[k] * 255).astype(np.uint8)}
                     if keep_before:
                         extras["before_adaptation"] = tensor_to_image(res.images[k])
-                    image = ad.image
+                    image = ad.image if ad is not None else res.images[k].cpu()
                     if s.paste_feather is not None:
-                        image = paste_back(image, x_ok[k], mask[k], s.paste_feather)
+                        source = res.source_images[k].cpu() if res.source_images is not None else None
+                        image = paste(image, source, x_ok[k], mask[k], s.paste_feather, s.paste_mode)
                     writer.write(p.index, tensor_to_image(image), p.mask, record, extras)
                     bar.update(1, sampling_s=sampling_s, adapt_s=adapt_s)
     return Path(out_dir)

@@ -56,13 +56,15 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
     `source` names the model in the job's settings. Returns `out_dir`."""
     s = cfg.sampling
     size = cfg.model.image_size
+    latent_shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
+    sampler = DualSampler(networks, DDIM(cfg.scheduler), contexts, s, latent_shape, background=cfg.bcm.enabled)
     normals = None
-    if cfg.bcm.enabled or s.strength < 1.0 or s.keep_background:
+    if sampler.needs_images:
         data_root = data_root or cfg.train.data_root
         if data_root is None:
-            raise ValueError("background images (BCM's, the start when sampling.strength < 1, or those "
-                             "sampling.keep_background keeps) are normal images: "
-                             "pass the data folder (its train/good is used)")
+            raise ValueError("background images (BCM's, the start when sampling.strength < 1, those "
+                             "sampling.keep_background keeps or sampling.paste_feather pastes onto) are normal "
+                             "images: pass the data folder (its train/good is used)")
         normals = MVTecFolder(data_root, "train", size, defect_types=["good"]).samples
     settings = {
         "method": "dualanodiff",
@@ -79,8 +81,6 @@ def run_dual_job(cfg: DualAnoDiffConfig, networks: Networks, contexts: PromptCon
     if not pending:
         return Path(out_dir)
 
-    latent_shape = (cfg.model.vae.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
-    sampler = DualSampler(networks, DDIM(cfg.scheduler), contexts, s, latent_shape, background=cfg.bcm.enabled)
     with writer.progress("dualanodiff", enabled=progress) as bar:
         for start in range(0, n, s.batch_size):
             batch = list(range(start, min(start + s.batch_size, n)))

@@ -376,6 +376,56 @@ def test_paste_back_keeps_the_exact_source_beyond_the_feather():
     assert torch.equal(paste_back(gen, src, torch.zeros(1, 32, 32), 4), src)
 
 
+def test_paste_residual_adds_the_change_to_the_real_source():
+    from edgeinspect.runtime.blended import paste, paste_residual
+
+    src = torch.linspace(-0.5, 0.5, 32 * 32).reshape(1, 32, 32).expand(3, -1, -1).clone()
+    recon = src * 0.5  # a smooth reconstruction of the source
+    gen = recon.clone()
+    mask = torch.zeros(1, 32, 32)
+    mask[0, 10:14, 12:20] = 1
+    gen[:, 10:14, 12:20] -= 0.3  # the defect: darker than the reconstruction where the mask is
+    out = paste_residual(gen, recon, src, mask, feather=4)
+    inside = mask[0] > 0
+    assert torch.allclose(out[:, inside], src[:, inside] - 0.3)  # the source's own values, darkened
+    far = ~torch.from_numpy(cv2.dilate(mask[0].numpy().astype(np.uint8), np.ones((9, 9), np.uint8)) > 0)
+    assert torch.equal(out[:, far], src[:, far])
+    assert torch.equal(paste_residual(recon, recon, src, mask, 4), src)  # no change made, none pasted
+    assert paste_residual(gen - 5, recon, src, mask, 4).min() == -1  # clamped to the image range
+    with pytest.raises(ValueError, match="reconstruction"):
+        paste(gen, None, src, mask, 4, "residual")
+
+
+def test_residual_paste_writes_the_exact_source_outside_the_feather(run, data_root, tmp_path):
+    """sampling.paste_mode residual: the sampler also decodes the source's latent; the written image is
+    the source image beyond the feather (uint8-exact) and source + (x* - reconstruction) on the mask,
+    x* being the image before (no) adaptation."""
+    with pytest.raises(ConfigError, match="adapt_steps: 0"):
+        load_adabldm(run, {"sampling": {"paste_feather": 2, "paste_mode": "residual"}})
+    over = {"sampling": {"paste_feather": 2, "paste_mode": "residual", "adapt_steps": 0}}
+    out = generate_adabldm(run, tmp_path / "res", n_per_type=2, progress=False, overrides=over)
+    cfg, net, _ = load_adabldm(run, over)
+    index = load_index(out)
+    from edgeinspect.data.mvtec import read_image, resize_image
+
+    for it in index["items"].values():
+        assert "adaptation_loss" not in it
+        image = cv2.imread(str(out / it["image"]))[..., ::-1].astype(int)
+        before = cv2.imread(str(out / it["before_adaptation"]))[..., ::-1].astype(int)
+        mask = cv2.imread(str(out / it["mask"]), 0) > 0
+        source = resize_image(read_image(data_root / "train/good" / it["source_image"]),
+                              cfg.model.image_size).astype(int)
+        with torch.no_grad():
+            x = torch.from_numpy(source).permute(2, 0, 1)[None].float() / 127.5 - 1
+            nets = net.role_modules("scratch")
+            recon = nets["vae_decoder"](nets["vae_encoder"](x)).clamp(-1, 1)[0]
+        recon = ((recon + 1) * 127.5).round().permute(1, 2, 0).numpy()
+        far = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+        assert np.array_equal(image[far], source[far])
+        expect = np.clip(source + before - recon, 0, 255)[mask]
+        assert np.abs(image[mask] - expect).max() <= 2  # uint8 rounding of x* and of the output
+
+
 def test_control_loss_is_weighted_on_the_pasted_defect(data_root, base, tmp_path, monkeypatch):
     """train.defect_loss_weight: the control loss gets the composite's pasted-defect mask, which is the
     trimap's defect region (value 1) of the same, identically flipped, composite."""

@@ -399,3 +399,42 @@ def test_keep_background_keeps_it_outside_the_parts_mask(dilation):
         assert torch.allclose(z[~inside], noised_bg[~inside], atol=1e-5)
     with pytest.raises(ValueError, match="keep_background"):
         sampler.sample(seeds)
+
+
+@pytest.mark.parametrize("mode", ["image", "residual"])
+def test_paste_puts_the_whole_image_onto_the_real_background(mode):
+    """sampling.paste_feather: beyond the feather around the final mask the whole image is the background
+    itself (not its reconstruction); on the mask, the branch's image ("image") or the background plus
+    the branch's change from the background's reconstruction ("residual")."""
+    cfg = build_config("dualanodiff", "tiny", {"sampling": {
+        "steps": 3, "guidance_scale": 1.0, "paste_feather": 2, "paste_mode": mode,
+        "mask": {"threshold": 0.2, "open_kernel": 0, "close_kernel": 0, "min_area": 0}}})
+    schedule = DDIM(cfg.scheduler)
+    shape = (3, 16, 16)
+    whole_target = torch.full((2, *shape), 0.6)
+    part_target = torch.zeros(2, *shape)
+    part_target[0, :, 2:6, 3:9] = -0.5
+    part_target[1, :, 10:14, 9:15] = 0.5
+
+    def plain_unet(sample_whole, sample_part, timestep, ctx_whole, ctx_part):  # clean estimates: the targets
+        a = schedule.abar(int(timestep[0]), sample_whole)
+        return ((sample_whole - a.sqrt() * whole_target) / (1 - a).sqrt(),
+                (sample_part - a.sqrt() * part_target) / (1 - a).sqrt())
+
+    sig = ("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part")
+    nets = Networks({"dual_unet_plain": TorchNetwork(plain_unet, sig, ("noise_whole", "noise_part")),
+                     "vae_encoder": TorchNetwork(lambda x: x + 0.1, ("image",), ("latent",)),  # reconstruction: bg + 0.1
+                     "vae_decoder": TorchNetwork(lambda x: x, ("latent",), ("image",))})
+    ctx = PromptContexts(torch.ones(1, 4, 16), torch.ones(1, 4, 16), torch.zeros(1, 4, 16))
+    sampler = DualSampler(nets, schedule, ctx, cfg.sampling, shape, background=False)
+    assert sampler.needs_images
+    backgrounds = torch.rand(2, *shape) - 0.5
+    out = sampler.sample([5, 6], backgrounds)
+    mask = torch.from_numpy(out.masks)[:, None].expand_as(whole_target)
+    assert np.array_equal(out.masks, (part_target.abs().amax(1) > 0).numpy())
+    grown = F.max_pool2d(mask.float(), 5, stride=1, padding=2).bool()  # the mask and its 2-px feather
+    assert torch.equal(out.whole[~grown], backgrounds[~grown])
+    expected = whole_target if mode == "image" else backgrounds + whole_target - (backgrounds + 0.1)
+    assert torch.allclose(out.whole[mask], expected[mask], atol=1e-4)
+    with pytest.raises(ValueError, match="paste_feather"):
+        sampler.sample([5, 6])

@@ -42,6 +42,8 @@ ROLES = ("vae_encoder", "trimap_encoder", "unet", "vae_decoder")
 class BlendResult:
     latents: torch.Tensor  # z*_NG (B, C, h, w): input of the decoder adaptation
     images: torch.Tensor  # decode(z*) (B, 3, H, W) in [-1, 1], before adaptation
+    # decode(z_OK) (B, 3, H, W) in [-1, 1] when sampling.paste_mode is "residual" (else None)
+    source_images: torch.Tensor | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     # With trace=True: per step (stage name, timestep, latent the UNet saw, source latent at t).
     trace: list[tuple[str, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -56,13 +58,40 @@ def latent_mask(mask: torch.Tensor, factor: int, dilation: int) -> torch.Tensor:
     return m
 
 
+def feather_weight(mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """(1,H,W): 1 on the mask (1,H,W), 1 - distance / feather outside it, 0 from `feather` px on."""
+    outside = (mask[0] <= 0.5).cpu().numpy().astype(np.uint8)
+    dist = cv2.distanceTransform(outside, cv2.DIST_L2, 5) if not outside.all() else np.full(outside.shape, np.inf)
+    return torch.from_numpy(np.clip(1.0 - dist / feather, 0.0, 1.0))[None]
+
+
 def paste_back(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather: int) -> torch.Tensor:
     """The generated image (C,H,W) inside the mask (1,H,W), the source beyond `feather` px from it, and a
     linear ramp between (weight 1 - distance / feather)."""
-    outside = (mask[0] <= 0.5).cpu().numpy().astype(np.uint8)
-    dist = cv2.distanceTransform(outside, cv2.DIST_L2, 5) if not outside.all() else np.full(outside.shape, np.inf)
-    weight = torch.from_numpy(np.clip(1.0 - dist / feather, 0.0, 1.0)).to(generated)[None]
+    weight = feather_weight(mask, feather).to(generated)
     return weight * generated + (1 - weight) * source.to(generated)
+
+
+def paste_residual(generated: torch.Tensor, reconstruction: torch.Tensor, source: torch.Tensor,
+                   mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """source + w (generated - reconstruction), w = `feather_weight`: the change the diffusion made to
+    the source's latent, as the decoder draws it, added to the real source image (C,H,W); clamped to
+    [-1, 1]. `reconstruction` is the same decoder's image of the source's own latent, so the
+    autoencoder's smoothing cancels and the defect keeps the source's fine texture."""
+    weight = feather_weight(mask, feather).to(generated)
+    return (source.to(generated) + weight * (generated - reconstruction.to(generated))).clamp(-1, 1)
+
+
+def paste(generated: torch.Tensor, reconstruction: torch.Tensor | None, source: torch.Tensor, mask: torch.Tensor,
+          feather: int, mode: str) -> torch.Tensor:
+    """`paste_back` (mode "image") or `paste_residual` (mode "residual", needs the reconstruction)."""
+    if mode == "image":
+        return paste_back(generated, source, mask, feather)
+    if mode != "residual":
+        raise ValueError(f"paste mode must be 'image' or 'residual', not {mode!r}")
+    if reconstruction is None:
+        raise ValueError("paste mode 'residual' needs the decoder's reconstruction of the source latent")
+    return paste_residual(generated, reconstruction, source, mask, feather)
 
 
 def stage_of(i: int, cfg: AdaBLDMSamplingConfig) -> str:
@@ -146,7 +175,10 @@ class BlendedSampler:
                 blended = x0 * mask + x_ok * (1 - mask)
                 clean = self.nets["vae_encoder"](image=blended)["latent"]
                 z = self.schedule.add_noise(clean, eps, t_prev)
-        with timer("decode"):
+        residual = self.cfg.paste_feather is not None and self.cfg.paste_mode == "residual"
+        with timer("decode"):  # two calls, not one of twice the batch: engines are built for the batch size
             images = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1)
+            if residual:
+                result.source_images = self.nets["vae_decoder"](latent=z_ok)["image"].clamp(-1, 1)
         result.latents, result.images, result.timings_ms = z, images, timer.ms
         return result

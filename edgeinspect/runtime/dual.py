@@ -20,6 +20,8 @@ image's latent noised to the first of them and the part branch's = the empty par
 With `sampling.keep_background` (an extension) the whole branch keeps its background outside the part's
 current mask: after each step, its latent there is the background latent noised to the next timestep,
 and the mask is the part's clean estimate decoded and segmented like the final one (`latent_mask`).
+With `sampling.paste_feather` (an extension) the final whole image is pasted onto the real background
+by the final mask (`runtime.blended.paste`): beyond the feather it is the background itself.
 
 The mask is segmented from the decoded part image (empty value 0 in [-1, 1], as the training
 targets I * M are): |part| (max over channels) above a threshold, opening, closing, small
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 
 from edgeinspect.config import DualAnoDiffSamplingConfig, PartMaskConfig
-from edgeinspect.runtime.blended import latent_mask
+from edgeinspect.runtime.blended import latent_mask, paste
 from edgeinspect.runtime.ddim import DDIM
 from edgeinspect.runtime.networks import Networks
 
@@ -107,8 +109,8 @@ class DualSampler:
 
     @property
     def needs_images(self) -> bool:
-        """Whether `sample` needs background images (BCM, a start from them, or keeping them)."""
-        return self.background or self.from_images or self.keep_background
+        """Whether `sample` needs background images (BCM, a start from them, keeping or pasting onto them)."""
+        return self.background or self.from_images or self.keep_background or self.sampling.paste_feather is not None
 
     def _contexts(self, n: int, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.contexts
@@ -124,8 +126,8 @@ class DualSampler:
         """One output per seed; `backgrounds` (n, 3, H, W) in [-1, 1]: the background images (BCM's,
         and the start of the whole branch when sampling.strength < 1)."""
         if self.needs_images != (backgrounds is not None):
-            raise ValueError("background images are needed exactly when the model has BCM, sampling.strength < 1 "
-                             "or sampling.keep_background")
+            raise ValueError("background images are needed exactly when the model has BCM, sampling.strength < 1, "
+                             "sampling.keep_background or sampling.paste_feather")
         n = len(seeds)
         device = self.nets.device
         noises = [seeded_noises(s, self.latent_shape, 3) for s in seeds]
@@ -174,4 +176,10 @@ class DualSampler:
         images = self.nets["vae_decoder"](latent=torch.cat([z_whole, z_part]))["image"].clamp(-1, 1)
         whole, part = images[:n], images[n:]
         masks = np.stack([segment_part(p, self.sampling.mask) for p in part])
+        feather, mode = self.sampling.paste_feather, self.sampling.paste_mode
+        if feather is not None:
+            recon = self.nets["vae_decoder"](latent=bg_clean)["image"].clamp(-1, 1) if mode == "residual" else None
+            m = torch.from_numpy(masks)[:, None].float()
+            whole = torch.stack([paste(whole[k], None if recon is None else recon[k], backgrounds[k].to(whole),
+                                       m[k], feather, mode) for k in range(n)])
         return DualSamples(whole, part, masks)
