@@ -147,8 +147,13 @@ def inside_vs_ring(diff: np.ndarray, mask: np.ndarray, ring_px: int = 7) -> floa
     return float((diff[mask].mean() + 1) / (diff[ring].mean() + 1)) if ring.any() else float("nan")
 
 
+# A mask pixel counts as filled when the whole image differs there from its background by more than this
+# (grey levels, blurred difference as for inside_vs_ring): how much of each mask shows a defect at all.
+FILL_GREY = 15
+
+
 def mask_alignment(items: list[tuple[Path, dict]], data_root: Path) -> dict:
-    ious, part_err, ratios = [], [], []
+    ious, part_err, ratios, fills = [], [], [], []
     for f, it in items:
         whole = _rgb(f / it["image"])
         mask = cv2.imread(str(f / it["mask"]), cv2.IMREAD_GRAYSCALE) > 127
@@ -162,10 +167,12 @@ def mask_alignment(items: list[tuple[Path, dict]], data_root: Path) -> dict:
             diff = np.abs(cv2.GaussianBlur(whole.astype(np.float32), (0, 0), 1.0)
                           - cv2.GaussianBlur(background.astype(np.float32), (0, 0), 1.0)).max(axis=2)
             ratios.append(inside_vs_ring(diff, mask))
+            fills.append(float((diff[mask] > FILL_GREY).mean()))
     return {"mask_iou": float(np.mean(ious)), "mask_iou_median": float(np.median(ious)),
             "empty_masks": int(sum(1 for _, it in items if it["mask_pixels"] == 0)),
             "part_vs_whole_inside_mask_mean_abs_grey": float(np.mean(part_err)) if part_err else None,
-            "inside_vs_ring_difference_median": float(np.nanmedian(ratios)) if ratios else None}
+            "inside_vs_ring_difference_median": float(np.nanmedian(ratios)) if ratios else None,
+            "mask_fill_mean": float(np.mean(fills)) if fills else None}
 
 
 def _machine() -> str:
@@ -309,7 +316,8 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         f"{align['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels; median ratio of "
         "the whole image's difference from its background inside the mask to that in a 7-px ring around it "
         f"{_num(align.get('inside_vs_ring_difference_median'))} (1: the whole image has no defect where the mask "
-        "is).", "",
+        f"is); on average {_num(align.get('mask_fill_mean'))} of a mask's pixels differ from the background by more "
+        f"than {FILL_GREY} grey levels (how much of the mask shows a defect at all).", "",
         f"LoRA on {', '.join(_lora_targets(gen[0]))}.", "",
         *([f"Variant `{variant['label']}` (LoRA on {', '.join(variant['lora_target_modules'])}; "
            f"{variant['start']}; training: {variant['training']}; `{', '.join(variant['folders'])}`): "
@@ -317,6 +325,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
            f"{variant['alignment']['mask_iou']:.3f}, mean |whole - part| inside the mask "
            f"{variant['alignment']['part_vs_whole_inside_mask_mean_abs_grey'] or float('nan'):.1f} grey levels, "
            f"inside/ring ratio {_num(variant['alignment'].get('inside_vs_ring_difference_median'))}, "
+           f"mask fill {_num(variant['alignment'].get('mask_fill_mean'))}, "
            f"{variant['alignment']['empty_masks']} empty masks.", ""] if variant else []),
         f"![grid]({out.with_suffix('.png').name})", "",
         "## Downstream: the same segmenter trained on normals + each kind of defect", "",

@@ -66,6 +66,7 @@ def test_alignment_and_throughput_from_a_generation_folder(report, tmp_path):
     # item 0: the defect exactly under its mask (inside ~100 grey levels off, the ring ~0); item 1's mask
     # half off it: the ring holds the other half
     assert align["inside_vs_ring_difference_median"] > 3
+    assert align["mask_fill_mean"] == pytest.approx((1.0 + 0.5) / 2, abs=0.05)  # item 1's mask half on the defect
     thr = report.throughput(items, ("sampling",))
     assert thr["images_per_s"] == pytest.approx(2 / 2.0)
     assert thr["seconds_per_image_by_stage"]["sampling"] == pytest.approx(1.0)
