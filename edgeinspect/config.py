@@ -476,8 +476,9 @@ class AdaBLDMSamplingConfig(Strict):
     uncond_trimap: Literal["same", "no_defect"] = "same"
     # Paste the generated defect back into the exact source image (an extension): weight 1 on the
     # mask, falling to 0 over `paste_feather` px outside it, so every pixel farther away is the real
-    # normal image, not its autoencoder reconstruction (a small autoencoder blurs the whole frame,
-    # which a downstream model would learn as "defect"). None: off (the paper). `paste_mode`: PasteMode.
+    # normal image, not its autoencoder reconstruction (a small autoencoder blurs the whole frame).
+    # None: off (the paper). `paste_mode`: PasteMode. On MTD neither mode raised the downstream pixel AP
+    # (benchmarks/results/adabldm_mtd.md).
     paste_feather: int | None = Field(None, ge=1)
     paste_mode: PasteMode = "image"
     # Algorithm 2: online decoder adaptation (PyTorch, fresh decoder copy per sample).
