@@ -266,9 +266,11 @@ def _spread_section(lines: list[str]) -> list[str]:
 
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
                        ablation: tuple[str, list[Path]] | None = None, note: str | None = None,
-                       also: dict[str, str] | None = None, how: list[str] | None = None) -> dict:
+                       also: dict[str, str] | None = None, how: list[str] | None = None,
+                       spread: dict[str, list[str]] | None = None) -> dict:
     """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
-    its downstream entry is the results' `<label>`. `also`: more downstream rows, label -> entry."""
+    its downstream entry is the results' `<label>`. `also`: more downstream rows, label -> entry;
+    `spread`: as adabldm_report's."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling",))
     align = mask_alignment(items, data_root)
@@ -293,11 +295,12 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     if variant is not None:
         names[variant["label"]] = variant["label"]
     table, lines = downstream_table(downstream, {**names, **(also or {})})
+    spread_table, spread_lines = seed_spread(downstream, spread or {})
     settings = {str(f): load_index(f)["settings"] for f in gen}
     s = next(iter(settings.values()))["sampling"]
     result = {"method": "dualanodiff", "images_per_s": thr["images_per_s"], "mask_iou": align["mask_iou"],
               "alignment": align, "lora_target_modules": _lora_targets(gen[0]), "variant": variant,
-              "throughput": thr, "images_per_type": counts, "downstream": table,
+              "throughput": thr, "images_per_type": counts, "downstream": table, "seed_spread": spread_table,
               "generation_settings": settings, "machine": _machine(), "command": shlex.join(sys.argv),
               "note": note, "inputs_made_by": how or []}
     md = [
@@ -332,6 +335,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         f"Same evaluation set as AdaBLDM's report ({_evaluated(downstream)} outside every few-shot set). "
         "`cutpaste` here pastes DualAnoDiff's few-shot defects (the same real images DualAnoDiff trained on).", "",
         *lines, "",
+        *_spread_section(spread_lines),
     ]
     return _write(out, md, result)
 
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--also", action="append", default=[], metavar="LABEL=ENTRY",
                    help="one more downstream row: the results' ENTRY under LABEL (repeatable)")
     p.add_argument("--spread", action="append", default=[], metavar="LABEL=ENTRY,ENTRY",
-                   help="AdaBLDM: entries of the same defects trained with other segmenter seeds (repeatable)")
+                   help="entries of the same defects trained with other segmenter seeds (repeatable)")
     p.add_argument("--how", action="append", default=[], metavar="COMMAND",
                    help="a command that made the inputs (training, generation, segmenter), listed in the report")
     args = p.parse_args(argv)
@@ -420,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.variant:
             label, folders = args.variant.split("=", 1)
             variant = (label, [Path(f) for f in folders.split(",")])
-        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also, args.how)
+        r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also, args.how,
+                               parse_spread(args.spread, downstream))
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream", "seed_spread")}, indent=2))
 
 
