@@ -191,6 +191,10 @@ def test_frames_of_one_batch_fire_at_different_steps():
     assert steps[0] == next(t for t in batch.timesteps if t < 200) and not batch.fired_by_threshold[0]
     assert all(s1 >= s2 for s1, s2 in zip(steps[::-1], steps[-2::-1]))  # stronger defect: fires earlier
     assert batch.fired_by_threshold[-1] and batch.fire_score[-1] > 0.02
+    # the check map each frame fired on, at latent size: SAFF's input, the same in a batch as alone
+    assert batch.fire_maps.shape == (4, 8, 8) and torch.isfinite(batch.fire_maps).all()
+    torch.testing.assert_close(batch.fire_maps, torch.cat([a.fire_maps for a in alone]), rtol=1e-5, atol=1e-6)
+    assert float(batch.fire_maps[-1][REGION[0] > 0].mean()) > 3 * float(batch.fire_maps[-1][REGION[0] == 0].mean())
     # after firing no further checks; before it, every step was checked
     for i, fi in enumerate(batch.fire_index.tolist()):
         assert torch.isnan(batch.adp_scores[i, fi + 1:]).all() and not torch.isnan(batch.adp_scores[i, 1:fi + 1]).any()
@@ -216,7 +220,7 @@ def test_infinite_threshold_fires_only_at_min_step():
     assert r.fire_step.tolist() == [next(t for t in r.timesteps if t < 200)] * 2
     pipe0 = stub_pipeline(removes_defect_at_high_noise, threshold=None, min_step=0)
     r0 = pipe0(frames([0.6]))
-    assert r0.fire_step.tolist() == [-1] and torch.isnan(r0.fire_score).all()
+    assert r0.fire_step.tolist() == [-1] and torch.isnan(r0.fire_score).all() and torch.isnan(r0.fire_maps).all()
 
 
 # --------------------------------------------------------------------------- tiny real networks

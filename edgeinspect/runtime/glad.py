@@ -88,11 +88,16 @@ def min_cosine_distance_maps(feats_a: list[torch.Tensor], feats_b: list[torch.Te
 # --------------------------------------------------------------------------- SAFF
 
 
+def latent_map(maps: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """Anomaly maps (B, H, W) area-averaged to latent size: (B, 1, h, w), what SAFF's weight maps."""
+    return F.adaptive_avg_pool2d(maps.unsqueeze(1).float(), latent_size)
+
+
 def fusion_weight(maps: torch.Tensor, latent_size: tuple[int, int], mode: str = "minmax", low: float = 0.0,
                   high: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
     """w(m): the anomaly maps (B, H, W) area-averaged to latent size and mapped monotonically to
     [0, 1]: per frame min-max ("minmax") or [low, high] -> [0, 1] ("linear"); then ** gamma. (B,1,h,w)."""
-    m = F.adaptive_avg_pool2d(maps.unsqueeze(1).float(), latent_size)
+    m = latent_map(maps, latent_size)
     if mode == "minmax":
         lo = m.amin(dim=(1, 2, 3), keepdim=True)
         hi = m.amax(dim=(1, 2, 3), keepdim=True)
@@ -123,6 +128,7 @@ class GLADResult:
     fire_score: torch.Tensor  # (B,) the ADP check score that fired it (NaN if never)
     fired_by_threshold: torch.Tensor  # (B,) bool: the score crossed the threshold (not only t < min_step)
     adp_scores: torch.Tensor  # (B, steps) ADP check score at each step, NaN where not checked
+    fire_maps: torch.Tensor  # (B, h, w) the check map at the fire, at latent size (SAFF's input); NaN if never
     timesteps: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
 
@@ -185,6 +191,7 @@ class GLADPipeline:
         fire_score = torch.full((b,), float("nan"))
         by_threshold = torch.zeros(b, dtype=torch.bool)
         adp_scores = torch.full((b, len(ts)), float("nan"))
+        fire_maps = torch.full((b, *z0.shape[-2:]), float("nan"))
         with timer("denoise"):
             eps = seeded_noise(tuple(z0.shape[1:]), inf.seed, b, dev, z0.dtype)
             z = self.schedule.add_noise(z0, eps, ts[0])
@@ -228,6 +235,7 @@ class GLADPipeline:
                     eps_pred[f] = eps_f
                     fired[f] = True
                     fc = f.cpu()
+                    fire_maps[fc] = latent_map(maps[sel], tuple(z0.shape[-2:]))[:, 0].float().cpu()
                     fire_step[fc] = t
                     fire_index[fc] = i
                     fire_score[fc] = score[sel].float().cpu()
@@ -241,7 +249,8 @@ class GLADPipeline:
             else:
                 recon, reference = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
         return {"reconstructions": recon, "reference": reference, "fire_step": fire_step, "fire_index": fire_index,
-                "fire_score": fire_score, "fired_by_threshold": by_threshold, "adp_scores": adp_scores}
+                "fire_score": fire_score, "fired_by_threshold": by_threshold, "adp_scores": adp_scores,
+                "fire_maps": fire_maps}
 
     def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,4 +270,4 @@ class GLADPipeline:
         scores, maps = self.score(reference, r["reconstructions"], timer)
         return GLADResult(scores.float().cpu(), maps.float().cpu(), r["reconstructions"].float().cpu(),
                           r["fire_step"], r["fire_index"], r["fire_score"], r["fired_by_threshold"],
-                          r["adp_scores"], list(self.timesteps), timer.ms)
+                          r["adp_scores"], r["fire_maps"], list(self.timesteps), timer.ms)

@@ -159,12 +159,14 @@ def _prepare_base(cfg: GLADConfig, run_dir: Path, resume: bool, progress: bool) 
 
 
 @torch.no_grad()
-def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int = 8) -> np.ndarray:
-    """Each frame's largest ADP check score over the steps at or above min_step, with firing by
-    threshold switched off (the scores a normal frame shows before it is forced to fire)."""
+def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int = 8
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """With firing by threshold switched off (what a normal frame shows before it is forced to fire):
+    each frame's largest ADP check score over the steps at or above min_step (N,), and its check map
+    at the forced fire at latent size (N, h, w), the map SAFF's weight is made from."""
     saved = pipe.threshold
     pipe.threshold = float("inf")
-    out = []
+    out, fire_maps = [], []
     try:
         for s in range(0, len(images), batch_size):
             r = pipe.reconstruct(images[s:s + batch_size].to(pipe.nets.device))
@@ -172,9 +174,11 @@ def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int =
             sc = r["adp_scores"][:, checked]
             out.append(torch.nan_to_num(sc, nan=float("-inf")).amax(dim=1) if checked else
                        torch.full((sc.shape[0],), float("nan")))
+            fire_maps.append(r["fire_maps"])
     finally:
         pipe.threshold = saved
-    return torch.cat(out).cpu().numpy().astype(np.float64)
+    return (torch.cat(out).cpu().numpy().astype(np.float64),
+            torch.cat(fire_maps).cpu().numpy().astype(np.float64))
 
 
 def propose_threshold(maxima: np.ndarray, percentile: float, margin: float) -> float:
@@ -271,7 +275,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
             return {}
         sel = calibration_subset(len(images_u8), n)
         pipe = glad_pipeline(cfg, model, device=device, threshold=None, category=cfg.category)
-        maxima = adp_check_maxima(pipe, uint8_to_model(images_u8[sel]), cfg.inference.batch_size)
+        maxima, fire_maps = adp_check_maxima(pipe, uint8_to_model(images_u8[sel]), cfg.inference.batch_size)
         model.train()
         try:
             thr = propose_threshold(maxima, cfg.calibration.percentile, cfg.calibration.margin)

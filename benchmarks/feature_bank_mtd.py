@@ -1,0 +1,153 @@
+"""How far GLAD's scoring features alone separate a category's test frames -> results/.
+
+    python benchmarks/feature_bank_mtd.py --data ../shared/data/mtd --sizes 128 256
+
+GLAD scores a frame by comparing its extractor features with those of its own reconstruction
+(per layer, min over positions of 1 - cos; upsample, sum, blur, mean of the top-K pixels). This
+benchmark keeps that scoring exactly and replaces the reconstruction by the best normal reference
+there is: a bank of feature vectors from the category's training normals (a random `--bank`
+positions per layer, seeded). No diffusion model is involved, so it tells whether the extractor at
+a given frame size can separate the test split at all: a reconstruction-based score can only match
+it where the reconstruction is a faithful normal version of the frame.
+
+Frames are resized to each `--sizes` value (the model image of the edge preset is 128 px); blur
+sigma and K scale with it from GLAD's edge settings (3.0 px and K = 100 at 128 px). Writes
+results/feature_bank_mtd.{md,json}: per size the image/pixel metrics (edgeinspect.metrics.evaluate),
+per-type image AUROC, the bank sizes and the time taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+from edgeinspect.metrics import auroc, evaluate
+from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
+from edgeinspect.runtime.glad import min_cosine_distance_map
+from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
+from edgeinspect.sysinfo import cpu_name, write_text_atomic
+from edgeinspect.training.checkpoint import write_json_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+EDGE_SIZE, EDGE_SIGMA, EDGE_TOP_K = 128, 3.0, 100
+
+
+@torch.no_grad()
+def features(extractor: FeatureExtractor, images_u8: torch.Tensor, batch: int = 32) -> list[torch.Tensor]:
+    """Extractor maps of uint8 frames (N, 3, H, W), one (N, C, h, w) tensor per layer."""
+    out: list[list[torch.Tensor]] = []
+    for s in range(0, len(images_u8), batch):
+        out.append(list(extractor(uint8_to_model(images_u8[s:s + batch]))))
+    return [torch.cat(level) for level in zip(*out, strict=True)]
+
+
+def sample_bank(feats: list[torch.Tensor], per_layer: int, seed: int) -> list[torch.Tensor]:
+    """Per layer, `per_layer` feature vectors drawn without replacement from all positions of all
+    images (all of them if fewer), as a (1, C, 1, M) map that min_cosine_distance_map accepts."""
+    g = torch.Generator().manual_seed(seed)
+    bank = []
+    for f in feats:
+        flat = f.permute(1, 0, 2, 3).flatten(1)  # (C, N*h*w)
+        m = flat.shape[1]
+        idx = torch.randperm(m, generator=g)[:per_layer] if per_layer < m else torch.arange(m)
+        bank.append(flat[:, idx].contiguous().view(flat.shape[0], 1, 1, -1).transpose(0, 1))
+    return bank
+
+
+@torch.no_grad()
+def bank_maps(test_feats: list[torch.Tensor], bank: list[torch.Tensor], size: int, chunk_mb: float = 256.0
+              ) -> torch.Tensor:
+    """GLAD's map with the bank as the reference: per layer min over the bank of (1 - cos), bilinear
+    to `size`, summed over layers. (N, size, size)."""
+    n = test_feats[0].shape[0]
+    total = torch.zeros(n, 1, size, size)
+    for f, b in zip(test_feats, bank, strict=True):
+        for i in range(n):
+            d = min_cosine_distance_map(f[i:i + 1], b, chunk_mb).unsqueeze(1)
+            total[i:i + 1] += torch.nn.functional.interpolate(d, size=(size, size), mode="bilinear",
+                                                              align_corners=False)
+    return total.squeeze(1)
+
+
+def run_size(data: Path, size: int, extractor: FeatureExtractor, per_layer: int, seed: int) -> dict:
+    t0 = time.perf_counter()
+    train, _, _ = MVTecFolder(data, "train", size).load_all()
+    test_set = MVTecFolder(data, "test", size)
+    test, masks, labels = test_set.load_all()
+    types = [s.defect_type for s in test_set.samples]
+    bank = sample_bank(features(extractor, train), per_layer, seed)
+    sigma = EDGE_SIGMA * size / EDGE_SIZE
+    k = round(EDGE_TOP_K * (size / EDGE_SIZE) ** 2)
+    maps = gaussian_blur(bank_maps(features(extractor, test), bank, size), sigma)
+    scores = topk_mean_score(maps, k)
+    metrics = evaluate(labels.numpy(), scores.numpy(), masks.numpy(), maps.numpy())
+    y, s, tarr = labels.numpy(), scores.numpy(), np.array(types)
+    per_type = {t: auroc(y[(tarr == t) | (tarr == "good")], s[(tarr == t) | (tarr == "good")])
+                for t in sorted(set(types) - {"good"})}
+    return {"size": size, "blur_sigma": sigma, "top_k": k, "bank": [int(b.shape[-1]) for b in bank],
+            "train_images": len(train), "test_images": len(test), **{k_: round(v, 4) for k_, v in metrics.items()},
+            "image_auroc_by_type": {t: round(v, 4) for t, v in per_type.items()},
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+    lines = [
+        f"# GLAD's scoring features against a bank of training normals ({args.data.name})", "",
+        "What GLAD's scoring (EfficientNet-Lite0 strides 4/8/16, per layer min-over-positions 1 - cos, "
+        "blur, top-K mean) gives when the reference is not a reconstruction but feature vectors of the "
+        f"category's training normals ({args.bank} random positions per layer, seed {args.seed}). No "
+        "diffusion model is involved: this is how far the extractor at each frame size separates the test "
+        "split, the ceiling a reconstruction-based score approaches when its reconstruction is a faithful "
+        "normal version of the frame.", "",
+        "## Command", "", f"    {command}", "",
+        "## Machine", "",
+        f"{cpu_name()}, {torch.get_num_threads()} torch threads, no GPU, torch {torch.__version__}, "
+        f"{platform.platform()}.", "",
+        "## Results (whole test split)", "",
+        "| frame px | blur sigma | K | image AUROC | pixel AUROC | pixel AP | PRO | "
+        + " | ".join(f"image AUROC {t}" for t in rows[0]["image_auroc_by_type"]) + " | s |",
+        "|---" * (8 + len(rows[0]["image_auroc_by_type"])) + "|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['blur_sigma']:.1f} | {r['top_k']} | {r['image_auroc']:.4f} | "
+                     f"{r['pixel_auroc']:.4f} | {r['pixel_ap']:.4f} | {r['pro']:.4f} | "
+                     + " | ".join(f"{v:.4f}" for v in r["image_auroc_by_type"].values())
+                     + f" | {r['seconds']:.0f} |")
+    lines += ["", "Bank sizes per layer (vectors): "
+              + "; ".join(f"{r['size']} px: {r['bank']}" for r in rows) + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--bank", type=int, default=200_000, help="feature vectors per layer in the bank")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--name", default="feature_bank_mtd")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    extractor = build_feature_extractor()
+    rows = []
+    for size in args.sizes:
+        rows.append(run_size(args.data, size, extractor, args.bank, args.seed))
+        print(json.dumps(rows[-1]), flush=True)
+    command = "python benchmarks/feature_bank_mtd.py " + " ".join(sys.argv[1:])
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.results / f"{args.name}.json", {"command": command, "results": rows})
+    write_text_atomic(args.results / f"{args.name}.md", report(rows, args, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""benchmarks/feature_bank_mtd.py: GLAD's scoring against a bank of normal features, on known inputs."""
+
+from __future__ import annotations
+
+import torch
+
+from edgeinspect.models.features import build_feature_extractor
+from tests.conftest import load_benchmark
+
+
+def test_bank_is_seeded_subset_of_all_positions():
+    fb = load_benchmark("feature_bank_mtd")
+    feats = [torch.randn(3, 5, 4, 4), torch.randn(3, 7, 2, 2)]
+    a, b = fb.sample_bank(feats, 20, seed=1), fb.sample_bank(feats, 20, seed=1)
+    assert [t.shape for t in a] == [(1, 5, 1, 20), (1, 7, 1, 12)]  # layer 2 has only 12 positions: all
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    pool = feats[0].permute(1, 0, 2, 3).flatten(1)  # every bank vector is one of the image positions
+    assert all(((pool - a[0][0, :, 0, j:j + 1]).abs().sum(0) == 0).any() for j in range(20))
+    assert not torch.equal(fb.sample_bank(feats, 20, seed=2)[0], a[0])
+
+
+def test_bank_maps_known_distances():
+    fb = load_benchmark("feature_bank_mtd")
+    e = torch.eye(4)
+    bank = [e[:, :2].reshape(1, 4, 1, 2), e[:, :1].reshape(1, 4, 1, 1)]   # layer 1: e0, e1; layer 2: e0
+    # one test frame, 2x1 positions: (e1, e2) on layer 1, (e0, e3) on layer 2
+    test = [torch.stack([e[1], e[2]], 1).reshape(1, 4, 2, 1), torch.stack([e[0], e[3]], 1).reshape(1, 4, 2, 1)]
+    maps = fb.bank_maps(test, bank, size=2)
+    # rows keep their size (exact), columns are replicated: each layer gives [[0, 0], [1, 1]]
+    torch.testing.assert_close(maps[0], torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+    torch.testing.assert_close(fb.bank_maps([test[0]], [bank[0]], size=2)[0], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    flat = fb.bank_maps([test[0]], [bank[0]], size=1)[0, 0, 0]
+    torch.testing.assert_close(flat, torch.tensor(0.5))          # bilinear average of 0 and 1
+
+
+def test_run_size_on_the_sample_scores_defects_higher(sample_root):
+    fb = load_benchmark("feature_bank_mtd")
+    row = fb.run_size(sample_root, 64, build_feature_extractor(), per_layer=5000, seed=0)
+    assert row["size"] == 64 and row["top_k"] == 25 and row["blur_sigma"] == 1.5
+    assert row["test_images"] == 20 and set(row["image_auroc_by_type"]) == {"blowhole", "break", "crack"}
+    for key in ("image_auroc", "pixel_auroc", "pixel_ap", "pro"):
+        assert 0.0 <= row[key] <= 1.0
+    assert row["pixel_auroc"] > 0.6   # pretrained features against real normals do localise MTD defects
