@@ -95,8 +95,10 @@ def cmd_glad_threshold(args: argparse.Namespace) -> int:
 
     r = glad_threshold(args.model, args.data, overrides=parse_overrides(args.overrides), images=args.images,
                        percentile=args.percentile, margin=args.margin, out_json=args.out, threads=args.threads)
-    print(json.dumps({k: v for k, v in r.items() if k != "set"}, indent=2))
+    print(json.dumps({k: v for k, v in r.items() if k not in ("set", "set_weight")}, indent=2))
     print(f"proposed ADP threshold {r['threshold']:.6g}; apply with: {r['set']}")
+    print(f"proposed linear SAFF weight bounds [{r['weight_low']:.6g}, {r['weight_high']:.6g}]; apply with: "
+          f"{r['set_weight']}")
     return 0
 
 
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("glad-threshold", help="propose GLAD's ADP firing threshold from normal images")
+    p = sub.add_parser("glad-threshold", help="propose GLAD's ADP firing threshold and SAFF weight bounds from normal images")
     p.add_argument("--model", type=Path, required=True, help="GLAD run folder or checkpoint folder")
     p.add_argument("--data", type=Path, help="MVTec-layout category folder (default: the run's train.data_root); "
                    "its train/good normals are used")

@@ -298,6 +298,8 @@ class GLADCategorySettings(Strict):
     min_step: int | None = Field(None, ge=0, le=1000)
     top_k: int | None = Field(None, ge=1)
     adp_top_k: int | None = Field(None, ge=1)
+    weight_low: float | None = None
+    weight_high: float | None = None
 
 
 class GLADInferenceConfig(Strict):
@@ -314,11 +316,14 @@ class GLADInferenceConfig(Strict):
     # Image score: mean of the top_k pixels of the final map; ADP check score: of the check map.
     top_k: int = Field(100, ge=1)
     adp_top_k: int = Field(100, ge=1)
-    # SAFF weight w(m) at latent resolution: "minmax" rescales each frame's map to [0, 1];
-    # "linear" maps [weight_low, weight_high] to [0, 1]; then w ** weight_gamma.
+    # SAFF weight w(m), m the check map at the fire pooled to latent size: "linear" maps [weight_low,
+    # weight_high] to [0, 1] (null bounds: the ones proposed from training normals at the end of training,
+    # checkpoint state `adp_weight_bounds`, or by `edgeinspect glad-threshold`); "minmax" rescales each
+    # frame's map to [0, 1], so every frame, a normal one too, takes the trajectory's estimate where its
+    # own map peaks. Then w ** weight_gamma.
     weight_mode: Literal["minmax", "linear"] = "minmax"
-    weight_low: float = 0.0
-    weight_high: float = 1.0
+    weight_low: float | None = None
+    weight_high: float | None = None
     weight_gamma: float = Field(1.0, gt=0)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
@@ -328,9 +333,11 @@ class GLADInferenceConfig(Strict):
 
     @model_validator(mode="after")
     def _fits(self) -> "GLADInferenceConfig":
-        if self.weight_mode == "linear" and self.weight_high <= self.weight_low:
-            raise ValueError("weight_high must exceed weight_low")
         for name, c in {"": None, **self.categories}.items():
+            low = c.weight_low if c and c.weight_low is not None else self.weight_low
+            high = c.weight_high if c and c.weight_high is not None else self.weight_high
+            if low is not None and high is not None and high <= low:
+                raise ValueError(f"{'categories.' + name + ': ' if name else ''}weight_high must exceed weight_low")
             t0 = (c.t0 if c and c.t0 is not None else self.t0)
             steps = (c.steps if c and c.steps is not None else self.steps)
             if steps > t0 + 1:
@@ -362,11 +369,16 @@ class GLADScoringConfig(Strict):
 
 
 class ADPCalibrationConfig(Strict):
-    """Proposing the ADP firing threshold from training normals (end of training, `glad-threshold`)."""
+    """Proposing, from training normals (end of training, `glad-threshold`), the ADP firing threshold
+    (`percentile` of each frame's largest check score, times `margin`) and the bounds of the linear SAFF
+    weight: weight_low = `weight_percentile` of the normals' check-map values at their (forced) fire, at
+    latent size, and weight_high = weight_low x `weight_margin`."""
 
     images: int = Field(32, ge=0)
     percentile: float = Field(99.0, ge=0, le=100)
     margin: float = Field(1.2, gt=0)
+    weight_percentile: float = Field(99.0, ge=0, le=100)
+    weight_margin: float = Field(2.0, gt=1)
 
 
 class GLADConfig(Strict):

@@ -33,16 +33,21 @@ from edgeinspect.training.checkpoint import load_state, resolve_checkpoint, writ
 from edgeinspect.training.glad import (
     adp_check_maxima,
     calibration_subset,
+    for_calibration,
     glad_pipeline,
     load_glad,
     propose_threshold,
+    propose_weight_bounds,
 )
 from edgeinspect.visualize import heatmap_overlay, write_png
 
 
 def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | None = None,
-                      threads: int | None = None) -> tuple[GLADConfig, GLADPipeline, dict]:
+                      threads: int | None = None, calibrating: bool = False
+                      ) -> tuple[GLADConfig, GLADPipeline, dict]:
     cfg, model, extra = load_glad(model_path, overrides)
+    if calibrating:
+        cfg = for_calibration(cfg)
     use_threads(cfg, threads)
     category = category or cfg.category
     settings = cfg.inference.for_category(category)
@@ -50,7 +55,9 @@ def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | 
     if settings.threshold is None and calibrated is None:
         warnings.warn("no ADP threshold (neither configured nor calibrated): frames fire only when t < min_step; "
                       "propose one with `edgeinspect glad-threshold`", stacklevel=2)
-    return cfg, glad_pipeline(cfg, model, threshold=calibrated, category=category), extra
+    bounds = extra.get("adp_weight_bounds")
+    return cfg, glad_pipeline(cfg, model, threshold=calibrated, category=category,
+                              weight_bounds=None if bounds is None else tuple(bounds)), extra
 
 
 def measure_glad_latency(pipe: GLADPipeline, frames: torch.Tensor, warmup: int = 2, repeats: int = 10) -> dict:
@@ -130,6 +137,7 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
                      "threshold_source": "config" if inf.threshold is not None else
                      ("calibrated" if extra.get("adp_threshold") is not None else "none"),
                      "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
+                     "weight_bounds": None if inf.weight_mode == "minmax" else list(pipe.weight_bounds),
                      "seed": inf.seed, "image_size": size, "feature_size": cfg.scoring.feature_size,
                      "blur_sigma": cfg.scoring.blur_sigma, "features": cfg.features.name,
                      "torch_threads": torch.get_num_threads(), "device": str(pipe.nets.device)},
@@ -188,10 +196,11 @@ def predict_glad(model_path: Path, inputs: list[Path], out_dir: Path, overrides:
 def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: dict | None = None,
                    images: int | None = None, percentile: float | None = None, margin: float | None = None,
                    out_json: Path | None = None, threads: int | None = None) -> dict:
-    """Propose the ADP firing threshold from normal images (default: the training normals of the
-    run's data folder): `percentile` of each frame's largest ADP check score above min_step, times
-    `margin`. Returns the proposal with the `--set` override that applies it."""
-    cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads)
+    """Propose, from normal images (default: the training normals of the run's data folder), the ADP
+    firing threshold (`percentile` of each frame's largest ADP check score above min_step, times
+    `margin`) and the linear SAFF weight's bounds (calibration.weight_percentile of the check maps at the
+    fire, times calibration.weight_margin). Returns the proposal with the `--set` overrides that apply it."""
+    cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads, calibrating=True)
     root = Path(data_root) if data_root is not None else cfg.train.data_root
     if root is None:
         raise ValueError("no data folder: pass --data")
@@ -204,11 +213,17 @@ def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: d
     sel = calibration_subset(len(u8), images if images > 0 else len(u8))
     maxima, fire_maps = adp_check_maxima(pipe, uint8_to_model(u8[sel]), cfg.inference.batch_size)
     thr = propose_threshold(maxima, percentile, margin)
+    low, high = propose_weight_bounds(fire_maps, cal.weight_percentile, cal.weight_margin)
     category = cfg.category
-    key = f"inference.categories.{category}.threshold" if category else "inference.threshold"
+    prefix = f"inference.categories.{category}." if category else "inference."
     finite = maxima[np.isfinite(maxima)]
-    result = {"threshold": thr, "category": category, "images": len(sel), "percentile": percentile,
-              "margin": margin, "set": f"--set {key}={thr:.6g}", "data": str(root),
+    result = {"threshold": thr, "weight_low": low, "weight_high": high, "category": category, "images": len(sel),
+              "percentile": percentile, "margin": margin, "weight_percentile": cal.weight_percentile,
+              "weight_margin": cal.weight_margin,
+              "set": f"--set {prefix}threshold={thr:.6g}",
+              "set_weight": f"--set inference.weight_mode=linear --set {prefix}weight_low={low:.6g} "
+                            f"--set {prefix}weight_high={high:.6g}",
+              "data": str(root),
               "max_scores": {"min": float(finite.min()), "median": float(np.median(finite)),
                              "max": float(finite.max())},
               "settings": {"t0": pipe.inference.t0, "steps": pipe.inference.steps,

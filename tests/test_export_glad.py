@@ -213,6 +213,21 @@ def test_glad_method_settings_threshold_sources():
     assert (s["adp_threshold"], s["adp_threshold_source"], s["t0"], s["steps"]) == (0.7, "config", 300, 3)
 
 
+def test_glad_method_settings_weight_bounds_sources():
+    from edgeinspect.export.glad import glad_method_settings
+
+    linear = {"train": {"category": "tile"}, "inference": {"weight_mode": "linear"}}
+    with pytest.raises(ValueError, match="without its bounds.*glad-threshold"):
+        glad_method_settings(build_config("glad", "tiny", linear), {})
+    s = glad_method_settings(build_config("glad", "tiny", linear), {"adp_weight_bounds": [0.2, 0.4]})
+    assert (s["weight_low"], s["weight_high"], s["weight_bounds_source"]) == (0.2, 0.4, "checkpoint")
+    linear["inference"]["categories"] = {"tile": {"weight_low": 0.1, "weight_high": 0.5}}
+    s = glad_method_settings(build_config("glad", "tiny", linear), {"adp_weight_bounds": [0.2, 0.4]})
+    assert (s["weight_low"], s["weight_high"], s["weight_bounds_source"]) == (0.1, 0.5, "config")
+    s = glad_method_settings(build_config("glad", "tiny", {"train": {"category": "tile"}}), {})
+    assert (s["weight_mode"], s["weight_low"], s["weight_bounds_source"]) == ("minmax", None, "none")
+
+
 def test_glad_export_verb(tmp_path, capsys):
     import argparse
 

@@ -1,5 +1,6 @@
 """GLAD: the ATP target, scoring, SAFF and the ADP loop (stub and tiny real networks)."""
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -18,7 +19,13 @@ from edgeinspect.runtime.glad import (
     saff_fuse,
 )
 from edgeinspect.runtime.networks import Networks, TorchNetwork
-from edgeinspect.training.glad import GLADModel, atp_target, build_glad_features, glad_pipeline
+from edgeinspect.training.glad import (
+    GLADModel,
+    atp_target,
+    build_glad_features,
+    glad_pipeline,
+    propose_weight_bounds,
+)
 
 SCHED = DDIM(SchedulerConfig())
 
@@ -221,6 +228,61 @@ def test_infinite_threshold_fires_only_at_min_step():
     pipe0 = stub_pipeline(removes_defect_at_high_noise, threshold=None, min_step=0)
     r0 = pipe0(frames([0.6]))
     assert r0.fire_step.tolist() == [-1] and torch.isnan(r0.fire_score).all() and torch.isnan(r0.fire_maps).all()
+
+
+TEXTURE = 0.3 * torch.randn(LAT, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 1, 1, 0]).view(4, 1, 1)
+
+
+def hallucinates_texture(u, t):
+    """A model whose normal differs from the input's everywhere (another tile's texture), fully at t >= 600."""
+    g = min(max((t - 100) / 500, 0.0), 1.0)
+    return u - g * (u - (NORMAL + TEXTURE))
+
+
+def test_linear_weight_keeps_a_normal_frame_input_derived_where_minmax_does_not():
+    x = frames([0.0])
+    minmax = stub_pipeline(hallucinates_texture, threshold=None)(x)
+    peak = float(minmax.fire_maps.max())
+    # bounds above everything the frame's fire map holds: w = 0, the fused latent is the input-derived one
+    keep = stub_pipeline(hallucinates_texture, threshold=None, weight_mode="linear",
+                         weight_low=2 * peak, weight_high=4 * peak)(x)
+    keep2 = stub_pipeline(hallucinates_texture, threshold=None, weight_mode="linear",
+                          weight_low=3 * peak, weight_high=9 * peak)(x)
+    torch.testing.assert_close(keep.reconstructions, keep2.reconstructions)
+    torch.testing.assert_close(keep.fire_maps, minmax.fire_maps)  # the weight acts after the map is taken
+    assert float(keep.scores[0]) < 0.5 * float(minmax.scores[0])
+    # bounds below it: w = 1, the trajectory's estimate everywhere; farther from the input than either
+    take = stub_pipeline(hallucinates_texture, threshold=None, weight_mode="linear", weight_low=-2.0,
+                         weight_high=-1.0)(x)
+    assert float(take.scores[0]) > float(minmax.scores[0])
+
+
+def test_proposed_weight_bounds_on_known_maps():
+    maps = np.full((3, 4, 4), np.nan)
+    maps[:2] = np.arange(32, dtype=float).reshape(2, 4, 4)  # a frame that never fired: NaN, left out
+    assert propose_weight_bounds(maps, 50.0, 2.0) == (15.5, 31.0)
+    assert propose_weight_bounds(maps, 100.0, 1.5) == (31.0, 46.5)
+    with pytest.raises(ValueError, match="no frame fired"):
+        propose_weight_bounds(np.full((2, 4, 4), np.nan), 99.0, 2.0)
+    with pytest.raises(ValueError, match="nothing to scale"):
+        propose_weight_bounds(np.zeros((2, 4, 4)), 99.0, 2.0)
+
+
+def test_linear_weight_bounds_come_from_config_else_calibration():
+    with pytest.raises(ValueError, match="needs its bounds.*glad-threshold"):
+        stub_pipeline(lambda u, t: u, threshold=None, weight_mode="linear")
+    assert stub_pipeline(lambda u, t: u, None, weight_mode="linear", weight_low=0.1,
+                         weight_high=0.3).weight_bounds == (0.1, 0.3)
+    nets_from = stub_pipeline(lambda u, t: u, None)
+    settings = GLADInferenceConfig(t0=750, steps=10, weight_mode="linear", weight_high=0.5)
+    pipe = GLADPipeline(nets_from.nets, torch.zeros(1, 2, 4), SCHED, settings, GLADScoringConfig(),
+                        weight_bounds=(0.2, 0.4))
+    assert pipe.weight_bounds == (0.2, 0.5)  # the config's high wins over the calibrated one
+    with pytest.raises(ValueError, match="must exceed"):
+        GLADPipeline(nets_from.nets, torch.zeros(1, 2, 4), SCHED, settings, GLADScoringConfig(),
+                     weight_bounds=(0.6, 0.9))
+    with pytest.raises(ValueError, match="weight_high must exceed weight_low"):
+        GLADInferenceConfig(weight_low=0.5, categories={"tile": {"weight_high": 0.4}})
 
 
 # --------------------------------------------------------------------------- tiny real networks

@@ -54,6 +54,8 @@ def test_atp_from_a_diad_base_trains_only_the_unet(tmp_path, data_root, diad_bas
     base_sf = load_state(diad_base / "checkpoints" / "unet-final").extra["scaling_factor"]
     assert extra["scaling_factor"] == pytest.approx(base_sf)
     assert extra["adp_threshold"] > 0 and extra["adp_calibration"]["images"] == 2
+    low, high = extra["adp_weight_bounds"]  # calibration.weight_margin 2
+    assert low > 0 and high == pytest.approx(2 * low)
     cfg, model, _ = load_glad(tmp_path / "run")
     assert cfg.train.prompt == "a tile" and cfg.train.category == "cat"  # prompt from the base run
     assert model.scaling_factor == pytest.approx(base_sf)
@@ -107,6 +109,9 @@ def test_cli_train_without_base_then_test_and_threshold(tmp_path, data_root, cap
     p = json.loads(prop.read_text())
     assert p["threshold"] == pytest.approx(p["max_scores"]["max"])
     assert "--set inference.categories.cat.threshold=" in printed
+    assert p["weight_low"] > 0 and p["weight_high"] == pytest.approx(2 * p["weight_low"])
+    assert (f"--set inference.weight_mode=linear --set inference.categories.cat.weight_low={p['weight_low']:.6g} "
+            f"--set inference.categories.cat.weight_high={p['weight_high']:.6g}") in printed
     # the proposal applies through the category settings
     assert main(["predict", "--model", str(run), str(data_root / "test" / "scratch"), "--out",
                  str(tmp_path / "p"), "--set", f"inference.categories.cat.threshold={p['threshold']}"]) == 0

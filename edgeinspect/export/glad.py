@@ -77,9 +77,10 @@ def _features(ctx: ExportContext) -> RoleExport:
 
 
 def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The GLAD settings a deployment runs with, for the manifest: the category's inference settings and
-    the ADP firing threshold, from the config when set there, else the one calibrated at the end of
-    training (checkpoint state `adp_threshold`), else none (frames then fire only below min_step)."""
+    """The GLAD settings a deployment runs with, for the manifest: the category's inference settings, the
+    ADP firing threshold and the linear SAFF weight's bounds, each from the config when set there, else
+    the ones calibrated at the end of training (checkpoint state `adp_threshold`, `adp_weight_bounds`),
+    else none (frames then fire only below min_step; a linear weight without bounds is an error)."""
     extra = extra or {}
     category = cfg.category
     inf = cfg.inference.for_category(category)
@@ -89,11 +90,19 @@ def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[
         thr, source = float(extra["adp_threshold"]), "checkpoint"
     else:
         thr, source = None, "none"
+    calibrated = extra.get("adp_weight_bounds") or (None, None)
+    low, high = (v if v is not None else c for v, c in zip((inf.weight_low, inf.weight_high), calibrated))
+    if inf.weight_mode == "linear" and (low is None or high is None):
+        raise ValueError("inference.weight_mode 'linear' without its bounds (neither in the config nor calibrated "
+                         "in the checkpoint): propose them with `edgeinspect glad-threshold` and pass them with --set")
+    bounds_source = ("none" if low is None or high is None else
+                     "config" if inf.weight_low is not None and inf.weight_high is not None else "checkpoint")
     return {
         "category": category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
         "check_every": inf.check_every, "adp_threshold": thr, "adp_threshold_source": source,
         "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
-        "weight_low": inf.weight_low, "weight_high": inf.weight_high, "weight_gamma": inf.weight_gamma,
+        "weight_low": low, "weight_high": high, "weight_bounds_source": bounds_source,
+        "weight_gamma": inf.weight_gamma,
         "seed": inf.seed, "feature_size": cfg.scoring.feature_size, "adp_feature_size": cfg.scoring.adp_feature_size,
         "blur_sigma": cfg.scoring.blur_sigma,
         "adp_calibration": {k: v for k, v in (extra.get("adp_calibration") or {}).items() if k != "max_scores"},

@@ -445,10 +445,11 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     if bundle.method == "glad":
         from edgeinspect.runtime.glad import GLADPipeline
 
-        adp = (bundle.manifest.get("method_settings") or {}).get("adp_threshold")
+        ms = bundle.manifest.get("method_settings") or {}
         pipe = _with_verdicts(GLADPipeline)(nets, bundle.context, DDIM(cfg.scheduler),
                                             cfg.inference.for_category(cfg.category), cfg.scoring,
-                                            cfg.scoring.feature_size, threshold=adp)
+                                            cfg.scoring.feature_size, threshold=ms.get("adp_threshold"),
+                                            weight_bounds=(ms.get("weight_low"), ms.get("weight_high")))
     else:
         from edgeinspect.runtime.diad import DiADPipeline
 

@@ -137,7 +137,8 @@ class GLADPipeline:
     """ADP + SAFF reconstruction and feature scoring for a batch of frames (float (B,3,H,W) in [-1, 1])."""
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
-                 scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None):
+                 scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None,
+                 weight_bounds: tuple[float | None, float | None] | None = None):
         for role in ROLES:
             networks[role]  # fail at construction, not mid-frame
         self.nets = networks
@@ -149,6 +150,18 @@ class GLADPipeline:
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
+        # The linear SAFF weight's bounds: inference.weight_low/high win; else the ones given (calibrated).
+        given = weight_bounds if weight_bounds is not None else (None, None)
+        low = inference.weight_low if inference.weight_low is not None else given[0]
+        high = inference.weight_high if inference.weight_high is not None else given[1]
+        if inference.weight_mode == "linear":
+            if low is None or high is None:
+                raise ValueError("inference.weight_mode 'linear' needs its bounds: set inference.weight_low and "
+                                 "weight_high, or propose them from normal images with `edgeinspect glad-threshold` "
+                                 "(a run trained with this version stores them as adp_weight_bounds)")
+            if float(high) <= float(low):
+                raise ValueError(f"SAFF weight bounds: weight_high {high} must exceed weight_low {low}")
+        self.weight_bounds = None if low is None or high is None else (float(low), float(high))
         self.timesteps = schedule.timesteps(inference.t0, inference.steps)
 
     # -- pieces
@@ -224,8 +237,9 @@ class GLADPipeline:
                     sel = fire.nonzero().squeeze(1)
                     f = idx[sel]
                     with timer("saff"):
-                        w = fusion_weight(maps[sel], tuple(z0.shape[-2:]), inf.weight_mode, inf.weight_low,
-                                          inf.weight_high, inf.weight_gamma).to(z.dtype)
+                        low, high = self.weight_bounds or (0.0, 1.0)
+                        w = fusion_weight(maps[sel], tuple(z0.shape[-2:]), inf.weight_mode, low, high,
+                                          inf.weight_gamma).to(z.dtype)
                         fused = saff_fuse(traj_clean[sel], in_clean[sel], w)
                         z_f = self.schedule.add_noise(fused, eps[f], t)
                         eps_f = self._unet(z_f, t)

@@ -88,9 +88,9 @@ def glad_networks(model: GLADModel, features: FeatureExtractor, device: str | to
 
 def glad_pipeline(cfg: GLADConfig, model: GLADModel, features: FeatureExtractor | None = None,
                   device: str | torch.device | None = None, threshold: float | None = None,
-                  category: str | None = None) -> GLADPipeline:
+                  category: str | None = None, weight_bounds: tuple[float, float] | None = None) -> GLADPipeline:
     """The torch-backend GLAD pipeline. Settings: cfg.inference with `category`'s overrides (default:
-    the config's category); `threshold` is used when the settings leave it null."""
+    the config's category); `threshold` and `weight_bounds` are used where the settings leave them null."""
     device = torch.device(device or cfg.runtime.device)
     features = features or build_glad_features(cfg)
     nets = glad_networks(model, features, device)
@@ -99,7 +99,7 @@ def glad_pipeline(cfg: GLADConfig, model: GLADModel, features: FeatureExtractor 
         context = model.to(device).context(prompt)
     settings = cfg.inference.for_category(category or cfg.category)
     return GLADPipeline(nets, context, DDIM(cfg.scheduler), settings, cfg.scoring, cfg.scoring.feature_size,
-                        threshold=threshold)
+                        threshold=threshold, weight_bounds=weight_bounds)
 
 
 # --------------------------------------------------------------------------- ATP target
@@ -181,11 +181,31 @@ def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int =
             torch.cat(fire_maps).cpu().numpy().astype(np.float64))
 
 
+def for_calibration(cfg: GLADConfig) -> GLADConfig:
+    """The config with the minmax SAFF weight: calibration reads the check scores and maps up to the
+    fire, which the weight (applied at the fire) cannot change, and a linear weight may lack its bounds
+    until calibration has proposed them."""
+    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"weight_mode": "minmax"})})
+
+
 def propose_threshold(maxima: np.ndarray, percentile: float, margin: float) -> float:
     finite = maxima[np.isfinite(maxima)]
     if finite.size == 0:
         raise ValueError("no ADP check ran above min_step (t0 <= min_step, or one step only): nothing to calibrate")
     return float(np.percentile(finite, percentile) * margin)
+
+
+def propose_weight_bounds(fire_maps: np.ndarray, percentile: float, margin: float) -> tuple[float, float]:
+    """Linear SAFF weight bounds from normal frames' check maps at their fire (N, h, w): weight_low = the
+    `percentile` of all their values, weight_high = weight_low x `margin`; so a normal frame keeps its
+    input-derived estimate nearly everywhere and a region scoring `margin` times above it the trajectory's."""
+    finite = fire_maps[np.isfinite(fire_maps)]
+    if finite.size == 0:
+        raise ValueError("no frame fired (min_step 0 and no threshold crossed): no check map to calibrate on")
+    low = float(np.percentile(finite, percentile))
+    if low <= 0:
+        raise ValueError(f"the normals' check maps are {low} at the {percentile}th percentile: nothing to scale")
+    return low, low * margin
 
 
 def calibration_subset(n: int, k: int) -> list[int]:
@@ -274,17 +294,25 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
         if n <= 0:
             return {}
         sel = calibration_subset(len(images_u8), n)
-        pipe = glad_pipeline(cfg, model, device=device, threshold=None, category=cfg.category)
+        pipe = glad_pipeline(for_calibration(cfg), model, device=device, threshold=None, category=cfg.category)
         maxima, fire_maps = adp_check_maxima(pipe, uint8_to_model(images_u8[sel]), cfg.inference.batch_size)
         model.train()
+        cal = cfg.calibration
+        out: dict = {}
         try:
-            thr = propose_threshold(maxima, cfg.calibration.percentile, cfg.calibration.margin)
+            out["adp_threshold"] = propose_threshold(maxima, cal.percentile, cal.margin)
         except ValueError as e:
             warnings.warn(f"ADP threshold not calibrated: {e}", stacklevel=2)
-            return {}
-        return {"adp_threshold": thr, "adp_calibration": {
-            "category": cfg.category, "images": len(sel), "percentile": cfg.calibration.percentile,
-            "margin": cfg.calibration.margin, "max_scores": [float(v) for v in maxima]}}
+        try:
+            out["adp_weight_bounds"] = list(propose_weight_bounds(fire_maps, cal.weight_percentile, cal.weight_margin))
+        except ValueError as e:
+            warnings.warn(f"SAFF weight bounds not calibrated: {e}", stacklevel=2)
+        if out:
+            out["adp_calibration"] = {
+                "category": cfg.category, "images": len(sel), "percentile": cal.percentile, "margin": cal.margin,
+                "weight_percentile": cal.weight_percentile, "weight_margin": cal.weight_margin,
+                "max_scores": [float(v) for v in maxima]}
+        return out
 
     stages = [Stage("atp", t.atp_steps, t.atp_lr, lambda: model.unet.parameters(), atp_loss, atp_setup, atp_finish)]
     trainer = Trainer(run_dir, model, stages, checkpoint_every=t.checkpoint_every, keep=t.keep_checkpoints,
