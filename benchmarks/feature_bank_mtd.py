@@ -98,19 +98,23 @@ def run_size(data: Path, size: int, extractor: FeatureExtractor, per_layer: int,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
+def machine() -> dict:
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "platform": platform.platform()}
+
+
+def report(rows: list[dict], mach: dict, args: argparse.Namespace, command: str) -> str:
     lines = [
         f"# GLAD's scoring features against a bank of training normals ({args.data.name})", "",
         "What GLAD's scoring (EfficientNet-Lite0 strides 4/8/16, per layer min-over-positions 1 - cos, "
         "blur, top-K mean) gives when the reference is not a reconstruction but feature vectors of the "
         f"category's training normals ({args.bank} random positions per layer, seed {args.seed}). No "
-        "diffusion model is involved: this is how far the extractor at each frame size separates the test "
-        "split, the ceiling a reconstruction-based score approaches when its reconstruction is a faithful "
-        "normal version of the frame.", "",
+        "diffusion model is involved. It is a reference point, not a bound: it shows whether the extractor "
+        "at this frame size can carry the decision when the reference is real normal content, so that a "
+        "reconstruction-based score that falls far short of it is held back by its reconstructions.", "",
         "## Command", "", f"    {command}", "",
         "## Machine", "",
-        f"{cpu_name()}, {torch.get_num_threads()} torch threads, no GPU, torch {torch.__version__}, "
-        f"{platform.platform()}.", "",
+        f"{mach['cpu']}, {mach['threads']} torch threads, no GPU, torch {mach['torch']}, {mach['platform']}.", "",
         "## Results (whole test split)", "",
         "| frame px | blur sigma | K | image AUROC | pixel AUROC | pixel AP | PRO | "
         + " | ".join(f"image AUROC {t}" for t in rows[0]["image_auroc_by_type"]) + " | s |",
@@ -135,7 +139,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--name", default="feature_bank_mtd")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the markdown report from the JSON of an earlier run (same --name)")
     args = ap.parse_args()
+    if args.report_only:
+        stored = json.loads((args.results / f"{args.name}.json").read_text())
+        write_text_atomic(args.results / f"{args.name}.md",
+                          report(stored["results"], stored["machine"], args, stored["command"]))
+        return 0
     torch.set_num_threads(args.threads)
     extractor = build_feature_extractor()
     rows = []
@@ -144,8 +155,9 @@ def main() -> int:
         print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/feature_bank_mtd.py " + " ".join(sys.argv[1:])
     args.results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.results / f"{args.name}.json", {"command": command, "results": rows})
-    write_text_atomic(args.results / f"{args.name}.md", report(rows, args, command))
+    mach = machine()
+    write_json_atomic(args.results / f"{args.name}.json", {"command": command, "machine": mach, "results": rows})
+    write_text_atomic(args.results / f"{args.name}.md", report(rows, mach, args, command))
     return 0
 
 
