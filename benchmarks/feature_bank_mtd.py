@@ -1,19 +1,18 @@
-"""How far GLAD's scoring features alone separate a category's test frames -> results/.
+"""Where GLAD's image score comes from: its scoring against other references -> results/.
 
-    python benchmarks/feature_bank_mtd.py --data ../shared/data/mtd --sizes 128 256
+    python benchmarks/feature_bank_mtd.py --data ../shared/data/mtd --sizes 128 --roundtrip runs/glad_mtd_edge
 
 GLAD scores a frame by comparing its extractor features with those of its own reconstruction
 (per layer, min over positions of 1 - cos; upsample, sum, blur, mean of the top-K pixels). This
-benchmark keeps that scoring exactly and replaces the reconstruction by the best normal reference
-there is: a bank of feature vectors from the category's training normals (a random `--bank`
-positions per layer, seeded). No diffusion model is involved, so it tells whether the extractor at
-a given frame size can separate the test split at all: a reconstruction-based score can only match
-it where the reconstruction is a faithful normal version of the frame.
-
-Frames are resized to each `--sizes` value (the model image of the edge preset is 128 px); blur
-sigma and K scale with it from GLAD's edge settings (3.0 px and K = 100 at 128 px). Writes
-results/feature_bank_mtd.{md,json}: per size the image/pixel metrics (edgeinspect.metrics.evaluate),
-per-type image AUROC, the bank sizes and the time taken.
+benchmark keeps that scoring and swaps the reconstruction for two references:
+- `--sizes`: a bank of feature vectors from the category's training normals (a random `--bank`
+  positions per layer, seeded), frames resized to each size; blur sigma and K scale from GLAD's edge
+  settings (3.0 px and K = 100 at 128 px). No diffusion model: whether the extractor can carry the
+  decision when the reference is real normal content;
+- `--roundtrip RUN`: the frame's own round trip through a GLAD run's autoencoder, scored with that
+  run's settings. No diffusion either: what the autoencoder alone puts into every frame's score.
+Writes results/feature_bank_mtd.{md,json}: per row the image/pixel metrics (edgeinspect.metrics.evaluate),
+per-type image AUROC, the median scores of normal and defective frames, and the time taken.
 """
 
 from __future__ import annotations
@@ -77,24 +76,57 @@ def bank_maps(test_feats: list[torch.Tensor], bank: list[torch.Tensor], size: in
     return total.squeeze(1)
 
 
+def metrics_row(test_set: MVTecFolder, labels: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor,
+                scores: torch.Tensor) -> dict:
+    """edgeinspect.metrics.evaluate's metrics plus the image AUROC of each defect type against the normals."""
+    metrics = evaluate(labels.numpy(), scores.numpy(), masks.numpy(), maps.numpy())
+    types = np.array([s.defect_type for s in test_set.samples])
+    y, s = labels.numpy(), scores.numpy()
+    per_type = {t: auroc(y[(types == t) | (types == "good")], s[(types == t) | (types == "good")])
+                for t in sorted(set(types) - {"good"})}
+    return {"test_images": len(y), **{k: round(v, 4) for k, v in metrics.items()},
+            "image_auroc_by_type": {t: round(v, 4) for t, v in per_type.items()},
+            "normal_score_median": round(float(np.median(s[y == 0])), 4),
+            "defect_score_median": round(float(np.median(s[y == 1])), 4)}
+
+
 def run_size(data: Path, size: int, extractor: FeatureExtractor, per_layer: int, seed: int) -> dict:
     t0 = time.perf_counter()
     train, _, _ = MVTecFolder(data, "train", size).load_all()
     test_set = MVTecFolder(data, "test", size)
     test, masks, labels = test_set.load_all()
-    types = [s.defect_type for s in test_set.samples]
     bank = sample_bank(features(extractor, train), per_layer, seed)
     sigma = EDGE_SIGMA * size / EDGE_SIZE
     k = round(EDGE_TOP_K * (size / EDGE_SIZE) ** 2)
     maps = gaussian_blur(bank_maps(features(extractor, test), bank, size), sigma)
-    scores = topk_mean_score(maps, k)
-    metrics = evaluate(labels.numpy(), scores.numpy(), masks.numpy(), maps.numpy())
-    y, s, tarr = labels.numpy(), scores.numpy(), np.array(types)
-    per_type = {t: auroc(y[(tarr == t) | (tarr == "good")], s[(tarr == t) | (tarr == "good")])
-                for t in sorted(set(types) - {"good"})}
-    return {"size": size, "blur_sigma": sigma, "top_k": k, "bank": [int(b.shape[-1]) for b in bank],
-            "train_images": len(train), "test_images": len(test), **{k_: round(v, 4) for k_, v in metrics.items()},
-            "image_auroc_by_type": {t: round(v, 4) for t, v in per_type.items()},
+    return {"reference": "bank of training-normal features", "size": size, "blur_sigma": sigma, "top_k": k,
+            "bank": [int(b.shape[-1]) for b in bank], "train_images": len(train),
+            **metrics_row(test_set, labels, masks, maps, topk_mean_score(maps, k)),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def roundtrip_row(data: Path, run: Path, batch: int = 16) -> dict:
+    """GLAD's final scoring exactly as the run `run` does it (its extractor, feature size, blur, K), with
+    the reconstruction replaced by the frame's own round trip through the run's autoencoder: what the
+    autoencoder alone puts into every frame's score."""
+    from edgeinspect.evaluate_glad import pipeline_from_run
+    from edgeinspect.runtime.timing import StageTimer
+
+    t0 = time.perf_counter()
+    cfg, pipe, _ = pipeline_from_run(run, None, threads=torch.get_num_threads())
+    test_set = MVTecFolder(data, "test", cfg.model.image_size)
+    test, masks, labels = test_set.load_all()
+    timer = StageTimer(pipe.nets.device)
+    maps = []
+    for s in range(0, len(test), batch):
+        x = uint8_to_model(test[s:s + batch]).to(pipe.nets.device)
+        rt = pipe.nets["vae_decoder"](latent=pipe.nets["vae_encoder"](image=x)["latent"])["image"].clamp(-1, 1)
+        maps.append(pipe.anomaly_maps(x, rt, timer).float().cpu())
+    maps = torch.cat(maps)
+    return {"reference": f"the frame's round trip through {run}'s autoencoder", "size": cfg.model.image_size,
+            "blur_sigma": cfg.scoring.blur_sigma, "top_k": pipe.inference.top_k, "bank": None,
+            **metrics_row(test_set, labels, masks, maps, topk_mean_score(maps, pipe.inference.top_k)),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -116,26 +148,34 @@ def report(rows: list[dict], mach: dict, args: argparse.Namespace, command: str)
         "## Machine", "",
         f"{mach['cpu']}, {mach['threads']} torch threads, no GPU, torch {mach['torch']}, {mach['platform']}.", "",
         "## Results (whole test split)", "",
-        "| frame px | blur sigma | K | image AUROC | pixel AUROC | pixel AP | PRO | "
-        + " | ".join(f"image AUROC {t}" for t in rows[0]["image_auroc_by_type"]) + " | s |",
-        "|---" * (8 + len(rows[0]["image_auroc_by_type"])) + "|",
+        "| reference | frame px | blur sigma | K | image AUROC | pixel AUROC | pixel AP | PRO | "
+        + " | ".join(f"image AUROC {t}" for t in rows[0]["image_auroc_by_type"])
+        + " | median score normal / defective | s |",
+        "|---" * (10 + len(rows[0]["image_auroc_by_type"])) + "|",
     ]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['blur_sigma']:.1f} | {r['top_k']} | {r['image_auroc']:.4f} | "
-                     f"{r['pixel_auroc']:.4f} | {r['pixel_ap']:.4f} | {r['pro']:.4f} | "
+        lines.append(f"| {r['reference']} | {r['size']} | {r['blur_sigma']:.1f} | {r['top_k']} | "
+                     f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pixel_ap']:.4f} | {r['pro']:.4f} | "
                      + " | ".join(f"{v:.4f}" for v in r["image_auroc_by_type"].values())
-                     + f" | {r['seconds']:.0f} |")
+                     + f" | {r['normal_score_median']:.3f} / {r['defect_score_median']:.3f} | {r['seconds']:.0f} |")
     lines += ["", "Bank sizes per layer (vectors): "
-              + "; ".join(f"{r['size']} px: {r['bank']}" for r in rows) + ".", ""]
+              + "; ".join(f"{r['size']} px: {r['bank']}" for r in rows if r["bank"]) + ".", ""]
+    if any(r["bank"] is None for r in rows):
+        lines += ["The round-trip rows score each frame against its own autoencoder round trip with the run's "
+                  "own GLAD scoring settings (`--roundtrip`): no diffusion, so their scores are what the "
+                  "autoencoder alone puts into every frame's score.", ""]
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[128])
     ap.add_argument("--bank", type=int, default=200_000, help="feature vectors per layer in the bank")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--roundtrip", type=Path, nargs="*", default=[],
+                    help="GLAD runs: add a row scoring each frame against its round trip through the run's "
+                         "autoencoder, with the run's scoring settings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--name", default="feature_bank_mtd")
@@ -152,6 +192,9 @@ def main() -> int:
     rows = []
     for size in args.sizes:
         rows.append(run_size(args.data, size, extractor, args.bank, args.seed))
+        print(json.dumps(rows[-1]), flush=True)
+    for run in args.roundtrip:
+        rows.append(roundtrip_row(args.data, run))
         print(json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/feature_bank_mtd.py " + " ".join(sys.argv[1:])
     args.results.mkdir(parents=True, exist_ok=True)

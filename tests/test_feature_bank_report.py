@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edgeinspect.models.features import build_feature_extractor
@@ -41,3 +42,32 @@ def test_run_size_on_the_sample_scores_defects_higher(sample_root):
     for key in ("image_auroc", "pixel_auroc", "pixel_ap", "pro"):
         assert 0.0 <= row[key] <= 1.0
     assert row["pixel_auroc"] > 0.6   # pretrained features against real normals do localise MTD defects
+
+
+
+def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root, tmp_path):
+    """A tiny GLAD run: the row is the run's own scoring of each frame against its autoencoder round trip."""
+    import numpy as np
+
+    from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+    from edgeinspect.evaluate_glad import pipeline_from_run
+    from edgeinspect.runtime.scoring import topk_mean_score
+    from edgeinspect.runtime.timing import StageTimer
+    from tests.test_export_glad import make_tiny_glad_run, sample_frames
+
+    fb = load_benchmark("feature_bank_mtd")
+    run = make_tiny_glad_run(tmp_path / "run", sample_frames())
+    torch.manual_seed(0)  # the tiny preset's extractor has random weights: the same seed, the same extractor
+    row = fb.roundtrip_row(sample_root, run, batch=7)
+    torch.manual_seed(0)
+    cfg, pipe, _ = pipeline_from_run(run, None)
+    data = MVTecFolder(sample_root, "test", cfg.model.image_size)
+    u8, _, labels = data.load_all()
+    x = uint8_to_model(u8)
+    with torch.no_grad():
+        rt = pipe.nets["vae_decoder"](latent=pipe.nets["vae_encoder"](image=x)["latent"])["image"].clamp(-1, 1)
+        scores = topk_mean_score(pipe.anomaly_maps(x, rt, StageTimer(pipe.nets.device)), pipe.inference.top_k)
+    assert row["bank"] is None and row["size"] == 64 and row["test_images"] == 20
+    assert row["normal_score_median"] == pytest.approx(float(np.median(scores[labels == 0])), abs=1e-4)
+    assert row["defect_score_median"] == pytest.approx(float(np.median(scores[labels == 1])), abs=1e-4)
+    assert set(row["image_auroc_by_type"]) == {"blowhole", "break", "crack"}
