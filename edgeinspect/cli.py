@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(p)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("glad-threshold", help="propose GLAD's ADP firing threshold and SAFF weight bounds from normal images")
+    p = sub.add_parser("glad-threshold",
+                       help="propose GLAD's ADP firing threshold and SAFF weight bounds from normal images")
     p.add_argument("--model", type=Path, required=True, help="GLAD run folder or checkpoint folder")
     p.add_argument("--data", type=Path, help="MVTec-layout category folder (default: the run's train.data_root); "
                    "its train/good normals are used")
