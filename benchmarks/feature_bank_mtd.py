@@ -11,8 +11,9 @@ benchmark keeps that scoring and swaps the reconstruction for two references:
   decision when the reference is real normal content;
 - `--roundtrip RUN`: the frame's own round trip through a GLAD run's autoencoder, scored with that
   run's settings. No diffusion either: what the autoencoder alone puts into every frame's score.
-Writes results/feature_bank_mtd.{md,json}: per row the image/pixel metrics (edgeinspect.metrics.evaluate),
-per-type image AUROC, the median scores of normal and defective frames, and the time taken.
+Writes results/feature_bank_mtd.{md,json,png}: per row the image/pixel metrics (edgeinspect.metrics.evaluate),
+per-type image AUROC, the median scores of normal and defective frames and the time taken; the figure
+shows each reference's map on the first test image of each type.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from edgeinspect.runtime.glad import min_cosine_distance_map
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
 from edgeinspect.sysinfo import cpu_name, write_text_atomic
 from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EDGE_SIZE, EDGE_SIGMA, EDGE_TOP_K = 128, 3.0, 100
@@ -90,7 +92,9 @@ def metrics_row(test_set: MVTecFolder, labels: torch.Tensor, masks: torch.Tensor
             "defect_score_median": round(float(np.median(s[y == 1])), 4)}
 
 
-def run_size(data: Path, size: int, extractor: FeatureExtractor, per_layer: int, seed: int) -> dict:
+def run_size(data: Path, size: int, extractor: FeatureExtractor, per_layer: int, seed: int
+             ) -> tuple[dict, torch.Tensor]:
+    """The bank row and its maps (N, size, size)."""
     t0 = time.perf_counter()
     train, _, _ = MVTecFolder(data, "train", size).load_all()
     test_set = MVTecFolder(data, "test", size)
@@ -102,14 +106,14 @@ def run_size(data: Path, size: int, extractor: FeatureExtractor, per_layer: int,
     return {"reference": "bank of training-normal features", "size": size, "blur_sigma": sigma, "top_k": k,
             "bank": [int(b.shape[-1]) for b in bank], "train_images": len(train),
             **metrics_row(test_set, labels, masks, maps, topk_mean_score(maps, k)),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1)}, maps
 
 
 @torch.no_grad()
-def roundtrip_row(data: Path, run: Path, batch: int = 16) -> dict:
+def roundtrip_row(data: Path, run: Path, batch: int = 16) -> tuple[dict, torch.Tensor]:
     """GLAD's final scoring exactly as the run `run` does it (its extractor, feature size, blur, K), with
     the reconstruction replaced by the frame's own round trip through the run's autoencoder: what the
-    autoencoder alone puts into every frame's score."""
+    autoencoder alone puts into every frame's score. The row and its maps (N, H, W)."""
     from edgeinspect.evaluate_glad import pipeline_from_run
     from edgeinspect.runtime.timing import StageTimer
 
@@ -127,7 +131,26 @@ def roundtrip_row(data: Path, run: Path, batch: int = 16) -> dict:
     return {"reference": f"the frame's round trip through {run}'s autoencoder", "size": cfg.model.image_size,
             "blur_sigma": cfg.scoring.blur_sigma, "top_k": pipe.inference.top_k, "bank": None,
             **metrics_row(test_set, labels, masks, maps, topk_mean_score(maps, pipe.inference.top_k)),
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "seconds": round(time.perf_counter() - t0, 1)}, maps
+
+
+def figure(data: Path, rows: list[dict], maps: list[torch.Tensor], out_png: Path, size: int = 128) -> None:
+    """For the first test image of each type: the frame, then each row's map over it, every column on
+    its own scale (its maps' 1st to 99.9th percentile over the whole split), ground truth outlined."""
+    test_set = MVTecFolder(data, "test", size)
+    first: dict[str, int] = {}
+    for i, smp in enumerate(test_set.samples):
+        first.setdefault(smp.defect_type, i)
+    scales = [(float(np.percentile(m.numpy(), 1)), float(np.percentile(m.numpy(), 99.9))) for m in maps]
+    names = ["bank" if r["bank"] else "own round trip" for r in rows]
+    tiles = []
+    for t, i in first.items():
+        img, mask = test_set.load(i)
+        line = [label(img, t)]
+        for name, m, (lo, hi) in zip(names, maps, scales, strict=True):
+            line.append(label(heatmap_overlay(img, m[i].numpy(), lo, hi, mask), name))
+        tiles.append(line)
+    write_png(out_png, grid(tiles))
 
 
 def machine() -> dict:
@@ -158,7 +181,10 @@ def report(rows: list[dict], mach: dict, args: argparse.Namespace, command: str)
                      f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pixel_ap']:.4f} | {r['pro']:.4f} | "
                      + " | ".join(f"{v:.4f}" for v in r["image_auroc_by_type"].values())
                      + f" | {r['normal_score_median']:.3f} / {r['defect_score_median']:.3f} | {r['seconds']:.0f} |")
-    lines += ["", "Bank sizes per layer (vectors): "
+    lines += ["", f"![maps]({args.name}.png)", "",
+              "Rows: the first test image of each type; columns: the frame, then each reference's map over it "
+              "(each column on its own scale: its maps' 1st to 99.9th percentile over the split; white outline: "
+              "ground truth).", "", "Bank sizes per layer (vectors): "
               + "; ".join(f"{r['size']} px: {r['bank']}" for r in rows if r["bank"]) + ".", ""]
     if any(r["bank"] is None for r in rows):
         lines += ["The round-trip rows score each frame against its own autoencoder round trip with the run's "
@@ -189,17 +215,19 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     extractor = build_feature_extractor()
-    rows = []
-    for size in args.sizes:
-        rows.append(run_size(args.data, size, extractor, args.bank, args.seed))
-        print(json.dumps(rows[-1]), flush=True)
-    for run in args.roundtrip:
-        rows.append(roundtrip_row(args.data, run))
-        print(json.dumps(rows[-1]), flush=True)
+    rows, maps = [], []
+    for row, m in [*(run_size(args.data, size, extractor, args.bank, args.seed) for size in args.sizes),
+                   *(roundtrip_row(args.data, run) for run in args.roundtrip)]:
+        rows.append(row)
+        maps.append(m)
+        print(json.dumps(row), flush=True)
+    if not rows:
+        ap.error("nothing to measure: give --sizes and/or --roundtrip")
     command = "python benchmarks/feature_bank_mtd.py " + " ".join(sys.argv[1:])
     args.results.mkdir(parents=True, exist_ok=True)
     mach = machine()
     write_json_atomic(args.results / f"{args.name}.json", {"command": command, "machine": mach, "results": rows})
+    figure(args.data, rows, maps, args.results / f"{args.name}.png")
     write_text_atomic(args.results / f"{args.name}.md", report(rows, mach, args, command))
     return 0
 

@@ -36,7 +36,8 @@ def test_bank_maps_known_distances():
 
 def test_run_size_on_the_sample_scores_defects_higher(sample_root):
     fb = load_benchmark("feature_bank_mtd")
-    row = fb.run_size(sample_root, 64, build_feature_extractor(), per_layer=5000, seed=0)
+    row, maps = fb.run_size(sample_root, 64, build_feature_extractor(), per_layer=5000, seed=0)
+    assert maps.shape == (20, 64, 64)
     assert row["size"] == 64 and row["top_k"] == 25 and row["blur_sigma"] == 1.5
     assert row["test_images"] == 20 and set(row["image_auroc_by_type"]) == {"blowhole", "break", "crack"}
     for key in ("image_auroc", "pixel_auroc", "pixel_ap", "pro"):
@@ -58,7 +59,7 @@ def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root,
     fb = load_benchmark("feature_bank_mtd")
     run = make_tiny_glad_run(tmp_path / "run", sample_frames())
     torch.manual_seed(0)  # the tiny preset's extractor has random weights: the same seed, the same extractor
-    row = fb.roundtrip_row(sample_root, run, batch=7)
+    row, maps = fb.roundtrip_row(sample_root, run, batch=7)
     torch.manual_seed(0)
     cfg, pipe, _ = pipeline_from_run(run, None)
     data = MVTecFolder(sample_root, "test", cfg.model.image_size)
@@ -71,3 +72,10 @@ def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root,
     assert row["normal_score_median"] == pytest.approx(float(np.median(scores[labels == 0])), abs=1e-4)
     assert row["defect_score_median"] == pytest.approx(float(np.median(scores[labels == 1])), abs=1e-4)
     assert set(row["image_auroc_by_type"]) == {"blowhole", "break", "crack"}
+    torch.testing.assert_close(topk_mean_score(maps, pipe.inference.top_k), scores, rtol=0, atol=1e-4)
+    png = tmp_path / "fig.png"
+    fb.figure(sample_root, [row, row], [maps, maps], png, size=32)
+    import cv2
+
+    # one row per type (good + 3 defect types), each: the frame + one map per reference, 18-px labels, 4-px pads
+    assert cv2.imread(str(png)).shape == (4 * (32 + 18 + 4) + 4, 3 * (32 + 4) + 4, 3)
