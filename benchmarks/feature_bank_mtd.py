@@ -31,7 +31,7 @@ import torch
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.metrics import auroc, evaluate
 from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
-from edgeinspect.runtime.glad import min_cosine_distance_map
+from edgeinspect.runtime.glad import min_cosine_distance_maps
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
 from edgeinspect.sysinfo import cpu_name, write_text_atomic
 from edgeinspect.training.checkpoint import write_json_atomic
@@ -52,7 +52,7 @@ def features(extractor: FeatureExtractor, images_u8: torch.Tensor, batch: int = 
 
 def sample_bank(feats: list[torch.Tensor], per_layer: int, seed: int) -> list[torch.Tensor]:
     """Per layer, `per_layer` feature vectors drawn without replacement from all positions of all
-    images (all of them if fewer), as a (1, C, 1, M) map that min_cosine_distance_map accepts."""
+    images (all of them if fewer), as a (1, C, 1, M) map that min_cosine_distance_maps accepts."""
     g = torch.Generator().manual_seed(seed)
     bank = []
     for f in feats:
@@ -68,14 +68,8 @@ def bank_maps(test_feats: list[torch.Tensor], bank: list[torch.Tensor], size: in
               ) -> torch.Tensor:
     """GLAD's map with the bank as the reference: per layer min over the bank of (1 - cos), bilinear
     to `size`, summed over layers. (N, size, size)."""
-    n = test_feats[0].shape[0]
-    total = torch.zeros(n, 1, size, size)
-    for f, b in zip(test_feats, bank, strict=True):
-        for i in range(n):
-            d = min_cosine_distance_map(f[i:i + 1], b, chunk_mb).unsqueeze(1)
-            total[i:i + 1] += torch.nn.functional.interpolate(d, size=(size, size), mode="bilinear",
-                                                              align_corners=False)
-    return total.squeeze(1)
+    return torch.cat([min_cosine_distance_maps([f[i:i + 1] for f in test_feats], bank, (size, size), chunk_mb)
+                      for i in range(test_feats[0].shape[0])])
 
 
 def metrics_row(test_set: MVTecFolder, labels: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor,

@@ -23,6 +23,7 @@ import torch
 
 from edgeinspect.export import diad as _diad
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
+from edgeinspect.runtime.glad import resolve_weight_bounds
 from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
 
 METHOD = "glad"
@@ -90,11 +91,7 @@ def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[
         thr, source = float(extra["adp_threshold"]), "checkpoint"
     else:
         thr, source = None, "none"
-    calibrated = extra.get("adp_weight_bounds") or (None, None)
-    low, high = (v if v is not None else c for v, c in zip((inf.weight_low, inf.weight_high), calibrated))
-    if inf.weight_mode == "linear" and (low is None or high is None):
-        raise ValueError("inference.weight_mode 'linear' without its bounds (neither in the config nor calibrated "
-                         "in the checkpoint): propose them with `edgeinspect glad-threshold` and pass them with --set")
+    low, high = resolve_weight_bounds(inf, extra.get("adp_weight_bounds"))
     bounds_source = ("none" if low is None or high is None else
                      "config" if inf.weight_low is not None and inf.weight_high is not None else "checkpoint")
     return {

@@ -110,6 +110,23 @@ def fusion_weight(maps: torch.Tensor, latent_size: tuple[int, int], mode: str = 
     return w.pow(gamma) if gamma != 1.0 else w
 
 
+def resolve_weight_bounds(inference: GLADInferenceConfig, calibrated: tuple[float | None, float | None] | None
+                          ) -> tuple[float | None, float | None]:
+    """The linear SAFF weight's (low, high): inference.weight_low/high where set, else the calibrated
+    ones (checkpoint or bundle). A linear weight without both, or with high <= low, is an error."""
+    calibrated = calibrated if calibrated is not None else (None, None)
+    low, high = (float(v) if v is not None else (None if c is None else float(c))
+                 for v, c in zip((inference.weight_low, inference.weight_high), calibrated))
+    if inference.weight_mode == "linear":
+        if low is None or high is None:
+            raise ValueError("inference.weight_mode 'linear' needs its bounds (without its bounds in the config "
+                             "or calibrated in the checkpoint): set inference.weight_low and weight_high, or propose "
+                             "them from normal images with `edgeinspect glad-threshold`")
+        if high <= low:
+            raise ValueError(f"SAFF weight bounds: weight_high {high} must exceed weight_low {low}")
+    return low, high
+
+
 def saff_fuse(trajectory_clean: torch.Tensor, input_clean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The fused clean latent: the trajectory's where w = 1, the input-derived where w = 0."""
     return weight * trajectory_clean + (1 - weight) * input_clean
@@ -150,18 +167,8 @@ class GLADPipeline:
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
-        # The linear SAFF weight's bounds: inference.weight_low/high win; else the ones given (calibrated).
-        given = weight_bounds if weight_bounds is not None else (None, None)
-        low = inference.weight_low if inference.weight_low is not None else given[0]
-        high = inference.weight_high if inference.weight_high is not None else given[1]
-        if inference.weight_mode == "linear":
-            if low is None or high is None:
-                raise ValueError("inference.weight_mode 'linear' needs its bounds: set inference.weight_low and "
-                                 "weight_high, or propose them from normal images with `edgeinspect glad-threshold` "
-                                 "(a run trained with this version stores them as adp_weight_bounds)")
-            if float(high) <= float(low):
-                raise ValueError(f"SAFF weight bounds: weight_high {high} must exceed weight_low {low}")
-        self.weight_bounds = None if low is None or high is None else (float(low), float(high))
+        low, high = resolve_weight_bounds(inference, weight_bounds)
+        self.weight_bounds = None if low is None or high is None else (low, high)
         self.timesteps = schedule.timesteps(inference.t0, inference.steps)
 
     # -- pieces
