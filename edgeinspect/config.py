@@ -357,8 +357,9 @@ class GLADScoringConfig(Strict):
     feature_size: int | None = Field(None, ge=32)
     # What the final reconstruction is compared with: the input frame (the paper), or the input's own
     # autoencoder round trip, so that a small autoencoder's blur is on both sides (one extra decode per
-    # frame; the ADP checks compare two decoded estimates either way). On MTD's edge model: images no
-    # better on held-out data, pixels worse (benchmarks/results/glad_mtd_roundtrip.md).
+    # frame; the ADP checks compare two decoded estimates either way). On MTD's CPU-trained f = 8 model:
+    # images no better on held-out data, pixels worse (benchmarks/results/glad_mtd_roundtrip.md); on the
+    # GPU-trained f = 4 model: image AUROC +0.015-0.025, pixel -0.01 (glad_mtd_gpu_sweep.md).
     reference: Literal["input", "vae_roundtrip"] = "input"
     # Feature size for the ADP checks (null: feature_size); smaller makes each check cheaper.
     adp_feature_size: int | None = Field(None, ge=32)
