@@ -25,7 +25,7 @@ import torch
 
 from edgeinspect.config import parse_overrides
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
-from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of
+from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of, read_name_list
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
 from edgeinspect.sysinfo import cpu_name, gpu_name
@@ -74,15 +74,10 @@ def machine_line(device: str) -> str:
     return f"{line}, no GPU"
 
 
-def read_names(path: Path) -> set[str]:
-    """Names in a list file: one per line (file name, `type/name` or path); `#` starts a comment."""
-    return {line.split("#")[0].strip() for line in path.read_text().splitlines()} - {""}
-
-
 def heldout_metrics(res: dict, data_root: Path, selection: Path, maps_file: Path) -> tuple[dict, int]:
     """Metrics over the test images NOT named in `selection` (file name, type/name or path), from the
     evaluation's stored maps; (metrics, number of images the settings were chosen on)."""
-    chosen = read_names(selection)
+    chosen = read_name_list(selection)
     data = MVTecFolder(data_root, "test", res["settings"]["image_size"])
     keep = np.array([not {s.path.name, f"{s.defect_type}/{s.path.name}", str(s.path)} & chosen for s in data.samples])
     n_chosen = int((~keep).sum())

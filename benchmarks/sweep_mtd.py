@@ -22,16 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeinspect.evaluate import read_name_list
 from edgeinspect.metrics import auroc
 from edgeinspect.sysinfo import write_text_atomic
 from edgeinspect.training.checkpoint import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "pro")
-
-
-def read_names(path: Path) -> set[str]:
-    return {line.split("#")[0].strip() for line in path.read_text().splitlines()} - {""}
 
 
 def selection_image_auroc(raw: dict, chosen: set[str]) -> tuple[float, int]:
@@ -85,7 +82,7 @@ def main() -> int:
     ap.add_argument("--target", type=float, default=0.90)
     ap.add_argument("--note", type=Path, help="markdown file: how the evaluations were run, what they say")
     args = ap.parse_args()
-    chosen = read_names(args.selection) if args.selection else None
+    chosen = read_name_list(args.selection) if args.selection else None
     rows = []
     for name in args.names:
         summary_file, raw_file = args.results / f"{name}.json", args.evals / f"{name}_eval.json"

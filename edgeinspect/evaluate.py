@@ -25,10 +25,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _read_exclude(path: Path | None) -> set[str]:
+def read_name_list(path: Path | None) -> set[str]:
+    """Image names in a list file (exclude files, selections): one per line (a name, <type>/<name> or a
+    path); `#` starts a comment; no file, no names."""
     if path is None:
         return set()
-    return {ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")}
+    return {ln.split("#")[0].strip() for ln in Path(path).read_text().splitlines()} - {""}
 
 
 def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: int = 10,
@@ -88,7 +90,7 @@ def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = Non
     use_threads(cfg, threads)
     pipe = diad_pipeline(cfg, model)
     size = cfg.model.image_size
-    data = MVTecFolder(data_root, "test", size, exclude=_read_exclude(exclude_file))
+    data = MVTecFolder(data_root, "test", size, exclude=read_name_list(exclude_file))
     n = len(data)
     images = np.zeros((n, size, size, 3), np.uint8)
     masks = np.zeros((n, size, size), bool)

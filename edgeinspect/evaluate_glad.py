@@ -25,7 +25,7 @@ from edgeinspect.data.mvtec import (
     tensor_to_image,
     uint8_to_model,
 )
-from edgeinspect.evaluate import (_collect_images, _pick_examples, _read_exclude, measure_frame_latency, peak_rss_mb,
+from edgeinspect.evaluate import (_collect_images, _pick_examples, measure_frame_latency, peak_rss_mb, read_name_list,
                                   use_threads)
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
@@ -86,7 +86,7 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
                   max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
     cfg, pipe, extra = pipeline_from_run(model_path, overrides, threads=threads)
     size = cfg.model.image_size
-    data = MVTecFolder(data_root, "test", size, exclude=_read_exclude(exclude_file))
+    data = MVTecFolder(data_root, "test", size, exclude=read_name_list(exclude_file))
     n = len(data)
     images = np.zeros((n, size, size, 3), np.uint8)
     masks = np.zeros((n, size, size), bool)

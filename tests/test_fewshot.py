@@ -9,7 +9,7 @@ import pytest
 
 from edgeinspect.data.fewshot import FewShotSplit, fewshot_split, main
 from edgeinspect.data.mvtec import DatasetError, MVTecFolder
-from edgeinspect.evaluate import _read_exclude
+from edgeinspect.evaluate import read_name_list
 
 try:
     from tests.conftest import REPO, make_mvtec
@@ -63,7 +63,7 @@ def test_save_load_and_exclude_file_with_mvtec_folder(dataset, tmp_path):
     s.save(tmp_path / "split.json")
     assert FewShotSplit.load(tmp_path / "split.json") == s
     s.write_exclude(tmp_path / "exclude.txt")
-    names = _read_exclude(tmp_path / "exclude.txt")
+    names = read_name_list(tmp_path / "exclude.txt")
     assert names == s.excluded()
     data = MVTecFolder(dataset, "test", 16, exclude=names)
     kept = {(x.defect_type, x.path.name) for x in data.samples}

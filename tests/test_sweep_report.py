@@ -46,7 +46,7 @@ def test_table_rows_flags_and_selection(tmp_path, monkeypatch):
     write_eval(tmp_path, "g_base", ["runtime.device=cuda"], scores, held={**METRICS, "image_auroc": 0.75})
     write_eval(tmp_path, "g_t0", ["runtime.device=cuda", "inference.t0=600"], scores[:2] + [("good", 0.95)] + scores[3:],
                held={**METRICS, "image_auroc": 0.25})
-    (tmp_path / "sel.txt").write_text("# chosen on\n0.png\ncrack/1.png\n2.png\n")
+    (tmp_path / "sel.txt").write_text("# chosen on\n0.png\ncrack/1.png  # the crack\n2.png\n")
     (tmp_path / "note.md").write_text("How it ran.\n")
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["sweep_mtd.py", "--name", "s", "--results", str(tmp_path / "results"),
