@@ -298,6 +298,7 @@ class GLADCategorySettings(Strict):
     min_step: int | None = Field(None, ge=0, le=1000)
     top_k: int | None = Field(None, ge=1)
     adp_top_k: int | None = Field(None, ge=1)
+    draws: int | None = Field(None, ge=1)
     weight_low: float | None = None
     weight_high: float | None = None
 
@@ -326,6 +327,11 @@ class GLADInferenceConfig(Strict):
     weight_high: float | None = None
     weight_gamma: float = Field(1.0, gt=0)
     seed: int = 0
+    # Noise draws per frame: ADP + SAFF runs once per draw (seeds seed, seed + 1, ...) and the final maps
+    # are averaged, so a frame's score varies less with the noise, at `draws` times the reconstruction
+    # cost. On MTD one draw's image AUROC moves by a few hundredths with the seed
+    # (benchmarks/results/glad_mtd_draws.md).
+    draws: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     # Which entry of `categories` applies (default: the training category).
     category: str | None = None

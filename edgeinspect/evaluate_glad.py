@@ -27,6 +27,7 @@ from edgeinspect.data.mvtec import (
 )
 from edgeinspect.evaluate import (_collect_images, _pick_examples, measure_frame_latency, peak_rss_mb, read_name_list,
                                   use_threads)
+from edgeinspect.metrics import auroc
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
 from edgeinspect.training.checkpoint import load_state, resolve_checkpoint, write_json_atomic
@@ -98,6 +99,8 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
     fire_step = np.full(n, -1, np.int64)
     fire_score = np.full(n, np.nan)
     by_threshold = np.zeros(n, bool)
+    adp_scores = np.full((n, len(pipe.timesteps)), np.nan, np.float32)
+    draw_scores = np.zeros((n, pipe.inference.draws), np.float64)
     stage_ms = {s: 0.0 for s in STAGES}
     bs = cfg.inference.batch_size
     t0 = time.perf_counter()
@@ -109,6 +112,8 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
         fire_step[s:s + bs] = r.fire_step.numpy()
         fire_score[s:s + bs] = r.fire_score.numpy()
         by_threshold[s:s + bs] = r.fired_by_threshold.numpy()
+        adp_scores[s:s + bs] = r.adp_scores.numpy()
+        draw_scores[s:s + bs] = r.draw_scores.numpy()
         for k, v in r.timings_ms.items():
             stage_ms[k] += v
     wall = time.perf_counter() - t0
@@ -138,10 +143,12 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
                      ("calibrated" if extra.get("adp_threshold") is not None else "none"),
                      "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
                      "weight_bounds": None if inf.weight_mode == "minmax" else list(pipe.weight_bounds),
-                     "seed": inf.seed, "image_size": size, "feature_size": cfg.scoring.feature_size,
+                     "seed": inf.seed, "draws": inf.draws, "image_size": size, "feature_size": cfg.scoring.feature_size,
                      "blur_sigma": cfg.scoring.blur_sigma, "features": cfg.features.name,
                      "torch_threads": torch.get_num_threads(), "device": str(pipe.nets.device)},
         "adp": _adp_summary(pipe, fire_step, by_threshold, labels),
+        # each noise draw's own image AUROC (one entry with draws = 1): how much one draw moves the result
+        "draw_image_auroc": [auroc(labels, draw_scores[:, k]) for k in range(inf.draws)],
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": torch.get_num_threads()},
         "per_image": [{"image": str(smp.path.name), "type": smp.defect_type, "score": float(sc),
@@ -159,7 +166,8 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
     if out_json is not None:
         write_json_atomic(out_json, result)
         np.savez_compressed(Path(out_json).with_suffix(".maps.npz"), maps=maps.astype(np.float16),
-                            scores=scores, labels=labels, fire_step=fire_step)
+                            scores=scores, labels=labels, fire_step=fire_step,
+                            adp_scores=adp_scores, timesteps=np.array(pipe.timesteps), draw_scores=draw_scores)
     return result
 
 

@@ -19,6 +19,7 @@ from edgeinspect.runtime.glad import (
     saff_fuse,
 )
 from edgeinspect.runtime.networks import Networks, TorchNetwork
+from edgeinspect.runtime.scoring import topk_mean_score
 from edgeinspect.training.glad import (
     GLADModel,
     atp_target,
@@ -386,3 +387,39 @@ def test_vae_roundtrip_reference_compares_like_with_like(tiny):
     torch.testing.assert_close(r.scores, scores, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(r.maps, maps, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(plain.maps, r.maps)
+
+
+def test_draws_average_the_maps_of_single_draws_with_successive_seeds(tiny):
+    """inference.draws = 3: the map is the mean of the maps that draws = 1 gives with seeds 5, 6, 7 (the
+    same input latents and round-trip reference), the score its top-K mean; per-draw scores and firing
+    steps are each single draw's, the other fields the first draw's."""
+    cfg, model, features = tiny
+
+    def with_inference(**update):
+        return cfg.model_copy(update={
+            "inference": cfg.inference.model_copy(update=update),
+            "scoring": cfg.scoring.model_copy(update={"reference": "vae_roundtrip"})})
+
+    x = _frames()
+    ens = glad_pipeline(with_inference(seed=5, draws=3), model, features)(x)
+    singles = [glad_pipeline(with_inference(seed=s), model, features)(x) for s in (5, 6, 7)]
+    mean_map = torch.stack([s.maps for s in singles]).mean(0)
+    torch.testing.assert_close(ens.maps, mean_map, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ens.scores, topk_mean_score(mean_map, cfg.inference.top_k), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ens.draw_scores, torch.stack([s.scores for s in singles], 1), rtol=1e-4, atol=1e-6)
+    assert torch.equal(ens.draw_fire_steps, torch.stack([s.fire_step for s in singles], 1))
+    assert torch.equal(ens.reconstructions, singles[0].reconstructions)
+    assert torch.equal(ens.fire_step, singles[0].fire_step)
+    torch.testing.assert_close(ens.adp_scores, singles[0].adp_scores, rtol=0, atol=0, equal_nan=True)
+    # the draws differ, so the mean is not any one of them
+    assert not torch.allclose(singles[0].maps, singles[1].maps)
+    one = singles[0]
+    assert one.draw_scores.shape == (3, 1) and torch.equal(one.draw_scores[:, 0], one.scores)
+    # per category, and validated
+    cat = build_config("glad", "tiny", {"train": {"prompt": "a tile", "category": "tile"},
+                                        "inference": {"categories": {"tile": {"draws": 4}}}})
+    assert glad_pipeline(cat, model, features).inference.draws == 4
+    from edgeinspect.config import ConfigError
+
+    with pytest.raises(ConfigError, match="inference.draws"):
+        build_config("glad", "tiny", {"inference": {"draws": 0}})

@@ -24,6 +24,9 @@ Per frame (every frame of a batch independently):
     z = DDIM step from t with unet(z, t)
   reconstruction = decode(z); final map/score as above between the input (or, with
   scoring.reference = vae_roundtrip, decode(z0)) and the reconstruction.
+With `inference.draws` = n > 1 the loop runs n times from the same z0 with the noise of seeds seed,
+seed + 1, ..., and the final map is the mean of the n maps (the image score: its top-K mean): a frame's
+score then depends less on one noise draw, at n times the ADP cost.
 
 At the first step the trajectory *is* the input noised with eps, so both estimates are identical;
 the check is skipped there unless t0 < min_step forces firing. With `inference.check_every` = k only
@@ -146,6 +149,10 @@ class GLADResult:
     fired_by_threshold: torch.Tensor  # (B,) bool: the score crossed the threshold (not only t < min_step)
     adp_scores: torch.Tensor  # (B, steps) ADP check score at each step, NaN where not checked
     fire_maps: torch.Tensor  # (B, h, w) the check map at the fire, at latent size (SAFF's input); NaN if never
+    # With inference.draws > 1 the maps (and so the scores) are the mean over the draws' maps; the fields
+    # above from `reconstructions` on describe the first draw (noise seed `inference.seed`). Per draw:
+    draw_scores: torch.Tensor  # (B, draws) each draw's own image score
+    draw_fire_steps: torch.Tensor  # (B, draws) long: the timestep at which each draw fired, -1 if never
     timesteps: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
 
@@ -198,12 +205,29 @@ class GLADPipeline:
 
     # -- ADP + SAFF
     def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None) -> dict[str, torch.Tensor]:
+        """One ADP + SAFF draw (noise seed `inference.seed`) of a batch: its reconstructions, the reference
+        they are scored against (None: the input), the input latents and the firing record."""
         timer = timer or StageTimer(self.nets.device)
-        inf = self.inference
-        b = images.shape[0]
-        ts = self.timesteps
         with timer("encode"):
             z0 = self.nets["vae_encoder"](image=images)["latent"]
+        r = self.denoise(z0, self.inference.seed, timer)
+        with timer("decode"):
+            if self.scoring.reference == "vae_roundtrip":
+                b = z0.shape[0]
+                both = self.nets["vae_decoder"](latent=torch.cat([r["latent"], z0]))["image"].clamp(-1, 1)
+                r["reconstructions"], r["reference"] = both[:b], both[b:]
+            else:
+                r["reconstructions"] = self.nets["vae_decoder"](latent=r["latent"])["image"].clamp(-1, 1)
+                r["reference"] = None
+        r["input_latent"] = z0
+        return r
+
+    def denoise(self, z0: torch.Tensor, seed: int, timer: StageTimer) -> dict[str, torch.Tensor]:
+        """ADP + SAFF from the input latents `z0` with the noise of `seed`: the final latents and the firing
+        record (fire step/index/score, by threshold or not, the check score at each step, the map at the fire)."""
+        inf = self.inference
+        b = z0.shape[0]
+        ts = self.timesteps
         dev = z0.device
         fired = torch.zeros(b, dtype=torch.bool, device=dev)
         fire_step = torch.full((b,), -1, dtype=torch.long)
@@ -213,7 +237,7 @@ class GLADPipeline:
         adp_scores = torch.full((b, len(ts)), float("nan"))
         fire_maps = torch.full((b, *z0.shape[-2:]), float("nan"))
         with timer("denoise"):
-            eps = seeded_noise(tuple(z0.shape[1:]), inf.seed, b, dev, z0.dtype)
+            eps = seeded_noise(tuple(z0.shape[1:]), seed, b, dev, z0.dtype)
             z = self.schedule.add_noise(z0, eps, ts[0])
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -263,15 +287,8 @@ class GLADPipeline:
                     by_threshold[fc] = over[sel].cpu()
             with timer("denoise"):
                 z, _ = self.schedule.step(z, eps_pred, t, t_prev)
-        with timer("decode"):
-            if self.scoring.reference == "vae_roundtrip":
-                both = self.nets["vae_decoder"](latent=torch.cat([z, z0]))["image"].clamp(-1, 1)
-                recon, reference = both[:b], both[b:]
-            else:
-                recon, reference = self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
-        return {"reconstructions": recon, "reference": reference, "fire_step": fire_step, "fire_index": fire_index,
-                "fire_score": fire_score, "fired_by_threshold": by_threshold, "adp_scores": adp_scores,
-                "fire_maps": fire_maps}
+        return {"latent": z, "fire_step": fire_step, "fire_index": fire_index, "fire_score": fire_score,
+                "fired_by_threshold": by_threshold, "adp_scores": adp_scores, "fire_maps": fire_maps}
 
     def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +305,24 @@ class GLADPipeline:
         images = images.to(self.nets.device)
         r = self.reconstruct(images, timer)
         reference = images if r["reference"] is None else r["reference"]
-        scores, maps = self.score(reference, r["reconstructions"], timer)
+        draw_scores, maps = self.score(reference, r["reconstructions"], timer)
+        draw_scores, fire_steps = [draw_scores], [r["fire_step"]]
+        for k in range(1, self.inference.draws):
+            # further draws: same input latents and reference, the noise of seed + k
+            d = self.denoise(r["input_latent"], self.inference.seed + k, timer)
+            with timer("decode"):
+                recon = self.nets["vae_decoder"](latent=d["latent"])["image"].clamp(-1, 1)
+            s_k, m_k = self.score(reference, recon, timer)
+            maps = maps + m_k
+            draw_scores.append(s_k)
+            fire_steps.append(d["fire_step"])
+        if self.inference.draws > 1:
+            maps = maps / self.inference.draws
+            with timer("scoring"):
+                scores = topk_mean_score(maps, self.inference.top_k)
+        else:
+            scores = draw_scores[0]
         return GLADResult(scores.float().cpu(), maps.float().cpu(), r["reconstructions"].float().cpu(),
                           r["fire_step"], r["fire_index"], r["fire_score"], r["fired_by_threshold"],
-                          r["adp_scores"], r["fire_maps"], list(self.timesteps), timer.ms)
+                          r["adp_scores"], r["fire_maps"], torch.stack(draw_scores, 1).float().cpu(),
+                          torch.stack(fire_steps, 1), list(self.timesteps), timer.ms)
