@@ -117,6 +117,29 @@ def stage_note(method: str, s: dict) -> str:
             '"saff" the fusion and its re-noised UNet call; "features"/"scoring" the final map.')
 
 
+def draws_note(s: dict) -> str:
+    n = s.get("draws", 1)
+    return "" if n == 1 else f" to {s['seed'] + n - 1}: {n} noise draws per frame, their maps averaged"
+
+
+def draws_section(res: dict) -> str:
+    per = res["draw_image_auroc"]
+    if len(per) == 1:
+        return ""
+    s = res["settings"]
+    rows = "\n".join(f"| {s['seed'] + k} | {v:.4f} |" for k, v in enumerate(per))
+    return f"""
+## Noise draws
+
+Each frame is reconstructed {len(per)} times (ADP + SAFF with the noise of each seed) and scored on the mean of
+the {len(per)} maps: image AUROC {res['metrics']['image_auroc']:.4f}. Each draw scored alone:
+
+| seed | image AUROC |
+|---|---|
+{rows}
+"""
+
+
 def adp_section(res: dict, lat: dict) -> str:
     a = res["adp"]
     rows = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in a.items())
@@ -197,7 +220,8 @@ def main() -> int:
     if method == "glad":
         summary["adp"] = res["adp"]
         summary["adp_checks_ms"] = round(lat.get("adp_checks_ms", 0.0), 1)
-        extra_md += adp_section(res, lat)
+        summary["draw_image_auroc"] = res["draw_image_auroc"]
+        extra_md += draws_section(res) + adp_section(res, lat)
         diad_file = args.vs or args.results / "diad_mtd.json"
         if diad_file.is_file():
             diad = json.loads(diad_file.read_text())
@@ -264,7 +288,7 @@ nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']}
   data loading and checkpoint writes not counted).
 - Per frame, batch 1, torch eager, median of {lat['repeats']}: **{lat['ms_per_frame']:.1f} ms**
   (p90 {lat['ms_per_frame_p90']:.1f} ms); DDIM from t={s.get('t_start', s.get('t0'))}, {s['steps']} steps,
-  seed {s['seed']}.
+  seed {s['seed']}{draws_note(s)}.
 
 | stage (batch 1) | ms |
 |---|---|
