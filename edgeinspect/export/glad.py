@@ -100,7 +100,8 @@ def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[
         "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
         "weight_low": low, "weight_high": high, "weight_bounds_source": bounds_source,
         "weight_gamma": inf.weight_gamma,
-        "seed": inf.seed, "draws": inf.draws, "feature_size": cfg.scoring.feature_size, "adp_feature_size": cfg.scoring.adp_feature_size,
+        "seed": inf.seed, "draws": inf.draws,
+        "feature_size": cfg.scoring.feature_size, "adp_feature_size": cfg.scoring.adp_feature_size,
         "blur_sigma": cfg.scoring.blur_sigma,
         "adp_calibration": {k: v for k, v in (extra.get("adp_calibration") or {}).items() if k != "max_scores"},
     }
