@@ -7,7 +7,8 @@ figure -> results/.
 writes benchmarks/results/<method>_mtd.{md,json,png}. The JSON holds the numbers under the keys
 image_auroc, image_ap, image_f1max, pixel_auroc, pixel_ap, pixel_f1max, pro, ms_per_frame,
 peak_rss_mb, train_minutes (plus per-stage latency and settings); GLAD's adds the ADP firing
-statistics and a side-by-side with DiAD's file when that exists.
+statistics, each noise draw's own image AUROC (`draw_image_auroc`) and a side-by-side with DiAD's file
+when that exists.
 """
 
 from __future__ import annotations
