@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from edgeinspect.config import parse_overrides
-from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, tensor_to_image
+from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
 from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of, read_name_list
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
@@ -80,7 +80,7 @@ def heldout_metrics(res: dict, data_root: Path, selection: Path, maps_file: Path
     evaluation's stored maps; (metrics, number of images the settings were chosen on)."""
     chosen = read_name_list(selection)
     data = MVTecFolder(data_root, "test", res["settings"]["image_size"])
-    keep = np.array([not {s.path.name, f"{s.defect_type}/{s.path.name}", str(s.path)} & chosen for s in data.samples])
+    keep = np.array([chosen.isdisjoint(name_keys(s.defect_type, s.path)) for s in data.samples])
     n_chosen = int((~keep).sum())
     if n_chosen == 0:
         raise SystemExit(f"--selection {selection}: none of its names is a test image of {data_root}")

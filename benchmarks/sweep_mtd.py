@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeinspect.data.mvtec import name_keys
 from edgeinspect.evaluate import read_name_list
 from edgeinspect.metrics import auroc
 from edgeinspect.sysinfo import write_text_atomic
@@ -32,7 +33,7 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "pro")
 
 
 def selection_image_auroc(raw: dict, chosen: set[str]) -> tuple[float, int]:
-    rows = [p for p in raw["per_image"] if {p["image"], f"{p['type']}/{p['image']}"} & chosen]
+    rows = [p for p in raw["per_image"] if not chosen.isdisjoint(name_keys(p["type"], p["image"]))]
     if not rows:
         raise SystemExit("--selection: none of its names is an image of the evaluation")
     labels = np.array([p["type"] != "good" for p in rows], dtype=np.int64)

@@ -73,6 +73,13 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def name_keys(defect_type: str, path: str | Path) -> tuple[str, str, str]:
+    """The names an image answers to in a name list (exclude files, selections): its file name,
+    "<type>/<name>", or its path as given."""
+    path = Path(path)
+    return path.name, f"{defect_type}/{path.name}", str(path)
+
+
 @dataclass(frozen=True)
 class Sample:
     path: Path
@@ -111,21 +118,17 @@ class MVTecFolder:
                 raise DatasetError(f"{split_dir} has no folder(s) {sorted(missing)}; found {types}")
             types = [t for t in types if t in defect_types]
 
-        def keys(t: str, p: Path) -> tuple[str, str, str]:
-            # a name, "<type>/<name>" (as the benchmarks' selection lists), or the full path
-            return p.name, f"{t}/{p.name}", str(p)
-
         exclude = exclude or set()
         if exclude:
             # an entry that names no image (of any type) would silently leave a seen image in an evaluation
-            unknown = sorted(exclude - {k for t, ps in images.items() for p in ps for k in keys(t, p)})
+            unknown = sorted(exclude - {k for t, ps in images.items() for p in ps for k in name_keys(t, p)})
             if unknown:
                 raise DatasetError(f"{split_dir}: {len(unknown)} excluded name(s) match no image "
                                    f"(expected <name>, <type>/<name> or a path): {unknown[:8]}")
         samples: list[Sample] = []
         for t in types:
             for p in images[t]:
-                if not exclude.isdisjoint(keys(t, p)):
+                if not exclude.isdisjoint(name_keys(t, p)):
                     continue
                 if include is not None and p.name not in include:
                     continue
