@@ -210,9 +210,11 @@ def _header(title: str, note: str | None, how: list[str] | None = None) -> list[
 
 def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path, note: str | None = None,
                    cutpaste_name: str = "cutpaste", also: dict[str, str] | None = None,
-                   how: list[str] | None = None, spread: dict[str, list[str]] | None = None) -> dict:
+                   how: list[str] | None = None, spread: dict[str, list[str]] | None = None,
+                   generated_name: str = "adabldm", gen_machine: str | None = None) -> dict:
     """`also`: more downstream rows, label -> entry of the results (e.g. an earlier run); `spread`:
-    label -> entries of one kind of defects trained with several segmenter seeds."""
+    label -> entries of one kind of defects trained with several segmenter seeds; `generated_name`: the
+    results' entry of `gen`'s segmenter; `gen_machine`: where `gen` was made (None: this machine, shared)."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling", "adaptation"))
     counts = _per_type(items)
@@ -224,23 +226,24 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
                      label(_rgb(f / it["before_adaptation"]), "before adapt."),
                      label(_rgb(f / it["image"]), "after adapt."), label(_gray3(f / it["mask"]), "mask")])
     write_png(out.with_suffix(".png"), grid(rows))
-    table, lines = downstream_table(downstream, {"cutpaste": cutpaste_name, "generated": "adabldm", **(also or {})})
+    table, lines = downstream_table(downstream, {"cutpaste": cutpaste_name, "generated": generated_name,
+                                                 **(also or {})})
     spread_table, spread_lines = seed_spread(downstream, spread or {})
     settings = load_index(gen[0])["settings"]
     result = {"method": "adabldm", "images_per_s": thr["images_per_s"],
               "images_per_s_by_stage": thr["images_per_s_by_stage"], "throughput": thr, "images_per_type": counts,
               "downstream": table, "seed_spread": spread_table, "generation_settings": settings, "machine": _machine(),
-              "command": shlex.join(sys.argv), "note": note, "inputs_made_by": how or []}
+              "generation_machine": gen_machine or _machine(), "command": shlex.join(sys.argv), "note": note,
+              "inputs_made_by": how or []}
     s = settings["sampling"]
     md = [
-        *_header("AdaBLDM on MTD (edge preset, CPU)", note, how),
+        *_header("AdaBLDM on MTD (edge preset, CPU)" if gen_machine is None else "AdaBLDM on MTD (edge preset)", note, how),
         f"Generated {thr['images']} defects ({', '.join(f'{k} {v}' for k, v in counts.items())}) from the 10 real "
         "seed defects per type of `configs/mtd_fewshot_split.json` (excluded from the evaluation below), "
         f"Algorithm 1 with {s['free_steps']}/{s['latent_steps']}/{s['pixel_steps']} free/latent/pixel DDIM "
         f"steps, {_guidance(s)}, and Algorithm 2 with {s['adapt_steps']} AdamW steps (lr {s['adapt_lr']}, lambda_con "
         f"{s['lambda_con']}, scope `{s.get('adapt_scope', 'decoder')}`) per image, batch {s['batch_size']}, "
-        "PyTorch, one thread per job. Throughput was measured while other jobs (training, the other generator, "
-        "segmenters) shared the two cores, so an idle machine is faster.", "",
+        f"PyTorch, {_where(gen_machine)}", "",
         "| stage | images/s | s/image |", "|---|---|---|",
         *[f"| {k} | {v:.3f} | {thr['seconds_per_image_by_stage'][k]:.2f} |"
           for k, v in thr["images_per_s_by_stage"].items()],
@@ -257,6 +260,14 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
     return _write(out, md, result)
 
 
+def _where(gen_machine: str | None) -> str:
+    """Where the throughput below was measured."""
+    if gen_machine is not None:
+        return f"on {gen_machine}."
+    return ("one thread per job. Throughput was measured while other jobs (training, the other generator, "
+            "segmenters) shared the two cores, so an idle machine is faster.")
+
+
 def _spread_section(lines: list[str]) -> list[str]:
     if not lines:
         return []
@@ -267,10 +278,12 @@ def _spread_section(lines: list[str]) -> list[str]:
 def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: Path,
                        ablation: tuple[str, list[Path]] | None = None, note: str | None = None,
                        also: dict[str, str] | None = None, how: list[str] | None = None,
-                       spread: dict[str, list[str]] | None = None) -> dict:
+                       spread: dict[str, list[str]] | None = None, generated_name: str = "dualanodiff",
+                       adabldm_name: str = "adabldm") -> dict:
     """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
     its downstream entry is the results' `<label>`. `also`: more downstream rows, label -> entry;
-    `spread`: as adabldm_report's."""
+    `spread`: as adabldm_report's; `generated_name`, `adabldm_name`: the results' entries of `gen`'s
+    segmenter and of the AdaBLDM defects compared with it."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling",))
     align = mask_alignment(items, data_root)
@@ -291,7 +304,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         rows.append([label(whole, f"{it['defect_type']} whole"), label(_rgb(f / it["part"]), "part"),
                      label(_gray3(f / it["mask"]), "mask"), label(_overlay(whole, mask), "overlay")])
     write_png(out.with_suffix(".png"), grid(rows))
-    names = {"cutpaste": "cutpaste_fewshot", "generated": "dualanodiff", "adabldm": "adabldm"}
+    names = {"cutpaste": "cutpaste_fewshot", "generated": generated_name, "adabldm": adabldm_name}
     if variant is not None:
         names[variant["label"]] = variant["label"]
     table, lines = downstream_table(downstream, {**names, **(also or {})})
@@ -405,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--note", help="a paragraph every reader must see first (e.g. a known flaw of the run)")
     p.add_argument("--cutpaste-name", default="cutpaste",
                    help="AdaBLDM: the downstream entry of its cut-paste baseline (same seeds)")
+    p.add_argument("--generated-name", help="the downstream entry of --gen's defects (default: the method's name)")
+    p.add_argument("--adabldm-name", default="adabldm",
+                   help="DualAnoDiff: the downstream entry of the AdaBLDM defects it is compared with")
+    p.add_argument("--gen-machine", help="AdaBLDM: where --gen was made, for its throughput (default: this machine, "
+                   "shared with other jobs)")
     p.add_argument("--also", action="append", default=[], metavar="LABEL=ENTRY",
                    help="one more downstream row: the results' ENTRY under LABEL (repeatable)")
     p.add_argument("--spread", action="append", default=[], metavar="LABEL=ENTRY,ENTRY",
@@ -418,14 +436,15 @@ def main(argv: list[str] | None = None) -> None:
     out = args.results / f"{args.method}_mtd"
     if args.method == "adabldm":
         r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also, args.how,
-                           parse_spread(args.spread, downstream))
+                           parse_spread(args.spread, downstream), args.generated_name or "adabldm", args.gen_machine)
     else:
         variant = None
         if args.variant:
             label, folders = args.variant.split("=", 1)
             variant = (label, [Path(f) for f in folders.split(",")])
         r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also, args.how,
-                               parse_spread(args.spread, downstream))
+                               parse_spread(args.spread, downstream), args.generated_name or "dualanodiff",
+                               args.adabldm_name)
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream", "seed_spread")}, indent=2))
 
 

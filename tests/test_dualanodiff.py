@@ -16,7 +16,7 @@ from edgeinspect.models.dualanodiff import (
     is_trainable_key,
 )
 from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.dual import DualSampler, PromptContexts, seeded_noises, segment_part
+from edgeinspect.runtime.dual import DualSampler, PromptContexts, seeded_noises, segment_parts
 from edgeinspect.runtime.networks import Networks, TorchNetwork, torch_networks
 
 
@@ -232,11 +232,28 @@ def test_part_mask_segmentation():
     part = torch.randn(3, 64, 64, generator=g) * 0.04  # decoder noise around the empty value
     part[:, 20:30, 10:40] = -0.7  # the anomaly
     part[:, 50, 50] = 0.9  # an isolated speck
-    mask = segment_part(part, PartMaskConfig(threshold=0.2, open_kernel=3, close_kernel=5, min_area=16))
+    mask = segment_parts(part[None], PartMaskConfig(threshold=0.2, open_kernel=3, close_kernel=5, min_area=16))[0]
     truth = np.zeros((64, 64), bool)
     truth[20:30, 10:40] = True
     assert not mask[50, 50] and (mask & truth).sum() / (mask | truth).sum() > 0.95
-    assert not segment_part(torch.zeros(3, 32, 32), PartMaskConfig()).any()
+    assert not segment_parts(torch.zeros(1, 3, 32, 32), PartMaskConfig()).any()
+    assert segment_parts(torch.zeros(0, 3, 32, 32), PartMaskConfig()).shape == (0, 32, 32)
+
+
+def test_part_masks_of_a_batch_are_each_images_own():
+    """The batch is thresholded at once (one transfer from the device): each image keeps its own
+    median reference, and every mask equals that image segmented alone."""
+    g = torch.Generator().manual_seed(1)
+    parts = torch.randn(3, 3, 48, 48, generator=g) * 0.03
+    parts[0, :, 5:15, 5:25] = -0.8
+    parts[1] += 0.3  # an offset empty level: only its own median hides it
+    parts[1, :, 30:40, 10:20] = 0.9
+    cfg = PartMaskConfig(reference="median", threshold=0.15, min_area=8)
+    batch = segment_parts(parts, cfg)
+    assert batch.shape == (3, 48, 48) and batch.dtype == bool
+    for k in range(3):
+        assert np.array_equal(batch[k], segment_parts(parts[k:k + 1], cfg)[0])
+    assert batch[0, 10, 15] and batch[1, 35, 15] and not batch[2].any() and not batch[1, 5, 5]
 
 
 class _OracleDualUNet:
@@ -313,8 +330,8 @@ def test_median_reference_ignores_an_offset_empty_level():
     everything, the image's own median masks the defect only."""
     part = torch.full((3, 32, 32), 0.15)
     part[:, 10:16, 12:20] = -0.9
-    empty_ref = segment_part(part, PartMaskConfig(reference="empty", threshold=0.1, min_area=4))
-    median_ref = segment_part(part, PartMaskConfig(reference="median", threshold=0.1, min_area=4))
+    empty_ref = segment_parts(part[None], PartMaskConfig(reference="empty", threshold=0.1, min_area=4))[0]
+    median_ref = segment_parts(part[None], PartMaskConfig(reference="median", threshold=0.1, min_area=4))[0]
     assert empty_ref.all()
     expected = np.zeros((32, 32), bool)
     expected[10:16, 12:20] = True

@@ -116,3 +116,39 @@ def test_seed_spread_gives_mean_min_max_per_metric():
         gm.parse_spread(["one=s0"], results)
     with pytest.raises(SystemExit, match="no entries"):
         gm.parse_spread(["x=s0,gone"], results)
+
+
+def _entry(ap: float, folder: str) -> dict:
+    return {"pixel_ap": ap, "pixel_auroc": 0.6, "image_auroc": 0.9, "pro": 0.7, "n_defect_images": 1,
+            "per_type": {"hole": {"pixel_ap": ap}}, "train_seconds": 1.0, "steps": 10, "defects": folder,
+            "n_defect_images_evaluated": 5, "n_normal_images": 3}
+
+
+def test_adabldm_report_reads_the_named_entry_and_says_where_it_was_generated(report, tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    (data / "train" / "good").mkdir(parents=True)
+    cv2.imwrite(str(data / "train" / "good" / "0.png"), _tile(0))
+    gen = tmp_path / "gen"
+    w = GenerationWriter(gen, {"method": "adabldm", "sampling": {
+        "free_steps": 2, "latent_steps": 2, "pixel_steps": 1, "guidance_scale": 1.0, "adapt_steps": 3,
+        "adapt_lr": 1e-4, "lambda_con": 100.0, "adapt_scope": "decoder", "batch_size": 1}}, total=1)
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 10:20] = True
+    w.write(0, _tile(0), mask, {"seed": 0, "source_image": "0.png", "defect_type": "hole", "sampling_s": 2.0,
+                                "adaptation_s": 3.0},
+            extras={"trimap": np.where(mask, 255, 127).astype(np.uint8), "before_adaptation": _tile(1)})
+    downstream = {"cutpaste_edge": _entry(0.3, "cp"), "adabldm": _entry(0.1, "old"), "adabldm_gpu": _entry(0.4, "new")}
+    out = tmp_path / "adabldm_mtd"
+    r = report.adabldm_report([gen], downstream, data, out, cutpaste_name="cutpaste_edge",
+                              generated_name="adabldm_gpu", gen_machine="GPU X, 6 jobs sharing it")
+    assert r["downstream"]["generated"]["pixel_ap"] == 0.4 and r["downstream"]["cutpaste"]["pixel_ap"] == 0.3
+    assert r["generation_machine"] == "GPU X, 6 jobs sharing it"
+    assert r["images_per_s"] == pytest.approx(1 / 5.0)
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# AdaBLDM on MTD (edge preset)\n") and "PyTorch, on GPU X, 6 jobs sharing it." in md
+    assert json.loads(out.with_suffix(".json").read_text())["downstream"]["generated"]["source"] == "new"
+    r = report.adabldm_report([gen], downstream, data, out, cutpaste_name="cutpaste_edge")
+    assert r["downstream"]["generated"]["pixel_ap"] == 0.1
+    assert "shared the two cores" in out.with_suffix(".md").read_text()

@@ -71,15 +71,23 @@ def _kernel(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
 
 
-def segment_part(part: torch.Tensor, cfg: PartMaskConfig) -> np.ndarray:
-    """Bool (H, W) mask of a part image (3, H, W) in [-1, 1]: where it differs from empty."""
-    part = part.detach().float().cpu()
+def segment_parts(parts: torch.Tensor, cfg: PartMaskConfig) -> np.ndarray:
+    """Bool (n, H, W) masks of part images (n, 3, H, W) in [-1, 1]: where each differs from empty.
+
+    The threshold runs on the images' device and one uint8 array comes back for the batch (the
+    sampler calls this at every step with sampling.keep_background); the morphology and the small
+    component filter run per image on the CPU."""
+    parts = parts.detach().float()
     if cfg.reference == "median":
-        reference = part.flatten(1).median(dim=1).values[:, None, None]
+        reference = parts.flatten(2).median(dim=2).values[:, :, None, None]
     else:
-        reference = torch.full((part.shape[0], 1, 1), EMPTY_VALUE)
-    diff = (part - reference).abs().amax(dim=0).numpy()
-    mask = (diff > cfg.threshold).astype(np.uint8)
+        reference = torch.full_like(parts[:, :, :1, :1], EMPTY_VALUE)
+    masks = ((parts - reference).abs().amax(dim=1) > cfg.threshold).to(torch.uint8).cpu().numpy()
+    return np.stack([_clean_mask(m, cfg) for m in masks]) if len(masks) else masks.astype(bool)
+
+
+def _clean_mask(mask: np.ndarray, cfg: PartMaskConfig) -> np.ndarray:
+    """Opening, closing and the small-component filter of one thresholded (H, W) uint8 mask."""
     if cfg.open_kernel > 1:
         mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _kernel(cfg.open_kernel))
     if cfg.close_kernel > 1:
@@ -168,14 +176,14 @@ class DualSampler:
             z_part, part_clean = self.schedule.step(z_part, eps_part, t, t_prev)
             if self.keep_background:
                 part_now = self.nets["vae_decoder"](latent=part_clean)["image"].clamp(-1, 1)
-                masks = torch.from_numpy(np.stack([segment_part(p, self.sampling.mask) for p in part_now]))[:, None]
+                masks = torch.from_numpy(segment_parts(part_now, self.sampling.mask))[:, None]
                 keep = latent_mask(masks, part_now.shape[-1] // z_whole.shape[-1],
                                    self.sampling.keep_background_dilation).to(device, z_whole.dtype)
                 bg_prev = bg_clean if t_prev < 0 else self.schedule.add_noise(bg_clean, bg_noise, t_prev)
                 z_whole = keep * z_whole + (1 - keep) * bg_prev
         images = self.nets["vae_decoder"](latent=torch.cat([z_whole, z_part]))["image"].clamp(-1, 1)
         whole, part = images[:n], images[n:]
-        masks = np.stack([segment_part(p, self.sampling.mask) for p in part])
+        masks = segment_parts(part, self.sampling.mask)
         feather, mode = self.sampling.paste_feather, self.sampling.paste_mode
         if feather is not None:
             recon = self.nets["vae_decoder"](latent=bg_clean)["image"].clamp(-1, 1) if mode == "residual" else None
