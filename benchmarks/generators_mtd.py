@@ -12,7 +12,7 @@
     python benchmarks/generators_mtd.py adabldm --gen A,B,C --downstream D.json --data ../shared/data/mtd
     python benchmarks/generators_mtd.py dualanodiff --gen X,Y,Z --downstream D.json --data ../shared/data/mtd
 
-write benchmarks/results/<method>_mtd.{md,json,png}. JSON keys (as the issues name them):
+write benchmarks/results/<method>_mtd.{md,json,png} (or --name). JSON keys (as the issues name them):
 adabldm: images_per_s, images_per_s_by_stage.{sampling,adaptation},
          downstream.cutpaste.{pixel_ap,pixel_auroc,image_auroc}, downstream.generated.{...};
 dualanodiff: images_per_s, mask_iou, downstream.{cutpaste,generated,adabldm}.{pixel_ap,pixel_auroc,image_auroc}.
@@ -279,11 +279,11 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
                        ablation: tuple[str, list[Path]] | None = None, note: str | None = None,
                        also: dict[str, str] | None = None, how: list[str] | None = None,
                        spread: dict[str, list[str]] | None = None, generated_name: str = "dualanodiff",
-                       adabldm_name: str = "adabldm") -> dict:
+                       adabldm_name: str = "adabldm", gen_machine: str | None = None) -> dict:
     """`ablation`: (label, folders) of a second DualAnoDiff variant, measured and listed alongside;
     its downstream entry is the results' `<label>`. `also`: more downstream rows, label -> entry;
     `spread`: as adabldm_report's; `generated_name`, `adabldm_name`: the results' entries of `gen`'s
-    segmenter and of the AdaBLDM defects compared with it."""
+    segmenter and of the AdaBLDM defects compared with it; `gen_machine`: as adabldm_report's."""
     items = folder_items(gen)
     thr = throughput(items, ("sampling",))
     align = mask_alignment(items, data_root)
@@ -314,10 +314,11 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
     result = {"method": "dualanodiff", "images_per_s": thr["images_per_s"], "mask_iou": align["mask_iou"],
               "alignment": align, "lora_target_modules": _lora_targets(gen[0]), "variant": variant,
               "throughput": thr, "images_per_type": counts, "downstream": table, "seed_spread": spread_table,
-              "generation_settings": settings, "machine": _machine(), "command": shlex.join(sys.argv),
-              "note": note, "inputs_made_by": how or []}
+              "generation_settings": settings, "machine": _machine(), "generation_machine": gen_machine or _machine(),
+              "command": shlex.join(sys.argv), "note": note, "inputs_made_by": how or []}
     md = [
-        *_header("DualAnoDiff on MTD (edge preset, CPU)", note, how),
+        *_header("DualAnoDiff on MTD (edge preset, CPU)" if gen_machine is None else "DualAnoDiff on MTD (edge preset)",
+                 note, how),
         f"Generated {thr['images']} image + mask pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), one "
         "run per defect type trained on about a third of that type's real defects (`configs/mtd_fewshot_split.json`, "
         f"excluded from the evaluation below); {_start(s)}, classifier-free guidance "
@@ -325,7 +326,7 @@ def dualanodiff_report(gen: list[Path], downstream: dict, data_root: Path, out: 
         f"(reference {s['mask'].get('reference', 'empty')}, threshold {s['mask']['threshold']}). "
         f"Training: {_training(gen[0])}.", "",
         f"Throughput: {thr['images_per_s']:.3f} images/s ({1 / thr['images_per_s']:.2f} s/image, batch "
-        f"{s['batch_size']}, PyTorch, one thread, other jobs sharing the two cores).", "",
+        f"{s['batch_size']}, PyTorch, {_where(gen_machine).rstrip('.')}).", "",
         f"Mask-image alignment: mean IoU {align['mask_iou']:.3f} (median {align['mask_iou_median']:.3f}) of the mask "
         "with the region where the whole image differs from its BCM background (Otsu on the blurred difference); "
         f"{align['empty_masks']} empty masks; mean |whole - part| inside the mask "
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--downstream", type=Path, required=True, help="benchmarks/downstream.py train results JSON")
     p.add_argument("--data", type=Path, required=True, help="the MVTec-layout dataset (normal images)")
     p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--name", help="report file name without extension (default: <method>_mtd)")
     p.add_argument("--variant", help="DualAnoDiff: LABEL=folder,folder,... of a second variant to list beside")
     p.add_argument("--note", help="a paragraph every reader must see first (e.g. a known flaw of the run)")
     p.add_argument("--cutpaste-name", default="cutpaste",
@@ -421,8 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--generated-name", help="the downstream entry of --gen's defects (default: the method's name)")
     p.add_argument("--adabldm-name", default="adabldm",
                    help="DualAnoDiff: the downstream entry of the AdaBLDM defects it is compared with")
-    p.add_argument("--gen-machine", help="AdaBLDM: where --gen was made, for its throughput (default: this machine, "
-                   "shared with other jobs)")
+    p.add_argument("--gen-machine", help="where --gen was made, for its throughput (default: this machine, shared "
+                   "with other jobs)")
     p.add_argument("--also", action="append", default=[], metavar="LABEL=ENTRY",
                    help="one more downstream row: the results' ENTRY under LABEL (repeatable)")
     p.add_argument("--spread", action="append", default=[], metavar="LABEL=ENTRY,ENTRY",
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = [Path(g) for g in args.gen.split(",")]
     downstream = json.loads(args.downstream.read_text())
     also = parse_also(args.also, downstream)
-    out = args.results / f"{args.method}_mtd"
+    out = args.results / (args.name or f"{args.method}_mtd")
     if args.method == "adabldm":
         r = adabldm_report(gen, downstream, args.data, out, args.note, args.cutpaste_name, also, args.how,
                            parse_spread(args.spread, downstream), args.generated_name or "adabldm", args.gen_machine)
@@ -444,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
             variant = (label, [Path(f) for f in folders.split(",")])
         r = dualanodiff_report(gen, downstream, args.data, out, variant, args.note, also, args.how,
                                parse_spread(args.spread, downstream), args.generated_name or "dualanodiff",
-                               args.adabldm_name)
+                               args.adabldm_name, args.gen_machine)
     print(json.dumps({k: r[k] for k in r if k in ("images_per_s", "mask_iou", "downstream", "seed_spread")}, indent=2))
 
 
