@@ -237,7 +237,8 @@ def adabldm_report(gen: list[Path], downstream: dict, data_root: Path, out: Path
               "inputs_made_by": how or []}
     s = settings["sampling"]
     md = [
-        *_header("AdaBLDM on MTD (edge preset, CPU)" if gen_machine is None else "AdaBLDM on MTD (edge preset)", note, how),
+        *_header("AdaBLDM on MTD (edge preset, CPU)" if gen_machine is None else "AdaBLDM on MTD (edge preset)",
+                 note, how),
         f"Generated {thr['images']} defects ({', '.join(f'{k} {v}' for k, v in counts.items())}) from the 10 real "
         "seed defects per type of `configs/mtd_fewshot_split.json` (excluded from the evaluation below), "
         f"Algorithm 1 with {s['free_steps']}/{s['latent_steps']}/{s['pixel_steps']} free/latent/pixel DDIM "
