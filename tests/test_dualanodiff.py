@@ -166,6 +166,45 @@ def test_conv_targets_get_per_branch_adapters_too():
     assert lora_out.base_layer.weight.grad is None  # the base stays frozen
 
 
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_batched_branch_adapters_equal_each_blocks_own_lora(blocks):
+    """The batched deltas (bmm / grouped conv) are, block by block, peft's base(x) + B(A(x)) * scaling
+    with that block's adapter (whole, part, whole), in value and in gradient."""
+    m = _model(lora={"rank": 3, "alpha": 6.0, "target_modules": ["to_q", "conv1"]})
+    layers = [next(mod for mod in m.unet.modules() if isinstance(mod, kind))
+              for kind in (BranchLoraLinear, BranchLoraConv2d)]
+    _randomise([mod.lora_B[a] for mod in layers for a in ("whole", "part")])
+    g = torch.Generator().manual_seed(3)
+    for layer in layers:
+        n = 2
+        shape = (blocks * n, layer.in_features, 5, 6) if isinstance(layer, BranchLoraConv2d) \
+            else (blocks * n, 7, layer.in_features)
+        x = torch.randn(shape, generator=g, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        with m.layout.rows(blocks):
+            out = layer(x)
+        ref = torch.cat([layer.base_layer(xb) + layer.lora_B[a](layer.lora_A[a](xb)) * layer.scaling[a]
+                         for xb, a in zip(x_ref.chunk(blocks), ("whole", "part", "whole"))])
+        assert out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=1e-5)
+        weights = torch.randn(out.shape, generator=g)
+        params = [getattr(layer, f)[a].weight for f in ("lora_A", "lora_B") for a in ("whole", "part")]
+        got = torch.autograd.grad((out * weights).sum(), [x, *params])
+        want = torch.autograd.grad((ref * weights).sum(), [x_ref, *params])
+        for u, v in zip(got, want):
+            assert torch.allclose(u, v, atol=1e-4)
+        # without gradients the stacked factors are kept between calls: an in-place weight change must reach them
+        with torch.no_grad(), m.layout.rows(blocks):
+            before = layer(x)
+            layer.lora_B["part"].weight.mul_(-1)
+            after = layer(x)
+            layer.lora_B["part"].weight.mul_(-1)
+        part_rows = slice(n, 2 * n)
+        assert torch.allclose(before, ref, atol=1e-5)
+        assert not torch.allclose(after[part_rows], before[part_rows], atol=1e-3)
+        assert torch.equal(after[:n], before[:n])  # the whole rows keep their own adapter
+
+
 @pytest.mark.parametrize("mlp", ["plain", "residual"])
 def test_bcm_gate_zero_is_exactly_the_branch_without_bcm(mlp):
     m = _model(bcm={"mlp": mlp})

@@ -250,3 +250,26 @@ def test_defect_weighted_loss_gets_each_pairs_own_flipped_mask(tmp_path, data_ro
         flip, image = (z // 100).long(), (z % 100).long()
         want = dual_training._Batches.apply_flip(masks[image][:, None].float(), flip)
         assert torch.equal(seen[2 * k][0], want) and torch.equal(seen[2 * k + 1][0], want)
+
+
+def test_dual_step_benchmark_times_and_counts_the_steps_calls(tmp_path, data_root, base):
+    """benchmarks/dual_step.py on a tiny run: its files, and a dispatch count that does not grow with
+    the batch (the branch adapters run batched, not per row block)."""
+    from benchmarks.dual_step import main as bench
+
+    run = tmp_path / "run"
+    assert main(["train", "dualanodiff", "--preset", "tiny", "--data", str(data_root), "--run", str(run), "--quiet",
+                 "--set", f"train.init_from={base}", "--set", "train.defect_type=scratch",
+                 "--set", "train.images=[000.png]", "--set", "train.steps=1"]) == 0
+    assert bench(["--model", str(run), "--batch", "1,3", "--warmup", "1", "--repeats", "3", "--threads", "1",
+                  "--set", "sampling.keep_background=true", "--results", str(tmp_path), "--machine", "test"]) == 0
+    res = json.loads((tmp_path / "dual_step_test.json").read_text())
+    md = (tmp_path / "dual_step_test.md").read_text()
+    one, three = res["by_batch"]["1"], res["by_batch"]["3"]
+    assert one["rows_per_unet_call"] == 2 * 3 and three["rows_per_unet_call"] == 3 * 2 * 3  # CFG x (whole, part, bg)
+    for e in (one, three):
+        assert e["unet_ms"]["p90"] >= e["unet_ms"]["p50"] >= e["unet_ms"]["p10"] > 0
+        assert e["step_ms_p50"] == pytest.approx(e["unet_ms"]["p50"] + e["decoder_ms"]["p50"])
+        assert e["aten_ops_per_step"] == e["aten_ops_unet"] + e["aten_ops_decoder"] and e["aten_ops_decoder"] > 0
+    assert one["aten_ops_unet"] == three["aten_ops_unet"] > 100
+    assert "| 3 | 18 |" in md and res["settings"]["keep_background"] is True and "dual_step_test.json" in md

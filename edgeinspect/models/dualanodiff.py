@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Conv2d as PeftLoraConv2d
@@ -96,27 +97,69 @@ class BranchLayout:
 
 
 class _BranchRows:
-    """The per-row-block forward shared by the Linear and Conv2d LoRA layers (see the module docstring)."""
+    """The per-row-block forward shared by the Linear and Conv2d LoRA layers (see the module docstring).
+
+    All blocks' LoRA deltas come from one batched call per factor (a batched matmul for Linear
+    layers, a grouped convolution for Conv2d layers, block b's group holding the adapter of row
+    block b) instead of a loop over the blocks: a handful of operators per layer whatever the block
+    count, which is what a GPU step of this small UNet spends its time dispatching. Without
+    gradients (sampling) the block-stacked factors are kept between calls, rebuilt when a LoRA weight
+    changes (in place: its version counter; moved: its storage). Both adapters share one dropout
+    rate (`lora.dropout`), so one dropout over all rows draws as per-block ones would.
+    """
 
     layout: BranchLayout  # set by DualAnoDiffModel after injection
+    _factors_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        blocks = self.layout.current()
-        xs = x.reshape(blocks, -1, *x.shape[1:])
-        deltas = []
-        for b, name in enumerate(_BLOCK_ADAPTERS[:blocks]):
-            a = self.lora_A[name]
-            deltas.append(self.lora_B[name](a(self.lora_dropout[name](xs[b].to(a.weight.dtype)))) * self.scaling[name])
-        return result + torch.cat(deltas).reshape(result.shape).to(result.dtype)
+        names = _BLOCK_ADAPTERS[:self.layout.current()]
+        a, b = self._factors(names)
+        delta = self._deltas(self.lora_dropout[names[0]](x if x.dtype == a.dtype else x.to(a.dtype)), len(names), a, b)
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype)).reshape(result.shape)
+
+    def _factors(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' A weights and scaled B weights, stacked in the layout `_deltas` takes."""
+        a = [self.lora_A[n].weight for n in names]
+        b = [self.lora_B[n].weight for n in names]
+
+        def stack() -> tuple[torch.Tensor, torch.Tensor]:
+            return self._stack(a, [w * self.scaling[n] for w, n in zip(b, names)])
+
+        if torch.is_grad_enabled() and any(w.requires_grad for w in a + b):
+            return stack()
+        key = (names, *((w._version, w.data_ptr(), w.dtype, w.device) for w in a + b))
+        if self._factors_cache is None or self._factors_cache[0] != key:
+            with torch.no_grad():
+                self._factors_cache = (key, stack())
+        return self._factors_cache[1]
 
 
 class BranchLoraLinear(_BranchRows, PeftLoraLinear):
     """peft's LoRA Linear with one adapter per row block."""
 
+    @staticmethod
+    def _stack(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(a).transpose(1, 2), torch.stack(b).transpose(1, 2)  # (blocks, in, r), (blocks, r, out)
+
+    @staticmethod
+    def _deltas(x: torch.Tensor, blocks: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(torch.bmm(x.reshape(blocks, -1, x.shape[-1]), a), b)
+
 
 class BranchLoraConv2d(_BranchRows, PeftLoraConv2d):
     """peft's LoRA Conv2d (A: the layer's kernel to rank r, B: 1x1) with one adapter per row block."""
+
+    @staticmethod
+    def _stack(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(a), torch.cat(b)  # (blocks * r, C, k, k), (blocks * out, r, 1, 1): grouped-conv weights
+
+    def _deltas(self, x: torch.Tensor, blocks: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        conv = self.lora_A[ADAPTERS[0]]
+        xs = x.unflatten(0, (blocks, -1)).transpose(0, 1).flatten(1, 2)  # blocks as channel groups: (n, blocks*C, H, W)
+        hidden = F.conv2d(xs, a, None, conv.stride, conv.padding, conv.dilation, groups=blocks)
+        d = F.conv2d(hidden, b, groups=blocks)
+        return d.unflatten(1, (blocks, -1)).transpose(0, 1)
 
 
 class SAIM(nn.Module):
