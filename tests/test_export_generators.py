@@ -72,7 +72,7 @@ def ada_bundle(ada_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dual_run(data_root, tmp_path_factory):
-    """A tiny DualAnoDiff run (BCM on) on a random base checkpoint."""
+    """A tiny DualAnoDiff run (BCM on, LoRA on projections and convolutions) on a random base checkpoint."""
     from edgeinspect.models.diad import LatentDiffusionModel
     from edgeinspect.models.dualanodiff import TrainableWeights, is_trainable_key
     from edgeinspect.training.dualanodiff import build_dualanodiff
@@ -85,6 +85,8 @@ def dual_run(data_root, tmp_path_factory):
     write_json_atomic(root / "base" / "config.json", dump_config(base_cfg))
     cfg = build_config("dualanodiff", "tiny", {
         "train": {"data_root": str(data_root), "init_from": str(root / "base"), "defect_type": "scratch"},
+        # convolutions too: their per-block adapters must export for any batch size, as the projections'
+        "lora": {"rank": 4, "alpha": 4.0, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv_out"]},
         # a mask threshold near the random part images' median: masks with much boundary to disagree on
         "sampling": {"steps": 3, "batch_size": 2, "mask": {"threshold": 0.4}}})
     model, _ = build_dualanodiff(cfg, base)

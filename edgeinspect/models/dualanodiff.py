@@ -99,31 +99,34 @@ class BranchLayout:
 class _BranchRows:
     """The per-row-block forward shared by the Linear and Conv2d LoRA layers (see the module docstring).
 
-    All blocks' LoRA deltas come from one batched call per factor (a batched matmul for Linear
-    layers, a grouped convolution for Conv2d layers, block b's group holding the adapter of row
-    block b) instead of a loop over the blocks: a handful of operators per layer whatever the block
-    count, which is what a GPU step of this small UNet spends its time dispatching. Without
-    gradients (sampling) the block-stacked factors are kept between calls, rebuilt when a LoRA weight
-    changes (in place: its version counter; moved: its storage). Both adapters share one dropout
+    The blocks' adapter factors are stacked once per call in the form each layer type applies fastest:
+    Linear layers take all blocks' deltas in one batched matmul per factor; Conv2d layers one
+    convolution pair per block (a grouped convolution over the blocks side by side needs two
+    transposing copies and measured slower on the CPU: 26 vs 16 ms at 48 x 64 x 32 x 32, rank 32).
+    Without gradients (sampling) the stacked factors, the LoRA scaling folded into B, are kept between
+    calls and rebuilt when a LoRA weight changes (in place: its version counter; moved or cast: its
+    storage and dtype): a few operators per layer instead of a dozen, which is what a GPU step of this
+    small UNet spends its time dispatching (benchmarks/dual_step.py). Both adapters share one dropout
     rate (`lora.dropout`), so one dropout over all rows draws as per-block ones would.
     """
 
     layout: BranchLayout  # set by DualAnoDiffModel after injection
-    _factors_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+    _factors_cache: tuple[tuple, tuple] | None = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         names = _BLOCK_ADAPTERS[:self.layout.current()]
-        a, b = self._factors(names)
-        delta = self._deltas(self.lora_dropout[names[0]](x if x.dtype == a.dtype else x.to(a.dtype)), len(names), a, b)
+        dtype = self.lora_A[names[0]].weight.dtype
+        x = self.lora_dropout[names[0]](x if x.dtype == dtype else x.to(dtype))
+        delta = self._deltas(x, len(names), *self._factors(names))
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype)).reshape(result.shape)
 
-    def _factors(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The blocks' A weights and scaled B weights, stacked in the layout `_deltas` takes."""
+    def _factors(self, names: tuple[str, ...]) -> tuple:
+        """The blocks' A weights and scaled B weights, in the form `_deltas` takes."""
         a = [self.lora_A[n].weight for n in names]
         b = [self.lora_B[n].weight for n in names]
 
-        def stack() -> tuple[torch.Tensor, torch.Tensor]:
+        def stack() -> tuple:
             return self._stack(a, [w * self.scaling[n] for w, n in zip(b, names)])
 
         if torch.is_grad_enabled() and any(w.requires_grad for w in a + b):
@@ -151,15 +154,14 @@ class BranchLoraConv2d(_BranchRows, PeftLoraConv2d):
     """peft's LoRA Conv2d (A: the layer's kernel to rank r, B: 1x1) with one adapter per row block."""
 
     @staticmethod
-    def _stack(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat(a), torch.cat(b)  # (blocks * r, C, k, k), (blocks * out, r, 1, 1): grouped-conv weights
+    def _stack(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], ...]:
+        return tuple(a), tuple(b)
 
-    def _deltas(self, x: torch.Tensor, blocks: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _deltas(self, x: torch.Tensor, blocks: int, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]
+                ) -> torch.Tensor:
         conv = self.lora_A[ADAPTERS[0]]
-        xs = x.unflatten(0, (blocks, -1)).transpose(0, 1).flatten(1, 2)  # blocks as channel groups: (n, blocks*C, H, W)
-        hidden = F.conv2d(xs, a, None, conv.stride, conv.padding, conv.dilation, groups=blocks)
-        d = F.conv2d(hidden, b, groups=blocks)
-        return d.unflatten(1, (blocks, -1)).transpose(0, 1)
+        return torch.cat([F.conv2d(F.conv2d(xb, wa, None, conv.stride, conv.padding, conv.dilation), wb)
+                          for xb, wa, wb in zip(x.unflatten(0, (blocks, -1)).unbind(), a, b)])
 
 
 class SAIM(nn.Module):
