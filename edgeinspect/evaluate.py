@@ -1,4 +1,5 @@
-"""`edgeinspect test` and `edgeinspect predict` for DiAD: scores, metrics, latency, overlays."""
+"""`edgeinspect test` and `edgeinspect predict` for DiAD (scores, metrics, latency, overlays), and the
+test-split loop, result JSON, overlays and file scoring that GLAD's (`evaluate_glad`) shares."""
 
 from __future__ import annotations
 
@@ -7,13 +8,22 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from edgeinspect.data.mvtec import IMAGE_SUFFIXES, MVTecFolder, image_to_tensor, read_image, resize_image, tensor_to_image
+from edgeinspect.data.mvtec import (
+    IMAGE_SUFFIXES,
+    MVTecFolder,
+    Sample,
+    image_to_tensor,
+    read_image,
+    resize_image,
+    tensor_to_image,
+)
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.diad import STAGES
 from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
@@ -83,6 +93,90 @@ def detector_from_run(model: Path, overrides: dict | None = None):
     return method, cfg, diad_pipeline(cfg, m)
 
 
+@dataclass
+class EvalSplit:
+    """A category's test split at the model's input size."""
+
+    samples: list[Sample]
+    images: np.ndarray  # (n, H, W, 3) uint8
+    masks: np.ndarray  # (n, H, W) bool
+    labels: np.ndarray  # (n,) 1: defective
+
+
+def load_eval_split(data_root: Path, size: int, exclude_file: Path | None = None) -> EvalSplit:
+    data = MVTecFolder(data_root, "test", size, exclude=read_name_list(exclude_file))
+    n = len(data)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        images[i], masks[i] = data.load(i)
+    return EvalSplit(data.samples, images, masks, np.array([s.label for s in data.samples]))
+
+
+def run_eval_split(pipe, split: EvalSplit, batch_size: int, fields: tuple[str, ...], stages: tuple[str, ...],
+                 progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """The detector over the test images in batches: per result field (a batch-first tensor of its result,
+    e.g. scores, maps) the array over all images, and the `batched` entry (wall time, stage ms per frame)."""
+    n = len(split.labels)
+    out: dict[str, np.ndarray] = {}
+    stage_ms = dict.fromkeys(stages, 0.0)
+    t0 = time.perf_counter()
+    for s in tqdm(range(0, n, batch_size), desc="test", disable=not progress, unit="batch"):
+        r = pipe(torch.stack([image_to_tensor(im) for im in split.images[s:s + batch_size]]))
+        for f in fields:
+            v = getattr(r, f).numpy()
+            if f not in out:
+                out[f] = np.empty((n, *v.shape[1:]), v.dtype)
+            out[f][s:s + batch_size] = v
+        for k, v in r.timings_ms.items():
+            stage_ms[k] = stage_ms.get(k, 0.0) + v
+    wall = time.perf_counter() - t0
+    return out, {"batch_size": batch_size, "wall_s": wall, "ms_per_frame": wall * 1e3 / n,
+                 "stage_ms_per_frame": {k: v / n for k, v in stage_ms.items()}}
+
+
+def evaluation_result(model_path: Path, split: EvalSplit, scores: np.ndarray, maps: np.ndarray, batched: dict,
+                latency: dict, settings: dict) -> dict:
+    """The result JSON's common part (DiAD's and GLAD's): metrics, timings, the run, settings, per image."""
+    ckpt = resolve_checkpoint(model_path)
+    return {
+        "metrics": compute_metrics(split.labels, scores, split.masks, maps),
+        "n_images": len(split.labels),
+        "n_defective": int(split.labels.sum()),
+        "defect_types": sorted({s.defect_type for s in split.samples}),
+        "batched": batched,
+        "latency_batch1": latency,
+        "peak_rss_mb": peak_rss_mb(),
+        "train_minutes": load_state(ckpt).train_seconds / 60.0,
+        "checkpoint": str(ckpt),
+        "settings": settings,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": torch.get_num_threads()},
+        "per_image": [{"image": str(smp.path.name), "type": smp.defect_type, "score": float(sc)}
+                      for smp, sc in zip(split.samples, scores)],
+    }
+
+
+def write_evaluation_outputs(result: dict, split: EvalSplit, scores: np.ndarray, maps: np.ndarray,
+                             out_json: Path | None, overlays_dir: Path | None, max_overlays: int,
+                             **arrays: np.ndarray) -> None:
+    """Overlays of a spread of examples (colour scale: normals' 1st to all maps' 99.9th percentile) into
+    `overlays_dir`; the result JSON to `out_json` and the maps, scores, labels and `arrays` beside it
+    (<name>.maps.npz)."""
+    if overlays_dir is not None:
+        normals = maps[split.labels == 0] if (split.labels == 0).any() else maps
+        vmin, vmax = float(np.percentile(normals, 1)), float(np.percentile(maps, 99.9))
+        for i in _pick_examples(split.labels, scores, max_overlays):
+            ov = heatmap_overlay(split.images[i], maps[i], vmin, vmax, split.masks[i])
+            write_png(Path(overlays_dir) / f"{split.samples[i].defect_type}_{split.samples[i].path.stem}.png",
+                      np.concatenate([split.images[i], ov], axis=1))
+        result["overlays"] = str(overlays_dir)
+    if out_json is not None:
+        write_json_atomic(out_json, result)
+        np.savez_compressed(Path(out_json).with_suffix(".maps.npz"), maps=maps.astype(np.float16),
+                            scores=scores, labels=split.labels, **arrays)
+
+
 def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,
                   exclude_file: Path | None = None, progress: bool = True, overlays_dir: Path | None = None,
                   max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
@@ -90,63 +184,16 @@ def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = Non
     use_threads(cfg, threads)
     pipe = diad_pipeline(cfg, model)
     size = cfg.model.image_size
-    data = MVTecFolder(data_root, "test", size, exclude=read_name_list(exclude_file))
-    n = len(data)
-    images = np.zeros((n, size, size, 3), np.uint8)
-    masks = np.zeros((n, size, size), bool)
-    for i in range(n):
-        images[i], masks[i] = data.load(i)
-    labels = np.array([s.label for s in data.samples])
-    scores = np.zeros(n, np.float64)
-    maps = np.zeros((n, size, size), np.float32)
-    stage_ms = {s: 0.0 for s in STAGES}
-    bs = cfg.inference.batch_size
-    t0 = time.perf_counter()
-    for s in tqdm(range(0, n, bs), desc="test", disable=not progress, unit="batch"):
-        x = torch.stack([image_to_tensor(im) for im in images[s:s + bs]])
-        r = pipe(x)
-        scores[s:s + bs] = r.scores.numpy()
-        maps[s:s + bs] = r.maps.numpy()
-        for k, v in r.timings_ms.items():
-            stage_ms[k] += v
-    wall = time.perf_counter() - t0
-    metrics = compute_metrics(labels, scores, masks, maps)
-    frames = torch.stack([image_to_tensor(images[i]) for i in range(min(4, n))])
+    split = load_eval_split(data_root, size, exclude_file)
+    out, batched = run_eval_split(pipe, split, cfg.inference.batch_size, ("scores", "maps"), STAGES, progress)
+    frames = torch.stack([image_to_tensor(im) for im in split.images[:4]])
     latency = measure_frame_latency(pipe, frames, repeats=latency_repeats)
-    ckpt = resolve_checkpoint(model_path)
-    state = load_state(ckpt)
-    result = {
-        "metrics": metrics,
-        "n_images": n,
-        "n_defective": int(labels.sum()),
-        "defect_types": sorted({s.defect_type for s in data.samples}),
-        "batched": {"batch_size": bs, "wall_s": wall, "ms_per_frame": wall * 1e3 / n,
-                    "stage_ms_per_frame": {k: v / n for k, v in stage_ms.items()}},
-        "latency_batch1": latency,
-        "peak_rss_mb": peak_rss_mb(),
-        "train_minutes": state.train_seconds / 60.0,
-        "checkpoint": str(ckpt),
-        "settings": {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
-                     "image_size": size, "feature_size": cfg.scoring.feature_size,
-                     "features": cfg.features.name, "torch_threads": torch.get_num_threads(),
-                     "device": str(pipe.nets.device)},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": torch.get_num_threads()},
-        "per_image": [{"image": str(smp.path.name), "type": smp.defect_type, "score": float(sc)}
-                      for smp, sc in zip(data.samples, scores)],
-    }
-    if overlays_dir is not None:
-        vmin, vmax = float(np.percentile(maps[labels == 0], 1)), float(np.percentile(maps, 99.9))
-        chosen = _pick_examples(labels, scores, max_overlays)
-        for i in chosen:
-            ov = heatmap_overlay(images[i], maps[i], vmin, vmax, masks[i])
-            write_png(Path(overlays_dir) / f"{data.samples[i].defect_type}_{data.samples[i].path.stem}.png",
-                      np.concatenate([images[i], ov], axis=1))
-        result["overlays"] = str(overlays_dir)
-    if out_json is not None:
-        write_json_atomic(out_json, result)
-        np.savez_compressed(Path(out_json).with_suffix(".maps.npz"), maps=maps.astype(np.float16),
-                            scores=scores, labels=labels)
+    settings = {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
+                "image_size": size, "feature_size": cfg.scoring.feature_size,
+                "features": cfg.features.name, "torch_threads": torch.get_num_threads(),
+                "device": str(pipe.nets.device)}
+    result = evaluation_result(model_path, split, out["scores"], out["maps"], batched, latency, settings)
+    write_evaluation_outputs(result, split, out["scores"], out["maps"], out_json, overlays_dir, max_overlays)
     return result
 
 
@@ -174,30 +221,37 @@ def _collect_images(paths: list[Path]) -> list[Path]:
     return out
 
 
+def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir: Path, threshold: float | None,
+                  fields: tuple[str, ...] = ()) -> list[dict]:
+    """Score image files (folders: every image below them): an overlay per image (input, reconstruction,
+    heat map on one colour scale) and `scores.json` in `out_dir`; a row per image with its score, verdict
+    (with a threshold) and the per-frame result `fields` (e.g. GLAD's fire_step)."""
+    files = _collect_images(inputs)
+    out_dir = Path(out_dir)
+    results = []
+    for s in range(0, len(files), batch_size):
+        imgs = [resize_image(read_image(f), size) for f in files[s:s + batch_size]]
+        r = pipe(torch.stack([image_to_tensor(im) for im in imgs]))
+        for k, (f, im) in enumerate(zip(files[s:s + batch_size], imgs)):
+            results.append((f, im, float(r.scores[k]), r.maps[k].numpy(), tensor_to_image(r.reconstructions[k]),
+                            {name: getattr(r, name)[k].item() for name in fields}))
+    all_maps = np.stack([res[3] for res in results])
+    vmin, vmax = float(all_maps.min()), float(np.percentile(all_maps, 99.9))
+    if threshold is not None:  # one scale across runs: the threshold sits in the middle of the colour bar
+        vmax = max(vmax, 2 * threshold)
+    rows: list[dict] = []
+    for f, im, sc, amap, rec, extra in results:
+        name = f"{f.stem}_overlay.png"
+        write_png(out_dir / name, np.concatenate([im, rec, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
+        verdict = None if threshold is None else ("NG" if sc > threshold else "OK")
+        rows.append({"image": str(f), "score": sc, "verdict": verdict, **extra, "overlay": str(out_dir / name)})
+    write_json_atomic(out_dir / "scores.json", {"threshold": threshold, "results": rows})
+    return rows
+
+
 def predict_diad(model_path: Path, inputs: list[Path], out_dir: Path, overrides: dict | None = None,
                  threshold: float | None = None, threads: int | None = None) -> list[dict]:
     cfg, model = load_diad(model_path, overrides)
     use_threads(cfg, threads)
-    pipe = diad_pipeline(cfg, model)
-    size = cfg.model.image_size
-    files = _collect_images(inputs)
-    rows: list[dict] = []
-    out_dir = Path(out_dir)
-    results = []
-    bs = cfg.inference.batch_size
-    for s in range(0, len(files), bs):
-        imgs = [resize_image(read_image(f), size) for f in files[s:s + bs]]
-        r = pipe(torch.stack([image_to_tensor(im) for im in imgs]))
-        results += [(f, im, float(sc), m.numpy(), tensor_to_image(rec))
-                    for f, im, sc, m, rec in zip(files[s:s + bs], imgs, r.scores, r.maps, r.reconstructions)]
-    all_maps = np.stack([m for *_, m, _ in results])
-    vmin, vmax = float(all_maps.min()), float(np.percentile(all_maps, 99.9))
-    if threshold is not None:  # one scale across runs: the threshold sits in the middle of the colour bar
-        vmax = max(vmax, 2 * threshold)
-    for f, im, sc, amap, rec in results:
-        name = f"{f.stem}_overlay.png"
-        write_png(out_dir / name, np.concatenate([im, rec, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
-        verdict = None if threshold is None else ("NG" if sc > threshold else "OK")
-        rows.append({"image": str(f), "score": sc, "verdict": verdict, "overlay": str(out_dir / name)})
-    write_json_atomic(out_dir / "scores.json", {"threshold": threshold, "results": rows})
-    return rows
+    return predict_files(diad_pipeline(cfg, model), cfg.model.image_size, cfg.inference.batch_size, inputs, out_dir,
+                         threshold)

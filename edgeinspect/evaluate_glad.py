@@ -7,30 +7,26 @@ section (firing statistics) and the firing step/score of every image in `per_ima
 
 from __future__ import annotations
 
-import platform
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from edgeinspect.config import GLADConfig
-from edgeinspect.data.mvtec import (
-    MVTecFolder,
-    image_to_tensor,
-    read_image,
-    resize_image,
-    tensor_to_image,
-    uint8_to_model,
+from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, uint8_to_model
+from edgeinspect.evaluate import (
+    evaluation_result,
+    load_eval_split,
+    measure_frame_latency,
+    predict_files,
+    run_eval_split,
+    use_threads,
+    write_evaluation_outputs,
 )
-from edgeinspect.evaluate import (_collect_images, _pick_examples, measure_frame_latency, peak_rss_mb, read_name_list,
-                                  use_threads)
 from edgeinspect.metrics import auroc
-from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
-from edgeinspect.training.checkpoint import load_state, resolve_checkpoint, write_json_atomic
+from edgeinspect.training.checkpoint import write_json_atomic
 from edgeinspect.training.glad import (
     adp_check_maxima,
     calibration_subset,
@@ -40,7 +36,6 @@ from edgeinspect.training.glad import (
     propose_threshold,
     propose_weight_bounds,
 )
-from edgeinspect.visualize import heatmap_overlay, write_png
 
 
 def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | None = None,
@@ -87,88 +82,37 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
                   max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
     cfg, pipe, extra = pipeline_from_run(model_path, overrides, threads=threads)
     size = cfg.model.image_size
-    data = MVTecFolder(data_root, "test", size, exclude=read_name_list(exclude_file))
-    n = len(data)
-    images = np.zeros((n, size, size, 3), np.uint8)
-    masks = np.zeros((n, size, size), bool)
-    for i in range(n):
-        images[i], masks[i] = data.load(i)
-    labels = np.array([s.label for s in data.samples])
-    scores = np.zeros(n, np.float64)
-    maps = np.zeros((n, size, size), np.float32)
-    fire_step = np.full(n, -1, np.int64)
-    fire_score = np.full(n, np.nan)
-    by_threshold = np.zeros(n, bool)
-    adp_scores = np.full((n, len(pipe.timesteps)), np.nan, np.float32)
-    draw_scores = np.zeros((n, pipe.inference.draws), np.float64)
-    stage_ms = {s: 0.0 for s in STAGES}
-    bs = cfg.inference.batch_size
-    t0 = time.perf_counter()
-    for s in tqdm(range(0, n, bs), desc="test", disable=not progress, unit="batch"):
-        x = torch.stack([image_to_tensor(im) for im in images[s:s + bs]])
-        r = pipe(x)
-        scores[s:s + bs] = r.scores.numpy()
-        maps[s:s + bs] = r.maps.numpy()
-        fire_step[s:s + bs] = r.fire_step.numpy()
-        fire_score[s:s + bs] = r.fire_score.numpy()
-        by_threshold[s:s + bs] = r.fired_by_threshold.numpy()
-        adp_scores[s:s + bs] = r.adp_scores.numpy()
-        draw_scores[s:s + bs] = r.draw_scores.numpy()
-        for k, v in r.timings_ms.items():
-            stage_ms[k] += v
-    wall = time.perf_counter() - t0
-    metrics = compute_metrics(labels, scores, masks, maps)
+    split = load_eval_split(data_root, size, exclude_file)
+    labels = split.labels
+    n = len(labels)
+    out, batched = run_eval_split(pipe, split, cfg.inference.batch_size,
+                                  ("scores", "maps", "fire_step", "fire_score", "fired_by_threshold", "adp_scores",
+                                   "draw_scores"), STAGES, progress)
     # latency frames: normal and defective ones, since the firing step sets a frame's cost
     order = [int(i) for i in np.argsort(labels, kind="stable")]
     picks = list(dict.fromkeys([order[0], order[-1], order[len(order) // 2], order[1 % n]]))
-    frames = torch.stack([image_to_tensor(images[i]) for i in picks])
+    frames = torch.stack([image_to_tensor(split.images[i]) for i in picks])
     latency = measure_glad_latency(pipe, frames, repeats=latency_repeats)
-    ckpt = resolve_checkpoint(model_path)
-    state = load_state(ckpt)
     inf = pipe.inference
-    result = {
-        "metrics": metrics,
-        "n_images": n,
-        "n_defective": int(labels.sum()),
-        "defect_types": sorted({s.defect_type for s in data.samples}),
-        "batched": {"batch_size": bs, "wall_s": wall, "ms_per_frame": wall * 1e3 / n,
-                    "stage_ms_per_frame": {k: v / n for k, v in stage_ms.items()}},
-        "latency_batch1": latency,
-        "peak_rss_mb": peak_rss_mb(),
-        "train_minutes": state.train_seconds / 60.0,
-        "checkpoint": str(ckpt),
-        "settings": {"category": cfg.category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
-                     "threshold": None if not np.isfinite(pipe.threshold) else pipe.threshold,
-                     "threshold_source": "config" if inf.threshold is not None else
-                     ("calibrated" if extra.get("adp_threshold") is not None else "none"),
-                     "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
-                     "weight_bounds": None if inf.weight_mode == "minmax" else list(pipe.weight_bounds),
-                     "seed": inf.seed, "draws": inf.draws, "image_size": size,
-                     "feature_size": cfg.scoring.feature_size,
-                     "blur_sigma": cfg.scoring.blur_sigma, "features": cfg.features.name,
-                     "torch_threads": torch.get_num_threads(), "device": str(pipe.nets.device)},
-        "adp": _adp_summary(pipe, fire_step, by_threshold, labels),
-        # each noise draw's own image AUROC (one entry with draws = 1): how much one draw moves the result
-        "draw_image_auroc": [auroc(labels, draw_scores[:, k]) for k in range(inf.draws)],
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": torch.get_num_threads()},
-        "per_image": [{"image": str(smp.path.name), "type": smp.defect_type, "score": float(sc),
-                       "fire_step": int(fs), "fire_score": None if np.isnan(fsc) else float(fsc)}
-                      for smp, sc, fs, fsc in zip(data.samples, scores, fire_step, fire_score)],
-    }
-    if overlays_dir is not None:
-        normals = maps[labels == 0] if (labels == 0).any() else maps
-        vmin, vmax = float(np.percentile(normals, 1)), float(np.percentile(maps, 99.9))
-        for i in _pick_examples(labels, scores, max_overlays):
-            ov = heatmap_overlay(images[i], maps[i], vmin, vmax, masks[i])
-            write_png(Path(overlays_dir) / f"{data.samples[i].defect_type}_{data.samples[i].path.stem}.png",
-                      np.concatenate([images[i], ov], axis=1))
-        result["overlays"] = str(overlays_dir)
-    if out_json is not None:
-        write_json_atomic(out_json, result)
-        np.savez_compressed(Path(out_json).with_suffix(".maps.npz"), maps=maps.astype(np.float16),
-                            scores=scores, labels=labels, fire_step=fire_step,
-                            adp_scores=adp_scores, timesteps=np.array(pipe.timesteps), draw_scores=draw_scores)
+    settings = {"category": cfg.category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
+                "threshold": None if not np.isfinite(pipe.threshold) else pipe.threshold,
+                "threshold_source": "config" if inf.threshold is not None else
+                ("calibrated" if extra.get("adp_threshold") is not None else "none"),
+                "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
+                "weight_bounds": None if inf.weight_mode == "minmax" else list(pipe.weight_bounds),
+                "seed": inf.seed, "draws": inf.draws, "image_size": size,
+                "feature_size": cfg.scoring.feature_size,
+                "blur_sigma": cfg.scoring.blur_sigma, "features": cfg.features.name,
+                "torch_threads": torch.get_num_threads(), "device": str(pipe.nets.device)}
+    scores, maps, fire_step, draw_scores = out["scores"], out["maps"], out["fire_step"], out["draw_scores"]
+    result = evaluation_result(model_path, split, scores, maps, batched, latency, settings)
+    result["adp"] = _adp_summary(pipe, fire_step, out["fired_by_threshold"], labels)
+    # each noise draw's own image AUROC (one entry with draws = 1): how much one draw moves the result
+    result["draw_image_auroc"] = [auroc(labels, draw_scores[:, k]) for k in range(inf.draws)]
+    for row, fs, fsc in zip(result["per_image"], fire_step, out["fire_score"]):
+        row.update(fire_step=int(fs), fire_score=None if np.isnan(fsc) else float(fsc))
+    write_evaluation_outputs(result, split, scores, maps, out_json, overlays_dir, max_overlays, fire_step=fire_step,
+                             adp_scores=out["adp_scores"], timesteps=np.array(pipe.timesteps), draw_scores=draw_scores)
     return result
 
 
@@ -176,30 +120,8 @@ def predict_glad(model_path: Path, inputs: list[Path], out_dir: Path, overrides:
                  threshold: float | None = None, threads: int | None = None) -> list[dict]:
     """Score image files; `threshold` is the image-score verdict threshold (not the ADP one)."""
     cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads)
-    size = cfg.model.image_size
-    files = _collect_images(inputs)
-    out_dir = Path(out_dir)
-    results = []
-    bs = cfg.inference.batch_size
-    for s in range(0, len(files), bs):
-        imgs = [resize_image(read_image(f), size) for f in files[s:s + bs]]
-        r = pipe(torch.stack([image_to_tensor(im) for im in imgs]))
-        results += [(f, im, float(sc), m.numpy(), tensor_to_image(rec), int(fs))
-                    for f, im, sc, m, rec, fs in zip(files[s:s + bs], imgs, r.scores, r.maps, r.reconstructions,
-                                                     r.fire_step)]
-    all_maps = np.stack([res[3] for res in results])
-    vmin, vmax = float(all_maps.min()), float(np.percentile(all_maps, 99.9))
-    if threshold is not None:
-        vmax = max(vmax, 2 * threshold)
-    rows: list[dict] = []
-    for f, im, sc, amap, rec, fs in results:
-        name = f"{f.stem}_overlay.png"
-        write_png(out_dir / name, np.concatenate([im, rec, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
-        verdict = None if threshold is None else ("NG" if sc > threshold else "OK")
-        rows.append({"image": str(f), "score": sc, "verdict": verdict, "fire_step": fs,
-                     "overlay": str(out_dir / name)})
-    write_json_atomic(out_dir / "scores.json", {"threshold": threshold, "results": rows})
-    return rows
+    return predict_files(pipe, cfg.model.image_size, cfg.inference.batch_size, inputs, out_dir, threshold,
+                         fields=("fire_step",))
 
 
 def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: dict | None = None,

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,6 +101,10 @@ def test_cli_train_without_base_then_test_and_threshold(tmp_path, data_root, cap
     assert {"adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "denoise"} <= set(stages)
     assert res["latency_batch1"]["adp_checks_ms"] > 0
     assert all("fire_step" in r for r in res["per_image"]) and res["adp"]["all"]["n"] == 4
+    saved = np.load(out.with_suffix(".maps.npz"))
+    assert saved["maps"].shape == (4, 64, 64) and saved["adp_scores"].shape == (4, len(saved["timesteps"]))
+    assert saved["fire_step"].tolist() == [r["fire_step"] for r in res["per_image"]]
+    assert np.allclose(saved["scores"], [r["score"] for r in res["per_image"]]) and saved["draw_scores"].shape == (4, 1)
     assert len(list((tmp_path / "ov").glob("*.png"))) == 2
     capsys.readouterr()
     prop = tmp_path / "thr.json"
