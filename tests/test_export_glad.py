@@ -201,6 +201,26 @@ def test_glad_settings_overrides_through_the_bundle(bundle):
     assert r.fire_step.tolist() == [124, 124]  # forced below min_step
 
 
+def test_glad_pipeline_sizes_backend_batches_for_its_stacked_draws(bundle, monkeypatch):
+    """TensorRT profiles come from the max_batch the pipeline asks its networks for: frames x 2 (the ADP
+    check decodes two estimates per row) x draws (run as one batch), per the category's settings."""
+    import edgeinspect.runtime.bundle_loading as bl
+
+    asked = []
+    real = bl.bundle_networks
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["max_batch"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bl, "bundle_networks", recording)
+    one = bl.bundle_pipeline(bundle, max_batch=3, intra_op_threads=1)
+    three = bl.bundle_pipeline(bundle, max_batch=3, overrides={"inference": {"draws": 3}}, intra_op_threads=1)
+    assert asked == [3 * 2, 3 * 2 * 3] and one.inference.draws == 1 and three.inference.draws == 3
+    r = three(sample_frames()[:2])
+    assert r.draw_scores.shape == (2, 3) and r.draw_fire_steps.shape == (2, 3)
+
+
 def test_glad_method_settings_threshold_sources():
     from edgeinspect.export.glad import glad_method_settings
 

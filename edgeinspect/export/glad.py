@@ -3,12 +3,13 @@
 GLAD runs the same autoencoder and feature extractor as DiAD (GLADModel.role_modules uses the same
 VAE wrappers), so those builders are DiAD's; the UNet is the plain one (no guidance, no hint input).
 
-Batch sizes the loop uses (what TensorRT profiles must cover; onnxruntime takes any batch):
-  vae_encoder  B            unet_plain  1..B (the ADP check runs the UNet on the frames not yet fired)
-  vae_decoder  1..2B        (the ADP check decodes both clean estimates of the checked frames at once)
-  features     2..2B        (frames and references together), at feature_size and adp_feature_size
-`batch_multiplier` can express only one factor: the decoder keeps 1 (a profile built from it covers
-the final decode; the ADP decode of 2B needs max_batch doubled).
+Batch sizes the loop uses for B frames and n = inference.draws noise draws, run as one batch of
+R = n x B rows (what TensorRT profiles must cover; onnxruntime takes any batch):
+  vae_encoder  B            unet_plain  1..R (the ADP check runs the UNet on the rows not yet fired)
+  vae_decoder  1..2R        (the ADP check decodes both clean estimates of the checked rows at once)
+  features     2..2R        (rows and references together), at feature_size and adp_feature_size
+`batch_multiplier` can express only one factor: the decoder keeps 1 and the pipeline builds its
+profiles for max_batch x 2n frames (`runtime.bundle_loading.bundle_pipeline`).
 
 The method settings (ADP threshold resolved from the config or the checkpoint's calibration, t0, steps,
 min_step, top-K...) are written into the manifest by `glad_method_settings`.

@@ -435,9 +435,10 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     from edgeinspect.runtime.ddim import DDIM
 
     cfg = bundle.config
-    # max_batch counts frames; GLAD's ADP check decodes two estimates per frame in one call, so its
-    # TensorRT profiles need twice that (a profile's batch range comes from one role-wide multiplier)
-    factor = 2 if bundle.method == "glad" else 1
+    # max_batch counts frames; GLAD runs its noise draws as one batch and its ADP check decodes two
+    # estimates per row in one call, so its TensorRT profiles need 2 x draws times that (a profile's batch
+    # range comes from one role-wide multiplier)
+    factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=_PIPELINE_ROLES[bundle.method],
                            engine_cache_dir=engine_cache_dir,

@@ -26,7 +26,10 @@ Per frame (every frame of a batch independently):
   scoring.reference = vae_roundtrip, decode(z0)) and the reconstruction.
 With `inference.draws` = n > 1 the loop runs n times from the same z0 with the noise of seeds seed,
 seed + 1, ..., and the final map is the mean of the n maps (the image score: its top-K mean): a frame's
-score then depends less on one noise draw, at n times the ADP cost.
+score then depends less on one noise draw, at n times the ADP compute. The draws run as one batch of
+n x B rows (rows never interact), so they cost the network calls of one draw: on a GPU, where a step of
+a small model is bound by kernel launches, far less than n separate runs; memory grows n-fold. The
+input's features for the final maps are extracted once for all draws.
 
 At the first step the trajectory *is* the input noised with eps, so both estimates are identical;
 the check is skipped there unless t0 < min_step forces firing. With `inference.check_every` = k only
@@ -192,39 +195,45 @@ class GLADPipeline:
 
     def anomaly_maps(self, test: torch.Tensor, reference: torch.Tensor, timer: StageTimer, prefix: str = "",
                      feature_size: int | None = None) -> torch.Tensor:
-        """Blurred multi-layer min-over-positions maps of `test` against `reference` (images), (B, H, W)."""
+        """Blurred multi-layer min-over-positions maps of `test` against `reference` (images), (B, H, W).
+        One of the two may hold B / k rows: it stands for each of the other's k row groups (its features
+        are extracted once)."""
         size = tuple(test.shape[-2:])
-        b = test.shape[0]
+        nt, nr = test.shape[0], reference.shape[0]
+        b = max(nt, nr)
+        if b % nt or b % nr:
+            raise ValueError(f"{nt} test and {nr} reference rows: one must divide the other")
         with timer(prefix + "features"):
             feats = self._features(torch.cat([test, reference]), feature_size or self.feature_size)
-            fa, fb = [f[:b] for f in feats], [f[b:] for f in feats]
+            fa = [f[:nt].repeat(b // nt, *(1,) * (f.dim() - 1)) for f in feats]
+            fb = [f[nt:].repeat(b // nr, *(1,) * (f.dim() - 1)) for f in feats]
         with timer(prefix + "scoring"):
             maps = min_cosine_distance_maps(fa, fb, size, self.scoring.similarity_chunk_mb)
             maps = gaussian_blur(maps, self.scoring.blur_sigma)
         return maps
 
     # -- ADP + SAFF
-    def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None) -> dict[str, torch.Tensor]:
-        """One ADP + SAFF draw (noise seed `inference.seed`) of a batch: its reconstructions, the reference
-        they are scored against (None: the input), the input latents and the firing record."""
-        timer = timer or StageTimer(self.nets.device)
+    def encode(self, images: torch.Tensor, draws: int, timer: StageTimer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input latents (B, ...) and the noise of `draws` draws stacked: draw k's rows k*B .. (k+1)*B - 1
+        carry the noise of seed + k (the same for every frame)."""
         with timer("encode"):
             z0 = self.nets["vae_encoder"](image=images)["latent"]
-        r = self.denoise(z0, self.inference.seed, timer)
-        with timer("decode"):
-            if self.scoring.reference == "vae_roundtrip":
-                b = z0.shape[0]
-                both = self.nets["vae_decoder"](latent=torch.cat([r["latent"], z0]))["image"].clamp(-1, 1)
-                r["reconstructions"], r["reference"] = both[:b], both[b:]
-            else:
-                r["reconstructions"] = self.nets["vae_decoder"](latent=r["latent"])["image"].clamp(-1, 1)
-                r["reference"] = None
-        r["input_latent"] = z0
-        return r
+        with timer("denoise"):
+            eps = torch.cat([seeded_noise(tuple(z0.shape[1:]), self.inference.seed + k, z0.shape[0], z0.device,
+                                          z0.dtype) for k in range(draws)])
+        return z0, eps
 
-    def denoise(self, z0: torch.Tensor, seed: int, timer: StageTimer) -> dict[str, torch.Tensor]:
-        """ADP + SAFF from the input latents `z0` with the noise of `seed`: the final latents and the firing
-        record (fire step/index/score, by threshold or not, the check score at each step, the map at the fire)."""
+    def adp_record(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The firing record of one ADP + SAFF draw (noise seed `inference.seed`) of a batch, without the
+        final decode (threshold and weight calibration read only this)."""
+        timer = StageTimer(self.nets.device)
+        z0, eps = self.encode(images, 1, timer)
+        return self.denoise(z0, eps, timer)
+
+    def denoise(self, z0: torch.Tensor, eps: torch.Tensor, timer: StageTimer) -> dict[str, torch.Tensor]:
+        """ADP + SAFF from the input latents `z0` with the noise `eps` (one per row; rows are independent):
+        the final latents and the firing record (fire step/index/score, by threshold or not, the check score
+        at each step, the map at the fire)."""
         inf = self.inference
         b = z0.shape[0]
         ts = self.timesteps
@@ -237,7 +246,6 @@ class GLADPipeline:
         adp_scores = torch.full((b, len(ts)), float("nan"))
         fire_maps = torch.full((b, *z0.shape[-2:]), float("nan"))
         with timer("denoise"):
-            eps = seeded_noise(tuple(z0.shape[1:]), seed, b, dev, z0.dtype)
             z = self.schedule.add_noise(z0, eps, ts[0])
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
@@ -292,6 +300,8 @@ class GLADPipeline:
 
     def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores and maps of reconstructions `recon` against `images` (which may hold a divisor of
+        recon's rows: the same frames for every draw's block of rows)."""
         timer = timer or StageTimer(self.nets.device)
         maps = self.anomaly_maps(images, recon, timer)
         with timer("scoring"):
@@ -303,26 +313,23 @@ class GLADPipeline:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         timer = StageTimer(self.nets.device)
         images = images.to(self.nets.device)
-        r = self.reconstruct(images, timer)
-        reference = images if r["reference"] is None else r["reference"]
-        draw_scores, maps = self.score(reference, r["reconstructions"], timer)
-        draw_scores, fire_steps = [draw_scores], [r["fire_step"]]
-        for k in range(1, self.inference.draws):
-            # further draws: same input latents and reference, the noise of seed + k
-            d = self.denoise(r["input_latent"], self.inference.seed + k, timer)
-            with timer("decode"):
-                recon = self.nets["vae_decoder"](latent=d["latent"])["image"].clamp(-1, 1)
-            s_k, m_k = self.score(reference, recon, timer)
-            maps = maps + m_k
-            draw_scores.append(s_k)
-            fire_steps.append(d["fire_step"])
-        if self.inference.draws > 1:
-            maps = maps / self.inference.draws
-            with timer("scoring"):
-                scores = topk_mean_score(maps, self.inference.top_k)
-        else:
-            scores = draw_scores[0]
-        return GLADResult(scores.float().cpu(), maps.float().cpu(), r["reconstructions"].float().cpu(),
-                          r["fire_step"], r["fire_index"], r["fire_score"], r["fired_by_threshold"],
-                          r["adp_scores"], r["fire_maps"], torch.stack(draw_scores, 1).float().cpu(),
-                          torch.stack(fire_steps, 1), list(self.timesteps), timer.ms)
+        b, draws = images.shape[0], self.inference.draws
+        z0, eps = self.encode(images, draws, timer)
+        r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer)  # all draws as one batch
+        with timer("decode"):
+            roundtrip = self.scoring.reference == "vae_roundtrip"
+            latents = torch.cat([r["latent"], z0]) if roundtrip else r["latent"]
+            decoded = self.nets["vae_decoder"](latent=latents)["image"].clamp(-1, 1)
+            recon = decoded[:draws * b]
+            reference = decoded[draws * b:] if roundtrip else images
+        row_scores, maps_all = self.score(reference, recon, timer)  # the input vs each draw's reconstruction
+        with timer("scoring"):
+            draw_scores = row_scores.view(draws, b).T
+            maps = maps_all.view(draws, b, *maps_all.shape[1:]).mean(0)
+            scores = draw_scores[:, 0] if draws == 1 else topk_mean_score(maps, self.inference.top_k)
+        first = slice(0, b)  # the first draw's rows (noise seed inference.seed) describe the frame's firing
+        return GLADResult(scores.float().cpu(), maps.float().cpu(), recon[first].float().cpu(),
+                          r["fire_step"][first], r["fire_index"][first], r["fire_score"][first],
+                          r["fired_by_threshold"][first], r["adp_scores"][first], r["fire_maps"][first],
+                          draw_scores.float().cpu(), r["fire_step"].view(draws, b).T.contiguous(),
+                          list(self.timesteps), timer.ms)

@@ -169,7 +169,7 @@ def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int =
     out, fire_maps = [], []
     try:
         for s in range(0, len(images), batch_size):
-            r = pipe.reconstruct(images[s:s + batch_size].to(pipe.nets.device))
+            r = pipe.adp_record(images[s:s + batch_size].to(pipe.nets.device))
             checked = [i for i, t in enumerate(pipe.timesteps) if t >= pipe.inference.min_step]
             sc = r["adp_scores"][:, checked]
             out.append(torch.nan_to_num(sc, nan=float("-inf")).amax(dim=1) if checked else
