@@ -3,7 +3,8 @@
     python benchmarks/latency.py --diad runs/diad_mtd_edge --glad runs/glad_mtd_edge --threads 2
 
 writes benchmarks/results/latency_<machine>.md and latency_<machine>.json (`--results` for another
-folder). Either run is optional. What it does, per method:
+folder). Either run is optional. `--diad-set` / `--glad-set KEY=VALUE` (repeatable) change a run's
+inference or scoring settings for every backend alike, e.g. `--glad-set inference.draws=2`. What it does, per method:
 
 * builds the torch pipeline from the run folder (torch eager) and exports the run to a bundle in a cache
   folder (`--cache`, default <tmp>/edgeinspect-latency; reused while the run's weights are unchanged,
@@ -117,19 +118,19 @@ def load_frames(cfg: Any, frames_dir: Path | None, n: int) -> tuple[torch.Tensor
 # --------------------------------------------------------------------------- pipelines
 
 
-def torch_side(method: str, run: Path, device: str) -> tuple[Any, Any, Any]:
-    """(cfg, torch pipeline, feature extractor) from a run folder."""
+def torch_side(method: str, run: Path, device: str, overrides: dict | None = None) -> tuple[Any, Any, Any]:
+    """(cfg, torch pipeline, feature extractor) from a run folder; `overrides`: inference/scoring settings."""
     if method == "diad":
         from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
         from edgeinspect.training.diad import build_features
 
-        cfg, model = load_diad(run)
+        cfg, model = load_diad(run, overrides)
         torch.manual_seed(0)  # a random extractor (tiny preset) is then the same every time
         features = build_features(cfg)
         return cfg, diad_pipeline(cfg, model, features, device=device), features
     from edgeinspect.training.glad import build_glad_features, glad_pipeline, load_glad
 
-    cfg, model, extra = load_glad(run)
+    cfg, model, extra = load_glad(run, overrides)
     torch.manual_seed(0)
     features = build_glad_features(cfg)
     pipe = glad_pipeline(cfg, model, features, device=device, threshold=extra.get("adp_threshold"),
@@ -164,13 +165,14 @@ def ensure_bundle(method: str, run: Path, cfg: Any, features: Any, cache: Path, 
     return out
 
 
-def backends_for(method: str, bundle_dir: Path, torch_pipe: Any, threads: int, device: str) -> dict[str, Any]:
+def backends_for(method: str, bundle_dir: Path, torch_pipe: Any, threads: int, device: str,
+                 overrides: dict | None = None) -> dict[str, Any]:
     """backend name -> pipeline, for every backend and precision available here."""
     from edgeinspect.export.tensorrt import engine_support_problems
     from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
     from edgeinspect.runtime.ort_backend import CUDA, available_providers
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, overrides=overrides)
     out: dict[str, Any] = {f"torch{'_cuda' if device.startswith('cuda') else ''}": torch_pipe}
     for precision in bundle.precisions:
         out[f"onnxruntime_{precision}"] = bundle_pipeline(bundle, "onnxruntime", precision=precision,
@@ -237,10 +239,14 @@ def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repe
 
 
 def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[str, Any]) -> dict[str, Any]:
-    cfg, torch_pipe, features = torch_side(method, run, args.device)
+    from edgeinspect.config import parse_overrides
+
+    sets = getattr(args, f"{method}_set")
+    overrides = parse_overrides(sets)
+    cfg, torch_pipe, features = torch_side(method, run, args.device, overrides)
     frames, frames_source = load_frames(cfg, args.frames, args.num_frames)
     bundle_dir = ensure_bundle(method, run, cfg, features, args.cache, args.fp16, args.threads)
-    pipes = backends_for(method, bundle_dir, torch_pipe, args.threads, args.device)
+    pipes = backends_for(method, bundle_dir, torch_pipe, args.threads, args.device, overrides)
     print(f"[{method}] backends: {', '.join(pipes)}; counting FLOPs", flush=True)
     gflop, by_op = count_gflop_per_frame(torch_pipe, frames)
     print(f"[{method}] {gflop:.3f} GFLOP/frame; timing {args.repeats} frames per backend", flush=True)
@@ -262,10 +268,10 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
     ort_ms = timed["onnxruntime_fp32"]["ms"]["median"]
     settings = ({"t_start": cfg.inference.t_start, "steps": cfg.inference.steps} if method == "diad" else
                 {k: getattr(torch_pipe.inference, k) for k in ("t0", "steps", "min_step", "top_k", "adp_top_k",
-                                                                "check_every")}
+                                                                "check_every", "draws")}
                 | {"adp_threshold": None if not np.isfinite(torch_pipe.threshold) else torch_pipe.threshold})
     return {
-        "run": str(run), "bundle": str(bundle_dir), "preset": cfg.model.preset, "image_size": cfg.model.image_size,
+        "run": str(run), "overrides": sets, "bundle": str(bundle_dir), "preset": cfg.model.preset, "image_size": cfg.model.image_size,
         "feature_size": cfg.scoring.feature_size or cfg.model.image_size, "settings": settings,
         "frames": frames_source,
         "torch_ms": torch_ms, "ort_ms": ort_ms, "ort_vs_torch_speedup": torch_ms / ort_ms,
@@ -304,7 +310,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [f"## {names.get(method, method)}", "",
                   f"Run `{r['run']}` (preset {r['preset']}, {r['image_size']} px model image, features at "
                   f"{r['feature_size']} px; {', '.join(f'{k} {v}' for k, v in r['settings'].items())}); "
-                  f"frames: {r['frames']}. {r['gflop_per_frame']:.3f} GFLOP per frame.", "",
+                  f"frames: {r['frames']}" + (f"; overrides {', '.join(r['overrides'])}" if r.get("overrides") else "")
+                  + f". {r['gflop_per_frame']:.3f} GFLOP per frame.", "",
                   "| backend | runs on | median ms/frame | p10 | p90 | vs torch eager | GFLOP/s | of measured peak | "
                   "max abs score diff vs torch |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -335,6 +342,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--diad", type=Path, help="DiAD run folder")
     ap.add_argument("--glad", type=Path, help="GLAD run folder")
+    for m in ("diad", "glad"):
+        ap.add_argument(f"--{m}-set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"inference/scoring override for the {m} run, all backends alike, e.g. "
+                             f"inference.steps=10 (repeatable)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for torch and onnxruntime (default: the logical CPUs available)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed frames per backend first (default 3)")

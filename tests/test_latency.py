@@ -35,7 +35,8 @@ def test_latency_script_end_to_end(tmp_path, capsys):
     results = tmp_path / "results"
     argv = ["--diad", str(diad), "--glad", str(glad), "--threads", "1", "--warmup", "1", "--repeats", "3",
             "--num-frames", "2", "--frames", str(SAMPLE / "test"), "--fp16", "--cache", str(tmp_path / "cache"),
-            "--results", str(results), "--machine", "testbox", "--peak-size", "256"]
+            "--results", str(results), "--machine", "testbox", "--peak-size", "256",
+            "--glad-set", "inference.draws=2", "--glad-set", "inference.steps=4"]
     res = latency.main(argv)
     assert torch.get_num_threads() == 1
     out = capsys.readouterr().out
@@ -45,6 +46,11 @@ def test_latency_script_end_to_end(tmp_path, capsys):
     assert saved["command"].startswith("python benchmarks/latency.py --diad ")
     assert _positive(saved["measured_peak"]["gflops"]) and saved["measured_peak"]["threads"] == 1
     assert saved["machine"]["threads"] == 1 and saved["machine"]["slug"] == "testbox"
+    # the GLAD overrides reach every backend alike (parity below is against torch with the same settings)
+    g = saved["methods"]["glad"]
+    assert g["overrides"] == ["inference.draws=2", "inference.steps=4"] and saved["methods"]["diad"]["overrides"] == []
+    assert g["settings"]["draws"] == 2 and g["settings"]["steps"] == 4
+    assert "overrides inference.draws=2, inference.steps=4" in (results / "latency_testbox.md").read_text()
     stages = {"diad": {"encode", "denoise", "decode", "features", "scoring"},
               "glad": {"encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff",
                        "decode", "features", "scoring"}}
