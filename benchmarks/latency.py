@@ -4,7 +4,8 @@
 
 writes benchmarks/results/latency_<machine>.md and latency_<machine>.json (`--results` for another
 folder). Either run is optional. `--diad-set` / `--glad-set KEY=VALUE` (repeatable) change a run's
-inference or scoring settings for every backend alike, e.g. `--glad-set inference.draws=2`. What it does, per method:
+inference or scoring settings for every backend alike, e.g. `--glad-set inference.draws=2`.
+What it does, per method:
 
 * builds the torch pipeline from the run folder (torch eager) and exports the run to a bundle in a cache
   folder (`--cache`, default <tmp>/edgeinspect-latency; reused while the run's weights are unchanged,
