@@ -272,7 +272,8 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
                                                                 "check_every", "draws")}
                 | {"adp_threshold": None if not np.isfinite(torch_pipe.threshold) else torch_pipe.threshold})
     return {
-        "run": str(run), "overrides": sets, "bundle": str(bundle_dir), "preset": cfg.model.preset, "image_size": cfg.model.image_size,
+        "run": str(run), "overrides": sets, "bundle": str(bundle_dir), "preset": cfg.model.preset,
+        "image_size": cfg.model.image_size,
         "feature_size": cfg.scoring.feature_size or cfg.model.image_size, "settings": settings,
         "frames": frames_source,
         "torch_ms": torch_ms, "ort_ms": ort_ms, "ort_vs_torch_speedup": torch_ms / ort_ms,
