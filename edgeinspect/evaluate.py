@@ -114,7 +114,7 @@ def load_eval_split(data_root: Path, size: int, exclude_file: Path | None = None
 
 
 def run_eval_split(pipe, split: EvalSplit, batch_size: int, fields: tuple[str, ...], stages: tuple[str, ...],
-                 progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+                   progress: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """The detector over the test images in batches: per result field (a batch-first tensor of its result,
     e.g. scores, maps) the array over all images, and the `batched` entry (wall time, stage ms per frame)."""
     n = len(split.labels)
@@ -136,7 +136,7 @@ def run_eval_split(pipe, split: EvalSplit, batch_size: int, fields: tuple[str, .
 
 
 def evaluation_result(model_path: Path, split: EvalSplit, scores: np.ndarray, maps: np.ndarray, batched: dict,
-                latency: dict, settings: dict) -> dict:
+                      latency: dict, settings: dict) -> dict:
     """The result JSON's common part (DiAD's and GLAD's): metrics, timings, the run, settings, per image."""
     ckpt = resolve_checkpoint(model_path)
     return {
