@@ -7,6 +7,7 @@ file fails loudly with the field's dotted path instead of being silently ignored
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -26,10 +27,34 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- networks
 
 
+def anchor_layout(latent_channels: int, image_channels: int, downsample_factor: int) -> tuple[int, int]:
+    """(k, r): the anchor codes the image resized by 1/r, then folded k x k into channels.
+
+    latent_channels must be image_channels * k**2 with k dividing the autoencoder's factor f = k * r,
+    so that the anchor holds exactly as many values as the latent."""
+    per = latent_channels // image_channels
+    k = math.isqrt(per) if per > 0 else 0
+    if per * image_channels != latent_channels or k * k != per or downsample_factor % k:
+        raise ValueError(
+            f"an anchored autoencoder needs latent_channels = image channels x k^2 with k dividing the "
+            f"downsampling factor {downsample_factor}; got {latent_channels} latent channels for "
+            f"{image_channels}-channel images (grey: 1, 4 or 16 latent channels; colour: 3 or 12)")
+    return k, downsample_factor // k
+
+
+
 class VAEConfig(Strict):
+    # "anchored" (models/autoencoder.py): the equal-size resize plus learnt residuals, deterministic
+    # (trained and used on the posterior mean, no KL term): it starts where a plain resize is and
+    # can only add detail. "kl": a plain diffusers KL autoencoder (the papers'; what sd15 loads).
+    kind: Literal["anchored", "kl"] = "anchored"
+    # Anchored only: code the image's channel mean (monochrome cameras) instead of three channels.
+    grey: bool = True
+    # The edge default: f = 8 with 16 channels (16x16x16 at 128 px, the values of a 64x64 image): the
+    # UNet runs on 16x16 positions, while the code keeps as much as an f = 4, 4-channel one.
     block_out_channels: list[int] = [32, 64, 128, 128]
     layers_per_block: int = Field(1, ge=1)
-    latent_channels: int = 4
+    latent_channels: int = 16
     norm_num_groups: int = 16
     # Overwritten after autoencoder training with 1/std of the training latents (as SD did), so the
     # diffusion model sees unit-variance latents whatever the autoencoder learnt.
@@ -40,6 +65,8 @@ class VAEConfig(Strict):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width, not {bad}")
+        if self.kind == "anchored":
+            anchor_layout(self.latent_channels, 1 if self.grey else 3, self.downsample_factor)
         return self
 
     @property
@@ -159,13 +186,30 @@ class TrainLoopConfig(Strict):
         return v
 
 
-class DiADTrainConfig(TrainLoopConfig):
-    prompt: str = "a photo of a normal object"
-    # Stage 1: autoencoder fine-tuning (L1 + KL + perceptual from the frozen feature extractor).
+class AutoencoderStageConfig(Strict):
+    """The autoencoder stage (DiAD's stage 1, the base of every method), benchmarked in
+    benchmarks/results/autoencoder_mtd.md."""
+
     autoencoder_steps: int = Field(2000, ge=0)
-    autoencoder_lr: float = 2e-4
-    kl_weight: float = 1e-6
-    perceptual_weight: float = 0.1
+    autoencoder_lr: float = 1e-3
+    # Linear warm-up over this many steps, then `autoencoder_schedule` ("cosine" decays to 0 at the
+    # stage's last step).
+    autoencoder_warmup: int = Field(100, ge=0)
+    autoencoder_schedule: Literal["constant", "cosine"] = "cosine"
+    # Pixel loss: "l2" optimises PSNR directly; "l1" is the latent-diffusion recipe's.
+    autoencoder_loss: Literal["l1", "l2"] = "l2"
+    # Square random crops (px) of the model image; null: half the image size, at least 32.
+    autoencoder_crop: int | None = Field(None, ge=16)
+    kl_weight: float = 1e-6  # "kl" autoencoders only; the anchored one is deterministic
+    perceptual_weight: float = 0.0
+    # A run or checkpoint folder whose trained autoencoder (weights, shift and scaling factor) is
+    # taken as it is: the autoencoder stage is then skipped. One base autoencoder per category can
+    # so serve every method (configs/autoencoder_mtd_edge.yaml trains one alone).
+    init_autoencoder_from: Path | None = None
+
+
+class DiADTrainConfig(TrainLoopConfig, AutoencoderStageConfig):
+    prompt: str = "a photo of a normal object"
     # Stage 2: denoising pretraining of the whole UNet on the domain. Needed when the UNet starts
     # from scratch (the paper starts from SD weights); set to 0 with the sd15 preset.
     unet_steps: int = Field(4000, ge=0)
@@ -268,7 +312,7 @@ class GLADFeatureConfig(FeatureConfig):
     vit_blocks: list[int] | None = None
 
 
-class GLADTrainConfig(TrainLoopConfig):
+class GLADTrainConfig(TrainLoopConfig, AutoencoderStageConfig):
     # Name of the category (key of inference.categories); default: the data folder's name.
     category: str | None = None
     # null: the base run's prompt (so the prompt encoder the UNet was trained with stays valid).
@@ -277,10 +321,6 @@ class GLADTrainConfig(TrainLoopConfig):
     # checkpoint, i.e. after DiAD's stage 2) or a checkpoint folder. null: DiAD's autoencoder and
     # UNet stages run first, in <run>/base, with the step counts below.
     init_from: Path | None = None
-    autoencoder_steps: int = Field(2000, ge=0)
-    autoencoder_lr: float = 2e-4
-    kl_weight: float = 1e-6
-    perceptual_weight: float = 0.1
     unet_steps: int = Field(4000, ge=0)
     unet_lr: float = 2e-4
     # ATP: all UNet parameters, anomaly-oriented target on synthetic anomalies + noise loss on clean.
@@ -701,7 +741,7 @@ class DualAnoDiffConfig(Strict):
 _TINY_MODEL: dict[str, Any] = {
     "preset": "tiny",
     "image_size": 64,
-    "vae": {"block_out_channels": [8, 16], "norm_num_groups": 4, "layers_per_block": 1},
+    "vae": {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4, "layers_per_block": 1},
     "unet": {
         "block_out_channels": [16, 32],
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
@@ -732,7 +772,8 @@ _TINY_DIAD: dict[str, Any] = {
 _SD15_MODEL: dict[str, Any] = {
     "preset": "sd15",
     "image_size": 256,
-    "vae": {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32},
+    "vae": {"kind": "kl", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "norm_num_groups": 32},
     "unet": {
         "block_out_channels": [320, 640, 1280, 1280],
         "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],

@@ -8,19 +8,19 @@ from edgeinspect.models.backbones import build_unet, build_vae
 def test_edge_preset_sizes():
     cfg = build_config("diad", "edge").model
     vae, unet = build_vae(cfg), build_unet(cfg)
-    assert cfg.latent_size == 16
+    assert cfg.latent_size == 16 and cfg.vae.kind == "anchored" and cfg.vae.latent_channels == 16
     n_vae = sum(p.numel() for p in vae.parameters()) / 1e6
     n_unet = sum(p.numel() for p in unet.parameters()) / 1e6
     assert 1 < n_vae < 10 and 5 < n_unet < 40  # "a few M to tens of M parameters"
     with torch.no_grad():
         z = vae.encode(torch.zeros(1, 3, 128, 128)).latent_dist.mean
-        assert z.shape == (1, 4, 16, 16)
+        assert z.shape == (1, 16, 16, 16)
         out = unet(z, torch.tensor([10.0]), encoder_hidden_states=torch.zeros(1, 8, 128)).sample
     assert out.shape == z.shape
 
 
 def test_sd15_preset_loads_local_diffusers_folders(tmp_path):
-    tiny = build_config("diad", "tiny").model
+    tiny = build_config("diad", "tiny", {"model": {"vae": {"kind": "kl"}}}).model  # SD's autoencoder is a KL one
     vae, unet = build_vae(tiny), build_unet(tiny)
     vae.save_pretrained(tmp_path / "sd" / "vae")
     unet.save_pretrained(tmp_path / "sd" / "unet")

@@ -11,6 +11,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from edgeinspect.config import ModelConfig
+from edgeinspect.models.autoencoder import AnchoredAutoencoderKL
 
 
 def _sd15_folder(cfg: ModelConfig, sub: str) -> Path:
@@ -28,6 +29,16 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     if cfg.preset == "sd15":
         return AutoencoderKL.from_pretrained(_sd15_folder(cfg, "vae"), local_files_only=True)
     v = cfg.vae
+    if v.kind == "anchored":
+        return AnchoredAutoencoderKL(
+            block_out_channels=tuple(v.block_out_channels),
+            layers_per_block=v.layers_per_block,
+            latent_channels=v.latent_channels,
+            norm_num_groups=v.norm_num_groups,
+            sample_size=cfg.image_size,
+            scaling_factor=v.scaling_factor,
+            grey=v.grey,
+        )
     n = len(v.block_out_channels)
     return AutoencoderKL(
         in_channels=3,

@@ -59,6 +59,17 @@ class LatentDiffusionModel(nn.Module):
     def set_scaling_factor(self, value: float) -> None:
         self.vae.register_to_config(scaling_factor=float(value))
 
+    def fit_latent_statistics(self, latents: torch.Tensor) -> torch.Tensor:
+        """Centre (anchored autoencoders, whose latent is a picture) and scale the autoencoder's
+        latents to unit variance, from `latents` = the training set's encoded posterior means; returns
+        them as the diffusion model will see them."""
+        if hasattr(self.vae, "set_latent_shift"):
+            mean = latents.mean()
+            self.vae.set_latent_shift(float(self.vae.latent_shift) + float(mean))
+            latents = latents - mean
+        self.set_scaling_factor(1.0 / float(latents.std()))
+        return latents * self.scaling_factor
+
     def context(self, prompt: str, batch: int = 1) -> torch.Tensor:
         return self.prompt_encoder([prompt] * batch)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from edgeinspect.generate_adabldm import BlendedJob, run_blended_job
+from edgeinspect.models.autoencoder import autoencoder_from_config
 from edgeinspect.runtime.adaptation import LatentDecoder
 from edgeinspect.runtime.blended import ROLES
 from edgeinspect.runtime.bundle_loading import Bundle, BundleError, generation_networks, load_bundle
@@ -25,10 +26,8 @@ from edgeinspect.runtime.bundle_loading import Bundle, BundleError, generation_n
 
 def bundle_decoder(bundle: Bundle) -> LatentDecoder:
     """The original decoder (post_quant_conv + decoder) from the bundle's payload, for the adaptation."""
-    from diffusers import AutoencoderKL
-
     settings = bundle.manifest["method_settings"]["decoder"]
-    vae = AutoencoderKL.from_config(settings["vae_config"])
+    vae = autoencoder_from_config(settings["vae_config"])
     decoder = LatentDecoder.from_vae(vae)
     decoder.load_state_dict(bundle.payload("decoder"))
     if decoder.scaling_factor != settings["scaling_factor"]:

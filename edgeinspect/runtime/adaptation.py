@@ -20,35 +20,46 @@ from torch import nn
 class LatentDecoder(nn.Module):
     """Scaled latent -> image in [-1, 1]: the part of a diffusers AutoencoderKL that adaptation trains,
     split into a `prefix` (post-quant conv, conv_in, middle, all but the last up block) and a `tail`
-    (last up block, output norm and conv) so that adapting only the tail can compute the prefix once."""
+    (last up block, output norm and conv) so that adapting only the tail can compute the prefix once.
+    An anchored autoencoder's resize path (`anchor`, no parameters) is added to the tail's output."""
 
-    def __init__(self, post_quant_conv: nn.Module, decoder: nn.Module, scaling_factor: float):
+    def __init__(self, post_quant_conv: nn.Module, decoder: nn.Module, scaling_factor: float,
+                 anchor: nn.Module | None = None):
         super().__init__()
         self.post_quant_conv, self.decoder = post_quant_conv, decoder
+        self.anchor = anchor
         self.scaling_factor = float(scaling_factor)
 
     @classmethod
     def from_vae(cls, vae: nn.Module) -> "LatentDecoder":
         pqc = vae.post_quant_conv if vae.post_quant_conv is not None else nn.Identity()
-        return cls(copy.deepcopy(pqc), copy.deepcopy(vae.decoder), vae.config.scaling_factor)
+        anchor = copy.deepcopy(vae.anchor) if hasattr(vae, "anchor") else None
+        return cls(copy.deepcopy(pqc), copy.deepcopy(vae.decoder), vae.config.scaling_factor, anchor)
+
+    def _raw(self, latent: torch.Tensor) -> torch.Tensor:
+        raw = latent / self.scaling_factor
+        return raw + self.anchor.latent_shift if self.anchor is not None else raw
 
     def prefix(self, latent: torch.Tensor) -> torch.Tensor:
         d = self.decoder
-        h = d.mid_block(d.conv_in(self.post_quant_conv(latent / self.scaling_factor)), None)
+        h = d.mid_block(d.conv_in(self.post_quant_conv(self._raw(latent))), None)
         for up in d.up_blocks[:-1]:
             h = up(h, None)
         return h
 
-    def tail(self, h: torch.Tensor) -> torch.Tensor:
+    def tail(self, h: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         d = self.decoder
-        return d.conv_out(d.conv_act(d.conv_norm_out(d.up_blocks[-1](h, None))))
+        out = d.conv_out(d.conv_act(d.conv_norm_out(d.up_blocks[-1](h, None))))
+        if self.anchor is None:
+            return out
+        return self.anchor.image_out(out + self.anchor.decode(self._raw(latent)))
 
     def tail_parameters(self) -> list[nn.Parameter]:
         d = self.decoder
         return [p for m in (d.up_blocks[-1], d.conv_norm_out, d.conv_out) for p in m.parameters()]
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.tail(self.prefix(latent))
+        return self.tail(self.prefix(latent), latent)
 
 
 @dataclass
@@ -90,7 +101,7 @@ def adapt_decoder(decoder: LatentDecoder, latent: torch.Tensor, x_ok: torch.Tens
     inside, outside = [], []
     with torch.enable_grad():
         for _ in range(steps):
-            x = work.tail(frozen) if frozen is not None else work(z)
+            x = work.tail(frozen, z) if frozen is not None else work(z)
             l_i = _masked_mse(x, x_ok, 1 - m)
             l_d = _masked_mse(x, before, m)
             loss = l_i + lambda_con * l_d

@@ -1,9 +1,11 @@
 """DiAD training: autoencoder fine-tuning, UNet domain pretraining, then SG + UNet decoder half.
 
-Stage 1 (autoencoder): L1 + KL + a perceptual term from the frozen feature extractor (LPIPS
-weights are not available offline), on random crops (the autoencoder is fully convolutional, so
-crops cost a fraction of whole images and teach the same thing). Afterwards the latent scaling
-factor is set to 1/std of the training latents.
+Stage 1 (autoencoder): the anchored autoencoder (models/autoencoder.py; or a plain KL one) on
+random crops (it is fully convolutional, so crops cost a fraction of whole images and teach the
+same thing), with an L2 (or L1) pixel loss, optionally a perceptual term from the frozen feature
+extractor (LPIPS weights are not available offline) and, for KL autoencoders, the KL term; warm-up
+then cosine learning rate. Afterwards the latents are centred (anchored) and scaled to unit
+variance. `train.init_autoencoder_from` takes a trained one instead and skips the stage.
 
 Stage 2 (unet): ordinary noise-prediction training of the whole UNet on the domain's normal latents.
 The paper starts from Stable Diffusion weights instead; the sd15 preset sets this stage to 0 steps.
@@ -20,13 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from edgeinspect.config import DiADConfig
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import build_feature_extractor
 from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import latest_checkpoint
+from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 
@@ -41,6 +44,34 @@ def perceptual_distance(features, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     for fa, fb in zip(features(a), features(b)):
         loss = loss + (F.normalize(fa, dim=1) - F.normalize(fb, dim=1)).pow(2).sum(1).mean()
     return loss
+
+
+def autoencoder_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given; for a run folder its `autoencoder-final`."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    cand = path / "checkpoints" / "autoencoder-final"
+    if (cand / "model.safetensors").is_file():
+        return cand
+    raise CheckpointError(f"train.init_autoencoder_from={path} is neither a checkpoint folder nor a run folder "
+                          "with a finished autoencoder stage (checkpoints/autoencoder-final)")
+
+
+def load_autoencoder(model: DiADModel, path: str | Path) -> Path:
+    """The trained autoencoder (weights, latent shift, scaling factor) of a run or checkpoint."""
+    ckpt = autoencoder_checkpoint(path)
+    weights = {k[len("vae."):]: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
+               if k.startswith("vae.")}
+    try:
+        model.vae.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}'s autoencoder does not match model.vae in this config: {e}") from e
+    sf = load_state(ckpt).extra.get("scaling_factor")
+    if sf is None:
+        raise CheckpointError(f"{ckpt} has no scaling_factor: its autoencoder stage has not finished")
+    model.set_scaling_factor(sf)
+    return ckpt
 
 
 class _Batches:
@@ -71,8 +102,7 @@ class _Batches:
         return self.apply_flip(uint8_to_model(self.images[idx]), flip)
 
 
-def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-               crop: int | None = None) -> Path:
+def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a DiAD model in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
     t = cfg.train
@@ -86,7 +116,9 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     features = build_features(cfg).to(device)
     schedule = DDIM(cfg.scheduler)
     abar = schedule.alphas_cumprod.float().to(device)
-    crop = crop or max(32, cfg.model.image_size // 2)
+    crop = t.autoencoder_crop or max(32, cfg.model.image_size // 2)
+    if t.init_autoencoder_from is not None:
+        load_autoencoder(model, t.init_autoencoder_from)
     cache: dict[str, torch.Tensor] = {}
 
     def set_trainable(*modules: torch.nn.Module) -> None:
@@ -98,6 +130,8 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     def ae_setup(_fresh: bool) -> None:
         set_trainable(model.vae)
 
+    variational = cfg.model.vae.kind == "kl"
+
     def ae_loss(_step: int) -> torch.Tensor:
         idx, flip = batches.draw()
         x = batches.images_for(idx, flip)
@@ -108,9 +142,11 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
             x = x[..., i0:i0 + crop, j0:j0 + crop]
         x = x.to(device)
         post = model.vae.encode(x).latent_dist
-        rec = model.vae.decode(post.sample()).sample
-        kl = post.kl().mean() / x[0].numel()
-        loss = (rec - x).abs().mean() + t.kl_weight * kl
+        rec = model.vae.decode(post.sample() if variational else post.mean).sample
+        diff = rec - x
+        loss = diff.pow(2).mean() if t.autoencoder_loss == "l2" else diff.abs().mean()
+        if variational:
+            loss = loss + t.kl_weight * post.kl().mean() / x[0].numel()
         if t.perceptual_weight > 0:
             loss = loss + t.perceptual_weight * perceptual_distance(features, rec, x)
         return loss
@@ -122,11 +158,9 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
         return encode_latents(model.vae, images_u8, t.flips, 1.0)
 
     def ae_finish() -> dict:
-        latents = encode_all()
-        sf = 1.0 / float(latents.std())
-        model.set_scaling_factor(sf)
-        cache["latents"] = latents * sf
-        return {"scaling_factor": sf}
+        if t.init_autoencoder_from is None:  # a taken autoencoder keeps its own statistics
+            cache["latents"] = model.fit_latent_statistics(encode_all())
+        return {"scaling_factor": model.scaling_factor}
 
     def latents_for(idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         if "latents" not in cache:
@@ -173,9 +207,10 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     def params_of(*modules):
         return lambda: (p for m in modules for p in m.parameters())
 
+    ae_steps = 0 if t.init_autoencoder_from is not None else t.autoencoder_steps
     stages = [
-        Stage("autoencoder", t.autoencoder_steps, t.autoencoder_lr, params_of(model.vae), ae_loss, ae_setup,
-              ae_finish),
+        Stage("autoencoder", ae_steps, t.autoencoder_lr, params_of(model.vae), ae_loss, ae_setup,
+              ae_finish, warmup=t.autoencoder_warmup, schedule=t.autoencoder_schedule),
         Stage("unet", t.unet_steps, t.unet_lr, params_of(model.unet, model.prompt_encoder), unet_loss, unet_setup),
         Stage("guidance", t.guidance_steps, t.guidance_lr, params_of(model.guidance, *unet_decoder),
               guidance_loss, guidance_setup),

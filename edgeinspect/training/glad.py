@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeinspect.config import GLADConfig, build_config, dump_config
+from edgeinspect.config import AutoencoderStageConfig, GLADConfig, build_config, dump_config
 from edgeinspect.data.anomalies import AnomalySynthesizer
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
@@ -134,9 +134,8 @@ def _diad_base_config(cfg: GLADConfig):
         "train": {"data_root": str(t.data_root), "prompt": t.prompt or "a photo of a normal object",
                   "batch_size": t.batch_size, "flips": t.flips, "seed": t.seed,
                   "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints,
-                  "log_every": t.log_every, "autoencoder_steps": t.autoencoder_steps,
-                  "autoencoder_lr": t.autoencoder_lr, "kl_weight": t.kl_weight,
-                  "perceptual_weight": t.perceptual_weight, "unet_steps": t.unet_steps, "unet_lr": t.unet_lr,
+                  "log_every": t.log_every, **t.model_dump(mode="json", include=set(AutoencoderStageConfig.model_fields)),
+                  "unet_steps": t.unet_steps, "unet_lr": t.unet_lr,
                   "guidance_steps": 0, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
                   "threads": t.threads, "device": t.device},
     }

@@ -86,6 +86,18 @@ class Stage:
     loss: Callable[[int], torch.Tensor]  # step -> scalar loss (draws its own batch)
     setup: Callable[[bool], None] = lambda starting_fresh: None  # freezing, caches; True at step 0
     finish: Callable[[], dict] = field(default=lambda: {})  # after the last step; returns state extras
+    warmup: int = 0  # linear learning-rate warm-up over this many steps
+    schedule: str = "constant"  # then "constant", or "cosine" (to 0 at the last step)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of `step` (a function of the step alone, so a resumed run needs no
+        scheduler state)."""
+        factor = min(1.0, (step + 1) / self.warmup) if self.warmup > 0 else 1.0
+        if self.schedule == "cosine":
+            factor *= 0.5 * (1 + math.cos(math.pi * min(step, self.steps) / max(self.steps, 1)))
+        elif self.schedule != "constant":
+            raise ValueError(f"unknown learning-rate schedule {self.schedule!r}")
+        return self.lr * factor
 
 
 class Interrupted(Exception):
@@ -196,6 +208,8 @@ class Trainer:
             while self.state.step < stage.steps:
                 step_rng = (torch.get_rng_state(), {k: g.get_state() for k, g in self.generators.items()})
                 self.model.train()
+                for group in opt.param_groups:
+                    group["lr"] = stage.lr_at(self.state.step)
                 loss = stage.loss(self.state.step)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{stage.name} step {self.state.step}: loss is {loss.item()}")

@@ -1,0 +1,140 @@
+"""The anchored autoencoder: it starts as the equal-size resize, learns residuals, keeps its latent
+statistics, and survives every path a diffusers autoencoder goes through (config, adaptation, reuse)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from edgeinspect.config import ConfigError, build_config
+from edgeinspect.models.autoencoder import AnchoredAutoencoderKL, autoencoder_from_config
+from edgeinspect.models.diad import DiADModel
+from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
+from edgeinspect.training.diad import train_diad
+from edgeinspect.training.loop import Stage
+
+
+def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
+    small = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), side)
+    return F.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False).repeat(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("blocks, channels, side", [((8, 16, 16, 16), 16, 32), ((8, 16, 16), 4, 32),
+                                                    ((8, 16), 4, 64)])
+def test_untrained_is_the_equal_size_resize(blocks, channels, side):
+    ae = AnchoredAutoencoderKL(block_out_channels=blocks, latent_channels=channels, norm_num_groups=4,
+                               sample_size=64).eval()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = ae.encode(x).latent_dist.mean
+        out = ae.decode(z).sample
+    f = 2 ** (len(blocks) - 1)
+    assert z.shape == (2, channels, 64 // f, 64 // f)
+    assert z.numel() // 2 == side * side  # as many values as the resize
+    torch.testing.assert_close(out, _resize(x, side), atol=1e-5, rtol=0)
+
+
+def test_shift_centres_the_latent_and_keeps_the_round_trip():
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4).eval()
+    torch.nn.init.normal_(ae.decoder.conv_out.weight, std=0.05)  # a residual that sees the raw latent
+    x = torch.rand(2, 3, 32, 32) * 0.5 + 0.3
+    with torch.no_grad():
+        z0 = ae.encode(x).latent_dist.mean
+        out0 = ae.decode(z0).sample
+        ae.set_latent_shift(float(z0.mean()))
+        z1 = ae.encode(x).latent_dist.mean
+        out1 = ae.decode(z1).sample
+    torch.testing.assert_close(z1, z0 - z0.mean(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out1, out0, atol=1e-5, rtol=0)
+    assert "anchor.latent_shift" in ae.state_dict()
+
+
+def test_residuals_receive_gradients_from_the_start():
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    loss = (ae.decode(ae.encode(x).latent_dist.mean).sample - x).pow(2).mean()
+    loss.backward()
+    for conv in (ae.quant_conv, ae.decoder.conv_out):  # zero-initialised, still learning
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_fit_latent_statistics_gives_centred_unit_latents():
+    cfg = build_config("diad", "tiny")
+    model = DiADModel(cfg)
+    x = torch.rand(6, 3, 64, 64) * 0.4 + 0.2
+    with torch.no_grad():
+        raw = model.vae.encode(x).latent_dist.mean
+        fitted = model.fit_latent_statistics(raw)
+        again = model.vae.encode(x).latent_dist.mean * model.scaling_factor
+    assert abs(float(fitted.mean())) < 1e-5 and abs(float(fitted.std()) - 1) < 1e-4
+    torch.testing.assert_close(again, fitted, atol=1e-4, rtol=0)
+
+
+def test_latent_layouts_that_cannot_hold_a_resize_are_refused():
+    with pytest.raises(ConfigError, match="latent_channels = image channels x k"):
+        build_config("diad", "edge", {"model": {"vae": {"latent_channels": 8}}})
+    with pytest.raises(ConfigError, match="latent_channels = image channels x k"):
+        build_config("diad", "edge", {"model": {"vae": {"grey": False, "latent_channels": 16}}})
+    cfg = build_config("diad", "edge", {"model": {"vae": {"grey": False, "latent_channels": 12}}})
+    assert cfg.model.vae.latent_channels == 12
+
+
+def test_rebuilt_from_its_config_it_is_the_same_autoencoder():
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4)
+    torch.nn.init.normal_(ae.decoder.conv_out.weight, std=0.05)
+    ae.set_latent_shift(0.25)
+    again = autoencoder_from_config(json.loads(json.dumps(dict(ae.config))))
+    assert isinstance(again, AnchoredAutoencoderKL)
+    again.load_state_dict(ae.state_dict())
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(z).sample, ae.decode(z).sample)
+
+
+def test_decoder_adaptation_sees_the_anchor():
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                               scaling_factor=2.0).eval()
+    torch.nn.init.normal_(ae.decoder.conv_out.weight, std=0.05)
+    ae.set_latent_shift(-0.3)
+    dec = LatentDecoder.from_vae(ae)
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dec(z), ae.decode(z / 2.0).sample, atol=1e-5, rtol=0)
+    x_ok = torch.zeros(3, 32, 32)
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:16, 8:16] = 1
+    for scope in ("decoder", "last_up_block"):
+        res = adapt_decoder(dec, z[0], x_ok, mask, steps=3, lr=1e-2, lambda_con=1.0, scope=scope)
+        assert res.image.shape == (3, 32, 32)
+        assert res.loss_outside[-1] < res.loss_outside[0]
+
+
+def test_warmup_then_cosine_learning_rate():
+    stage = Stage("s", steps=100, lr=1.0, params=lambda: [], loss=lambda _: torch.zeros(()), warmup=10,
+                  schedule="cosine")
+    assert stage.lr_at(0) == pytest.approx(0.1 * 0.5 * (1 + torch.cos(torch.tensor(0.0)).item()))
+    assert stage.lr_at(9) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 9 / 100)).item()))
+    assert stage.lr_at(50) == pytest.approx(0.5)
+    assert stage.lr_at(99) < 0.01
+    assert Stage("c", 5, 2.0, lambda: [], lambda _: torch.zeros(())).lr_at(3) == 2.0
+
+
+def test_a_trained_autoencoder_is_taken_as_it_is(synthetic_mvtec, tmp_path):
+    base = build_config("diad", "tiny", {"train": {"data_root": str(synthetic_mvtec), "unet_steps": 0,
+                                                   "guidance_steps": 0}})
+    base_ck = train_diad(base, tmp_path / "ae", progress=False)
+    ae_final = tmp_path / "ae" / "checkpoints" / "autoencoder-final"
+    cfg = build_config("diad", "tiny", {"train": {"data_root": str(synthetic_mvtec),
+                                                  "init_autoencoder_from": str(tmp_path / "ae")}})
+    ck = train_diad(cfg, tmp_path / "diad", progress=False)
+    want = {k: v for k, v in load_file(str(ae_final / "model.safetensors")).items() if k.startswith("vae.")}
+    got = load_file(str(ck / "model.safetensors"))
+    assert want and all(torch.equal(got[k], v) for k, v in want.items())
+    state = json.loads((ck / "state.json").read_text())
+    assert state["extra"]["scaling_factor"] == json.loads((base_ck / "state.json").read_text())["extra"]["scaling_factor"]
+    log = [json.loads(line) for line in (tmp_path / "diad" / "train_log.jsonl").read_text().splitlines()]
+    assert not [r for r in log if r["stage"] == "autoencoder"]  # the stage ran no step
