@@ -138,3 +138,23 @@ def test_a_trained_autoencoder_is_taken_as_it_is(synthetic_mvtec, tmp_path):
     assert state["extra"]["scaling_factor"] == json.loads((base_ck / "state.json").read_text())["extra"]["scaling_factor"]
     log = [json.loads(line) for line in (tmp_path / "diad" / "train_log.jsonl").read_text().splitlines()]
     assert not [r for r in log if r["stage"] == "autoencoder"]  # the stage ran no step
+
+
+def test_onnx_graphs_of_the_anchored_autoencoder_match_torch(tmp_path):
+    """The edge layout's bicubic upscale and channel folding (r > 1, k > 1) survive export."""
+    from edgeinspect.export.onnx import export_onnx, parity_report
+    from edgeinspect.models.diad import VAEDecoderNet, VAEEncoderNet
+
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16, 16), latent_channels=16, norm_num_groups=4,
+                               scaling_factor=1.7).eval()
+    torch.nn.init.normal_(ae.decoder.conv_out.weight, std=0.05)
+    ae.set_latent_shift(0.2)
+    image, probe = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    enc, dec = VAEEncoderNet(ae), VAEDecoderNet(ae)
+    latent = enc(image).detach()
+    for module, name, x, p, out in ((enc, "enc", image, probe, "latent"), (dec, "dec", latent, enc(probe).detach(),
+                                                                             "image")):
+        graph = export_onnx(module, {"x": x}, tmp_path / f"{name}.onnx", [out], {"x": {0: "batch"}},
+                            probe={"x": p})
+        err, scale = parity_report(module, graph.path, [{"x": x}, {"x": p}])
+        assert err[out] < 1e-4 * max(1.0, scale[out]), (name, err, scale)
