@@ -28,7 +28,8 @@ from edgeinspect.config import parse_overrides
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
 from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of, read_name_list
 from edgeinspect.metrics import evaluate as compute_metrics
-from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
+from edgeinspect.core.runs import resolve_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.sysinfo import cpu_name, gpu_name
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 

@@ -57,7 +57,7 @@ from edgeinspect.data.trimap import MaskDoesNotFit, estimate_foreground
 from edgeinspect.metrics import auroc, average_precision, evaluate
 from edgeinspect.models.features import build_feature_extractor
 from edgeinspect.runtime.generation import GenerationError, GenerationWriter, load_index
-from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.core.atomic import write_json_atomic
 
 CUTPASTE_MAX_REDRAWS = 20  # fresh (normal, seed) draws before a source is declared unusable
 

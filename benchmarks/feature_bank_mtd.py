@@ -34,7 +34,7 @@ from edgeinspect.models.features import FeatureExtractor, build_feature_extracto
 from edgeinspect.runtime.glad import min_cosine_distance_maps
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
 from edgeinspect.sysinfo import cpu_name, write_text_atomic
-from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,7 +109,7 @@ def roundtrip_row(data: Path, run: Path, batch: int = 16) -> tuple[dict, torch.T
     the reconstruction replaced by the frame's own round trip through the run's autoencoder: what the
     autoencoder alone puts into every frame's score. The row and its maps (N, H, W)."""
     from edgeinspect.evaluate_glad import pipeline_from_run
-    from edgeinspect.runtime.timing import StageTimer
+    from edgeinspect.core.timing import StageTimer
 
     t0 = time.perf_counter()
     cfg, pipe, _ = pipeline_from_run(run, None, threads=torch.get_num_threads())

@@ -145,7 +145,7 @@ def ensure_bundle(method: str, run: Path, cfg: Any, features: Any, cache: Path, 
     asked for, or when the extractor is random (its weights exist only in this process)."""
     from edgeinspect.export.bundle import export_bundle
     from edgeinspect.runtime.bundle_loading import BundleError, load_bundle, sha256_file
-    from edgeinspect.training.checkpoint import resolve_checkpoint
+    from edgeinspect.core.runs import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
     weights = sha256_file(ckpt / "model.safetensors")

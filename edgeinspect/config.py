@@ -811,10 +811,10 @@ _METHODS: dict[str, type[Strict]] = {"diad": DiADConfig, "glad": GLADConfig, "ad
 AnyConfig = DiADConfig | GLADConfig | AdaBLDMConfig | DualAnoDiffConfig
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -851,7 +851,7 @@ def build_config(
     preset = preset or data.get("model", {}).get("preset") or "edge"
     if preset not in PRESETS[method]:
         raise ConfigError(f"unknown preset {preset!r} for {method}; known: {sorted(PRESETS[method])}")
-    merged = _merge(PRESETS[method][preset], data)
+    merged = merge_config(PRESETS[method][preset], data)
     merged.setdefault("model", {}).setdefault("preset", preset)
     try:
         return _METHODS[method].model_validate(merged)
@@ -875,7 +875,7 @@ def load_config(
         data = loaded
         method = data.pop("method", method)
         source = str(path)
-    data = _merge(data, parse_overrides(overrides))
+    data = merge_config(data, parse_overrides(overrides))
     return build_config(method, preset, data, source)
 
 

@@ -27,7 +27,8 @@ from edgeinspect.data.mvtec import (
 from edgeinspect.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.diad import STAGES
 from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
-from edgeinspect.training.checkpoint import load_state, resolve_checkpoint, write_json_atomic
+from edgeinspect.core.runs import load_state, resolve_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.visualize import heatmap_overlay, write_png
 
 

@@ -26,7 +26,7 @@ from edgeinspect.evaluate import (
 )
 from edgeinspect.metrics import auroc
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
-from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.training.glad import (
     adp_check_maxima,
     calibration_subset,

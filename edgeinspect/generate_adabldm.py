@@ -30,11 +30,11 @@ from edgeinspect.data.trimap import MaskDoesNotFit, make_trimap, place_mask
 from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.runtime.blended import BlendedSampler, paste
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
-from edgeinspect.runtime.networks import Networks, torch_networks
+from edgeinspect.core.networks import Networks, torch_networks
 from edgeinspect.training.adabldm import defect_prompt, foregrounds, load_adabldm, load_seeds
-from edgeinspect.training.checkpoint import resolve_checkpoint
+from edgeinspect.core.runs import resolve_checkpoint
 
 # A placement that cannot fit on one normal image is retried on others; this many failures in a
 # row for one item mean the seeds do not fit this data at all.

@@ -23,11 +23,11 @@ import torch
 
 from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, read_image, resize_image, tensor_to_image
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.dual import DualSampler, PromptContexts
 from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
-from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.training.checkpoint import resolve_checkpoint
+from edgeinspect.core.networks import Networks, torch_networks
+from edgeinspect.core.runs import resolve_checkpoint
 from edgeinspect.training.dualanodiff import load_dualanodiff
 
 

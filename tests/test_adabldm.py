@@ -15,9 +15,9 @@ from edgeinspect.generate_adabldm import generate_adabldm
 from edgeinspect.models.adabldm import ADABLDM_SIGNATURES, AdaBLDMModel
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.runtime.blended import BlendedSampler, latent_mask
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.generation import load_index
-from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.core.networks import torch_networks
 from edgeinspect.training.adabldm import load_adabldm, train_adabldm
 from edgeinspect.training.diad import train_diad
 from tests.conftest import check_resume_bit_for_bit

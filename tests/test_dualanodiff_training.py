@@ -16,14 +16,9 @@ from edgeinspect.generate_dualanodiff import generate_dualanodiff
 from edgeinspect.models.diad import LatentDiffusionModel
 from edgeinspect.models.dualanodiff import is_trainable_key
 from edgeinspect.runtime.generation import GenerationError, GenerationWriter, item_seed
-from edgeinspect.training.checkpoint import (
-    CheckpointError,
-    TrainState,
-    latest_checkpoint,
-    load_state,
-    save_checkpoint,
-    write_json_atomic,
-)
+from edgeinspect.core.runs import CheckpointError, TrainState, latest_checkpoint, load_state
+from edgeinspect.training.checkpoint import save_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.training.dualanodiff import fewshot_names, load_dualanodiff, train_dualanodiff
 from tests.conftest import check_resume_bit_for_bit
 

@@ -34,9 +34,10 @@ import torch
 
 from edgeinspect.config import build_config, dump_config
 from edgeinspect.models.diad import DiADModel
-from edgeinspect.runtime.networks import ROLE_SIGNATURES
+from edgeinspect.core.networks import ROLE_SIGNATURES
 from edgeinspect.runtime.torch_backend import feature_signature
-from edgeinspect.training.checkpoint import TrainState, save_checkpoint
+from edgeinspect.core.runs import TrainState
+from edgeinspect.training.checkpoint import save_checkpoint
 
 
 FP32_BOUND = (1e-4, 1e-3)

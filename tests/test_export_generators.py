@@ -20,7 +20,9 @@ import torch
 
 from edgeinspect.config import build_config, dump_config
 from edgeinspect.runtime.generation import GenerationWriter, load_index
-from edgeinspect.training.checkpoint import TrainState, save_checkpoint, write_json_atomic
+from edgeinspect.core.runs import TrainState
+from edgeinspect.training.checkpoint import save_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 
 SEEDS = {"scratch": ["000.png", "001.png"], "crack": ["002.png"]}
 FP32_BOUND = (1e-4, 1e-3)  # write_bundle's default parity bound: atol + rtol x max|torch output|
@@ -122,7 +124,7 @@ def test_adabldm_bundle_holds_one_type_its_graphs_contexts_decoder_and_seed_mask
     from edgeinspect.runtime.adaptation import LatentDecoder
     from edgeinspect.runtime.adabldm_bundle import bundle_decoder
     from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+    from edgeinspect.core.networks import ROLE_SIGNATURES
     from edgeinspect.training.adabldm import load_adabldm, load_seeds
 
     bundle = load_bundle(ada_bundle)
@@ -231,7 +233,7 @@ def dual_bundle(dual_run, tmp_path_factory):
 def test_dualanodiff_bundle_holds_the_dual_unet_and_the_three_contexts(dual_run, dual_bundle):
     from edgeinspect.export.onnx import parity_report
     from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+    from edgeinspect.core.networks import ROLE_SIGNATURES
     from edgeinspect.training.dualanodiff import load_dualanodiff
 
     bundle = load_bundle(dual_bundle)
@@ -325,7 +327,7 @@ def test_dualanodiff_without_bcm_exports_dual_unet_plain_with_an_fp16_variant(tm
     from edgeinspect.export.dualanodiff import dualanodiff_bundle_parts
     from edgeinspect.models.dualanodiff import DualAnoDiffModel, is_trainable_key
     from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+    from edgeinspect.core.networks import ROLE_SIGNATURES
 
     cfg = build_config("dualanodiff", "tiny", {"bcm": {"enabled": False}, "train": {"defect_type": "scratch"}})
     torch.manual_seed(3)

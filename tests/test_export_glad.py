@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from edgeinspect.config import build_config, dump_config
-from edgeinspect.runtime.networks import ROLE_SIGNATURES
-from edgeinspect.training.checkpoint import TrainState, save_checkpoint
+from edgeinspect.core.networks import ROLE_SIGNATURES
+from edgeinspect.core.runs import TrainState
+from edgeinspect.training.checkpoint import save_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 SCORE_TOL = 1e-4

@@ -53,7 +53,7 @@ def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root,
     from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
     from edgeinspect.evaluate_glad import pipeline_from_run
     from edgeinspect.runtime.scoring import topk_mean_score
-    from edgeinspect.runtime.timing import StageTimer
+    from edgeinspect.core.timing import StageTimer
     from tests.test_export_glad import make_tiny_glad_run, sample_frames
 
     fb = load_benchmark("feature_bank_mtd")

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig, SchedulerConfig, build_config
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
+from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.runtime.glad import (
     STAGES,
     GLADPipeline,
@@ -18,7 +18,7 @@ from edgeinspect.runtime.glad import (
     min_cosine_distance_maps,
     saff_fuse,
 )
-from edgeinspect.runtime.networks import Networks, TorchNetwork
+from edgeinspect.core.networks import Networks, TorchNetwork
 from edgeinspect.runtime.scoring import topk_mean_score
 from edgeinspect.training.glad import (
     GLADModel,
@@ -393,7 +393,7 @@ def test_draws_run_as_one_stacked_batch(tiny):
     """inference.draws = 3 makes exactly the network calls of one draw, each on 3x the rows (a GPU step of
     this small model is launch-bound, so stacking is what makes extra draws cheap there); the input is
     encoded once, and its features for the final maps are extracted once for all draws."""
-    from edgeinspect.runtime.networks import Networks
+    from edgeinspect.core.networks import Networks
 
     cfg, model, features = tiny
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import edgeinspect.training.glad as glad_training
 from edgeinspect.cli import main
 from edgeinspect.config import build_config
-from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.diad import train_diad
 from edgeinspect.training.glad import load_glad, train_glad
 from tests.conftest import check_resume_bit_for_bit

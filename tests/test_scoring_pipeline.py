@@ -6,7 +6,7 @@ import torch
 from edgeinspect.config import build_config
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.networks import MissingNetworkError, Networks
+from edgeinspect.core.networks import MissingNetworkError, Networks
 from edgeinspect.runtime.scoring import (
     cosine_distance_maps,
     gaussian_blur,

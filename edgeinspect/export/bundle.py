@@ -23,7 +23,7 @@ import torch
 import edgeinspect
 from edgeinspect.export.onnx import DEFAULT_OPSET, ExportError, check_parity, export_onnx, parity_report
 from edgeinspect.export.roles import ExportContext, RoleExport, build_role_exports
-from edgeinspect.training.checkpoint import fsync_path
+from edgeinspect.core.atomic import fsync_path, write_json_atomic
 from edgeinspect.runtime.bundle_loading import (
     BUNDLE_FORMAT,
     MANIFEST,
@@ -56,10 +56,6 @@ def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*"), reverse=True):
         fsync_path(p)
     fsync_path(root)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def hash_files(root: Path, exclude: Sequence[Path] = ()) -> dict[str, str]:
@@ -196,14 +192,14 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             payload_files[name] = f"{name}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / payload_files[name]))
         config = dump_config(cfg)
-        _write_json(tmp / "config.json", config)
+        write_json_atomic(tmp / "config.json", config)
         settings = {k: config[k] for k in ("scheduler", "inference", "scoring", "sampling", "runtime") if k in config}
         scoring = getattr(cfg, "scoring", None)  # generators score nothing
         if scoring is not None:
             settings["feature_size"] = scoring.feature_size
         if method_settings is not None:
             settings["method_settings"] = method_settings
-        _write_json(tmp / "settings.json", settings)
+        write_json_atomic(tmp / "settings.json", settings)
 
         manifest = {
             "format": BUNDLE_FORMAT, "schema_version": SCHEMA_VERSION, "method": method,
@@ -226,7 +222,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             manifest["contexts"] = {k: {"key": k, "shape": list(v.shape)} for k, v in named.items()}
         if payload_files:
             manifest["payload"] = payload_files
-        _write_json(tmp / MANIFEST, finalize_manifest(tmp, manifest))
+        write_json_atomic(tmp / MANIFEST, finalize_manifest(tmp, manifest))
         _fsync_tree(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -250,7 +246,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[
     AdaBLDM: one bundle per `defect_type` (may be left out when the run has one), its seed masks read
     from `data_root` (default: the run's train.data_root). Other keyword arguments: see `write_bundle`."""
     from edgeinspect.runtime.torch_backend import load_diad
-    from edgeinspect.training.checkpoint import resolve_checkpoint
+    from edgeinspect.core.runs import resolve_checkpoint
 
     if engines:
         from edgeinspect.export.tensorrt import require_engine_support
@@ -312,9 +308,7 @@ def set_calibration(bundle_dir: str | Path, calibration: dict[str, Any],
         (root / rel).write_bytes(data)
     manifest["calibration"] = calibration
     new = finalize_manifest(root, manifest)
-    tmp = root / f".{MANIFEST}.tmp"
-    _write_json(tmp, new)
-    os.replace(tmp, root / MANIFEST)
+    write_json_atomic(root / MANIFEST, new)
     return new
 
 
@@ -361,11 +355,7 @@ def set_int8_variants(bundle_dir: str | Path,
         manifest["precisions"] = [*manifest["precisions"], "int8"]
     stale = old_used - _int8_folders(manifest)
     new = finalize_manifest(root, manifest, exclude=stale)
-    tmp = root / f".{MANIFEST}.tmp"
-    _write_json(tmp, new)
-    fsync_path(tmp)
-    os.replace(tmp, root / MANIFEST)
-    fsync_path(root)
+    write_json_atomic(root / MANIFEST, new)
     for folder in stale:  # replaced graphs (a kill before this leaves them as orphans: harmless)
         shutil.rmtree(root / folder, ignore_errors=True)
     return new

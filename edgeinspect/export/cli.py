@@ -14,7 +14,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edgeinspect.export.onnx import ExportError
     from edgeinspect.export.tensorrt import TensorRTUnavailableError
     from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
-    from edgeinspect.training.checkpoint import CheckpointError
+    from edgeinspect.core.runs import CheckpointError
 
     precision = ("fp32", "fp16") if args.fp16 else ("fp32",)
     try:

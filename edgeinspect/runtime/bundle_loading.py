@@ -327,7 +327,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
 
 
 def _build_config(path: Path, manifest: dict[str, Any], overrides: dict[str, Any] | None):
-    from edgeinspect.config import ConfigError, _merge, build_config
+    from edgeinspect.config import ConfigError, build_config, merge_config
 
     data = json.loads((path / manifest["config"]).read_text())
     if overrides:
@@ -335,7 +335,7 @@ def _build_config(path: Path, manifest: dict[str, Any], overrides: dict[str, Any
                                 "prompts"}
         if bad:
             raise BundleError(f"bundle {path}: cannot override {sorted(bad)}: they are baked into the graphs")
-        data = _merge(data, overrides)
+        data = merge_config(data, overrides)
     method = data.pop("method", manifest["method"])
     try:
         return build_config(method, data["model"]["preset"], data, source=str(path / manifest["config"]))
@@ -432,7 +432,7 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     if bundle.method not in _PIPELINE_ROLES:
         raise BundleError(f"bundle {bundle.path}: no pipeline for method {bundle.method!r} in this version")
     from edgeinspect.calibration.verdict import Verdict
-    from edgeinspect.runtime.ddim import DDIM
+    from edgeinspect.core.ddim import DDIM
 
     cfg = bundle.config
     # max_batch counts frames; GLAD runs its noise draws as one batch and its ADP check decodes two

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from edgeinspect.config import DiADInferenceConfig, DiADScoringConfig
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.ddim import DDIM, seeded_noise
+from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import cosine_distance_maps, gaussian_blur, pooled_max_score
-from edgeinspect.runtime.timing import StageTimer
+from edgeinspect.core.timing import StageTimer
 
 STAGES = ("encode", "denoise", "decode", "features", "scoring")
 

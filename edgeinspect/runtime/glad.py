@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.ddim import DDIM, seeded_noise
+from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
-from edgeinspect.runtime.timing import StageTimer
+from edgeinspect.core.timing import StageTimer
 
 STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
           "features", "scoring")

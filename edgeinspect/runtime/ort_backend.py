@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeinspect.runtime.networks import ROLE_SIGNATURES, Networks
+from edgeinspect.core.networks import ROLE_SIGNATURES, Networks
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -10,10 +10,10 @@ from torch import nn
 from edgeinspect.config import DiADConfig
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import FeatureExtractor
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.diad import DiADPipeline
-from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.training.checkpoint import load_model_weights, load_run_config
+from edgeinspect.core.networks import Networks, torch_networks
+from edgeinspect.core.runs import load_model_weights, load_run_config
 from edgeinspect.training.diad import build_features
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.networks import Networks
 
 
 def _trt():

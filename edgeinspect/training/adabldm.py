@@ -31,13 +31,9 @@ from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.data.trimap import MaskDoesNotFit, estimate_foreground, make_trimap
 from edgeinspect.models.adabldm import AdaBLDMModel
 from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import (
-    load_run_config,
-    CheckpointError,
-    load_model_weights,
-    write_json_atomic,
-)
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import load_run_config, CheckpointError, load_model_weights
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.training.diad import _Batches
 from edgeinspect.training.base import (
     base_checkpoint,

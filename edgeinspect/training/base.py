@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeinspect.data.mvtec import uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel
-from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.diad import _Batches
 from edgeinspect.training.loop import Trainer
 

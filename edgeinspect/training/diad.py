@@ -25,8 +25,8 @@ from edgeinspect.config import DiADConfig
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import latest_checkpoint
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import latest_checkpoint
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 

@@ -35,13 +35,8 @@ from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import DatasetError, MVTecFolder
 from edgeinspect.data.trimap import dilate_mask
 from edgeinspect.models.dualanodiff import DualAnoDiffModel, TrainableWeights
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import (
-    load_run_config,
-    CheckpointError,
-    latest_checkpoint,
-    load_model_weights,
-)
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import load_run_config, CheckpointError, latest_checkpoint, load_model_weights
 from edgeinspect.training.diad import _Batches
 from edgeinspect.training.base import base_checkpoint, defect_weighted_mse, load_base_weights, run_config
 from edgeinspect.training.glad import calibration_subset

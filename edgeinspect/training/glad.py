@@ -33,16 +33,12 @@ from edgeinspect.data.anomalies import AnomalySynthesizer
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
 from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.glad import GLADPipeline
-from edgeinspect.runtime.networks import Networks, torch_networks
+from edgeinspect.core.networks import Networks, torch_networks
 from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
-from edgeinspect.training.checkpoint import (
-    load_run_config,
-    CheckpointError,
-    load_model_weights,
-    write_json_atomic,
-)
+from edgeinspect.core.runs import load_run_config, CheckpointError, load_model_weights
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.training.base import base_checkpoint, encode_latents, run_config, train_from_base
 from edgeinspect.training.diad import _Batches, train_diad
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
