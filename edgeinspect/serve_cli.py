@@ -157,7 +157,7 @@ def _curve_client(args: argparse.Namespace):
 def _overlay_writer(folder: Path, limit: int):
     import numpy as np
 
-    from edgeinspect.visualize import heatmap_overlay, label, write_png
+    from edgeinspect.data.visualize import heatmap_overlay, label, write_png
 
     written = [0]
 

@@ -61,7 +61,7 @@ def sample_paths() -> list[Path]:
 
 @functools.cache
 def direct_pipeline():
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     return bundle_pipeline(serve_bundle(), "onnxruntime", intra_op_threads=1)
 
@@ -359,8 +359,8 @@ def test_a_model_failure_is_an_error_reply_and_the_daemon_goes_on():
 
 
 def test_calibrated_bundle_gives_verdicts_and_normalised_scores(tmp_path):
-    from edgeinspect.calibration.thresholds import ScoreNormalization
-    from edgeinspect.export.bundle import set_calibration
+    from edgeinspect.runtime.postprocess import ScoreNormalization
+    from edgeinspect.runtime.bundle_update import set_calibration
 
     bundle = tmp_path / "bundle"
     shutil.copytree(serve_bundle(), bundle)

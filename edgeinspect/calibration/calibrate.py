@@ -36,14 +36,12 @@ import numpy as np
 import torch
 
 from edgeinspect.calibration.data import LabelledImage, labelled_images, normal_images, read_mask
-from edgeinspect.calibration.thresholds import (
-    FRR_RULE,
-    ScoreNormalization,
-    f1_at,
-    f1_optimal_threshold,
-    frr_threshold,
-    subsample,
-)
+from edgeinspect.calibration.thresholds import FRR_RULE, f1_at, f1_optimal_threshold, frr_threshold, subsample
+from edgeinspect.runtime.postprocess import ScoreNormalization
+from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
+from edgeinspect.runtime.bundle_loading import load_bundle
+from edgeinspect.runtime.bundle_update import set_calibration
+from edgeinspect.runtime.detector import bundle_pipeline
 
 CALIBRATION_VERSION = 1
 PIXEL_RULES = ("map_max", "pixels")
@@ -52,8 +50,6 @@ MAX_PIXELS = 20_000_000  # pixel F1 / pixel quantiles beyond this use every k-th
 
 
 def load_frames(paths: Sequence[Path], size: int) -> torch.Tensor:
-    from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
-
     return torch.stack([image_to_tensor(resize_image(read_image(p), size)) for p in paths])
 
 
@@ -169,8 +165,6 @@ def calibrate_bundle(bundle_dir: str | Path, normals: str | Path | Sequence[Path
     JSON index of {image, mask} pairs. `limit`: use at most this many normals (evenly spread). `precision`:
     the graphs to score with, as the line will run them: fp32, fp16, or int8 (the Q/DQ graphs written by
     `edgeinspect.calibration.qdq.quantize_bundle`, the roles left unquantised in fp16, else fp32)."""
-    from edgeinspect.export.bundle import set_calibration
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
 
     if verdict_from not in VERDICT_SOURCES:
         raise ValueError(f"verdict_from must be one of {VERDICT_SOURCES}, got {verdict_from!r}")

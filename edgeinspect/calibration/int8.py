@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from edgeinspect.core.atomic import write_bytes_atomic
+from edgeinspect.core.networks import Networks
+from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
 
 Feeds = dict[str, np.ndarray]
 Preprocess = Callable[[Any], "Feeds | np.ndarray"]
@@ -158,7 +160,6 @@ class CalibrationCache:
 def image_preprocess(size: int, name: str = "image") -> Callable[[Any], Feeds]:
     """Image file (or uint8 RGB array) -> {name: float32 (3, size, size) in [-1, 1]}, the pipeline's
     own preprocessing (read, resize, scale)."""
-    from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
 
     def pre(item: Any) -> Feeds:
         img = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item, np.uint8)
@@ -182,7 +183,6 @@ def record_role_inputs(pipe: Any, role: str, frames: Any, batch_size: int = 1,
     """Run the pipeline over `frames` ((N, 3, H, W) in [-1, 1]) and record the inputs of every call of
     `role` (e.g. the UNet at each step), split per sample: calibration items for networks that do not
     take images. The pipeline's networks are restored afterwards."""
-    from edgeinspect.core.networks import Networks
 
     nets = pipe.nets
     inner = nets[role]

@@ -13,28 +13,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from edgeinspect.core.roles import ROLE_SIGNATURES, Signature
+
 
 class Network(Protocol):
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
-# Input/output names of every role. Export names graph inputs/outputs the same way.
-ROLE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "vae_encoder": (("image",), ("latent",)),
-    "vae_decoder": (("latent",), ("image",)),
-    "hint_encoder": (("image",), ("hint",)),
-    "unet": (("sample", "timestep", "encoder_hidden_states", "hint"), ("noise_pred",)),
-    # A UNet without guidance (GLAD): its own role so each role keeps one fixed signature.
-    "unet_plain": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
-    # DualAnoDiff: both LoRA branches (and the BCM background, noised to the same timestep) in one call.
-    "dual_unet": (("sample_whole", "sample_part", "background", "timestep", "ctx_whole", "ctx_part"),
-                  ("noise_whole", "noise_part")),
-    "dual_unet_plain": (("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part"),
-                        ("noise_whole", "noise_part")),
-}
 
 
 class MissingNetworkError(KeyError):
@@ -85,7 +71,7 @@ class TorchNetwork:
 
 
 def torch_networks(modules: dict[str, nn.Module], device: torch.device | str = "cpu",
-                   signatures: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None) -> Networks:
+                   signatures: dict[str, Signature] | None = None) -> Networks:
     sig = dict(ROLE_SIGNATURES)
     sig.update(signatures or {})
     nets = {}

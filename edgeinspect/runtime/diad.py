@@ -16,6 +16,7 @@ from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import cosine_distance_maps, gaussian_blur, pooled_max_score
 from edgeinspect.core.timing import StageTimer
+from edgeinspect.runtime.postprocess import PostProcessor, attach_verdicts
 
 STAGES = ("encode", "denoise", "decode", "features", "scoring")
 
@@ -26,6 +27,9 @@ class DiADResult:
     maps: torch.Tensor  # (B, H, W) at the input size
     reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
+    # from the pipeline's post-processor (`verdict`), None without one: "OK"/"NG" per frame, normalised scores
+    verdicts: list[str] | None = None
+    normalized_scores: torch.Tensor | None = None
 
 
 class DiADPipeline:
@@ -42,6 +46,7 @@ class DiADPipeline:
         self.scoring = scoring
         self.feature_size = feature_size
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
+        self.verdict: PostProcessor | None = None  # set by the detector assembly (a calibrated bundle's)
 
     def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,4 +97,5 @@ class DiADPipeline:
         images = images.to(self.nets.device)
         recon, roundtrip = self.reconstruct(images, timer)
         scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer)
-        return DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms)
+        return attach_verdicts(DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms),
+                               self.verdict)

@@ -50,6 +50,7 @@ from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
 from edgeinspect.core.timing import StageTimer
+from edgeinspect.runtime.postprocess import PostProcessor, attach_verdicts
 
 STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
           "features", "scoring")
@@ -158,6 +159,9 @@ class GLADResult:
     draw_fire_steps: torch.Tensor  # (B, draws) long: the timestep at which each draw fired, -1 if never
     timesteps: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
+    # from the pipeline's post-processor (`verdict`), None without one: "OK"/"NG" per frame, normalised scores
+    verdicts: list[str] | None = None
+    normalized_scores: torch.Tensor | None = None
 
 
 class GLADPipeline:
@@ -180,6 +184,7 @@ class GLADPipeline:
         low, high = resolve_weight_bounds(inference, weight_bounds)
         self.weight_bounds = None if low is None or high is None else (low, high)
         self.timesteps = schedule.timesteps(inference.t0, inference.steps)
+        self.verdict: PostProcessor | None = None  # set by the detector assembly (a calibrated bundle's)
 
     # -- pieces
     def _unet(self, z: torch.Tensor, t: int) -> torch.Tensor:
@@ -328,8 +333,9 @@ class GLADPipeline:
             maps = maps_all.view(draws, b, *maps_all.shape[1:]).mean(0)
             scores = draw_scores[:, 0] if draws == 1 else topk_mean_score(maps, self.inference.top_k)
         first = slice(0, b)  # the first draw's rows (noise seed inference.seed) describe the frame's firing
-        return GLADResult(scores.float().cpu(), maps.float().cpu(), recon[first].float().cpu(),
-                          r["fire_step"][first], r["fire_index"][first], r["fire_score"][first],
-                          r["fired_by_threshold"][first], r["adp_scores"][first], r["fire_maps"][first],
-                          draw_scores.float().cpu(), r["fire_step"].view(draws, b).T.contiguous(),
-                          list(self.timesteps), timer.ms)
+        return attach_verdicts(GLADResult(scores.float().cpu(), maps.float().cpu(), recon[first].float().cpu(),
+                                          r["fire_step"][first], r["fire_index"][first], r["fire_score"][first],
+                                          r["fired_by_threshold"][first], r["adp_scores"][first],
+                                          r["fire_maps"][first], draw_scores.float().cpu(),
+                                          r["fire_step"].view(draws, b).T.contiguous(), list(self.timesteps),
+                                          timer.ms), self.verdict)

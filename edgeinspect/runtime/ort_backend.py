@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeinspect.core.networks import ROLE_SIGNATURES, Networks
+from edgeinspect.core.roles import ROLE_SIGNATURES
+from edgeinspect.core.networks import Networks
+from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
+from edgeinspect.runtime.tensorrt_engines import build_profile
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -213,8 +216,6 @@ def _ort_type(type_str: str, path: Path) -> tuple[Any, torch.dtype]:
 
 
 def _trt_profile_options(bundle, role: str, max_batch: int, opt_batch: int) -> dict[str, str]:
-    from edgeinspect.export.tensorrt import build_profile
-
     entry = bundle.network(role)
     return build_profile(entry.inputs, max_batch=max_batch, opt_batch=opt_batch,
                          batch_multiplier=entry.batch_multiplier).ort_trt_options()
@@ -229,7 +230,6 @@ def ort_networks(source: Any, providers: Sequence[Any] | None = None, *, precisi
 
     With the TensorRT execution provider and a bundle, each session gets explicit optimisation profiles
     from the manifest and an engine/timing cache under the bundle's engines/ort_trt folder."""
-    from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
 
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         source = load_bundle(source)

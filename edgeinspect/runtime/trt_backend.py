@@ -20,11 +20,17 @@ from typing import Any
 import torch
 
 from edgeinspect.core.networks import Networks
+from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
+from edgeinspect.runtime.tensorrt_engines import (
+    GpuIdentity,
+    bundle_profiles,
+    ensure_engine,
+    import_tensorrt,
+    require_engine_support,
+)
 
 
 def _trt():
-    from edgeinspect.export.tensorrt import import_tensorrt, require_engine_support
-
     require_engine_support()
     return import_tensorrt()
 
@@ -116,8 +122,6 @@ def trt_networks(bundle: Any, *, precision: str = "fp16", max_batch: int | None 
     """TensorRT Networks for a bundle's pipeline roles; engines come from the keyed cache (default
     <bundle>/engines) and are built there when missing (`build=False`: a missing engine is an error)."""
     _trt()
-    from edgeinspect.export.tensorrt import GpuIdentity, bundle_profiles, ensure_engine
-    from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     device = torch.device(device)

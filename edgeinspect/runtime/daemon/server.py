@@ -198,7 +198,8 @@ class InspectionDaemon:
 
     @staticmethod
     def _load(config: DaemonConfig):
-        from edgeinspect.runtime.bundle_loading import BundleError, bundle_pipeline, load_bundle
+        from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
+        from edgeinspect.runtime.detector import bundle_pipeline
 
         if config.threads:
             import torch
