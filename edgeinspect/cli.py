@@ -14,7 +14,7 @@ from edgeinspect.evaluation.glad import glad_threshold
 from edgeinspect.export.cli import add_export_parser
 from edgeinspect.generation.cli import add_generate_parser
 from edgeinspect.runtime.backends import BACKENDS
-from edgeinspect.serve_cli import add_serve_parsers
+from edgeinspect.runtime.daemon.cli import add_serve_parsers
 from edgeinspect.training.adabldm import train_adabldm
 from edgeinspect.training.diad import train_diad
 from edgeinspect.training.dualanodiff import train_dualanodiff

@@ -442,7 +442,7 @@ def test_glad_results_carry_the_firing_step():
 
 
 def test_serve_verb_errors_and_keys(tmp_path, capsys):
-    from edgeinspect.serve_cli import main as serve_main
+    from edgeinspect.runtime.daemon.cli import main as serve_main
 
     assert serve_main(["serve"]) == 2
     assert "--bundle" in capsys.readouterr().err
