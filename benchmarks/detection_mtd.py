@@ -25,18 +25,18 @@ import numpy as np
 import torch
 
 from edgeinspect.config import parse_overrides
-from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.core.runs import run_method
+from edgeinspect.core.runs import resolve_checkpoint
+from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
+from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
 from edgeinspect.evaluation.commands import evaluate_detector
 from edgeinspect.evaluation.evaluate import read_name_list
+from edgeinspect.evaluation.machine import cpu_name, gpu_name
+from edgeinspect.evaluation.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.detector import run_pipeline
 from edgeinspect.runtime.diad import STAGES as DIAD_STAGES
 from edgeinspect.runtime.glad import STAGES as GLAD_STAGES
-from edgeinspect.evaluation.metrics import evaluate as compute_metrics
-from edgeinspect.core.runs import resolve_checkpoint
-from edgeinspect.core.atomic import write_json_atomic
-from edgeinspect.evaluation.machine import cpu_name, gpu_name
-from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -50,14 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.cutpaste import cut_paste
 from edgeinspect.data.fewshot import FewShotSplit
 from edgeinspect.data.mvtec import MVTecFolder, resize_image, resize_mask, read_image
 from edgeinspect.data.trimap import MaskDoesNotFit, estimate_foreground
 from edgeinspect.evaluation.metrics import auroc, average_precision, evaluate
-from edgeinspect.models.features import build_feature_extractor
 from edgeinspect.generation.writer import GenerationError, GenerationWriter, load_index
-from edgeinspect.core.atomic import write_json_atomic
+from edgeinspect.models.features import build_feature_extractor
 
 CUTPASTE_MAX_REDRAWS = 20  # fresh (normal, seed) draws before a source is declared unusable
 

@@ -35,8 +35,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -28,15 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
+from edgeinspect.evaluation.machine import cpu_name
 from edgeinspect.evaluation.metrics import auroc, evaluate
 from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
 from edgeinspect.runtime.glad import min_cosine_distance_maps
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
-from edgeinspect.evaluation.machine import cpu_name
-from edgeinspect.core.atomic import write_text_atomic
-from edgeinspect.core.atomic import write_json_atomic
-from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EDGE_SIZE, EDGE_SIGMA, EDGE_TOP_K = 128, 3.0, 100

@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeinspect.calibration.calibrate import load_frames
 from edgeinspect.calibration.int8 import (
     CalibrationBatchStream,
     CalibrationCache,
@@ -62,7 +63,6 @@ from edgeinspect.calibration.int8 import (
     calibration_cache_key,
     record_role_inputs,
 )
-from edgeinspect.calibration.calibrate import load_frames
 from edgeinspect.runtime.bundle_loading import BundleError, load_bundle, sha256_file
 from edgeinspect.runtime.bundle_update import set_int8_variants
 from edgeinspect.runtime.detector import bundle_pipeline

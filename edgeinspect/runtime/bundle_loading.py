@@ -125,8 +125,23 @@ class TensorSpec:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
+class NamedIO:
+    """The input and output names of something with `inputs` and `outputs` TensorSpecs."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
 @dataclass(frozen=True)
-class NetworkEntry:
+class NetworkEntry(NamedIO):
     """One network role of a bundle (manifest["networks"][role])."""
 
     role: str
@@ -136,14 +151,6 @@ class NetworkEntry:
     precision: dict[str, str]  # bundle precision -> precision the file really has ("fp32" VAE in fp16)
     batch_multiplier: int = 1  # the loop calls it with this many times the frame batch (features: 2)
     pipeline: bool = True  # called by the method's loop (False: exported on its own, e.g. guidance)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
 
     def to_json(self) -> dict[str, Any]:
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],

@@ -50,7 +50,8 @@ from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
 from edgeinspect.core.timing import StageTimer
-from edgeinspect.runtime.postprocess import PostProcessor, attach_verdicts
+from edgeinspect.runtime.pipeline import DetectorLoop
+from edgeinspect.runtime.postprocess import attach_verdicts
 
 STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
           "features", "scoring")
@@ -164,27 +165,19 @@ class GLADResult:
     normalized_scores: torch.Tensor | None = None
 
 
-class GLADPipeline:
+class GLADPipeline(DetectorLoop):
     """ADP + SAFF reconstruction and feature scoring for a batch of frames (float (B,3,H,W) in [-1, 1])."""
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
                  scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None,
                  weight_bounds: tuple[float | None, float | None] | None = None):
-        for role in ROLES:
-            networks[role]  # fail at construction, not mid-frame
-        self.nets = networks
-        self.context = context.to(networks.device)
-        self.schedule = schedule
-        self.inference = inference
-        self.scoring = scoring
-        self.feature_size = feature_size
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size)
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
         low, high = resolve_weight_bounds(inference, weight_bounds)
         self.weight_bounds = None if low is None or high is None else (low, high)
         self.timesteps = schedule.timesteps(inference.t0, inference.steps)
-        self.verdict: PostProcessor | None = None  # set by the detector assembly (a calibrated bundle's)
 
     # -- pieces
     def _unet(self, z: torch.Tensor, t: int) -> torch.Tensor:
@@ -314,10 +307,7 @@ class GLADPipeline:
         return scores, maps
 
     def __call__(self, images: torch.Tensor) -> GLADResult:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        timer = StageTimer(self.nets.device)
-        images = images.to(self.nets.device)
+        images, timer = self.frames(images)
         b, draws = images.shape[0], self.inference.draws
         z0, eps = self.encode(images, draws, timer)
         r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer)  # all draws as one batch
