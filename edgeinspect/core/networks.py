@@ -23,6 +23,13 @@ class Network(Protocol):
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
+def require_inputs(input_names: tuple[str, ...], inputs: Mapping[str, torch.Tensor]) -> None:
+    """Every backend's networks refuse a call that lacks one of their inputs, with the same message."""
+    missing = set(input_names) - set(inputs)
+    if missing:
+        raise TypeError(f"missing inputs {sorted(missing)}; expected {input_names}")
+
+
 class MissingNetworkError(KeyError):
     pass
 
@@ -58,9 +65,7 @@ class TorchNetwork:
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise TypeError(f"missing inputs {sorted(missing)}; expected {self.input_names}")
+        require_inputs(self.input_names, inputs)
         with torch.inference_mode():
             out = self.module(*(inputs[n] for n in self.input_names))
         if isinstance(out, torch.Tensor):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from edgeinspect.core.roles import ROLE_SIGNATURES
-from edgeinspect.core.networks import Networks
+from edgeinspect.core.networks import Networks, require_inputs
 from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
 from edgeinspect.runtime.tensorrt_engines import build_profile
 
@@ -75,14 +75,8 @@ def resolve_providers(providers: Sequence[Any] | None = None, device_id: int = 0
         )
     out = []
     for name, opts in requested:
-        if name == CUDA:
-            opts = {"device_id": device_id, **(cuda_options or {}), **opts}
-            if torch.cuda.is_available() and "user_compute_stream" not in opts:
-                with torch.cuda.device(device_id):
-                    opts["user_compute_stream"] = str(torch.cuda.current_stream().cuda_stream)
-                opts.setdefault("has_user_compute_stream", "1")
-        elif name == TENSORRT:
-            opts = {"device_id": device_id, **(trt_options or {}), **opts}
+        if name in _GPU_PROVIDERS:
+            opts = {"device_id": device_id, **((cuda_options if name == CUDA else trt_options) or {}), **opts}
             if torch.cuda.is_available() and "user_compute_stream" not in opts:
                 with torch.cuda.device(device_id):
                     opts["user_compute_stream"] = str(torch.cuda.current_stream().cuda_stream)
@@ -160,9 +154,7 @@ class OrtNetwork:
         return f"OrtNetwork({self.path.name}, providers={[p for p, _ in self.providers]})"
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise TypeError(f"missing inputs {sorted(missing)}; expected {self.input_names}")
+        require_inputs(self.input_names, inputs)
         if self.device.type == "cuda":
             return self._run_bound(inputs)
         feeds = {n: np.ascontiguousarray(inputs[n].detach().to("cpu", self._in_types[n][1]).numpy())

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edgeinspect.core.networks import Networks
+from edgeinspect.core.networks import Networks, require_inputs
 from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
 from edgeinspect.runtime.tensorrt_engines import (
     GpuIdentity,
@@ -84,9 +84,7 @@ class TensorRTNetwork:
         return f"TensorRTNetwork({self.name}, {self.device})"
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise TypeError(f"missing inputs {sorted(missing)}; expected {self.input_names}")
+        require_inputs(self.input_names, inputs)
         with self._lock, torch.cuda.device(self.device):
             caller = torch.cuda.current_stream(self.device)
             bound = []
