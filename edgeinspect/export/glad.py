@@ -9,7 +9,7 @@ R = n x B rows (what TensorRT profiles must cover; onnxruntime takes any batch):
   vae_decoder  1..2R        (the ADP check decodes both clean estimates of the checked rows at once)
   features     2..2R        (rows and references together), at feature_size and adp_feature_size
 `batch_multiplier` can express only one factor: the decoder keeps 1 and the pipeline builds its
-profiles for max_batch x 2n frames (`runtime.bundle_loading.bundle_pipeline`).
+profiles for max_batch x 2n frames (`runtime.detector.bundle_pipeline`).
 
 The method settings (ADP threshold resolved from the config or the checkpoint's calibration, t0, steps,
 min_step, top-K...) are written into the manifest by `glad_method_settings`.
