@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.mvtec import MVTecFolder, tensor_to_image, uint8_to_model
+from edgeinspect.data.visualize import grid, label, write_png
+from edgeinspect.evaluation.machine import cpu_name
 from edgeinspect.models.diad import VAEDecoderNet, VAEEncoderNet
 from edgeinspect.runtime.torch_backend import load_diad
-from edgeinspect.sysinfo import cpu_name
-from edgeinspect.training.checkpoint import write_json_atomic
-from edgeinspect.visualize import grid, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

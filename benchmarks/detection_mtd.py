@@ -25,12 +25,18 @@ import numpy as np
 import torch
 
 from edgeinspect.config import parse_overrides
+from edgeinspect.core.atomic import write_json_atomic
+from edgeinspect.core.runs import run_method
+from edgeinspect.core.runs import resolve_checkpoint
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
-from edgeinspect.evaluate import detector_from_run, evaluate_diad, method_of, read_name_list
-from edgeinspect.metrics import evaluate as compute_metrics
-from edgeinspect.training.checkpoint import resolve_checkpoint, write_json_atomic
-from edgeinspect.sysinfo import cpu_name, gpu_name
-from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
+from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
+from edgeinspect.evaluation.commands import evaluate_detector
+from edgeinspect.evaluation.evaluate import read_name_list
+from edgeinspect.evaluation.machine import cpu_name, gpu_name
+from edgeinspect.evaluation.metrics import evaluate as compute_metrics
+from edgeinspect.runtime.detector import run_pipeline
+from edgeinspect.runtime.diad import STAGES as DIAD_STAGES
+from edgeinspect.runtime.glad import STAGES as GLAD_STAGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,7 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def figure(model_path: Path, data_root: Path, res: dict, out_png: Path, per_type: int = 2,
            overrides: dict | None = None) -> None:
-    _, cfg, pipe = detector_from_run(model_path, overrides)
+    cfg, pipe, _ = run_pipeline(model_path, overrides)
     data = MVTecFolder(data_root, "test", cfg.model.image_size)
     scores = {r["image"] + r["type"]: r["score"] for r in res["per_image"]}
     by_type: dict[str, list[int]] = {}
@@ -184,20 +190,15 @@ def main() -> int:
                          "metrics on the other test images, which played no part in the choice")
     args = ap.parse_args()
     overrides = parse_overrides(args.overrides)
-    method = method_of(args.model)
+    method = run_method(args.model)
     args.name = args.name or f"{method}_mtd"
     args.train_command = args.train_command or (
         f"edgeinspect train {method} --config configs/{method}_mtd_edge.yaml --run {args.model}"
         "   # rerun with --resume after any interruption")
-    if method == "glad":
-        from edgeinspect.evaluate_glad import evaluate_glad as evaluate
-        from edgeinspect.runtime.glad import STAGES
-    else:
-        evaluate = evaluate_diad
-        from edgeinspect.runtime.diad import STAGES
+    STAGES = GLAD_STAGES if method == "glad" else DIAD_STAGES  # noqa: N806
 
     raw_json = args.model / f"{args.name}_eval.json"
-    res = evaluate(args.model, args.data, out_json=raw_json, overrides=overrides, exclude_file=args.exclude,
+    res = evaluate_detector(args.model, args.data, out_json=raw_json, overrides=overrides, exclude_file=args.exclude,
                    progress=True, latency_repeats=20)
     res["_maps_file"] = str(raw_json.with_suffix(".maps.npz"))
     m = res["metrics"]

@@ -13,7 +13,7 @@ segmentation model on normal images plus (i) cut-paste defects made from the rea
         --out benchmarks/results/downstream_mtd.json
 
 Defect folders: images/<id>.png, masks/<id>.png (0/255) and index.json
-{"settings": {...}, "items": {"<id>": {"image": ..., "mask": ..., ...}}} (edgeinspect.runtime.generation).
+{"settings": {...}, "items": {"<id>": {"image": ..., "mask": ..., ...}}} (edgeinspect.generation.writer).
 Normals: train/good. Evaluation: test/good and the split's `evaluation` defects (selected by type and
 name, so MVTec-AD's repeated file names cannot leak seeds in), with their ground-truth masks.
 
@@ -50,14 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.cutpaste import cut_paste
 from edgeinspect.data.fewshot import FewShotSplit
 from edgeinspect.data.mvtec import MVTecFolder, resize_image, resize_mask, read_image
 from edgeinspect.data.trimap import MaskDoesNotFit, estimate_foreground
-from edgeinspect.metrics import auroc, average_precision, evaluate
+from edgeinspect.evaluation.metrics import auroc, average_precision, evaluate
+from edgeinspect.generation.writer import GenerationError, GenerationWriter, load_index
 from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.generation import GenerationError, GenerationWriter, load_index
-from edgeinspect.training.checkpoint import write_json_atomic
 
 CUTPASTE_MAX_REDRAWS = 20  # fresh (normal, seed) draws before a source is declared unusable
 

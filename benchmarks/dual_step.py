@@ -35,7 +35,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edgeinspect.sysinfo import cpu_name, gpu_name, logical_cpus, slug, write_text_atomic
+from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

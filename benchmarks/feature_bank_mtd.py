@@ -11,7 +11,7 @@ benchmark keeps that scoring and swaps the reconstruction for two references:
   decision when the reference is real normal content;
 - `--roundtrip RUN`: the frame's own round trip through a GLAD run's autoencoder, scored with that
   run's settings. No diffusion either: what the autoencoder alone puts into every frame's score.
-Writes results/feature_bank_mtd.{md,json,png}: per row the image/pixel metrics (edgeinspect.metrics.evaluate),
+Writes results/feature_bank_mtd.{md,json,png}: per row the image/pixel metrics (edgeinspect.evaluation.metrics.evaluate),
 per-type image AUROC, the median scores of normal and defective frames and the time taken; the figure
 shows each reference's map on the first test image of each type.
 """
@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
-from edgeinspect.metrics import auroc, evaluate
+from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
+from edgeinspect.evaluation.machine import cpu_name
+from edgeinspect.evaluation.metrics import auroc, evaluate
 from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
 from edgeinspect.runtime.glad import min_cosine_distance_maps
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
-from edgeinspect.sysinfo import cpu_name, write_text_atomic
-from edgeinspect.training.checkpoint import write_json_atomic
-from edgeinspect.visualize import grid, heatmap_overlay, label, write_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EDGE_SIZE, EDGE_SIGMA, EDGE_TOP_K = 128, 3.0, 100
@@ -74,7 +75,7 @@ def bank_maps(test_feats: list[torch.Tensor], bank: list[torch.Tensor], size: in
 
 def metrics_row(test_set: MVTecFolder, labels: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor,
                 scores: torch.Tensor) -> dict:
-    """edgeinspect.metrics.evaluate's metrics plus the image AUROC of each defect type against the normals."""
+    """edgeinspect.evaluation.metrics.evaluate's metrics plus the image AUROC of each defect type against the normals."""
     metrics = evaluate(labels.numpy(), scores.numpy(), masks.numpy(), maps.numpy())
     types = np.array([s.defect_type for s in test_set.samples])
     y, s = labels.numpy(), scores.numpy()
@@ -108,11 +109,11 @@ def roundtrip_row(data: Path, run: Path, batch: int = 16) -> tuple[dict, torch.T
     """GLAD's final scoring exactly as the run `run` does it (its extractor, feature size, blur, K), with
     the reconstruction replaced by the frame's own round trip through the run's autoencoder: what the
     autoencoder alone puts into every frame's score. The row and its maps (N, H, W)."""
-    from edgeinspect.evaluate_glad import pipeline_from_run
-    from edgeinspect.runtime.timing import StageTimer
+    from edgeinspect.runtime.detector import run_pipeline
+    from edgeinspect.core.timing import StageTimer
 
     t0 = time.perf_counter()
-    cfg, pipe, _ = pipeline_from_run(run, None, threads=torch.get_num_threads())
+    cfg, pipe, _ = run_pipeline(run, None)
     test_set = MVTecFolder(data, "test", cfg.model.image_size)
     test, masks, labels = test_set.load_all()
     timer = StageTimer(pipe.nets.device)

@@ -34,11 +34,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.mvtec import read_image, resize_image
-from edgeinspect.runtime.generation import load_index
-from edgeinspect.sysinfo import cpu_name, logical_cpus, write_text_atomic
-from edgeinspect.training.checkpoint import write_json_atomic
-from edgeinspect.visualize import grid, label, write_png
+from edgeinspect.data.visualize import grid, label, write_png
+from edgeinspect.evaluation.machine import cpu_name, logical_cpus
+from edgeinspect.generation.writer import load_index
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("pixel_ap", "pixel_auroc", "image_auroc", "pro")

@@ -51,7 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeinspect.sysinfo import cpu_name, gpu_name, logical_cpus, slug, write_text_atomic
+from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -122,19 +123,22 @@ def load_frames(cfg: Any, frames_dir: Path | None, n: int) -> tuple[torch.Tensor
 def torch_side(method: str, run: Path, device: str, overrides: dict | None = None) -> tuple[Any, Any, Any]:
     """(cfg, torch pipeline, feature extractor) from a run folder; `overrides`: inference/scoring settings."""
     if method == "diad":
-        from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
-        from edgeinspect.training.diad import build_features
+        from edgeinspect.runtime.detector import model_pipeline
+        from edgeinspect.runtime.torch_backend import load_diad
+        from edgeinspect.models.features import build_features
 
         cfg, model = load_diad(run, overrides)
         torch.manual_seed(0)  # a random extractor (tiny preset) is then the same every time
         features = build_features(cfg)
-        return cfg, diad_pipeline(cfg, model, features, device=device), features
-    from edgeinspect.training.glad import build_glad_features, glad_pipeline, load_glad
+        return cfg, model_pipeline(cfg, model, features, device=device), features
+    from edgeinspect.models.features import build_features
+    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.torch_backend import load_glad
 
     cfg, model, extra = load_glad(run, overrides)
     torch.manual_seed(0)
-    features = build_glad_features(cfg)
-    pipe = glad_pipeline(cfg, model, features, device=device, threshold=extra.get("adp_threshold"),
+    features = build_features(cfg)
+    pipe = model_pipeline(cfg, model, features, device=device, threshold=extra.get("adp_threshold"),
                          category=cfg.category)
     return cfg, pipe, features
 
@@ -145,7 +149,7 @@ def ensure_bundle(method: str, run: Path, cfg: Any, features: Any, cache: Path, 
     asked for, or when the extractor is random (its weights exist only in this process)."""
     from edgeinspect.export.bundle import export_bundle
     from edgeinspect.runtime.bundle_loading import BundleError, load_bundle, sha256_file
-    from edgeinspect.training.checkpoint import resolve_checkpoint
+    from edgeinspect.core.runs import resolve_checkpoint
 
     ckpt = resolve_checkpoint(run)
     weights = sha256_file(ckpt / "model.safetensors")
@@ -169,8 +173,9 @@ def ensure_bundle(method: str, run: Path, cfg: Any, features: Any, cache: Path, 
 def backends_for(method: str, bundle_dir: Path, torch_pipe: Any, threads: int, device: str,
                  overrides: dict | None = None) -> dict[str, Any]:
     """backend name -> pipeline, for every backend and precision available here."""
-    from edgeinspect.export.tensorrt import engine_support_problems
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
+    from edgeinspect.runtime.tensorrt_engines import engine_support_problems
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.bundle_loading import load_bundle
     from edgeinspect.runtime.ort_backend import CUDA, available_providers
 
     bundle = load_bundle(bundle_dir, overrides=overrides)

@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeinspect.sysinfo import cpu_name, gpu_name, logical_cpus, slug, write_text_atomic
+from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
+from edgeinspect.core.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,7 +71,7 @@ def direct_latency(bundle: Path, backend: str, precision: str, threads: int | No
     """The bundle pipeline on the daemon's preprocessed frames, batch 1, in this process."""
     import torch
 
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
     from edgeinspect.runtime.daemon.stats import percentiles
     from edgeinspect.runtime.daemon.worker import images_to_batch
 

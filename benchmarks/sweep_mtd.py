@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeinspect.core.atomic import write_text_atomic
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.data.mvtec import name_keys
-from edgeinspect.evaluate import read_name_list
-from edgeinspect.metrics import auroc
-from edgeinspect.sysinfo import write_text_atomic
-from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.evaluation.evaluate import read_name_list
+from edgeinspect.evaluation.metrics import auroc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "pro")

@@ -7,11 +7,20 @@ import json
 import sys
 from pathlib import Path
 
-from edgeinspect.config import ConfigError, load_config, parse_overrides
 from edgeinspect.calibration.cli import add_calibrate_parser
+from edgeinspect.config import ConfigError, load_config, parse_overrides
+from edgeinspect.evaluation.commands import evaluate_detector, predict_detector
+from edgeinspect.evaluation.glad import glad_threshold
 from edgeinspect.export.cli import add_export_parser
-from edgeinspect.generate_cli import add_generate_parser
-from edgeinspect.serve_cli import add_serve_parsers
+from edgeinspect.generation.cli import add_generate_parser
+from edgeinspect.runtime.backends import BACKENDS
+from edgeinspect.runtime.daemon.cli import add_serve_parsers
+from edgeinspect.training.adabldm import train_adabldm
+from edgeinspect.training.diad import train_diad
+from edgeinspect.training.dualanodiff import train_dualanodiff
+from edgeinspect.training.glad import train_glad
+
+TRAINERS = {"diad": train_diad, "glad": train_glad, "adabldm": train_adabldm, "dualanodiff": train_dualanodiff}
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -26,6 +35,17 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _add_detector(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="run folder or checkpoint folder (torch backend)")
+    which.add_argument("--bundle", type=Path, help="bundle folder (edgeinspect export): onnxruntime or tensorrt")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="torch (with --model, the default there) or onnxruntime/tensorrt (with --bundle; default "
+                        "onnxruntime)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="the bundle's graphs to run (default fp32)")
+
+
 def _add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int,
                    help="torch CPU threads (default: the run's train.threads, else all cores)")
@@ -35,55 +55,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.method, args.preset, args.overrides)
     if args.data is not None:
         cfg.train.data_root = Path(args.data)
-    if args.method == "diad":
-        from edgeinspect.training.diad import train_diad
-
-        ckpt = train_diad(cfg, args.run, resume=args.resume, progress=not args.quiet)
-    elif args.method == "glad":
-        from edgeinspect.training.glad import train_glad
-
-        ckpt = train_glad(cfg, args.run, resume=args.resume, progress=not args.quiet)
-    elif args.method == "adabldm":
-        from edgeinspect.training.adabldm import train_adabldm
-
-        ckpt = train_adabldm(cfg, args.run, resume=args.resume, progress=not args.quiet)
-    elif args.method == "dualanodiff":
-        from edgeinspect.training.dualanodiff import train_dualanodiff
-
-        ckpt = train_dualanodiff(cfg, args.run, resume=args.resume, progress=not args.quiet)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise ConfigError(f"unknown method {args.method}")
+    ckpt = TRAINERS[args.method](cfg, args.run, resume=args.resume, progress=not args.quiet)
     print(f"trained: {ckpt}")
     return 0
 
 
+def _detector_source(args: argparse.Namespace) -> dict:
+    """The detector options `test` and `predict` share: a run folder (torch) or a bundle on a backend."""
+    if args.model is not None and args.backend not in (None, "torch"):
+        raise ConfigError(f"--model runs on the torch backend; for --backend {args.backend} export the run to a "
+                          f"bundle (edgeinspect export --model {args.model} --out BUNDLE) and pass --bundle BUNDLE")
+    backend = args.backend or ("torch" if args.model is not None else "onnxruntime")
+    return {"model": args.model, "bundle": args.bundle, "backend": backend, "precision": args.precision}
+
+
 def cmd_test(args: argparse.Namespace) -> int:
-    from edgeinspect.evaluate import method_of
-
-    if method_of(args.model) == "glad":
-        from edgeinspect.evaluate_glad import evaluate_glad as evaluate
-    else:
-        from edgeinspect.evaluate import evaluate_diad as evaluate
-
-    overrides = parse_overrides(args.overrides)
-    result = evaluate(args.model, args.data, out_json=args.out, overrides=overrides,
-                      exclude_file=args.exclude, progress=not args.quiet,
-                      overlays_dir=args.overlays, max_overlays=args.max_overlays, threads=args.threads)
+    src = _detector_source(args)
+    result = evaluate_detector(src.pop("model"), args.data, out_json=args.out,
+                               overrides=parse_overrides(args.overrides), exclude_file=args.exclude,
+                               progress=not args.quiet, overlays_dir=args.overlays, max_overlays=args.max_overlays,
+                               threads=args.threads, **src)
     print(json.dumps(result["metrics"], indent=2))
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from edgeinspect.evaluate import method_of
-
-    if method_of(args.model) == "glad":
-        from edgeinspect.evaluate_glad import predict_glad as predict
-    else:
-        from edgeinspect.evaluate import predict_diad as predict
-
-    overrides = parse_overrides(args.overrides)
-    rows = predict(args.model, args.images, args.out, overrides=overrides, threshold=args.threshold,
-                   threads=args.threads)
+    src = _detector_source(args)
+    rows = predict_detector(args.images, args.out, src.pop("model"), overrides=parse_overrides(args.overrides),
+                            threshold=args.threshold, threads=args.threads, **src)
     for r in rows:
         verdict = "" if r["verdict"] is None else f"  {r['verdict']}"
         print(f"{r['score']:.5f}{verdict}  {r['image']} -> {r['overlay']}")
@@ -91,8 +90,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_glad_threshold(args: argparse.Namespace) -> int:
-    from edgeinspect.evaluate_glad import glad_threshold
-
     r = glad_threshold(args.model, args.data, overrides=parse_overrides(args.overrides), images=args.images,
                        percentile=args.percentile, margin=args.margin, out_json=args.out, threads=args.threads)
     print(json.dumps({k: v for k, v in r.items() if k not in ("set", "set_weight")}, indent=2))
@@ -118,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("test", help="score a test split and print image/pixel metrics")
-    p.add_argument("--model", type=Path, required=True, help="run folder or checkpoint folder")
+    _add_detector(p)
     p.add_argument("--data", type=Path, required=True, help="MVTec-layout category folder")
     p.add_argument("--out", type=Path, help="write metrics, per-image scores and latency here (JSON)")
     p.add_argument("--exclude", type=Path, help="text file of test images to leave out, one per line: a name, "
@@ -131,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images and write heat-map overlays")
-    p.add_argument("--model", type=Path, required=True, help="run folder or checkpoint folder")
+    _add_detector(p)
     p.add_argument("images", type=Path, nargs="+", help="image files or folders")
     p.add_argument("--out", type=Path, required=True, help="folder for overlay PNGs and scores.json")
-    p.add_argument("--threshold", type=float, help="image-score threshold for an OK/NG verdict")
+    p.add_argument("--threshold", type=float, help="image-score threshold for an OK/NG verdict (default: a "
+                   "calibrated bundle's own)")
     _add_overrides(p)
     _add_threads(p)
     p.set_defaults(func=cmd_predict)

@@ -18,10 +18,10 @@ import numpy as np
 
 from edgeinspect.calibration.calibrate import calibrate_bundle
 from edgeinspect.export.bundle import export_bundle
-from edgeinspect.metrics import auroc
+from edgeinspect.evaluation.metrics import auroc
 from edgeinspect.runtime.daemon.camera import CameraStreamer, StreamOptions, load_frames
 from edgeinspect.runtime.daemon.launch import start_daemon
-from edgeinspect.visualize import heatmap_overlay, label, write_png
+from edgeinspect.data.visualize import heatmap_overlay, label, write_png
 
 
 def main() -> int:

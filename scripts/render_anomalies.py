@@ -21,7 +21,7 @@ import numpy as np
 from edgeinspect.config import ConfigError, load_config
 from edgeinspect.data.anomalies import AnomalySynthesizer
 from edgeinspect.data.mvtec import MVTecFolder
-from edgeinspect.visualize import grid, label, write_png
+from edgeinspect.data.visualize import grid, label, write_png
 
 
 def render(data_root: Path, cfg, n: int, seed: int, size: int | None = None) -> np.ndarray:

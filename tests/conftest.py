@@ -78,7 +78,7 @@ def check_resume_bit_for_bit(train, cfg, tmp_path: Path, batches_cls, monkeypatc
     and resumed ends bit for bit where an uninterrupted run does."""
     from safetensors.torch import load_file
 
-    from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
+    from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
 
     train(cfg, tmp_path / "ref", progress=False)
     real = batches_cls.draw

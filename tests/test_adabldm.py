@@ -8,16 +8,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import edgeinspect.generate_adabldm as gen_mod
+import edgeinspect.generation.adabldm as gen_mod
 from edgeinspect.cli import main
 from edgeinspect.config import ConfigError, build_config
-from edgeinspect.generate_adabldm import generate_adabldm
-from edgeinspect.models.adabldm import ADABLDM_SIGNATURES, AdaBLDMModel
+from edgeinspect.generation.adabldm import generate_adabldm
+from edgeinspect.core.roles import ROLE_SIGNATURES
+from edgeinspect.models.adabldm import AdaBLDMModel
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.runtime.blended import BlendedSampler, latent_mask
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.generation import load_index
-from edgeinspect.runtime.networks import torch_networks
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.generation.writer import load_index
+from edgeinspect.core.networks import torch_networks
 from edgeinspect.training.adabldm import load_adabldm, train_adabldm
 from edgeinspect.training.diad import train_diad
 from tests.conftest import check_resume_bit_for_bit
@@ -73,10 +74,10 @@ def test_training_stages_train_what_they_should(run, base):
 
 
 def test_interrupted_training_resumes_bit_for_bit(data_root, base, tmp_path, monkeypatch):
-    import edgeinspect.training.adabldm as ada_training
+    from edgeinspect.data.batches import TrainingBatches
 
     cfg = _cfg(data_root, base, domain_steps=5, control_steps=2)
-    check_resume_bit_for_bit(train_adabldm, cfg, tmp_path, ada_training._Batches, monkeypatch, "domain")
+    check_resume_bit_for_bit(train_adabldm, cfg, tmp_path, TrainingBatches, monkeypatch, "domain")
 
 
 def test_missing_base_and_seeds_say_what_to_do(data_root, base, tmp_path):
@@ -91,7 +92,7 @@ def test_missing_base_and_seeds_say_what_to_do(data_root, base, tmp_path):
 
 
 def _sampler(model, cfg, device="cpu"):
-    nets = torch_networks(model.role_modules("scratch"), device, ADABLDM_SIGNATURES)
+    nets = torch_networks(model.role_modules("scratch"), device, ROLE_SIGNATURES)
     return BlendedSampler(nets, DDIM(cfg.scheduler), cfg.sampling, cfg.model.vae.downsample_factor), nets
 
 
@@ -160,7 +161,7 @@ def _stand_in_networks():
         "trimap_encoder": _Fn(lambda m: torch.zeros(m.shape[0], 4, *m.shape[-2:])),
         "unet": _Fn(lambda z, t, ctx, hint: 0.5 * torch.ones_like(z)),
     }
-    return torch_networks(modules, "cpu", ADABLDM_SIGNATURES)
+    return torch_networks(modules, "cpu", ROLE_SIGNATURES)
 
 
 @pytest.mark.parametrize("pixel_steps, exact", [(2, True), (0, False)])
@@ -192,7 +193,7 @@ def test_guidance_rows_get_the_trimap_they_should(uncond_trimap):
 
     modules = {"vae_encoder": _Fn(lambda x: x.clone()), "vae_decoder": _Fn(lambda z: z.clone()),
                "trimap_encoder": _Fn(lambda m: m.expand(-1, 4, -1, -1).clone()), "unet": _Fn(unet)}
-    sampler = BlendedSampler(torch_networks(modules, "cpu", ADABLDM_SIGNATURES), DDIM(cfg.scheduler), cfg.sampling,
+    sampler = BlendedSampler(torch_networks(modules, "cpu", ROLE_SIGNATURES), DDIM(cfg.scheduler), cfg.sampling,
                              latent_factor=1)
     x_ok, mask, trimap = _inputs(cfg)
     assert (trimap == 1).any() and (trimap == 0.5).any()
@@ -314,8 +315,8 @@ def test_tail_adaptation_matches_the_decoder_and_trains_only_the_tail(run):
 
 def test_items_do_not_depend_on_which_other_types_share_the_job():
     from edgeinspect.config import PlacementConfig
-    from edgeinspect.generate_adabldm import plan_item
-    from edgeinspect.runtime.generation import item_seed
+    from edgeinspect.generation.adabldm import plan_item
+    from edgeinspect.generation.writer import item_seed
 
     rng = np.random.default_rng(0)
     fg = np.ones((6, 32, 32), bool)
@@ -337,7 +338,7 @@ def test_planned_edge_seeds_stay_on_the_edge():
     placed on the left or right edge (half turns), the others anywhere."""
     from edgeinspect.config import PlacementConfig
     from edgeinspect.data.trimap import frame_contact
-    from edgeinspect.generate_adabldm import plan_item
+    from edgeinspect.generation.adabldm import plan_item
 
     edge_seed = np.zeros((32, 32), bool)
     edge_seed[10:18, 0:5] = True

@@ -17,14 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgeinspect.runtime.bundle_loading import (
-    MANIFEST,
-    BundleError,
-    bundle_pipeline,
-    load_bundle,
-    manifest_digest,
-    verify_bundle,
-)
+from edgeinspect.runtime.bundle_loading import MANIFEST, BundleError, load_bundle, manifest_digest, verify_bundle
+from edgeinspect.runtime.detector import bundle_pipeline
 try:  # tests/ as a package (tests/__init__.py) or as plain test files
     from tests.test_export import tiny_bundle, tiny_features
 except ImportError:
@@ -47,11 +41,12 @@ def frames() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def results(frames):
-    from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
+    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.torch_backend import load_diad
 
     run, bundle_dir = tiny_bundle()
     cfg, model = load_diad(run)
-    torch_res = diad_pipeline(cfg, model, tiny_features())(frames)
+    torch_res = model_pipeline(cfg, model, tiny_features())(frames)
     bundle = load_bundle(bundle_dir)
     ort32 = bundle_pipeline(bundle, "onnxruntime", precision="fp32", intra_op_threads=1)(frames)
     ort16 = bundle_pipeline(bundle, "onnxruntime", precision="fp16", intra_op_threads=1)(frames)
@@ -176,7 +171,7 @@ def test_not_a_bundle(tmp_path):
 
 
 def test_calibration_slot(copy):
-    from edgeinspect.export.bundle import set_calibration
+    from edgeinspect.runtime.bundle_update import set_calibration
 
     cal = {"image_threshold": 0.91, "normalization": {"mean": 0.8, "std": 0.1}}
     set_calibration(copy, cal, files={"normal_scores.json": b"[0.8, 0.9]"})
@@ -271,10 +266,11 @@ def test_provider_fallbacks_and_options(monkeypatch):
 
 def test_vae_roundtrip_reference_through_the_bundle(frames):
     """scoring.reference is a loop setting: the same graphs serve it, and torch and onnxruntime agree."""
-    from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
+    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.torch_backend import load_diad
 
     over = {"scoring": {"reference": "vae_roundtrip"}}
     cfg, model = load_diad(tiny_bundle()[0], overrides=over)
-    ref = diad_pipeline(cfg, model, tiny_features())(frames[:3])
+    ref = model_pipeline(cfg, model, tiny_features())(frames[:3])
     got = bundle_pipeline(tiny_bundle()[1], overrides=over, intra_op_threads=1)(frames[:3])
     assert (got.scores - ref.scores).abs().max() <= SCORE_TOL

@@ -1,6 +1,6 @@
 """Calibration: conformal thresholds hit the target false-reject rate on held-out normals (synthetic score
 distributions with known quantiles, and a tiny real bundle), F1-optimal thresholds, normalisation, the
-Verdict helper, storage in the bundle (hash-verified, tampering refused) and the calibrate verb.
+PostProcessor helper, storage in the bundle (hash-verified, tampering refused) and the calibrate verb.
 
 Measured on the tiny DiAD bundle (random weights; 200 normal frames made from data/mtd_sample train/good
 by crops, turns and flips, split at random 100/100): at a target FRR of 0.05 the threshold is the 96th of
@@ -22,16 +22,11 @@ import pytest
 import torch
 from scipy import stats
 
-from edgeinspect.calibration.thresholds import (
-    ScoreNormalization,
-    conformal_rank,
-    f1_at,
-    f1_optimal_threshold,
-    frr_threshold,
-    min_normals,
-)
-from edgeinspect.calibration.verdict import NG, OK, NotCalibratedError, Verdict
-from edgeinspect.runtime.bundle_loading import MANIFEST, BundleError, bundle_pipeline, load_bundle
+from edgeinspect.runtime.postprocess import ScoreNormalization
+from edgeinspect.calibration.thresholds import conformal_rank, f1_at, f1_optimal_threshold, frr_threshold, min_normals
+from edgeinspect.runtime.postprocess import NG, OK, NotCalibratedError, PostProcessor
+from edgeinspect.runtime.bundle_loading import MANIFEST, BundleError, load_bundle
+from edgeinspect.runtime.detector import bundle_pipeline
 
 try:
     from tests.test_export import tiny_bundle
@@ -124,7 +119,7 @@ def test_f1_optimal_threshold_on_known_inputs():
 
 
 def test_f1_optimal_threshold_matches_brute_force_and_f1max():
-    from edgeinspect.metrics import f1_max
+    from edgeinspect.evaluation.metrics import f1_max
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -151,7 +146,7 @@ def test_normalization():
 def test_verdict_helper():
     cal = {"normalization": {"kind": "median_p99", "median": 1.0, "p99": 3.0},
            "verdict": {"image_threshold": 2.5, "pixel_threshold": 0.7, "source": "target_frr"}}
-    v = Verdict.from_calibration(cal)
+    v = PostProcessor.from_calibration(cal)
     assert v(2.5).verdict == OK and v(2.5000001).verdict == NG  # NG strictly above the threshold
     f = v(4.0)
     assert f.ng and f.normalized_score == pytest.approx(1.5) and f.to_json()["verdict"] == NG
@@ -162,9 +157,9 @@ def test_verdict_helper():
     assert v(float("nan")).verdict == NG and v(float("-inf")).verdict == NG  # a broken frame is not passed
     assert v.defect_mask(np.array([[0.1, 0.8]])).tolist() == [[False, True]]
     with pytest.raises(NotCalibratedError, match="edgeinspect calibrate"):
-        Verdict.from_calibration(None)
+        PostProcessor.from_calibration(None)
     with pytest.raises(NotCalibratedError, match="incomplete"):
-        Verdict.from_calibration({"image_threshold": 0.9})
+        PostProcessor.from_calibration({"image_threshold": 0.9})
 
 
 # --------------------------------------------------------------------------- a tiny real bundle
@@ -267,7 +262,7 @@ def test_calibration_is_stored_and_hash_verified(calibrated):
     assert b.calibration == json.loads(json.dumps(cal))
     assert b.manifest["files"]["calibration/scores.json"] == sha256_file(bundle_dir / "calibration" / "scores.json")
     assert b.calibration["settings"]["settings_sha256"] == sha256_file(bundle_dir / "settings.json")
-    v = Verdict.from_bundle(b)
+    v = PostProcessor.from_bundle(b)
     assert v.image_threshold == cal["image"]["threshold"]
     assert cal["data"]["normals"]["n"] == 100 and cal["target_frr"] == 0.05
 
@@ -285,7 +280,7 @@ def test_pipeline_warns_when_it_scores_otherwise_than_calibrated(calibrated):
 
 
 def test_tampering_after_calibration_is_refused(calibrated, tmp_path):
-    from edgeinspect.export.bundle import set_calibration
+    from edgeinspect.runtime.bundle_update import set_calibration
 
     src = calibrated[0]
     edited = tmp_path / "edited"

@@ -121,7 +121,7 @@ def test_cache_round_trip_and_key(tmp_path):
 
 def test_unet_inputs_recorded_from_the_pipeline():
     from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     pipe = bundle_pipeline(tiny_bundle()[1], intra_op_threads=1)
     frames = torch.stack([image_to_tensor(resize_image(read_image(p), 64))
@@ -221,7 +221,8 @@ def test_int8_graphs_are_symmetric_qdq_for_tensorrt(int8_bundle):
 
 def test_int8_outputs_follow_fp32_on_held_out_images(int8_bundle):
     from edgeinspect.calibration.calibrate import load_frames
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.bundle_loading import load_bundle
 
     dst, _ = int8_bundle
     b = load_bundle(dst)
@@ -246,7 +247,9 @@ def test_int8_outputs_follow_fp32_on_held_out_images(int8_bundle):
 
 def test_int8_ranges_cached_and_invalidated(int8_bundle, tmp_path, calibrator_calls):
     from edgeinspect.calibration.qdq import quantize_bundle
-    from edgeinspect.export.bundle import MANIFEST, _write_json, finalize_manifest
+    from edgeinspect.core.atomic import write_json_atomic
+    from edgeinspect.runtime.bundle_loading import MANIFEST
+    from edgeinspect.runtime.bundle_update import finalize_manifest
     from edgeinspect.runtime.bundle_loading import load_bundle
 
     import onnx
@@ -273,13 +276,13 @@ def test_int8_ranges_cached_and_invalidated(int8_bundle, tmp_path, calibrator_ca
     w = next(t for t in m.graph.initializer if t.dims and len(t.dims) == 4)
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
     onnx.save(m, str(dst / "onnx" / "vae_encoder.onnx"))
-    _write_json(dst / MANIFEST, finalize_manifest(dst, json.loads((dst / MANIFEST).read_text())))
+    write_json_atomic(dst / MANIFEST, finalize_manifest(dst, json.loads((dst / MANIFEST).read_text())))
     r = quantize_bundle(dst, TRAIN[8:16], ["vae_encoder"], threads=1)["vae_encoder"]
     assert r["status"] == "calibrated" and len(calibrator_calls) == 2
 
 
 def test_a_kill_while_storing_an_int8_graph_leaves_a_valid_bundle(int8_bundle, tmp_path, monkeypatch):
-    import edgeinspect.export.bundle as bundle_mod
+    import edgeinspect.runtime.bundle_update as bundle_mod
     from edgeinspect.calibration.qdq import quantize_bundle
     from edgeinspect.runtime.bundle_loading import load_bundle
 

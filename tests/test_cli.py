@@ -94,3 +94,41 @@ def test_override_of_model_is_refused(trained_run, tmp_path):
 
     with pytest.raises(ValueError, match="cannot override"):
         main(["test", "--model", str(trained_run), "--data", str(SAMPLE), "--set", "model.image_size=128"])
+
+
+def test_test_and_predict_score_a_bundle_on_onnxruntime_as_the_run_on_torch(trained_run, tmp_path):
+    """Run-vs-bundle parity through the one detector assembly: the run exported to a bundle, then `test` and
+    `predict` with --bundle on onnxruntime give the scores `--model` gives on torch (the tiny preset's
+    extractor has random weights: seeded alike on both sides, it is the same extractor)."""
+    import torch
+
+    from tests.conftest import SAMPLE
+
+    bundle = tmp_path / "bundle"
+    torch.manual_seed(0)
+    assert main(["export", "--model", str(trained_run), "--out", str(bundle), "--quiet", "--threads", "1"]) == 0
+    results = {}
+    for name, source in (("run", ["--model", str(trained_run)]),
+                         ("bundle", ["--bundle", str(bundle), "--backend", "onnxruntime"])):
+        torch.manual_seed(0)
+        out = tmp_path / f"{name}.json"
+        assert main(["test", *source, "--data", str(SAMPLE), "--out", str(out), "--quiet", "--threads", "1"]) == 0
+        results[name] = json.loads(out.read_text())
+    run, onnx = results["run"], results["bundle"]
+    assert [r["image"] for r in run["per_image"]] == [r["image"] for r in onnx["per_image"]]
+    diff = max(abs(a["score"] - b["score"]) for a, b in zip(run["per_image"], onnx["per_image"]))
+    assert diff <= 1e-4, diff
+    assert onnx["metrics"]["image_auroc"] == pytest.approx(run["metrics"]["image_auroc"], abs=1e-6)
+    assert set(onnx) == set(run) and onnx["train_minutes"] is None
+
+    imgs = sorted((SAMPLE / "test" / "break").iterdir())[:2]
+    rows = {}
+    for name, source in (("run", ["--model", str(trained_run)]), ("bundle", ["--bundle", str(bundle)])):
+        torch.manual_seed(0)
+        assert main(["predict", *source, *map(str, imgs), "--out", str(tmp_path / name), "--threads", "1"]) == 0
+        rows[name] = json.loads((tmp_path / name / "scores.json").read_text())["results"]
+    assert [r["score"] for r in rows["bundle"]] == pytest.approx([r["score"] for r in rows["run"]], abs=1e-4)
+    assert all(r["verdict"] is None for r in rows["bundle"])  # an uncalibrated bundle and no --threshold
+
+    # a run folder runs on torch only: the error says to export it
+    assert main(["test", "--model", str(trained_run), "--backend", "onnxruntime", "--data", str(SAMPLE)]) == 2

@@ -16,7 +16,7 @@ import pytest
 from edgeinspect.runtime.daemon.camera import CameraStreamer, StreamOptions, load_frames
 from edgeinspect.runtime.daemon.client import DaemonTimeout, InspectionClient
 from edgeinspect.runtime.daemon.launch import start_daemon
-from edgeinspect.serve_cli import main as serve_main
+from edgeinspect.runtime.daemon.cli import main as serve_main
 
 try:
     from tests.test_serve import SAMPLE, running, serve_bundle

@@ -3,7 +3,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from edgeinspect.config import SchedulerConfig
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
+from edgeinspect.core.ddim import DDIM, seeded_noise
 
 
 def test_timesteps_trailing():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeinspect.data.mvtec import MVTecFolder
-from edgeinspect.metrics import auroc
+from edgeinspect.evaluation.metrics import auroc
 from tests.conftest import load_benchmark, make_mvtec
 
 

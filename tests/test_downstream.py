@@ -12,7 +12,7 @@ import pytest
 
 from edgeinspect.data.fewshot import fewshot_split
 from edgeinspect.data.mvtec import read_image, resize_image
-from edgeinspect.runtime.generation import GenerationError, GenerationWriter
+from edgeinspect.generation.writer import GenerationError, GenerationWriter
 
 try:
     from tests.conftest import load_benchmark, make_mvtec

@@ -15,9 +15,9 @@ from edgeinspect.models.dualanodiff import (
     TrainableWeights,
     is_trainable_key,
 )
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.dual import DualSampler, PromptContexts, seeded_noises, segment_parts
-from edgeinspect.runtime.networks import Networks, TorchNetwork, torch_networks
+from edgeinspect.core.networks import Networks, TorchNetwork, torch_networks
 
 
 def _model(**sections) -> DualAnoDiffModel:

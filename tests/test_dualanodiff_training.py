@@ -12,18 +12,15 @@ from safetensors.torch import load_file
 import edgeinspect.training.dualanodiff as dual_training
 from edgeinspect.cli import main
 from edgeinspect.config import build_config, dump_config
-from edgeinspect.generate_dualanodiff import generate_dualanodiff
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.data.batches import TrainingBatches
+from edgeinspect.generation.dualanodiff import generate_dualanodiff
 from edgeinspect.models.diad import LatentDiffusionModel
 from edgeinspect.models.dualanodiff import is_trainable_key
-from edgeinspect.runtime.generation import GenerationError, GenerationWriter, item_seed
-from edgeinspect.training.checkpoint import (
-    CheckpointError,
-    TrainState,
-    latest_checkpoint,
-    load_state,
-    save_checkpoint,
-    write_json_atomic,
-)
+from edgeinspect.generation.writer import GenerationError, GenerationWriter, item_seed
+from edgeinspect.core.runs import CheckpointError, TrainState, latest_checkpoint, load_state
+from edgeinspect.training.checkpoint import save_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 from edgeinspect.training.dualanodiff import fewshot_names, load_dualanodiff, train_dualanodiff
 from tests.conftest import check_resume_bit_for_bit
 
@@ -117,9 +114,10 @@ def test_bcm_background_of_a_training_pair(tmp_path, data_root, base, monkeypatc
         ids = torch.arange(4)[:, None] * 100 + torch.arange(n)[None] + k * 1000
         return ids[:, :, None, None, None].float().expand(4, n, 4, size, size).clone()
 
-    class NoNoise:  # alphas_cumprod = 1: the noised latent is the clean one
+    class NoNoise(DDIM):  # alphas_cumprod = 1: the noised latent is the clean one
         def __init__(self, cfg):
-            self.alphas_cumprod = torch.ones(cfg.num_train_timesteps)
+            super().__init__(cfg)
+            self.alphas_cumprod = torch.ones(cfg.num_train_timesteps, dtype=torch.float64)
 
     seen = []
     real = dual_training.DualAnoDiffModel.dual_forward
@@ -143,7 +141,7 @@ def test_bcm_background_of_a_training_pair(tmp_path, data_root, base, monkeypatc
 
 def test_interrupted_training_resumes_bit_for_bit(tmp_path, data_root, base, monkeypatch):
     cfg = _cfg(data_root, base, steps=5)
-    check_resume_bit_for_bit(train_dualanodiff, cfg, tmp_path, dual_training._Batches, monkeypatch, "dual")
+    check_resume_bit_for_bit(train_dualanodiff, cfg, tmp_path, TrainingBatches, monkeypatch, "dual")
 
 
 def test_fewshot_sources_and_errors(tmp_path, data_root, base):
@@ -220,9 +218,10 @@ def test_defect_weighted_loss_gets_each_pairs_own_flipped_mask(tmp_path, data_ro
         ids = torch.arange(4)[:, None] * 100 + torch.arange(len(images))[None]
         return ids[:, :, None, None, None].float().expand(4, len(images), 4, size, size).clone()
 
-    class NoNoise:
+    class NoNoise(DDIM):
         def __init__(self, cfg):
-            self.alphas_cumprod = torch.ones(cfg.num_train_timesteps)
+            super().__init__(cfg)
+            self.alphas_cumprod = torch.ones(cfg.num_train_timesteps, dtype=torch.float64)
 
     seen, real = [], dual_training.defect_weighted_mse
 
@@ -248,7 +247,7 @@ def test_defect_weighted_loss_gets_each_pairs_own_flipped_mask(tmp_path, data_ro
     assert len(seen) == 2 * len(zs) == 8 and {w for _, w in seen} == {5.0}
     for k, z in enumerate(zs):
         flip, image = (z // 100).long(), (z % 100).long()
-        want = dual_training._Batches.apply_flip(masks[image][:, None].float(), flip)
+        want = TrainingBatches.apply_flip(masks[image][:, None].float(), flip)
         assert torch.equal(seen[2 * k][0], want) and torch.equal(seen[2 * k + 1][0], want)
 
 

@@ -34,9 +34,10 @@ import torch
 
 from edgeinspect.config import build_config, dump_config
 from edgeinspect.models.diad import DiADModel
-from edgeinspect.runtime.networks import ROLE_SIGNATURES
-from edgeinspect.runtime.torch_backend import feature_signature
-from edgeinspect.training.checkpoint import TrainState, save_checkpoint
+from edgeinspect.core.roles import ROLE_SIGNATURES
+from edgeinspect.core.roles import feature_signature
+from edgeinspect.core.runs import TrainState
+from edgeinspect.training.checkpoint import save_checkpoint
 
 
 FP32_BOUND = (1e-4, 1e-3)
@@ -95,7 +96,8 @@ def bundle():
 @pytest.fixture(scope="module")
 def role_specs():
     """The export roles of the same model (same weights as the bundle), for parity against torch."""
-    from edgeinspect.export.roles import ExportContext, build_role_exports
+    from edgeinspect.export.roles import ExportContext
+    from edgeinspect.export.methods import build_role_exports
     from edgeinspect.runtime.torch_backend import load_diad
 
     cfg, model = load_diad(tiny_bundle()[0])

@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from edgeinspect.config import build_config, dump_config
-from edgeinspect.runtime.generation import GenerationWriter, load_index
-from edgeinspect.training.checkpoint import TrainState, save_checkpoint, write_json_atomic
+from edgeinspect.generation.writer import GenerationWriter, load_index
+from edgeinspect.core.runs import TrainState
+from edgeinspect.training.checkpoint import save_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 
 SEEDS = {"scratch": ["000.png", "001.png"], "crack": ["002.png"]}
 FP32_BOUND = (1e-4, 1e-3)  # write_bundle's default parity bound: atol + rtol x max|torch output|
@@ -117,12 +119,11 @@ def _check_graphs(bundle, roles: dict[str, tuple[tuple[str, ...], tuple[str, ...
 
 
 def test_adabldm_bundle_holds_one_type_its_graphs_contexts_decoder_and_seed_masks(ada_run, ada_bundle, data_root):
-    from edgeinspect.export.tensorrt import bundle_profiles
-    from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
+    from edgeinspect.runtime.tensorrt_engines import bundle_profiles
     from edgeinspect.runtime.adaptation import LatentDecoder
-    from edgeinspect.runtime.adabldm_bundle import bundle_decoder
+    from edgeinspect.generation.adabldm_bundle import bundle_decoder
     from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+    from edgeinspect.core.roles import ROLE_SIGNATURES
     from edgeinspect.training.adabldm import load_adabldm, load_seeds
 
     bundle = load_bundle(ada_bundle)
@@ -132,8 +133,8 @@ def test_adabldm_bundle_holds_one_type_its_graphs_contexts_decoder_and_seed_mask
     assert set(bundle.pipeline_roles()) == {"vae_encoder", "trimap_encoder", "unet", "vae_decoder"}
     control_outputs = bundle.network("control").output_names
     assert control_outputs[-1] == "mid" and control_outputs[0] == "down_0"
-    _check_graphs(bundle, {**{r: ROLE_SIGNATURES[r] for r in ("vae_encoder", "unet", "vae_decoder")},
-                           **ADABLDM_SIGNATURES, "control": (("sample", "timestep", "hint"), control_outputs)})
+    _check_graphs(bundle, {**{r: ROLE_SIGNATURES[r] for r in ("vae_encoder", "unet", "vae_decoder", "trimap_encoder")},
+                           "control": (("sample", "timestep", "hint"), control_outputs)})
     # height/width dynamic where the networks allow, fp16 for the UNet side only
     assert bundle.network("unet").inputs[0].shape == ("batch", 4, "latent_height", "latent_width")
     assert bundle.network("trimap_encoder").inputs[0].shape == ("batch", 1, "height", "width")
@@ -189,8 +190,8 @@ def _same_items(a, b, max_pixel_diff: int, keys: tuple[str, ...]) -> None:
 
 
 def test_adabldm_generation_from_the_bundle_matches_the_run_and_resumes(ada_run, ada_bundle, tmp_path, monkeypatch):
-    from edgeinspect.generate_adabldm import generate_adabldm
-    from edgeinspect.runtime.adabldm_bundle import generate_adabldm_bundle
+    from edgeinspect.generation.adabldm import generate_adabldm
+    from edgeinspect.generation.adabldm_bundle import generate_adabldm_bundle
 
     monkeypatch.setenv("EDGEINSPECT_ORT_THREADS", "1")
     run_out = generate_adabldm(ada_run, tmp_path / "run", 3, defect_types=["scratch"], progress=False)
@@ -231,7 +232,7 @@ def dual_bundle(dual_run, tmp_path_factory):
 def test_dualanodiff_bundle_holds_the_dual_unet_and_the_three_contexts(dual_run, dual_bundle):
     from edgeinspect.export.onnx import parity_report
     from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+    from edgeinspect.core.roles import ROLE_SIGNATURES
     from edgeinspect.training.dualanodiff import load_dualanodiff
 
     bundle = load_bundle(dual_bundle)
@@ -267,7 +268,7 @@ def test_dualanodiff_bundle_holds_the_dual_unet_and_the_three_contexts(dual_run,
 def test_dualanodiff_generation_from_the_bundle_matches_the_run_and_resumes(dual_run, dual_bundle, data_root,
                                                                             tmp_path, monkeypatch):
     from edgeinspect.cli import main
-    from edgeinspect.generate_dualanodiff import generate_dualanodiff
+    from edgeinspect.generation.dualanodiff import generate_dualanodiff
 
     monkeypatch.setenv("EDGEINSPECT_ORT_THREADS", "1")
     run_out = generate_dualanodiff(dual_run, tmp_path / "run", 3, progress=False)
@@ -295,7 +296,8 @@ def test_dualanodiff_generation_from_the_bundle_matches_the_run_and_resumes(dual
 
 
 def test_generator_bundles_refuse_tampering(ada_bundle, dual_bundle, tmp_path):
-    from edgeinspect.runtime.bundle_loading import MANIFEST, BundleError, bundle_pipeline, load_bundle
+    from edgeinspect.runtime.bundle_loading import MANIFEST, BundleError, load_bundle
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     copy = shutil.copytree(ada_bundle, tmp_path / "ada")
     with pytest.raises(BundleError, match="a generator, not an inspection pipeline"):
@@ -325,7 +327,7 @@ def test_dualanodiff_without_bcm_exports_dual_unet_plain_with_an_fp16_variant(tm
     from edgeinspect.export.dualanodiff import dualanodiff_bundle_parts
     from edgeinspect.models.dualanodiff import DualAnoDiffModel, is_trainable_key
     from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.networks import ROLE_SIGNATURES
+    from edgeinspect.core.roles import ROLE_SIGNATURES
 
     cfg = build_config("dualanodiff", "tiny", {"bcm": {"enabled": False}, "train": {"defect_type": "scratch"}})
     torch.manual_seed(3)

@@ -24,8 +24,9 @@ import pytest
 import torch
 
 from edgeinspect.config import build_config, dump_config
-from edgeinspect.runtime.networks import ROLE_SIGNATURES
-from edgeinspect.training.checkpoint import TrainState, save_checkpoint
+from edgeinspect.core.roles import ROLE_SIGNATURES
+from edgeinspect.core.runs import TrainState
+from edgeinspect.training.checkpoint import save_checkpoint
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 SCORE_TOL = 1e-4
@@ -43,12 +44,12 @@ def sample_frames(size: int = 64) -> torch.Tensor:
 
 
 def glad_features(cfg, seed: int = 1):
-    from edgeinspect.training.glad import build_glad_features
+    from edgeinspect.models.features import build_features
 
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        return build_glad_features(cfg)
+        return build_features(cfg)
 
 
 def split_threshold(values: torch.Tensor, min_gap: float = 1e-4) -> float:
@@ -64,12 +65,13 @@ def split_threshold(values: torch.Tensor, min_gap: float = 1e-4) -> float:
 def make_tiny_glad_run(root: Path, frames: torch.Tensor, seed: int = 0) -> Path:
     """A tiny GLAD run folder (config + checkpoint, random weights) whose checkpoint carries an ADP threshold
     inside the spread of the frames' step-2 check scores (as the end of training stores one)."""
-    from edgeinspect.training.glad import GLADModel, glad_pipeline
+    from edgeinspect.models.glad import GLADModel
+    from edgeinspect.runtime.detector import model_pipeline
 
     torch.manual_seed(seed)
     cfg = build_config("glad", "tiny", {"train": {"prompt": "a tile", "category": "tile"}})
     model = GLADModel(cfg).eval()
-    probe = glad_pipeline(cfg, model, glad_features(cfg), threshold=None)
+    probe = model_pipeline(cfg, model, glad_features(cfg), threshold=None)
     with torch.no_grad():
         adp = probe(frames).adp_scores
     threshold = split_threshold(adp[:, 2])
@@ -104,7 +106,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def torch_model():
-    from edgeinspect.training.glad import load_glad
+    from edgeinspect.runtime.torch_backend import load_glad
 
     return load_glad(tiny_glad_bundle()[0])
 
@@ -132,7 +134,8 @@ def test_glad_bundle_manifest(bundle):
 def test_glad_roles_match_torch_in_onnxruntime(bundle, torch_model, role):
     import edgeinspect.export.glad  # noqa: F401  (registers the GLAD roles: roles.py loads only DiAD's itself)
     from edgeinspect.export.onnx import parity_report
-    from edgeinspect.export.roles import ExportContext, build_role_exports
+    from edgeinspect.export.roles import ExportContext
+    from edgeinspect.export.methods import build_role_exports
 
     cfg, model, _ = torch_model
     with torch.no_grad():
@@ -148,12 +151,12 @@ def test_glad_roles_match_torch_in_onnxruntime(bundle, torch_model, role):
 
 @pytest.fixture(scope="module")
 def glad_results(bundle, torch_model):
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
-    from edgeinspect.training.glad import glad_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.detector import model_pipeline
 
     cfg, model, extra = torch_model
     frames = sample_frames()
-    torch_pipe = glad_pipeline(cfg, model, glad_features(cfg), threshold=extra["adp_threshold"])
+    torch_pipe = model_pipeline(cfg, model, glad_features(cfg), threshold=extra["adp_threshold"])
     ort_pipe = bundle_pipeline(bundle, "onnxruntime", precision="fp32", intra_op_threads=1)
     return torch_pipe, ort_pipe, torch_pipe(frames), ort_pipe(frames)
 
@@ -181,7 +184,7 @@ def test_glad_scores_and_fire_steps_equal_torch_vs_onnxruntime(glad_results):
 
 
 def test_glad_fp16_bundle_agrees(bundle, glad_results):
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     _, _, _, ort32 = glad_results
     frames = sample_frames()[:6]
@@ -193,7 +196,7 @@ def test_glad_fp16_bundle_agrees(bundle, glad_results):
 
 
 def test_glad_settings_overrides_through_the_bundle(bundle):
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     pipe = bundle_pipeline(bundle, overrides={"inference": {"threshold": 1e9}}, intra_op_threads=1)
     r = pipe(sample_frames()[:2])
@@ -204,7 +207,7 @@ def test_glad_settings_overrides_through_the_bundle(bundle):
 def test_glad_pipeline_sizes_backend_batches_for_its_stacked_draws(bundle, monkeypatch):
     """TensorRT profiles come from the max_batch the pipeline asks its networks for: frames x 2 (the ADP
     check decodes two estimates per row) x draws (run as one batch), per the category's settings."""
-    import edgeinspect.runtime.bundle_loading as bl
+    import edgeinspect.runtime.detector as bl
 
     asked = []
     real = bl.bundle_networks
@@ -269,7 +272,7 @@ def test_glad_export_verb(tmp_path, capsys):
 
 def test_glad_bundle_calibrates_and_gives_verdicts(tmp_path):
     from edgeinspect.calibration.calibrate import calibrate_bundle
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_glad_bundle()[1], dst)
@@ -284,13 +287,14 @@ def test_glad_bundle_calibrates_and_gives_verdicts(tmp_path):
 
 def test_glad_vae_roundtrip_reference_through_the_bundle(bundle):
     """scoring.reference is a loop setting: the bundle's graphs serve it, torch and onnxruntime agree."""
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
-    from edgeinspect.training.glad import glad_pipeline, load_glad
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.torch_backend import load_glad
 
     over = {"scoring": {"reference": "vae_roundtrip"}}
     cfg, model, extra = load_glad(tiny_glad_bundle()[0], over)
     frames = sample_frames()[:3]
-    ref = glad_pipeline(cfg, model, glad_features(cfg), threshold=extra["adp_threshold"])(frames)
+    ref = model_pipeline(cfg, model, glad_features(cfg), threshold=extra["adp_threshold"])(frames)
     got = bundle_pipeline(bundle, overrides=over, intra_op_threads=1)(frames)
     assert got.timings_ms["decode"] > 0
     assert (got.scores - ref.scores).abs().max() <= SCORE_TOL

@@ -51,9 +51,9 @@ def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root,
     import numpy as np
 
     from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
-    from edgeinspect.evaluate_glad import pipeline_from_run
+    from edgeinspect.runtime.detector import run_pipeline
     from edgeinspect.runtime.scoring import topk_mean_score
-    from edgeinspect.runtime.timing import StageTimer
+    from edgeinspect.core.timing import StageTimer
     from tests.test_export_glad import make_tiny_glad_run, sample_frames
 
     fb = load_benchmark("feature_bank_mtd")
@@ -61,7 +61,7 @@ def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root,
     torch.manual_seed(0)  # the tiny preset's extractor has random weights: the same seed, the same extractor
     row, maps = fb.roundtrip_row(sample_root, run, batch=7)
     torch.manual_seed(0)
-    cfg, pipe, _ = pipeline_from_run(run, None)
+    cfg, pipe, _ = run_pipeline(run, None)
     data = MVTecFolder(sample_root, "test", cfg.model.image_size)
     u8, _, labels = data.load_all()
     x = uint8_to_model(u8)

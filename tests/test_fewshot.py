@@ -9,7 +9,7 @@ import pytest
 
 from edgeinspect.data.fewshot import FewShotSplit, fewshot_split, main
 from edgeinspect.data.mvtec import DatasetError, MVTecFolder
-from edgeinspect.evaluate import read_name_list
+from edgeinspect.evaluation.evaluate import read_name_list
 
 try:
     from tests.conftest import REPO, make_mvtec

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgeinspect.runtime.generation import GenerationError, GenerationWriter, load_index
+from edgeinspect.generation.writer import GenerationError, GenerationWriter, load_index
 
 
 def _item(i):

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgeinspect.runtime.generation import GenerationWriter
+from edgeinspect.generation.writer import GenerationWriter
 from tests.conftest import load_benchmark
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig, SchedulerConfig, build_config
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
+from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.runtime.glad import (
     STAGES,
     GLADPipeline,
@@ -18,15 +18,13 @@ from edgeinspect.runtime.glad import (
     min_cosine_distance_maps,
     saff_fuse,
 )
-from edgeinspect.runtime.networks import Networks, TorchNetwork
+from edgeinspect.core.networks import Networks, TorchNetwork
 from edgeinspect.runtime.scoring import topk_mean_score
-from edgeinspect.training.glad import (
-    GLADModel,
-    atp_target,
-    build_glad_features,
-    glad_pipeline,
-    propose_weight_bounds,
-)
+from edgeinspect.models.glad import GLADModel
+from edgeinspect.training.glad import atp_target
+from edgeinspect.models.features import build_features
+from edgeinspect.runtime.detector import model_pipeline
+from edgeinspect.calibration.adp import propose_weight_bounds
 
 SCHED = DDIM(SchedulerConfig())
 
@@ -294,7 +292,7 @@ def tiny():
     torch.manual_seed(0)
     cfg = build_config("glad", "tiny", {"train": {"prompt": "a tile"}, "inference": {"threshold": 0.0}})
     model = GLADModel(cfg).eval()
-    return cfg, model, build_glad_features(cfg)
+    return cfg, model, build_features(cfg)
 
 
 def _frames(n=3, seed=0):
@@ -304,7 +302,7 @@ def _frames(n=3, seed=0):
 
 def test_seeds_reproduce_scores(tiny):
     cfg, model, features = tiny
-    pipe = glad_pipeline(cfg, model, features)
+    pipe = model_pipeline(cfg, model, features)
     x = _frames()
     r1, r2 = pipe(x), pipe(x)
     assert torch.equal(r1.scores, r2.scores) and torch.equal(r1.maps, r2.maps)
@@ -313,7 +311,7 @@ def test_seeds_reproduce_scores(tiny):
     torch.testing.assert_close(alone.scores, r1.scores[1:2], rtol=1e-4, atol=1e-5)
     assert r1.maps.shape == (3, 64, 64) and r1.reconstructions.shape == (3, 3, 64, 64)
     assert set(r1.timings_ms) == set(STAGES)
-    other = glad_pipeline(cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"seed": 1})}),
+    other = model_pipeline(cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"seed": 1})}),
                           model, features)(x[:1])
     assert not torch.equal(other.reconstructions, r1.reconstructions[:1])
 
@@ -322,10 +320,10 @@ def test_category_settings_apply(tiny):
     cfg, model, features = tiny
     cfg2 = build_config("glad", "tiny", {"train": {"prompt": "a tile", "category": "tile"}, "inference": {
         "categories": {"tile": {"t0": 300, "steps": 3, "threshold": 0.5, "min_step": 50, "top_k": 7}}}})
-    pipe = glad_pipeline(cfg2, model, features)
+    pipe = model_pipeline(cfg2, model, features)
     assert pipe.timesteps[0] == 300 and len(pipe.timesteps) == 3 and pipe.threshold == 0.5
     assert pipe.inference.min_step == 50 and pipe.inference.top_k == 7
-    assert glad_pipeline(cfg2, model, features, category="other").timesteps[0] == cfg2.inference.t0
+    assert model_pipeline(cfg2, model, features, category="other").timesteps[0] == cfg2.inference.t0
 
 
 def test_vit_extractor_with_local_weights(tiny, tmp_path):
@@ -338,9 +336,9 @@ def test_vit_extractor_with_local_weights(tiny, tmp_path):
     vcfg = build_config("glad", "tiny", {"train": {"prompt": "a tile"}, "inference": {"threshold": 0.0},
                                          "features": {"name": "vit_tiny_patch16_224", "weights": str(path),
                                                       "allow_random": False, "model_kwargs": kw}})
-    features = build_glad_features(vcfg)
+    features = build_features(vcfg)
     assert features.kind == "vit" and features.weights_source == str(path)
-    r = glad_pipeline(vcfg, model, features)(_frames(2))
+    r = model_pipeline(vcfg, model, features)(_frames(2))
     assert r.maps.shape == (2, 64, 64) and torch.isfinite(r.scores).all()
     assert (r.fire_step >= 0).all() and torch.isfinite(r.fire_score).all()
 
@@ -377,8 +375,8 @@ def test_vae_roundtrip_reference_compares_like_with_like(tiny):
     cfg, model, features = tiny
     cfg_rt = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"reference": "vae_roundtrip"})})
     x = _frames()
-    r = glad_pipeline(cfg_rt, model, features)(x)
-    plain_pipe = glad_pipeline(cfg, model, features)
+    r = model_pipeline(cfg_rt, model, features)(x)
+    plain_pipe = model_pipeline(cfg, model, features)
     plain = plain_pipe(x)
     assert torch.equal(plain.reconstructions, r.reconstructions) and torch.equal(plain.fire_step, r.fire_step)
     with torch.no_grad():
@@ -393,12 +391,12 @@ def test_draws_run_as_one_stacked_batch(tiny):
     """inference.draws = 3 makes exactly the network calls of one draw, each on 3x the rows (a GPU step of
     this small model is launch-bound, so stacking is what makes extra draws cheap there); the input is
     encoded once, and its features for the final maps are extracted once for all draws."""
-    from edgeinspect.runtime.networks import Networks
+    from edgeinspect.core.networks import Networks
 
     cfg, model, features = tiny
 
     def calls(draws: int) -> list[tuple[str, int]]:
-        pipe = glad_pipeline(cfg.model_copy(update={"inference": cfg.inference.model_copy(
+        pipe = model_pipeline(cfg.model_copy(update={"inference": cfg.inference.model_copy(
             update={"draws": draws, "min_step": 1000})}), model, features)
         log = []
 
@@ -433,8 +431,8 @@ def test_draws_average_the_maps_of_single_draws_with_successive_seeds(tiny):
             "scoring": cfg.scoring.model_copy(update={"reference": "vae_roundtrip"})})
 
     x = _frames()
-    ens = glad_pipeline(with_inference(seed=5, draws=3), model, features)(x)
-    singles = [glad_pipeline(with_inference(seed=s), model, features)(x) for s in (5, 6, 7)]
+    ens = model_pipeline(with_inference(seed=5, draws=3), model, features)(x)
+    singles = [model_pipeline(with_inference(seed=s), model, features)(x) for s in (5, 6, 7)]
     mean_map = torch.stack([s.maps for s in singles]).mean(0)
     torch.testing.assert_close(ens.maps, mean_map, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ens.scores, topk_mean_score(mean_map, cfg.inference.top_k), rtol=1e-4, atol=1e-6)
@@ -451,7 +449,7 @@ def test_draws_average_the_maps_of_single_draws_with_successive_seeds(tiny):
     # per category, and validated
     cat = build_config("glad", "tiny", {"train": {"prompt": "a tile", "category": "tile"},
                                         "inference": {"categories": {"tile": {"draws": 4}}}})
-    assert glad_pipeline(cat, model, features).inference.draws == 4
+    assert model_pipeline(cat, model, features).inference.draws == 4
     from edgeinspect.config import ConfigError
 
     with pytest.raises(ConfigError, match="inference.draws"):

@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import edgeinspect.training.glad as glad_training
+from edgeinspect.data.batches import TrainingBatches
 from edgeinspect.cli import main
 from edgeinspect.config import build_config
-from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.diad import train_diad
-from edgeinspect.training.glad import load_glad, train_glad
+from edgeinspect.runtime.torch_backend import load_glad
+from edgeinspect.training.glad import train_glad
 from tests.conftest import check_resume_bit_for_bit
 
 
@@ -66,7 +67,7 @@ def test_atp_from_a_diad_base_trains_only_the_unet(tmp_path, data_root, diad_bas
 
 def test_interrupted_atp_resumes_bit_for_bit(tmp_path, data_root, diad_base, monkeypatch):
     cfg = _glad_cfg(data_root, diad_base, atp_steps=5)
-    check_resume_bit_for_bit(train_glad, cfg, tmp_path, glad_training._Batches, monkeypatch, "atp")
+    check_resume_bit_for_bit(train_glad, cfg, tmp_path, TrainingBatches, monkeypatch, "atp")
     assert load_state(latest_checkpoint(tmp_path / "cut")).extra["adp_threshold"] == pytest.approx(
         load_state(latest_checkpoint(tmp_path / "ref")).extra["adp_threshold"])
 

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from edgeinspect.metrics import auroc, average_precision, evaluate, f1_max, pro_score
+from edgeinspect.evaluation.metrics import auroc, average_precision, evaluate, f1_max, pro_score
 
 TOL = 1e-9
 

@@ -241,7 +241,7 @@ def test_only_loopback_binds_without_curve():
 
 
 def test_threshold_from_calibration_else_config():
-    from edgeinspect.calibration.thresholds import ScoreNormalization
+    from edgeinspect.runtime.postprocess import ScoreNormalization
 
     calibration = {"verdict": {"image_threshold": 0.5, "source": "target_frr"},
                    "normalization": ScoreNormalization(0.2, 0.4).to_json()}

@@ -6,14 +6,14 @@ import torch
 from edgeinspect.config import build_config
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.networks import MissingNetworkError, Networks
+from edgeinspect.core.networks import MissingNetworkError, Networks
 from edgeinspect.runtime.scoring import (
     cosine_distance_maps,
     gaussian_blur,
     pooled_max_score,
     topk_mean_score,
 )
-from edgeinspect.runtime.torch_backend import diad_pipeline
+from edgeinspect.runtime.detector import model_pipeline
 
 
 def test_cosine_distance_maps_known_values():
@@ -67,7 +67,7 @@ def _frames(n=3, size=64, seed=0):
 
 def test_same_frame_and_seed_give_the_same_score(tiny_pipeline):
     cfg, model, features = tiny_pipeline
-    pipe = diad_pipeline(cfg, model, features)
+    pipe = model_pipeline(cfg, model, features)
     x = _frames()
     r1, r2 = pipe(x), pipe(x)
     assert torch.equal(r1.scores, r2.scores) and torch.equal(r1.maps, r2.maps)
@@ -81,15 +81,15 @@ def test_same_frame_and_seed_give_the_same_score(tiny_pipeline):
 def test_seed_changes_reconstruction(tiny_pipeline):
     cfg, model, features = tiny_pipeline
     x = _frames(1)
-    a = diad_pipeline(cfg, model, features)(x)
+    a = model_pipeline(cfg, model, features)(x)
     cfg2 = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"seed": 1})})
-    b = diad_pipeline(cfg2, model, features)(x)
+    b = model_pipeline(cfg2, model, features)(x)
     assert not torch.equal(a.reconstructions, b.reconstructions)
 
 
 def test_bad_input_and_missing_network(tiny_pipeline):
     cfg, model, features = tiny_pipeline
-    pipe = diad_pipeline(cfg, model, features)
+    pipe = model_pipeline(cfg, model, features)
     with pytest.raises(ValueError, match="expected images"):
         pipe(torch.zeros(3, 64, 64))
     with pytest.raises(MissingNetworkError, match="features"):
@@ -99,7 +99,7 @@ def test_bad_input_and_missing_network(tiny_pipeline):
 def test_vae_roundtrip_reference_compares_like_with_like(tiny_pipeline):
     cfg, model, features = tiny_pipeline
     cfg_rt = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"reference": "vae_roundtrip"})})
-    pipe = diad_pipeline(cfg_rt, model, features)
+    pipe = model_pipeline(cfg_rt, model, features)
     x = _frames(2)
     r = pipe(x)
     with torch.no_grad():
@@ -107,6 +107,6 @@ def test_vae_roundtrip_reference_compares_like_with_like(tiny_pipeline):
     scores, maps = pipe.score(roundtrip, r.reconstructions)
     torch.testing.assert_close(r.scores, scores, rtol=1e-4, atol=1e-5)
     # the plain reference gives a different map for the same reconstruction
-    plain = diad_pipeline(cfg, model, features)(x)
+    plain = model_pipeline(cfg, model, features)(x)
     assert torch.equal(plain.reconstructions, r.reconstructions)
     assert not torch.allclose(plain.maps, r.maps)

@@ -61,7 +61,7 @@ def sample_paths() -> list[Path]:
 
 @functools.cache
 def direct_pipeline():
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.detector import bundle_pipeline
 
     return bundle_pipeline(serve_bundle(), "onnxruntime", intra_op_threads=1)
 
@@ -359,8 +359,8 @@ def test_a_model_failure_is_an_error_reply_and_the_daemon_goes_on():
 
 
 def test_calibrated_bundle_gives_verdicts_and_normalised_scores(tmp_path):
-    from edgeinspect.calibration.thresholds import ScoreNormalization
-    from edgeinspect.export.bundle import set_calibration
+    from edgeinspect.runtime.postprocess import ScoreNormalization
+    from edgeinspect.runtime.bundle_update import set_calibration
 
     bundle = tmp_path / "bundle"
     shutil.copytree(serve_bundle(), bundle)
@@ -442,7 +442,7 @@ def test_glad_results_carry_the_firing_step():
 
 
 def test_serve_verb_errors_and_keys(tmp_path, capsys):
-    from edgeinspect.serve_cli import main as serve_main
+    from edgeinspect.runtime.daemon.cli import main as serve_main
 
     assert serve_main(["serve"]) == 2
     assert "--bundle" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The daemon as its own process (`python -m edgeinspect.serve_cli serve`, as `edgeinspect serve`): a fuzz
+"""The daemon as its own process (`python -m edgeinspect.runtime.daemon.cli serve`, as `edgeinspect serve`): a fuzz
 of thousands of random and mutated messages with zero crashes and one reply each, bounded queue and
 flat memory under a sender faster than the model, SIGTERM answering in-flight and queued frames before
 exiting 0."""

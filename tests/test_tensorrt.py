@@ -11,17 +11,9 @@ import types
 import pytest
 import torch
 
-from edgeinspect.export.tensorrt import (
-    GpuIdentity,
-    TensorRTUnavailableError,
-    build_profile,
-    bundle_profiles,
-    engine_cache_key,
-    engine_filename,
-    engine_precision_file,
-    engine_support_problems,
-    ensure_engine,
-    require_engine_support,
+from edgeinspect.runtime.tensorrt_engines import (
+    GpuIdentity, TensorRTUnavailableError, build_profile, bundle_profiles, engine_cache_key, engine_filename,
+    engine_precision_file, engine_support_problems, ensure_engine, require_engine_support,
 )
 from edgeinspect.runtime.bundle_loading import BundleError, TensorSpec, load_bundle
 try:  # tests/ as a package (tests/__init__.py) or as plain test files
@@ -145,7 +137,7 @@ def int8_bundle(tmp_path_factory):
 
 
 def test_int8_engines_build_from_the_qdq_graphs(int8_bundle):
-    from edgeinspect.export.tensorrt import _has_qdq
+    from edgeinspect.runtime.tensorrt_engines import _has_qdq
 
     path, precision = engine_precision_file(int8_bundle, "vae_encoder", "int8")
     assert path.name == "vae_encoder.int8.onnx" and precision == "int8" and _has_qdq(path)
@@ -226,8 +218,8 @@ def test_int8_engine_build_configuration(int8_bundle, tmp_path, monkeypatch):
     builder precision flags (TensorRT 11 has none), and caches it under the int8 graph's hash."""
     import json
 
-    import edgeinspect.export.tensorrt as trt_mod
-    from edgeinspect.export.tensorrt import build_engine
+    import edgeinspect.runtime.tensorrt_engines as trt_mod
+    from edgeinspect.runtime.tensorrt_engines import build_engine
 
     calls: dict = {}
     monkeypatch.setitem(sys.modules, "tensorrt", _stand_in_tensorrt(calls))
@@ -273,8 +265,8 @@ def test_only_the_missing_part_is_named(fake_tensorrt):
 @needs_no_engine_support
 def test_tensorrt_backend_and_engines_refuse_clearly(tmp_path):
     from edgeinspect.export.bundle import export_bundle
-    from edgeinspect.export.tensorrt import build_bundle_engines, build_engine
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
+    from edgeinspect.runtime.tensorrt_engines import build_bundle_engines, build_engine
+    from edgeinspect.runtime.detector import bundle_pipeline
     from edgeinspect.runtime.trt_backend import TensorRTNetwork, trt_networks
 
     b = tiny_bundle()[1]

@@ -12,15 +12,8 @@ from torch import nn
 
 from edgeinspect.config import build_config
 from edgeinspect.runtime.torch_backend import load_diad
-from edgeinspect.training.checkpoint import (
-    CheckpointError,
-    TrainState,
-    latest_checkpoint,
-    load_model_weights,
-    load_optimizer,
-    load_state,
-    save_checkpoint,
-)
+from edgeinspect.core.runs import CheckpointError, TrainState, latest_checkpoint, load_model_weights, load_state
+from edgeinspect.training.checkpoint import load_optimizer, save_checkpoint
 from edgeinspect.training.diad import train_diad
 from edgeinspect.training.loop import Stage, Trainer, training_device
 

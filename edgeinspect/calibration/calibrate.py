@@ -36,14 +36,13 @@ import numpy as np
 import torch
 
 from edgeinspect.calibration.data import LabelledImage, labelled_images, normal_images, read_mask
-from edgeinspect.calibration.thresholds import (
-    FRR_RULE,
-    ScoreNormalization,
-    f1_at,
-    f1_optimal_threshold,
-    frr_threshold,
-    subsample,
-)
+from edgeinspect.calibration.thresholds import FRR_RULE, f1_at, f1_optimal_threshold, frr_threshold, subsample
+from edgeinspect.data.batches import spread_indices
+from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
+from edgeinspect.runtime.bundle_loading import load_bundle
+from edgeinspect.runtime.bundle_update import set_calibration
+from edgeinspect.runtime.detector import bundle_pipeline
+from edgeinspect.runtime.postprocess import PostProcessor, ScoreNormalization
 
 CALIBRATION_VERSION = 1
 PIXEL_RULES = ("map_max", "pixels")
@@ -52,8 +51,6 @@ MAX_PIXELS = 20_000_000  # pixel F1 / pixel quantiles beyond this use every k-th
 
 
 def load_frames(paths: Sequence[Path], size: int) -> torch.Tensor:
-    from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
-
     return torch.stack([image_to_tensor(resize_image(read_image(p), size)) for p in paths])
 
 
@@ -135,11 +132,9 @@ def fit_calibration(normal_scores: np.ndarray, normal_maps: np.ndarray | None, t
         raise ValueError("verdict_from='f1' needs labelled defects")
     img_thr = cal["image_f1"]["threshold"] if verdict_from == "f1" else image.threshold
     pix = cal.get("pixel_f1" if verdict_from == "f1" and "pixel_f1" in cal else "pixel")
-    cal["verdict"] = {"source": verdict_from, "image_threshold": float(img_thr),
-                      "normalized_threshold": float(norm(img_thr)),
-                      "pixel_threshold": None if pix is None else float(pix["threshold"]),
-                      "rule": "NG if image score > image_threshold (normalised: > normalized_threshold); a pixel "
-                              "is defective if its map value > pixel_threshold"}
+    # the record the one post-processor reads back (PostProcessor.from_calibration)
+    cal["verdict"] = PostProcessor(float(img_thr), norm, None if pix is None else float(pix["threshold"]),
+                                   verdict_from).to_json()
     return cal
 
 
@@ -149,8 +144,7 @@ def select_normals(normals: str | Path | Sequence[Path], limit: int | None = Non
     and the INT8 ranges are fitted on the same ones."""
     paths = [Path(p) for p in (list(normals) if isinstance(normals, (list, tuple)) else normal_images(normals))]
     if limit is not None and limit < len(paths):
-        idx = np.unique(np.linspace(0, len(paths) - 1, limit).round().astype(int))
-        paths = [paths[i] for i in idx]
+        paths = [paths[i] for i in spread_indices(len(paths), limit)]
     return paths
 
 
@@ -169,8 +163,6 @@ def calibrate_bundle(bundle_dir: str | Path, normals: str | Path | Sequence[Path
     JSON index of {image, mask} pairs. `limit`: use at most this many normals (evenly spread). `precision`:
     the graphs to score with, as the line will run them: fp32, fp16, or int8 (the Q/DQ graphs written by
     `edgeinspect.calibration.qdq.quantize_bundle`, the roles left unquantised in fp16, else fp32)."""
-    from edgeinspect.export.bundle import set_calibration
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline, load_bundle
 
     if verdict_from not in VERDICT_SOURCES:
         raise ValueError(f"verdict_from must be one of {VERDICT_SOURCES}, got {verdict_from!r}")

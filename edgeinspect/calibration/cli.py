@@ -8,6 +8,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from edgeinspect.calibration.calibrate import calibrate_bundle, select_normals
+from edgeinspect.calibration.qdq import quantize_bundle
+from edgeinspect.data.batches import spread_indices
+from edgeinspect.data.mvtec import DatasetError
+from edgeinspect.runtime.bundle_loading import BundleError
+
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.6g}"
@@ -25,18 +31,12 @@ def _print_int8(results: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgeinspect.calibration.calibrate import calibrate_bundle, select_normals
-    from edgeinspect.data.mvtec import DatasetError
-    from edgeinspect.runtime.bundle_loading import BundleError
-
     int8 = args.int8 is not None
     precision = args.precision or ("int8" if int8 else "fp32")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             if int8:
-                from edgeinspect.calibration.qdq import quantize_bundle, spread_indices
-
                 if args.dry_run:
                     raise ValueError("--dry-run stores nothing and --int8 writes graphs into the bundle: use one")
                 normals = select_normals(args.normals, args.limit)

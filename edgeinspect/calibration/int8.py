@@ -20,13 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edgeinspect.core.atomic import write_bytes_atomic
+from edgeinspect.core.networks import Networks
+from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
 
 Feeds = dict[str, np.ndarray]
 Preprocess = Callable[[Any], "Feeds | np.ndarray"]
@@ -148,16 +150,8 @@ class CalibrationCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = bytes(data)
         meta = {"key": self.key, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        for target, payload in ((self.path, data), (self.meta_path, json.dumps(meta).encode())):
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(payload)
-                os.replace(tmp, target)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+        write_bytes_atomic(self.path, data)
+        write_bytes_atomic(self.meta_path, json.dumps(meta).encode())
 
 
 # --------------------------------------------------------------------------- feeding from a bundle
@@ -166,7 +160,6 @@ class CalibrationCache:
 def image_preprocess(size: int, name: str = "image") -> Callable[[Any], Feeds]:
     """Image file (or uint8 RGB array) -> {name: float32 (3, size, size) in [-1, 1]}, the pipeline's
     own preprocessing (read, resize, scale)."""
-    from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
 
     def pre(item: Any) -> Feeds:
         img = read_image(item) if isinstance(item, (str, Path)) else np.asarray(item, np.uint8)
@@ -190,7 +183,6 @@ def record_role_inputs(pipe: Any, role: str, frames: Any, batch_size: int = 1,
     """Run the pipeline over `frames` ((N, 3, H, W) in [-1, 1]) and record the inputs of every call of
     `role` (e.g. the UNet at each step), split per sample: calibration items for networks that do not
     take images. The pipeline's networks are restored afterwards."""
-    from edgeinspect.runtime.networks import Networks
 
     nets = pipe.nets
     inner = nets[role]

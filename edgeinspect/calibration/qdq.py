@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeinspect.calibration.calibrate import load_frames
 from edgeinspect.calibration.int8 import (
     CalibrationBatchStream,
     CalibrationCache,
@@ -62,6 +63,9 @@ from edgeinspect.calibration.int8 import (
     calibration_cache_key,
     record_role_inputs,
 )
+from edgeinspect.runtime.bundle_loading import BundleError, load_bundle, sha256_file
+from edgeinspect.runtime.bundle_update import set_int8_variants
+from edgeinspect.runtime.detector import bundle_pipeline
 
 INT8_METHODS = ("entropy", "percentile", "minmax")
 QDQ_OP_TYPES = ("Conv", "Gemm", "MatMul")
@@ -309,8 +313,6 @@ def _recorded_items(bundle: Any, role: str, images: Sequence[Path], max_items: i
                     threads: int | None, pipe_cache: dict[str, Any]) -> list[Feeds]:
     """`role`'s inputs recorded from the bundle's fp32 pipeline on (an even spread of) the images, then
     subsampled evenly to max_items: enough frames for max_items calls, not every image."""
-    from edgeinspect.calibration.calibrate import load_frames
-    from edgeinspect.runtime.bundle_loading import bundle_pipeline
 
     if "pipe" not in pipe_cache:
         pipe_cache["pipe"] = bundle_pipeline(bundle, "onnxruntime", precision="fp32", intra_op_threads=threads,
@@ -352,8 +354,6 @@ def quantize_bundle(bundle_dir: str | Path, images: Sequence[str | Path], roles:
     calibrated on `images` (the normal images the thresholds are fitted on), and record them in its
     manifest. A role whose int8 graph is already up to date (same key) is left alone unless `force`.
     Returns role -> {"status": "calibrated" | "from cache" | "up to date", "file", the manifest record}."""
-    from edgeinspect.export.bundle import set_int8_variants
-    from edgeinspect.runtime.bundle_loading import BundleError, load_bundle, sha256_file
 
     _method(method)
     if batch_size < 1 or max_items < 1:

@@ -11,7 +11,7 @@ have no ties; on the calibration normals themselves at most a fraction alpha exc
 k <= n, i.e. n >= ceil(1/alpha) - 1 normals (99 for 1 %); with fewer the threshold falls back to the
 largest normal score and the result says the guarantee does not hold (`guaranteed` False).
 
-Normalisation (`ScoreNormalization`): normalised = (s - median) / (p99 - median) of the calibration
+Normalisation (`ScoreNormalization`, in edgeinspect.runtime.postprocess with the verdict it feeds): normalised = (s - median) / (p99 - median) of the calibration
 normals' scores (p99: the 99th percentile, linear interpolation), so a typical normal frame scores 0
 and the top 1 % of normals score above 1; thresholds are stored raw and normalised.
 
@@ -28,17 +28,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgeinspect.runtime.postprocess import finite_scores
+
 FRR_RULE = "split-conformal: threshold = k-th smallest of n normal scores, k = ceil((n+1)(1-target_frr))"
-NORMALIZATION_FORMULA = "(score - median) / (p99 - median) of the calibration normals' scores"
-
-
-def _scores(x, what: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64).ravel()
-    if a.size == 0:
-        raise ValueError(f"{what}: no scores")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{what}: scores contain NaN or Inf")
-    return a
 
 
 def conformal_rank(n: int, target_frr: float) -> int:
@@ -77,7 +69,7 @@ class FrrThreshold:
 def frr_threshold(normal_scores, target_frr: float, strict: bool = False) -> FrrThreshold:
     """The split-conformal threshold at `target_frr` (see the module docstring). With too few normals for
     the guarantee: the largest score and a warning, or ValueError when `strict`."""
-    s = np.sort(_scores(normal_scores, "normal scores"))
+    s = np.sort(finite_scores(normal_scores, "normal scores"))
     n = s.size
     k = conformal_rank(n, target_frr)
     guaranteed = k <= n
@@ -91,35 +83,6 @@ def frr_threshold(normal_scores, target_frr: float, strict: bool = False) -> Frr
         k = n
     thr = float(s[k - 1])
     return FrrThreshold(thr, float(target_frr), n, k, float(np.mean(s > thr)), (n + 1 - k) / (n + 1), guaranteed)
-
-
-@dataclass(frozen=True)
-class ScoreNormalization:
-    median: float
-    p99: float
-
-    @property
-    def scale(self) -> float:
-        d = self.p99 - self.median
-        return d if d > 0 else 1.0  # degenerate (all normals equal): only shift
-
-    @classmethod
-    def fit(cls, normal_scores) -> "ScoreNormalization":
-        s = _scores(normal_scores, "normal scores")
-        return cls(float(np.median(s)), float(np.percentile(s, 99)))
-
-    def __call__(self, scores):
-        return (np.asarray(scores, dtype=np.float64) - self.median) / self.scale
-
-    def to_json(self) -> dict:
-        return {"kind": "median_p99", "formula": NORMALIZATION_FORMULA, "median": self.median, "p99": self.p99,
-                "scale": self.scale, "degenerate": not self.p99 > self.median}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "ScoreNormalization":
-        if d.get("kind", "median_p99") != "median_p99":
-            raise ValueError(f"unknown score normalisation {d.get('kind')!r}")
-        return cls(float(d["median"]), float(d["p99"]))
 
 
 @dataclass(frozen=True)
@@ -149,7 +112,7 @@ def _below(hi: float, lo: float | None) -> float:
 def f1_optimal_threshold(labels, scores) -> F1Threshold:
     """The threshold maximising F1 of `score > threshold` against `labels` (1/True: defective)."""
     y = np.asarray(labels).ravel().astype(bool)
-    s = _scores(scores, "scores")
+    s = finite_scores(scores, "scores")
     if y.shape != s.shape:
         raise ValueError(f"labels ({y.size}) and scores ({s.size}) differ in length")
     n_pos = int(y.sum())

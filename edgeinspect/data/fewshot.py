@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, model_validator
 
 from edgeinspect.data.mvtec import IMAGE_SUFFIXES, DatasetError
-from edgeinspect.training.checkpoint import write_json_atomic
+from edgeinspect.core.atomic import write_json_atomic, write_text_atomic
 
 
 class FewShotSplit(BaseModel):
@@ -83,10 +83,7 @@ class FewShotSplit(BaseModel):
                 f"{len(self.ambiguous_names)} few-shot file names (e.g. {self.ambiguous_names[:3]}) also name images "
                 "in other test/ folders, so a name-based exclude file would drop those too; filter by (type, name) "
                 "with the split's `evaluation` lists instead")
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"{n}\n" for n in sorted(self.excluded())))
-        tmp.replace(path)
+        write_text_atomic(path, "".join(f"{n}\n" for n in sorted(self.excluded())))
 
 
 def _type_permutation(names: list[str], seed: int, defect_type: str) -> list[str]:

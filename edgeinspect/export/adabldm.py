@@ -34,10 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeinspect.export import diad as _diad
+from edgeinspect.core.roles import residual_outputs
+from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, UNET_AXES, ExportSizes, random_images, seeded_generator
 from edgeinspect.export.onnx import ExportError
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
 from edgeinspect.models.diad import VAEDecoderNet, VAEEncoderNet
+from edgeinspect.runtime.adaptation import LatentDecoder
+from edgeinspect.training.adabldm import defect_prompt, load_seeds, run_seed_names
 
 METHOD = "adabldm"
 
@@ -65,7 +68,7 @@ def _defect_type(ctx: ExportContext) -> str:
 
 def _trimaps(batch: int, size: int, seed: int) -> torch.Tensor:
     """Trimaps as the loop feeds them: background 0, foreground 0.5, defect 1."""
-    return torch.randint(0, 3, (batch, 1, size, size), generator=_diad._gen(seed)).float() / 2
+    return torch.randint(0, 3, (batch, 1, size, size), generator=seeded_generator(seed)).float() / 2
 
 
 def _rows(ctx: ExportContext, batch: int, unconditional: int) -> torch.Tensor:
@@ -79,12 +82,12 @@ def _rows(ctx: ExportContext, batch: int, unconditional: int) -> torch.Tensor:
 
 def _step_inputs(ctx: ExportContext, batch: int, latent: int, image: int, timesteps: list[float], seed: int
                  ) -> dict[str, torch.Tensor]:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     trimap_encoder = ctx.model.role_modules(_defect_type(ctx))["trimap_encoder"].eval()
     with torch.no_grad():
         hint = trimap_encoder(_trimaps(batch, image, seed)).contiguous()
     return {
-        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=_diad._gen(seed + 1)),
+        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=seeded_generator(seed + 1)),
         "timestep": torch.tensor(timesteps, dtype=torch.float32),
         "encoder_hidden_states": _rows(ctx, batch, unconditional=batch // 3),
         "hint": hint,
@@ -93,31 +96,31 @@ def _step_inputs(ctx: ExportContext, batch: int, latent: int, image: int, timest
 
 @register_role(METHOD, "vae_encoder")
 def _vae_encoder(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
-    return RoleExport("vae_encoder", VAEEncoderNet(ctx.model.vae), {"image": _diad._images(2, s.image, 31)},
-                      {"image": _diad._images(3, s.probe_image, 32)}, ("latent",), {"image": _diad._IMAGE_AXES},
+    s = ExportSizes(ctx.cfg)
+    return RoleExport("vae_encoder", VAEEncoderNet(ctx.model.vae), {"image": random_images(2, s.image, 31)},
+                      {"image": random_images(3, s.probe_image, 32)}, ("latent",), {"image": IMAGE_AXES},
                       fp16=False, notes="scaled posterior mean of the normal image (and of each pixel-stage "
                                         "blend); kept fp32 in the fp16 variant")
 
 
 @register_role(METHOD, "trimap_encoder")
 def _trimap_encoder(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     module = ctx.model.role_modules(_defect_type(ctx))["trimap_encoder"]
     return RoleExport("trimap_encoder", module, {"trimap": _trimaps(2, s.image, 33)},
-                      {"trimap": _trimaps(3, s.probe_image, 34)}, ("hint",), {"trimap": _diad._IMAGE_AXES},
+                      {"trimap": _trimaps(3, s.probe_image, 34)}, ("hint",), {"trimap": IMAGE_AXES},
                       notes="trimap (B,1,H,W) in {0, 0.5, 1} -> hint at latent resolution; once per sample")
 
 
 @register_role(METHOD, "unet")
 def _unet(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     module = ctx.model.role_modules(_defect_type(ctx))["unet"]
     return RoleExport(
         "unet", module,
         _step_inputs(ctx, 2, s.latent, s.image, [999.0, 499.0], 35),
         _step_inputs(ctx, 3, s.probe_latent, s.probe_image, [999.0, 99.0, 0.0], 37),
-        ("noise_pred",), _diad._UNET_AXES, batch_multiplier=2 if ctx.cfg.sampling.guidance_scale > 1 else 1,
+        ("noise_pred",), UNET_AXES, batch_multiplier=2 if ctx.cfg.sampling.guidance_scale > 1 else 1,
         notes="UNet with the trimap control branch fused in (its empty-prompt context a constant): one call "
               "per step, 2 x the samples under classifier-free guidance",
     )
@@ -125,12 +128,12 @@ def _unet(ctx: ExportContext) -> RoleExport:
 
 @register_role(METHOD, "vae_decoder")
 def _vae_decoder(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     return RoleExport(
         "vae_decoder", VAEDecoderNet(ctx.model.vae),
-        {"latent": torch.randn(2, s.latent_channels, s.latent, s.latent, generator=_diad._gen(39))},
-        {"latent": torch.randn(3, s.latent_channels, s.probe_latent, s.probe_latent, generator=_diad._gen(40))},
-        ("image",), {"latent": _diad._LATENT_AXES}, fp16=False,
+        {"latent": torch.randn(2, s.latent_channels, s.latent, s.latent, generator=seeded_generator(39))},
+        {"latent": torch.randn(3, s.latent_channels, s.probe_latent, s.probe_latent, generator=seeded_generator(40))},
+        ("image",), {"latent": LATENT_AXES}, fp16=False,
         notes="the loop's decodes (pixel stage, result before adaptation); the adaptation itself runs on the "
               "payload decoder in PyTorch; kept fp32 in the fp16 variant",
     )
@@ -138,10 +141,10 @@ def _vae_decoder(ctx: ExportContext) -> RoleExport:
 
 @register_role(METHOD, "control")
 def _control(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     control = ctx.model.control(_defect_type(ctx))
     module = TrimapControlResiduals(control, ctx.model.empty_context())
-    _, outputs = _diad.guidance_signature(len(control.slots))
+    outputs = residual_outputs(len(control.slots))
 
     def inputs(*args) -> dict[str, torch.Tensor]:
         step = _step_inputs(ctx, *args)
@@ -150,7 +153,7 @@ def _control(ctx: ExportContext) -> RoleExport:
     return RoleExport(
         "control", module,
         inputs(2, s.latent, s.image, [999.0, 499.0], 41), inputs(3, s.probe_latent, s.probe_image, [999.0, 99.0, 0.0], 43),
-        outputs, {k: _diad._UNET_AXES[k] for k in ("sample", "timestep", "hint")}, pipeline=False,
+        outputs, {k: UNET_AXES[k] for k in ("sample", "timestep", "hint")}, pipeline=False,
         notes="the trimap control branch alone (its residuals, as diffusers' UNet takes them); the loop uses "
               "the fused unet",
     )
@@ -160,10 +163,6 @@ def adabldm_bundle_parts(cfg: Any, model: nn.Module, checkpoint: Path, defect_ty
                          data_root: str | Path | None) -> dict[str, Any]:
     """`write_bundle` keyword arguments for one defect type of an AdaBLDM run: contexts, payload
     (decoder weights, seed masks), method settings and the role option naming the type."""
-    from edgeinspect.generate_adabldm import run_seed_names
-    from edgeinspect.runtime.adaptation import LatentDecoder
-    from edgeinspect.training.adabldm import defect_prompt, load_seeds
-
     types = list(model.defect_types)
     if defect_type is None:
         if len(types) > 1:

@@ -8,7 +8,6 @@ The layout and the checks made on load are described in `edgeinspect.runtime.bun
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import shutil
@@ -19,26 +18,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 import edgeinspect
+from edgeinspect.config import dump_config
+from edgeinspect.core.atomic import fsync_path, write_json_atomic
+from edgeinspect.core.runs import resolve_checkpoint, run_method
+from edgeinspect.export.adabldm import adabldm_bundle_parts
+from edgeinspect.export.dualanodiff import dualanodiff_bundle_parts
+from edgeinspect.export import fp16
+from edgeinspect.export.glad import glad_method_settings
+from edgeinspect.export.methods import EXPORTABLE_METHODS, build_role_exports
 from edgeinspect.export.onnx import DEFAULT_OPSET, ExportError, check_parity, export_onnx, parity_report
-from edgeinspect.export.roles import ExportContext, RoleExport, build_role_exports
-from edgeinspect.training.checkpoint import fsync_path
+from edgeinspect.export.roles import ExportContext, RoleExport
+from edgeinspect.models.features import build_features
 from edgeinspect.runtime.bundle_loading import (
     BUNDLE_FORMAT,
     MANIFEST,
     PRECISIONS,
     SCHEMA_VERSION,
-    UNHASHED_DIRS,
     BundleError,
     NetworkEntry,
-    manifest_digest,
     sha256_file,
-    verify_bundle,
 )
-
-
-EXPORTABLE_METHODS = ("diad", "glad", "adabldm", "dualanodiff")
+from edgeinspect.runtime.bundle_update import finalize_manifest
+from edgeinspect.runtime.tensorrt_engines import build_bundle_engines, require_engine_support
+from edgeinspect.runtime.torch_backend import load_diad, load_glad
+from edgeinspect.training.adabldm import load_adabldm
+from edgeinspect.training.dualanodiff import load_dualanodiff
 
 
 def package_versions() -> dict[str, str]:
@@ -58,36 +66,9 @@ def _fsync_tree(root: Path) -> None:
     fsync_path(root)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def hash_files(root: Path, exclude: Sequence[Path] = ()) -> dict[str, str]:
-    """sha256 of every file under `root` except the manifest, the target-machine caches and the
-    folders `exclude` (relative to root: ones about to be deleted)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if (p.is_file() and rel.as_posix() != MANIFEST and rel.parts[0] not in UNHASHED_DIRS
-                and not any(rel.is_relative_to(e) for e in exclude)):
-            out[rel.as_posix()] = sha256_file(p)
-    return out
-
-
-def finalize_manifest(root: Path, manifest: dict[str, Any],
-                      exclude: Sequence[Path] | set[Path] = ()) -> dict[str, Any]:
-    manifest = dict(manifest)
-    manifest["files"] = hash_files(root, tuple(exclude))
-    manifest.pop("manifest_sha256", None)
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    return manifest
-
-
 def _progress(items: Sequence[str], enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm import tqdm
-
     return tqdm(items, desc=desc, unit="net")
 
 
@@ -117,9 +98,6 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
     (name -> (1, L, D); the first is also the bundle's `context`, else it is the embedding of
     train.prompt), `payload` (name -> tensors, written to <name>.safetensors) and `role_options`
     (passed to the role builders as ExportContext.extra, e.g. AdaBLDM's defect type)."""
-    from edgeinspect.config import dump_config
-    from edgeinspect.export.fp16 import FP16_OP_BLOCK_LIST, convert_onnx_fp16
-    from safetensors.torch import save_file
 
     precision = tuple(dict.fromkeys(precision))
     bad = [p for p in precision if p not in PRECISIONS]
@@ -131,11 +109,6 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
     method = cfg.method
     model = _on_cpu(model).eval()
     if features is None and method in ("diad", "glad"):
-        if method == "diad":
-            from edgeinspect.training.diad import build_features
-        else:
-            from edgeinspect.training.glad import build_glad_features as build_features
-
         features = build_features(cfg)
         if cfg.features.weights is None:
             warnings.warn("the exported feature extractor has RANDOM weights (features.weights is null): its scores "
@@ -148,7 +121,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
     if named:
         context = next(iter(named.values()))
     else:
-        prompt = cfg.train.prompt if cfg.train.prompt is not None else ""  # GLAD: as glad_pipeline does
+        prompt = cfg.train.prompt if cfg.train.prompt is not None else ""  # GLAD: as model_pipeline does
         with torch.no_grad():
             context = model.context(prompt).detach().float().cpu().contiguous()
     specs = build_role_exports(method, ExportContext(cfg, model, features, context, dict(role_options or {}), named),
@@ -179,7 +152,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             if "fp16" in precision:
                 if spec.fp16:
                     samples = [{n: t.detach().cpu().numpy() for n, t in x.items()} for x in (spec.inputs, spec.probe)]
-                    rep = convert_onnx_fp16(graph.path, tmp / "onnx" / f"{role}.fp16.onnx", samples,
+                    rep = fp16.convert_onnx_fp16(graph.path, tmp / "onnx" / f"{role}.fp16.onnx", samples,
                                             atol=fp16_atol, rtol=fp16_rtol, threads=threads)
                     files["fp16"], real["fp16"] = f"onnx/{role}.fp16.onnx", "fp16"
                     parity[role]["fp16_vs_fp32"] = rep.max_abs_error
@@ -196,14 +169,14 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             payload_files[name] = f"{name}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / payload_files[name]))
         config = dump_config(cfg)
-        _write_json(tmp / "config.json", config)
+        write_json_atomic(tmp / "config.json", config)
         settings = {k: config[k] for k in ("scheduler", "inference", "scoring", "sampling", "runtime") if k in config}
         scoring = getattr(cfg, "scoring", None)  # generators score nothing
         if scoring is not None:
             settings["feature_size"] = scoring.feature_size
         if method_settings is not None:
             settings["method_settings"] = method_settings
-        _write_json(tmp / "settings.json", settings)
+        write_json_atomic(tmp / "settings.json", settings)
 
         manifest = {
             "format": BUNDLE_FORMAT, "schema_version": SCHEMA_VERSION, "method": method,
@@ -216,7 +189,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             "config": "config.json", "settings": "settings.json", "networks": networks,
             "parity": {"bound": {"fp32": [parity_atol, parity_rtol], "fp16": [fp16_atol, fp16_rtol]},
                        "max_abs_error": parity},
-            "fp16": {"op_block_list": list(FP16_OP_BLOCK_LIST), "fp32_subgraphs": ["timestep"],
+            "fp16": {"op_block_list": list(fp16.FP16_OP_BLOCK_LIST), "fp32_subgraphs": ["timestep"],
                      "keep_io_types": True} if "fp16" in precision else None,
             "calibration": calibration,
         }
@@ -226,7 +199,7 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
             manifest["contexts"] = {k: {"key": k, "shape": list(v.shape)} for k, v in named.items()}
         if payload_files:
             manifest["payload"] = payload_files
-        _write_json(tmp / MANIFEST, finalize_manifest(tmp, manifest))
+        write_json_atomic(tmp / MANIFEST, finalize_manifest(tmp, manifest))
         _fsync_tree(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -249,38 +222,23 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[
     engines into <bundle>/engines (only on a machine with a GPU and tensorrt: checked before exporting).
     AdaBLDM: one bundle per `defect_type` (may be left out when the run has one), its seed masks read
     from `data_root` (default: the run's train.data_root). Other keyword arguments: see `write_bundle`."""
-    from edgeinspect.runtime.torch_backend import load_diad
-    from edgeinspect.training.checkpoint import resolve_checkpoint
-
     if engines:
-        from edgeinspect.export.tensorrt import require_engine_support
-
         require_engine_support()
     ckpt = resolve_checkpoint(run_dir)
-    cfg_file = ckpt.parent.parent / "config.json"
-    method = json.loads(cfg_file.read_text()).get("method", "diad") if cfg_file.is_file() else "diad"
+    method = run_method(ckpt)
     if method not in EXPORTABLE_METHODS:
         raise ExportError(f"{run_dir} is a {method!r} run: only {list(EXPORTABLE_METHODS)} runs can be exported so "
-                          "far (a method is added by registering its roles, see edgeinspect/export/roles.py)")
+                          "far (a method is added by registering its roles, see edgeinspect/export/methods.py)")
     if (defect_type is not None or data_root is not None) and method != "adabldm":
         raise ExportError(f"{run_dir} is a {method!r} run: a defect type and data folder are AdaBLDM export options")
     parts: dict[str, Any] = {}
     if method == "glad":
-        from edgeinspect.export.glad import glad_method_settings
-        from edgeinspect.training.glad import load_glad
-
         cfg, model, extra = load_glad(run_dir)
         parts["method_settings"] = glad_method_settings(cfg, extra)
     elif method == "adabldm":
-        from edgeinspect.export.adabldm import adabldm_bundle_parts
-        from edgeinspect.training.adabldm import load_adabldm
-
         cfg, model, _ = load_adabldm(ckpt)
         parts = adabldm_bundle_parts(cfg, model, ckpt, defect_type, data_root)
     elif method == "dualanodiff":
-        from edgeinspect.export.dualanodiff import dualanodiff_bundle_parts
-        from edgeinspect.training.dualanodiff import load_dualanodiff
-
         cfg, model, extra = load_dualanodiff(ckpt)
         parts = dualanodiff_bundle_parts(cfg, model, extra)
     else:
@@ -290,92 +248,5 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[
     out = write_bundle(cfg, model, out_dir, features=features, precision=precision, overwrite=overwrite,
                        source=source, **parts, **kwargs)
     if engines:
-        from edgeinspect.export.tensorrt import build_bundle_engines
-
         build_bundle_engines(out, precision="fp16" if "fp16" in precision else "fp32", max_batch=engine_max_batch)
     return out
-
-
-def set_calibration(bundle_dir: str | Path, calibration: dict[str, Any],
-                    files: dict[str, bytes] | None = None) -> dict[str, Any]:
-    """Store calibration (thresholds, normalisation) in a verified bundle: `calibration` goes into the
-    manifest's calibration slot, `files` (name -> bytes) under calibration/; hashes and the manifest
-    digest are updated and the manifest replaced atomically. Returns the new manifest."""
-    root = Path(bundle_dir)
-    manifest = verify_bundle(root)  # never re-sign a tampered bundle
-    json.dumps(calibration)  # must be JSON
-    for name, data in (files or {}).items():
-        rel = Path("calibration") / name
-        if rel.is_absolute() or ".." in rel.parts:
-            raise BundleError(f"calibration file name {name!r} must stay inside the bundle")
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    manifest["calibration"] = calibration
-    new = finalize_manifest(root, manifest)
-    tmp = root / f".{MANIFEST}.tmp"
-    _write_json(tmp, new)
-    os.replace(tmp, root / MANIFEST)
-    return new
-
-
-# int8 (Q/DQ) graphs live in onnx/int8/<role>-<sha256 prefix>/ (see set_int8_variants).
-INT8_DIR = Path("onnx") / "int8"
-
-
-def set_int8_variants(bundle_dir: str | Path,
-                      variants: dict[str, tuple[Sequence[Path], dict[str, Any]]]) -> dict[str, Any]:
-    """Store int8 (Q/DQ) graphs in a verified bundle: role -> (files written elsewhere on the same file
-    system, the graph first and its external data after it; the manifest record). The files are moved to
-    onnx/int8/<role>-<hash>/ (the graph becomes networks.<role>.files.int8, precision int8, the record
-    networks.<role>.int8),
-    "int8" joins the bundle's precisions, hashes and digest are updated and the manifest replaced
-    atomically. Returns the new manifest."""
-    root = Path(bundle_dir)
-    manifest = verify_bundle(root)  # never re-sign a tampered bundle
-    for role, (files, record) in variants.items():
-        if role not in manifest["networks"]:
-            raise BundleError(f"bundle {root}: no network {role!r} to add an int8 graph to")
-        json.dumps(record)  # must be JSON
-        names = [Path(f).name for f in files]
-        if not names or not names[0].endswith(".onnx") or any("/" in n or n.startswith(".") for n in names):
-            raise BundleError(f"bundle {root}: bad int8 files for {role!r}: {names}")
-    old_used = _int8_folders(manifest)
-    for folder in _int8_dirs(root):  # orphans of a call killed before its manifest was replaced
-        if folder.relative_to(root) not in old_used:
-            shutil.rmtree(folder)
-    for role, (files, record) in variants.items():
-        # A new graph never overwrites the one the manifest points at: it goes to a folder named by its
-        # own hash, so a kill anywhere before the manifest is replaced leaves the old manifest with its
-        # old, intact files (the orphan folder is removed by the next call).
-        folder = root / INT8_DIR / f"{role}-{sha256_file(Path(files[0]))[:16]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            fsync_path(Path(f))
-            os.replace(f, folder / Path(f).name)
-        fsync_path(folder)
-        entry = manifest["networks"][role]
-        entry["files"] = {**entry["files"], "int8": (folder / Path(files[0]).name).relative_to(root).as_posix()}
-        entry["precision"] = {**entry.get("precision", {}), "int8": "int8"}
-        entry["int8"] = record
-    if "int8" not in manifest["precisions"]:
-        manifest["precisions"] = [*manifest["precisions"], "int8"]
-    stale = old_used - _int8_folders(manifest)
-    new = finalize_manifest(root, manifest, exclude=stale)
-    tmp = root / f".{MANIFEST}.tmp"
-    _write_json(tmp, new)
-    fsync_path(tmp)
-    os.replace(tmp, root / MANIFEST)
-    fsync_path(root)
-    for folder in stale:  # replaced graphs (a kill before this leaves them as orphans: harmless)
-        shutil.rmtree(root / folder, ignore_errors=True)
-    return new
-
-
-def _int8_folders(manifest: dict[str, Any]) -> set[Path]:
-    """The int8 graph folders (relative to the bundle) that `manifest` points at."""
-    return {Path(e["files"]["int8"]).parent for e in manifest["networks"].values() if "int8" in e.get("files", {})}
-
-
-def _int8_dirs(root: Path) -> list[Path]:
-    d = root / INT8_DIR
-    return sorted(p for p in d.iterdir() if p.is_dir()) if d.is_dir() else []

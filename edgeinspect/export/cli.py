@@ -6,16 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgeinspect.config import ConfigError
+from edgeinspect.core.runs import CheckpointError
+from edgeinspect.export.bundle import export_bundle
+from edgeinspect.export.fp16 import Fp16ConversionError
+from edgeinspect.export.onnx import ExportError
+from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
+from edgeinspect.runtime.tensorrt_engines import TensorRTUnavailableError
+
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgeinspect.config import ConfigError
-    from edgeinspect.export.bundle import export_bundle
-    from edgeinspect.export.fp16 import Fp16ConversionError
-    from edgeinspect.export.onnx import ExportError
-    from edgeinspect.export.tensorrt import TensorRTUnavailableError
-    from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
-    from edgeinspect.training.checkpoint import CheckpointError
-
     precision = ("fp32", "fp16") if args.fp16 else ("fp32",)
     try:
         out = export_bundle(args.model, args.out, precision, engines=args.engines, engine_max_batch=args.max_batch,

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
-from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
+from edgeinspect.core.roles import feature_signature, residual_outputs
+from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, UNET_AXES, ExportSizes, random_images, seeded_generator
+from edgeinspect.models.features import FeatureNet
 
 METHOD = "diad"
-_IMAGE_AXES = {0: "batch", 2: "height", 3: "width"}
-_LATENT_AXES = {0: "batch", 2: "latent_height", 3: "latent_width"}
 
 
 class GuidanceResidualsNet(nn.Module):
@@ -33,122 +33,90 @@ class GuidanceResidualsNet(nn.Module):
         return (*down, mid)
 
 
-def guidance_signature(n_down: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return ("sample", "timestep", "encoder_hidden_states", "hint"), (*(f"down_{i}" for i in range(n_down)), "mid")
-
-
-class _Sizes:
-    def __init__(self, cfg):
-        m = cfg.model
-        self.image = m.image_size
-        self.vae_factor = m.vae.downsample_factor
-        self.unet_factor = 2 ** (len(m.unet.block_out_channels) - 1)
-        self.latent = m.latent_size
-        self.latent_channels = m.vae.latent_channels
-        # generators (AdaBLDM, DualAnoDiff) have no scoring section and no features role
-        scoring = getattr(cfg, "scoring", None)
-        self.feature = (scoring.feature_size if scoring is not None else None) or m.image_size
-        # probe: one more multiple of the whole downsampling, so every level stays an integer size
-        self.probe_image = self.image + self.vae_factor * self.unet_factor
-        self.probe_latent = self.probe_image // self.vae_factor
-        self.probe_feature = self.feature + 32
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _images(batch: int, size: int, seed: int) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=_gen(seed)) * 2 - 1
-
-
 def _context(ctx: ExportContext, batch: int) -> torch.Tensor:
     assert ctx.context is not None, "the DiAD export needs the prompt context"
     return ctx.context.detach().float().expand(batch, *ctx.context.shape[1:]).contiguous()
 
 
 @register_role(METHOD, "vae_encoder")
-def _vae_encoder(ctx: ExportContext) -> RoleExport:
-    s = _Sizes(ctx.cfg)
+def vae_encoder_role(ctx: ExportContext) -> RoleExport:
+    s = ExportSizes(ctx.cfg)
     module = ctx.model.role_modules()["vae_encoder"]
-    return RoleExport("vae_encoder", module, {"image": _images(2, s.image, 1)}, {"image": _images(3, s.probe_image, 2)},
-                      ("latent",), {"image": _IMAGE_AXES}, fp16=False,
+    return RoleExport("vae_encoder", module, {"image": random_images(2, s.image, 1)}, {"image": random_images(3, s.probe_image, 2)},
+                      ("latent",), {"image": IMAGE_AXES}, fp16=False,
                       notes="scaled posterior mean; kept fp32 in the fp16 variant")
 
 
 @register_role(METHOD, "hint_encoder")
 def _hint_encoder(ctx: ExportContext) -> RoleExport:
-    s = _Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     module = ctx.model.role_modules()["hint_encoder"]
-    return RoleExport("hint_encoder", module, {"image": _images(2, s.image, 3)}, {"image": _images(3, s.probe_image, 4)},
-                      ("hint",), {"image": _IMAGE_AXES})
+    return RoleExport("hint_encoder", module, {"image": random_images(2, s.image, 3)}, {"image": random_images(3, s.probe_image, 4)},
+                      ("hint",), {"image": IMAGE_AXES})
 
 
 def _unet_inputs(ctx: ExportContext, batch: int, latent: int, image: int, timesteps: list[float], seed: int):
-    s = _Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     hint_net = ctx.model.role_modules()["hint_encoder"].eval()
     with torch.no_grad():
-        hint = hint_net(_images(batch, image, seed))
+        hint = hint_net(random_images(batch, image, seed))
     return {
-        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=_gen(seed + 1)),
+        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=seeded_generator(seed + 1)),
         "timestep": torch.tensor(timesteps, dtype=torch.float32),
         "encoder_hidden_states": _context(ctx, batch),
         "hint": hint.contiguous(),
     }
 
 
-_UNET_AXES = {"sample": _LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-              "hint": _LATENT_AXES}
-
 
 @register_role(METHOD, "unet")
 def _unet(ctx: ExportContext) -> RoleExport:
-    s = _Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     module = ctx.model.role_modules()["unet"]
     return RoleExport(
         "unet", module,
         _unet_inputs(ctx, 2, s.latent, s.image, [999.0, 499.0], 5),
         _unet_inputs(ctx, 3, s.probe_latent, s.probe_image, [999.0, 99.0, 0.0], 7),
-        ("noise_pred",), _UNET_AXES,
+        ("noise_pred",), UNET_AXES,
         notes="UNet with the SG network fused in: one call per DDIM step",
     )
 
 
 @register_role(METHOD, "vae_decoder")
-def _vae_decoder(ctx: ExportContext) -> RoleExport:
-    s = _Sizes(ctx.cfg)
+def vae_decoder_role(ctx: ExportContext) -> RoleExport:
+    s = ExportSizes(ctx.cfg)
     module = ctx.model.role_modules()["vae_decoder"]
     return RoleExport(
         "vae_decoder", module,
-        {"latent": torch.randn(2, s.latent_channels, s.latent, s.latent, generator=_gen(9))},
-        {"latent": torch.randn(3, s.latent_channels, s.probe_latent, s.probe_latent, generator=_gen(10))},
-        ("image",), {"latent": _LATENT_AXES}, fp16=False, notes="kept fp32 in the fp16 variant",
+        {"latent": torch.randn(2, s.latent_channels, s.latent, s.latent, generator=seeded_generator(9))},
+        {"latent": torch.randn(3, s.latent_channels, s.probe_latent, s.probe_latent, generator=seeded_generator(10))},
+        ("image",), {"latent": LATENT_AXES}, fp16=False, notes="kept fp32 in the fp16 variant",
     )
 
 
 @register_role(METHOD, "features")
 def _features(ctx: ExportContext) -> RoleExport:
-    s = _Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     if ctx.features is None:
         raise ValueError("the DiAD export needs the feature extractor (ExportContext.features)")
     levels = len(ctx.features.strides)
     _, outputs = feature_signature(levels)
     return RoleExport(
-        "features", FeatureNet(ctx.features), {"image": _images(4, s.feature, 11)},
-        {"image": _images(6, s.probe_feature, 12)}, outputs, {"image": _IMAGE_AXES}, batch_multiplier=2,
+        "features", FeatureNet(ctx.features), {"image": random_images(4, s.feature, 11)},
+        {"image": random_images(6, s.probe_feature, 12)}, outputs, {"image": IMAGE_AXES}, batch_multiplier=2,
         notes="called with the frames and their reconstructions concatenated (2 x batch)",
     )
 
 
 @register_role(METHOD, "guidance")
 def _guidance(ctx: ExportContext) -> RoleExport:
-    s = _Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     n_down = len(ctx.model.guidance.slots)
-    _, outputs = guidance_signature(n_down)
+    outputs = residual_outputs(n_down)
     return RoleExport(
         "guidance", GuidanceResidualsNet(ctx.model.guidance),
         _unet_inputs(ctx, 2, s.latent, s.image, [999.0, 499.0], 13),
         _unet_inputs(ctx, 3, s.probe_latent, s.probe_image, [999.0, 99.0, 0.0], 15),
-        outputs, _UNET_AXES, pipeline=False,
+        outputs, UNET_AXES, pipeline=False,
         notes="the SG network alone (its residuals, as diffusers' UNet takes them); the loop uses the fused unet",
     )

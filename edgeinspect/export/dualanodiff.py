@@ -23,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeinspect.export import diad as _diad
+from edgeinspect.export.diad import vae_decoder_role, vae_encoder_role
+from edgeinspect.export.examples import LATENT_AXES, ExportSizes, seeded_generator
 from edgeinspect.export.onnx import ExportError
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
 
 METHOD = "dualanodiff"
-_PAIR_AXES = {"sample_whole": _diad._LATENT_AXES, "sample_part": _diad._LATENT_AXES,
-              "background": _diad._LATENT_AXES, "timestep": {0: "batch"}, "ctx_whole": {0: "batch"},
+_PAIR_AXES = {"sample_whole": LATENT_AXES, "sample_part": LATENT_AXES,
+              "background": LATENT_AXES, "timestep": {0: "batch"}, "ctx_whole": {0: "batch"},
               "ctx_part": {0: "batch"}}
 
 
@@ -44,8 +45,8 @@ def _rows(ctx: ExportContext, name: str, batch: int) -> torch.Tensor:
 
 def _pair_inputs(ctx: ExportContext, batch: int, latent: int, timesteps: list[float], seed: int, background: bool
                  ) -> dict[str, torch.Tensor]:
-    s = _diad._Sizes(ctx.cfg)
-    g = _diad._gen(seed)
+    s = ExportSizes(ctx.cfg)
+    g = seeded_generator(seed)
 
     def noise() -> torch.Tensor:
         return torch.randn(batch, s.latent_channels, latent, latent, generator=g)
@@ -59,7 +60,7 @@ def _pair_inputs(ctx: ExportContext, batch: int, latent: int, timesteps: list[fl
 
 
 def _dual(ctx: ExportContext, role: str, background: bool) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     inputs = _pair_inputs(ctx, 2, s.latent, [999.0, 499.0], 51, background)
     return RoleExport(
         role, ctx.model.role_modules()[role], inputs,
@@ -71,7 +72,7 @@ def _dual(ctx: ExportContext, role: str, background: bool) -> RoleExport:
     )
 
 
-register_role(METHOD, "vae_encoder")(_diad._vae_encoder)
+register_role(METHOD, "vae_encoder")(vae_encoder_role)
 
 
 @register_role(METHOD, "dual_unet")
@@ -86,7 +87,7 @@ def _dual_unet_plain(ctx: ExportContext) -> RoleExport | None:
 
 @register_role(METHOD, "vae_decoder")
 def _vae_decoder(ctx: ExportContext) -> RoleExport:
-    return dataclasses.replace(_diad._vae_decoder(ctx), batch_multiplier=2,
+    return dataclasses.replace(vae_decoder_role(ctx), batch_multiplier=2,
                                notes="decodes the whole and part latents of every pair in one call; kept fp32 in "
                                      "the fp16 variant")
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgeinspect.export.onnx import save_onnx
+from edgeinspect.export import onnx as onnx_export
+from edgeinspect.export.onnx import ort_session, save_onnx, tensor_bytes
 
 # Kept fp32 on top of the converter's own block list (ops with no fp16 kernels: Range, CumSum, TopK...).
 FP16_OP_BLOCK_LIST: tuple[str, ...] = (
@@ -149,8 +150,6 @@ def to_fp16_model(model: onnx.ModelProto, op_block_list: Sequence[str] = FP16_OP
 
 def _run(path: Path, feeds: Sequence[dict[str, np.ndarray]], threads: int | None,
          outputs: Sequence[str] | None = None) -> list[list[np.ndarray]]:
-    from edgeinspect.export.onnx import ort_session
-
     sess = ort_session(path, threads=threads)
     return [sess.run(list(outputs) if outputs else None, f) for f in feeds]
 
@@ -158,9 +157,8 @@ def _run(path: Path, feeds: Sequence[dict[str, np.ndarray]], threads: int | None
 def infer_types(model: onnx.ModelProto, src: str | Path | None = None) -> onnx.ModelProto:
     """The model with value_info (type and shape) for its intermediate tensors; by path for graphs over
     the protobuf limit (`src`: the file `model` was loaded from, its external data beside it)."""
-    from edgeinspect.export.onnx import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
-    if src is None or tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+    if src is None or tensor_bytes(model) <= onnx_export.EXTERNAL_DATA_THRESHOLD:  # read at call time (tests lower it)
         return onnx.shape_inference.infer_shapes(model)
     src = Path(src)
     fd, tmp = tempfile.mkstemp(prefix=".inferred-", suffix=".onnx", dir=src.parent)  # beside its data

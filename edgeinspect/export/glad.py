@@ -9,7 +9,7 @@ R = n x B rows (what TensorRT profiles must cover; onnxruntime takes any batch):
   vae_decoder  1..2R        (the ADP check decodes both clean estimates of the checked rows at once)
   features     2..2R        (rows and references together), at feature_size and adp_feature_size
 `batch_multiplier` can express only one factor: the decoder keeps 1 and the pipeline builds its
-profiles for max_batch x 2n frames (`runtime.bundle_loading.bundle_pipeline`).
+profiles for max_batch x 2n frames (`runtime.detector.bundle_pipeline`).
 
 The method settings (ADP threshold resolved from the config or the checkpoint's calibration, t0, steps,
 min_step, top-K...) are written into the manifest by `glad_method_settings`.
@@ -22,35 +22,37 @@ from typing import Any
 
 import torch
 
-from edgeinspect.export import diad as _diad
+from edgeinspect.export.diad import vae_decoder_role, vae_encoder_role
+from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, ExportSizes, random_images, seeded_generator
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
 from edgeinspect.runtime.glad import resolve_weight_bounds
-from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
+from edgeinspect.core.roles import feature_signature
+from edgeinspect.models.features import FeatureNet
 
 METHOD = "glad"
 
 
 def _unet_inputs(ctx: ExportContext, batch: int, latent: int, timesteps: list[float], seed: int
                  ) -> dict[str, torch.Tensor]:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     if ctx.context is None:
         raise ValueError("the GLAD export needs the prompt context (ExportContext.context)")
     return {
-        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=_diad._gen(seed)),
+        "sample": torch.randn(batch, s.latent_channels, latent, latent, generator=seeded_generator(seed)),
         "timestep": torch.tensor(timesteps, dtype=torch.float32),
         "encoder_hidden_states": ctx.context.detach().float().expand(batch, *ctx.context.shape[1:]).contiguous(),
     }
 
 
-register_role(METHOD, "vae_encoder")(_diad._vae_encoder)
+register_role(METHOD, "vae_encoder")(vae_encoder_role)
 
 
 @register_role(METHOD, "unet_plain")
 def _unet_plain(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     inf = ctx.cfg.inference
     module = ctx.model.role_modules()["unet_plain"]
-    axes = {"sample": _diad._LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    axes = {"sample": LATENT_AXES, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
     return RoleExport(
         "unet_plain", module,
         _unet_inputs(ctx, 2, s.latent, [float(inf.t0), float(inf.min_step)], 21),
@@ -60,18 +62,18 @@ def _unet_plain(ctx: ExportContext) -> RoleExport:
     )
 
 
-register_role(METHOD, "vae_decoder")(_diad._vae_decoder)
+register_role(METHOD, "vae_decoder")(vae_decoder_role)
 
 
 @register_role(METHOD, "features")
 def _features(ctx: ExportContext) -> RoleExport:
-    s = _diad._Sizes(ctx.cfg)
+    s = ExportSizes(ctx.cfg)
     if ctx.features is None:
         raise ValueError("the GLAD export needs the feature extractor (ExportContext.features)")
     _, outputs = feature_signature(len(ctx.features.strides))
     return RoleExport(
-        "features", FeatureNet(ctx.features), {"image": _diad._images(4, s.feature, 25)},
-        {"image": _diad._images(6, s.probe_feature, 26)}, outputs, {"image": _diad._IMAGE_AXES},
+        "features", FeatureNet(ctx.features), {"image": random_images(4, s.feature, 25)},
+        {"image": random_images(6, s.probe_feature, 26)}, outputs, {"image": IMAGE_AXES},
         batch_multiplier=2,
         notes="called with frames and references concatenated (2 x the checked or scored frames), at "
               "scoring.feature_size and, for the ADP checks, scoring.adp_feature_size",

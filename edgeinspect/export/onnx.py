@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import edgeinspect
-from edgeinspect.runtime.bundle_loading import TensorSpec
+from edgeinspect.runtime.bundle_loading import NamedIO, TensorSpec
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
@@ -42,21 +42,13 @@ class ExportError(RuntimeError):
 
 
 @dataclass
-class ExportedGraph:
+class ExportedGraph(NamedIO):
     path: Path
     files: list[Path]  # the graph and its external data file, if any
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     opset: int
     external_data: bool
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
 
 
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:

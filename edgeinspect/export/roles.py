@@ -4,7 +4,8 @@ A method registers a builder per role (`register_role("diad", "unet")(fn)`); the
 loaded model and returns the torch module, example inputs at the deployment size, probe inputs at
 another batch (and size, where the graph is spatially dynamic), the output names and the dynamic axes.
 Export, parity checks, fp16 conversion, the bundle manifest and TensorRT profiles all work from these,
-so GLAD, AdaBLDM or DualAnoDiff add their networks by registering more roles, with no change here.
+so GLAD, AdaBLDM or DualAnoDiff add their networks by registering more roles, with no change here
+(`edgeinspect.export.methods` imports every method's module, which registers its roles).
 """
 
 from __future__ import annotations
@@ -60,50 +61,14 @@ class RoleExport:
 # A builder returns None when its role does not apply to the model at hand (DualAnoDiff exports
 # dual_unet with BCM and dual_unet_plain without).
 RoleBuilder = Callable[[ExportContext], "RoleExport | None"]
-_REGISTRY: dict[str, dict[str, RoleBuilder]] = {}
+REGISTRY: dict[str, dict[str, RoleBuilder]] = {}
 
 
 def register_role(method: str, role: str) -> Callable[[RoleBuilder], RoleBuilder]:
     """Decorator: `builder(ctx) -> RoleExport` exports `role` for `method` (registration order is kept)."""
 
     def deco(fn: RoleBuilder) -> RoleBuilder:
-        _REGISTRY.setdefault(method, {})[role] = fn
+        REGISTRY.setdefault(method, {})[role] = fn
         return fn
 
     return deco
-
-
-def _load_method_roles(method: str) -> None:
-    if method == "diad":
-        import edgeinspect.export.diad  # noqa: F401  (registers the DiAD roles)
-    elif method == "glad":
-        import edgeinspect.export.glad  # noqa: F401  (registers the GLAD roles)
-    elif method == "adabldm":
-        import edgeinspect.export.adabldm  # noqa: F401  (registers the AdaBLDM roles)
-    elif method == "dualanodiff":
-        import edgeinspect.export.dualanodiff  # noqa: F401  (registers the DualAnoDiff roles)
-
-
-def method_roles(method: str) -> list[str]:
-    _load_method_roles(method)
-    if method not in _REGISTRY:
-        raise KeyError(f"no export roles registered for method {method!r} (known: {sorted(_REGISTRY)})")
-    return list(_REGISTRY[method])
-
-
-def build_role_exports(method: str, ctx: ExportContext, roles: list[str] | None = None) -> dict[str, RoleExport]:
-    known = method_roles(method)
-    unknown = [r for r in roles or [] if r not in known]
-    if unknown:
-        raise KeyError(f"method {method!r} has no export role(s) {unknown} (it has {known})")
-    out = {}
-    for role in roles or known:
-        spec = _REGISTRY[method][role](ctx)
-        if spec is None:
-            if roles:
-                raise KeyError(f"export role {role!r} does not apply to this {method!r} model")
-            continue
-        if spec.role != role:
-            raise ValueError(f"builder for {role!r} returned a RoleExport for {spec.role!r}")
-        out[role] = spec
-    return out

@@ -16,12 +16,6 @@ from edgeinspect.config import AdaBLDMConfig
 from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
 from edgeinspect.models.guidance import GuidanceNet
 
-# Every role of the AdaBLDM loops. The trimap encoder runs once per sample; `unet` once per step.
-ADABLDM_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "trimap_encoder": (("trimap",), ("hint",)),
-}
-
-
 class TrimapEncoderNet(nn.Module):
     """The `trimap_encoder` role: trimap (B,1,H,W) in {0, 0.5, 1} -> hint at latent resolution."""
 

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "FeatureExtractor",
+    "FeatureNet",
+    "build_features",
     "build_feature_extractor",
     "efficientnet_lite0_imagenet_state_dict",
     "shipped_efficientnet_lite0_weights_path",
@@ -547,3 +549,22 @@ def build_feature_extractor(
     fe.loaded_keys = loaded
     fe.unused_keys = unused
     return fe
+
+
+def build_features(cfg: Any) -> FeatureExtractor:
+    """The extractor a method config's `features` section describes (GLAD's may add timm arguments and
+    the ViT blocks to read)."""
+    f = cfg.features
+    return build_feature_extractor(f.name, f.weights, tuple(f.strides), f.allow_random,
+                                   vit_blocks=getattr(f, "vit_blocks", None), **getattr(f, "model_kwargs", {}))
+
+
+class FeatureNet(nn.Module):
+    """The extractor with a tuple output, one tensor per level (graph-exportable)."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.extractor(image))

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from edgeinspect.config import AdaBLDMSamplingConfig
 from edgeinspect.data.trimap import TRIMAP_DEFECT, TRIMAP_FOREGROUND
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.networks import Networks
-from edgeinspect.runtime.timing import StageTimer
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.networks import Networks
+from edgeinspect.core.timing import StageTimer
 
 ROLES = ("vae_encoder", "trimap_encoder", "unet", "vae_decoder")
 

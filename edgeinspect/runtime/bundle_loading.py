@@ -32,7 +32,8 @@ with an opset this runtime does not support. The digests detect corruption and a
 they are not a signature (whoever can write the folder can recompute them).
 
 A bundle holds graphs, not torch weights: the torch backend runs from the run folder
-(`edgeinspect.runtime.torch_backend.load_diad`, `edgeinspect.training.glad.load_glad`), never from a bundle.
+(`edgeinspect.runtime.torch_backend`), never from a bundle; `edgeinspect.runtime.detector` assembles a
+detector from either.
 The one exception is AdaBLDM's decoder, whose per-sample adaptation needs gradients: its weights are
 payload, and the adaptation runs in PyTorch whatever backend runs the loop.
 """
@@ -42,7 +43,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 import edgeinspect
+from edgeinspect.config import ConfigError, build_config, merge_config
 
 BUNDLE_FORMAT = "edgeinspect-bundle"
 SCHEMA_VERSION = 1
@@ -63,11 +64,11 @@ _REQUIRED_KEYS = {
     "opset": int, "versions": dict, "networks": dict, "precisions": list, "context": dict,
     "config": str, "settings": str, "files": dict, "manifest_sha256": str,
 }
-_PIPELINE_ROLES = {"diad": ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"),
+PIPELINE_ROLES = {"diad": ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"),
                    "glad": ("vae_encoder", "unet_plain", "vae_decoder", "features")}
-# Generators run as generation jobs (edgeinspect.runtime.adabldm_bundle, .dualanodiff_bundle), not as an
+# Generators run as generation jobs (edgeinspect.generation.adabldm_bundle, .dualanodiff_bundle), not as an
 # inspection pipeline. DualAnoDiff also needs dual_unet (BCM on) or dual_unet_plain (BCM off).
-_GENERATOR_ROLES = {"adabldm": ("vae_encoder", "trimap_encoder", "unet", "vae_decoder"),
+GENERATOR_ROLES = {"adabldm": ("vae_encoder", "trimap_encoder", "unet", "vae_decoder"),
                     "dualanodiff": ("vae_encoder", "vae_decoder")}
 
 
@@ -124,8 +125,23 @@ class TensorSpec:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
 
+class NamedIO:
+    """The input and output names of something with `inputs` and `outputs` TensorSpecs."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
 @dataclass(frozen=True)
-class NetworkEntry:
+class NetworkEntry(NamedIO):
     """One network role of a bundle (manifest["networks"][role])."""
 
     role: str
@@ -135,14 +151,6 @@ class NetworkEntry:
     precision: dict[str, str]  # bundle precision -> precision the file really has ("fp32" VAE in fp16)
     batch_multiplier: int = 1  # the loop calls it with this many times the frame batch (features: 2)
     pipeline: bool = True  # called by the method's loop (False: exported on its own, e.g. guidance)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.inputs)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.outputs)
 
     def to_json(self) -> dict[str, Any]:
         return {"inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
@@ -318,7 +326,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     _check_schema(path, manifest)
     _check_versions(path, manifest)
     _check_files(path, manifest)
-    required = {**_PIPELINE_ROLES, **_GENERATOR_ROLES}
+    required = {**PIPELINE_ROLES, **GENERATOR_ROLES}
     if manifest["method"] in required:
         missing = [r for r in required[manifest["method"]] if r not in manifest["networks"]]
         if missing:
@@ -326,16 +334,14 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _build_config(path: Path, manifest: dict[str, Any], overrides: dict[str, Any] | None):
-    from edgeinspect.config import ConfigError, _merge, build_config
-
+def build_bundle_config(path: Path, manifest: dict[str, Any], overrides: dict[str, Any] | None):
     data = json.loads((path / manifest["config"]).read_text())
     if overrides:
         bad = set(overrides) & {"model", "guidance", "method", "features", "control", "lora", "saim", "bcm",
                                 "prompts"}
         if bad:
             raise BundleError(f"bundle {path}: cannot override {sorted(bad)}: they are baked into the graphs")
-        data = _merge(data, overrides)
+        data = merge_config(data, overrides)
     method = data.pop("method", manifest["method"])
     try:
         return build_config(method, data["model"]["preset"], data, source=str(path / manifest["config"]))
@@ -352,7 +358,7 @@ def load_bundle(path: str | Path, verify: bool = True, overrides: dict[str, Any]
     else:
         manifest = read_manifest(path)
         _check_schema(path, manifest)
-    cfg = _build_config(path, manifest, overrides)
+    cfg = build_bundle_config(path, manifest, overrides)
     from safetensors.torch import load_file
 
     ctx_file = path / manifest["context"]["file"]
@@ -364,135 +370,3 @@ def load_bundle(path: str | Path, verify: bool = True, overrides: dict[str, Any]
         raise BundleError(f"bundle {path}: {manifest['context']['file']} has no tensor {absent[0]!r}")
     contexts = {name: tensors[k].float() for name, k in named.items()}
     return Bundle(path, copy.deepcopy(manifest), cfg, tensors[key].float(), contexts)
-
-
-# --------------------------------------------------------------------------- pipelines
-
-
-def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
-                    providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
-                    roles: Sequence[str] | None = None, engine_cache_dir: str | Path | None = None,
-                    max_batch: int | None = None, device: str | torch.device | None = None):
-    """The networks of a bundle on one backend ("onnxruntime" or "tensorrt")."""
-    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if backend == "torch":
-        raise BundleError(
-            f"bundle {bundle.path}: the torch backend cannot run from a bundle (a bundle holds ONNX graphs, not "
-            "torch weights); use the run folder with edgeinspect.runtime.torch_backend.load_diad/diad_pipeline, "
-            "or choose backend 'onnxruntime' or 'tensorrt'"
-        )
-    if backend == "onnxruntime":
-        from edgeinspect.runtime.ort_backend import ort_networks
-
-        return ort_networks(bundle, providers=providers, precision=precision, intra_op_threads=intra_op_threads,
-                            roles=roles)
-    if backend == "tensorrt":
-        from edgeinspect.runtime.trt_backend import trt_networks
-
-        return trt_networks(bundle, precision=precision, max_batch=max_batch, cache_dir=engine_cache_dir,
-                            roles=roles, device=device or "cuda")
-    raise BundleError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'tensorrt' (or 'torch' from a run folder)")
-
-
-def generation_networks(bundle: Bundle, roles: Sequence[str], *, precision: str = "fp32"):
-    """The networks a generation job runs its loop on: the backend of the bundle config's runtime section
-    ("torch", a training run's default, means onnxruntime here: a bundle holds graphs) on its device
-    (onnxruntime with device "cuda" uses the CUDA provider). TensorRT profiles cover `sampling.batch_size`
-    samples per call, times each role's batch multiplier (classifier-free guidance doubles the UNet's)."""
-    runtime = bundle.config.runtime
-    backend = "onnxruntime" if runtime.backend == "torch" else runtime.backend
-    device = torch.device(runtime.device)
-    on_gpu = device.type == "cuda"
-    return bundle_networks(bundle, backend, precision=precision, roles=roles, max_batch=bundle.batch_size,
-                           providers=["cuda"] if backend == "onnxruntime" and on_gpu else None,
-                           device=device if on_gpu else None)
-
-
-def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
-                    providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
-                    overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
-                    max_batch: int | None = None, device: str | torch.device | None = None,
-                    verdict: bool = True):
-    """The method's pipeline (DiADPipeline or GLADPipeline) on a verified bundle. `overrides` may change
-    inference and scoring settings (not the networks): e.g. {"inference": {"steps": 5}}.
-
-    GLAD runs with its category's settings and, unless the settings set one, the ADP threshold of the
-    manifest's method_settings (the one calibrated at the end of training).
-
-    Results carry `verdicts` ("OK"/"NG" per frame from the calibrated image threshold; None when the bundle
-    is not calibrated or `verdict=False`) and `normalized_scores` (see edgeinspect.calibration.verdict)."""
-    if not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle, overrides=overrides)
-    elif overrides:
-        bundle = Bundle(bundle.path, bundle.manifest, _build_config(bundle.path, bundle.manifest, overrides),
-                        bundle.context, bundle.contexts)
-    if bundle.method in _GENERATOR_ROLES:
-        raise BundleError(f"bundle {bundle.path}: {bundle.method!r} is a generator, not an inspection pipeline; "
-                          f"run it with `edgeinspect generate {bundle.method} --bundle {bundle.path}`")
-    if bundle.method not in _PIPELINE_ROLES:
-        raise BundleError(f"bundle {bundle.path}: no pipeline for method {bundle.method!r} in this version")
-    from edgeinspect.calibration.verdict import Verdict
-    from edgeinspect.runtime.ddim import DDIM
-
-    cfg = bundle.config
-    # max_batch counts frames; GLAD runs its noise draws as one batch and its ADP check decodes two
-    # estimates per row in one call, so its TensorRT profiles need 2 x draws times that (a profile's batch
-    # range comes from one role-wide multiplier)
-    factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
-    nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
-                           intra_op_threads=intra_op_threads, roles=_PIPELINE_ROLES[bundle.method],
-                           engine_cache_dir=engine_cache_dir,
-                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device)
-    if bundle.method == "glad":
-        from edgeinspect.runtime.glad import GLADPipeline
-
-        ms = bundle.manifest.get("method_settings") or {}
-        pipe = _with_verdicts(GLADPipeline)(nets, bundle.context, DDIM(cfg.scheduler),
-                                            cfg.inference.for_category(cfg.category), cfg.scoring,
-                                            cfg.scoring.feature_size, threshold=ms.get("adp_threshold"),
-                                            weight_bounds=(ms.get("weight_low"), ms.get("weight_high")))
-    else:
-        from edgeinspect.runtime.diad import DiADPipeline
-
-        pipe = _with_verdicts(DiADPipeline)(nets, bundle.context, DDIM(cfg.scheduler), cfg.inference, cfg.scoring,
-                                            cfg.scoring.feature_size)
-    pipe.verdict = Verdict.from_bundle(bundle) if verdict and bundle.calibration else None
-    if pipe.verdict is not None:
-        _warn_if_calibrated_otherwise(bundle, precision)
-    return pipe
-
-
-def _warn_if_calibrated_otherwise(bundle: Bundle, precision: str) -> None:
-    """Thresholds hold for the scores they were fitted on: say so when this pipeline scores differently."""
-    import warnings
-
-    used = (bundle.calibration or {}).get("settings") or {}
-    differs = []
-    if used.get("precision") not in (None, precision):
-        differs.append(f"precision {precision} (calibrated with {used['precision']})")
-    inference = used.get("inference")
-    if inference is not None and inference != bundle.config.inference.model_dump(mode="json"):
-        differs.append("other inference settings (overrides)")
-    if differs:
-        warnings.warn(f"bundle {bundle.path}: the calibrated verdict thresholds were fitted on scores from another "
-                      f"setup than this pipeline's: {', '.join(differs)}; calibrate again for this setup",
-                      UserWarning, stacklevel=3)
-
-
-_VERDICT_CLASSES: dict[type, type] = {}
-
-
-def _with_verdicts(base: type) -> type:
-    """`base` (a pipeline class) whose results also carry the calibrated verdicts: a subclass, so the
-    pipeline stays an instance of its method's class."""
-    cls = _VERDICT_CLASSES.get(base)
-    if cls is None:
-        from edgeinspect.calibration.verdict import attach_verdicts
-
-        def __call__(self, images):
-            return attach_verdicts(base.__call__(self, images), self.verdict)
-
-        cls = type(base.__name__, (base,), {"__call__": __call__, "verdict": None, "__module__": base.__module__,
-                                            "__qualname__": base.__qualname__, "__doc__": base.__doc__})
-        _VERDICT_CLASSES[base] = cls
-    return cls

@@ -12,12 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from edgeinspect.config import DiADInferenceConfig, DiADScoringConfig
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.ddim import DDIM, seeded_noise
+from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import cosine_distance_maps, gaussian_blur, pooled_max_score
-from edgeinspect.runtime.timing import StageTimer
+from edgeinspect.core.timing import StageTimer
+from edgeinspect.runtime.pipeline import DetectorLoop
+from edgeinspect.runtime.postprocess import attach_verdicts
 
 STAGES = ("encode", "denoise", "decode", "features", "scoring")
+ROLES = ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features")
 
 
 @dataclass
@@ -26,21 +29,17 @@ class DiADResult:
     maps: torch.Tensor  # (B, H, W) at the input size
     reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
+    # from the pipeline's post-processor (`verdict`), None without one: "OK"/"NG" per frame, normalised scores
+    verdicts: list[str] | None = None
+    normalized_scores: torch.Tensor | None = None
 
 
-class DiADPipeline:
+class DiADPipeline(DetectorLoop):
     """Reconstruct-and-compare for a batch of frames (float (B,3,H,W) in [-1, 1])."""
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM,
                  inference: DiADInferenceConfig, scoring: DiADScoringConfig, feature_size: int | None = None):
-        for role in ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"):
-            networks[role]  # fail at construction, not mid-frame
-        self.nets = networks
-        self.context = context.to(networks.device)
-        self.schedule = schedule
-        self.inference = inference
-        self.scoring = scoring
-        self.feature_size = feature_size
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size)
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
 
     def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None
@@ -86,10 +85,8 @@ class DiADPipeline:
         return scores, maps
 
     def __call__(self, images: torch.Tensor) -> DiADResult:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        timer = StageTimer(self.nets.device)
-        images = images.to(self.nets.device)
+        images, timer = self.frames(images)
         recon, roundtrip = self.reconstruct(images, timer)
         scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer)
-        return DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms)
+        return attach_verdicts(DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms),
+                               self.verdict)

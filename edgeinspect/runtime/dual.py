@@ -38,8 +38,8 @@ import torch
 
 from edgeinspect.config import DualAnoDiffSamplingConfig, PartMaskConfig
 from edgeinspect.runtime.blended import latent_mask, paste
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.networks import Networks
 
 # The part image's value where there is no anomaly (training targets are I * M in [-1, 1]).
 EMPTY_VALUE = 0.0

@@ -46,10 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig
-from edgeinspect.runtime.ddim import DDIM, seeded_noise
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.ddim import DDIM, seeded_noise
+from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
-from edgeinspect.runtime.timing import StageTimer
+from edgeinspect.core.timing import StageTimer
+from edgeinspect.runtime.pipeline import DetectorLoop
+from edgeinspect.runtime.postprocess import attach_verdicts
 
 STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
           "features", "scoring")
@@ -158,22 +160,18 @@ class GLADResult:
     draw_fire_steps: torch.Tensor  # (B, draws) long: the timestep at which each draw fired, -1 if never
     timesteps: list[int] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
+    # from the pipeline's post-processor (`verdict`), None without one: "OK"/"NG" per frame, normalised scores
+    verdicts: list[str] | None = None
+    normalized_scores: torch.Tensor | None = None
 
 
-class GLADPipeline:
+class GLADPipeline(DetectorLoop):
     """ADP + SAFF reconstruction and feature scoring for a batch of frames (float (B,3,H,W) in [-1, 1])."""
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
                  scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None,
                  weight_bounds: tuple[float | None, float | None] | None = None):
-        for role in ROLES:
-            networks[role]  # fail at construction, not mid-frame
-        self.nets = networks
-        self.context = context.to(networks.device)
-        self.schedule = schedule
-        self.inference = inference
-        self.scoring = scoring
-        self.feature_size = feature_size
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size)
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
@@ -309,10 +307,7 @@ class GLADPipeline:
         return scores, maps
 
     def __call__(self, images: torch.Tensor) -> GLADResult:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
-        timer = StageTimer(self.nets.device)
-        images = images.to(self.nets.device)
+        images, timer = self.frames(images)
         b, draws = images.shape[0], self.inference.draws
         z0, eps = self.encode(images, draws, timer)
         r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer)  # all draws as one batch
@@ -328,8 +323,9 @@ class GLADPipeline:
             maps = maps_all.view(draws, b, *maps_all.shape[1:]).mean(0)
             scores = draw_scores[:, 0] if draws == 1 else topk_mean_score(maps, self.inference.top_k)
         first = slice(0, b)  # the first draw's rows (noise seed inference.seed) describe the frame's firing
-        return GLADResult(scores.float().cpu(), maps.float().cpu(), recon[first].float().cpu(),
-                          r["fire_step"][first], r["fire_index"][first], r["fire_score"][first],
-                          r["fired_by_threshold"][first], r["adp_scores"][first], r["fire_maps"][first],
-                          draw_scores.float().cpu(), r["fire_step"].view(draws, b).T.contiguous(),
-                          list(self.timesteps), timer.ms)
+        return attach_verdicts(GLADResult(scores.float().cpu(), maps.float().cpu(), recon[first].float().cpu(),
+                                          r["fire_step"][first], r["fire_index"][first], r["fire_score"][first],
+                                          r["fired_by_threshold"][first], r["adp_scores"][first],
+                                          r["fire_maps"][first], draw_scores.float().cpu(),
+                                          r["fire_step"].view(draws, b).T.contiguous(), list(self.timesteps),
+                                          timer.ms), self.verdict)

@@ -19,7 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgeinspect.runtime.networks import ROLE_SIGNATURES, Networks
+from edgeinspect.core.roles import ROLE_SIGNATURES
+from edgeinspect.core.networks import Networks, require_inputs
+from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
+from edgeinspect.runtime.tensorrt_engines import build_profile
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -72,14 +75,8 @@ def resolve_providers(providers: Sequence[Any] | None = None, device_id: int = 0
         )
     out = []
     for name, opts in requested:
-        if name == CUDA:
-            opts = {"device_id": device_id, **(cuda_options or {}), **opts}
-            if torch.cuda.is_available() and "user_compute_stream" not in opts:
-                with torch.cuda.device(device_id):
-                    opts["user_compute_stream"] = str(torch.cuda.current_stream().cuda_stream)
-                opts.setdefault("has_user_compute_stream", "1")
-        elif name == TENSORRT:
-            opts = {"device_id": device_id, **(trt_options or {}), **opts}
+        if name in _GPU_PROVIDERS:
+            opts = {"device_id": device_id, **((cuda_options if name == CUDA else trt_options) or {}), **opts}
             if torch.cuda.is_available() and "user_compute_stream" not in opts:
                 with torch.cuda.device(device_id):
                     opts["user_compute_stream"] = str(torch.cuda.current_stream().cuda_stream)
@@ -157,9 +154,7 @@ class OrtNetwork:
         return f"OrtNetwork({self.path.name}, providers={[p for p, _ in self.providers]})"
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise TypeError(f"missing inputs {sorted(missing)}; expected {self.input_names}")
+        require_inputs(self.input_names, inputs)
         if self.device.type == "cuda":
             return self._run_bound(inputs)
         feeds = {n: np.ascontiguousarray(inputs[n].detach().to("cpu", self._in_types[n][1]).numpy())
@@ -213,8 +208,6 @@ def _ort_type(type_str: str, path: Path) -> tuple[Any, torch.dtype]:
 
 
 def _trt_profile_options(bundle, role: str, max_batch: int, opt_batch: int) -> dict[str, str]:
-    from edgeinspect.export.tensorrt import build_profile
-
     entry = bundle.network(role)
     return build_profile(entry.inputs, max_batch=max_batch, opt_batch=opt_batch,
                          batch_multiplier=entry.batch_multiplier).ort_trt_options()
@@ -229,7 +222,6 @@ def ort_networks(source: Any, providers: Sequence[Any] | None = None, *, precisi
 
     With the TensorRT execution provider and a bundle, each session gets explicit optimisation profiles
     from the manifest and an engine/timing cache under the bundle's engines/ort_trt folder."""
-    from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
 
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         source = load_bundle(source)

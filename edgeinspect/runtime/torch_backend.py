@@ -1,4 +1,5 @@
-"""The PyTorch backend: networks from a trained checkpoint, and the DiAD pipeline on top of them."""
+"""The PyTorch backend: a detector's networks from a trained run folder (a bundle holds graphs, not torch
+weights: the onnxruntime and TensorRT backends run bundles)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeinspect.config import DiADConfig
+from edgeinspect.config import DiADConfig, GLADConfig
+from edgeinspect.core.networks import Networks, torch_networks
+from edgeinspect.core.roles import feature_signature
+from edgeinspect.core.runs import load_model_weights, load_run_config
 from edgeinspect.models.diad import DiADModel
-from edgeinspect.models.features import FeatureExtractor
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.diad import DiADPipeline
-from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.training.checkpoint import load_model_weights, load_run_config
-from edgeinspect.training.diad import build_features
-
-
-class FeatureNet(nn.Module):
-    """The extractor with a tuple output, one tensor per level (graph-exportable)."""
-
-    def __init__(self, extractor: FeatureExtractor):
-        super().__init__()
-        self.extractor = extractor
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.extractor(image))
-
-
-def feature_signature(levels: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    return ("image",), tuple(f"feature_{i}" for i in range(levels))
+from edgeinspect.models.features import FeatureExtractor, FeatureNet
+from edgeinspect.models.glad import GLADModel
 
 
 def load_diad(path: str | Path, overrides: dict | None = None) -> tuple[DiADConfig, DiADModel]:
@@ -44,14 +29,19 @@ def load_diad(path: str | Path, overrides: dict | None = None) -> tuple[DiADConf
     return cfg, model.eval()
 
 
-def diad_pipeline(cfg: DiADConfig, model: DiADModel, features: FeatureExtractor | None = None,
-                  device: str | torch.device | None = None) -> DiADPipeline:
-    device = torch.device(device or cfg.runtime.device)
-    features = features or build_features(cfg)
+def load_glad(path: str | Path, overrides: dict | None = None) -> tuple[GLADConfig, GLADModel, dict]:
+    """Config, model and checkpoint state extras (scaling factor, calibrated ADP threshold) from a
+    GLAD checkpoint folder or run folder. `overrides` may change anything but the model."""
+    ckpt, cfg, extra = load_run_config(path, "glad", overrides)
+    model = GLADModel(cfg)
+    load_model_weights(model, ckpt)
+    if extra.get("scaling_factor") is not None:
+        model.set_scaling_factor(extra["scaling_factor"])
+    return cfg, model.eval(), extra
+
+
+def detector_networks(model: nn.Module, features: FeatureExtractor, device: str | torch.device = "cpu") -> Networks:
+    """A DiAD or GLAD model's roles and the feature extractor as torch Networks."""
     modules = dict(model.role_modules())
     modules["features"] = FeatureNet(features)
-    nets: Networks = torch_networks(modules, device, {"features": feature_signature(len(features.strides))})
-    with torch.inference_mode():
-        context = model.to(device).context(cfg.train.prompt)
-    return DiADPipeline(nets, context, DDIM(cfg.scheduler), cfg.inference, cfg.scoring,
-                        cfg.scoring.feature_size)
+    return torch_networks(modules, device, {"features": feature_signature(len(features.strides))})

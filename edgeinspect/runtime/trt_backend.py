@@ -19,12 +19,18 @@ from typing import Any
 
 import torch
 
-from edgeinspect.runtime.networks import Networks
+from edgeinspect.core.networks import Networks, require_inputs
+from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
+from edgeinspect.runtime.tensorrt_engines import (
+    GpuIdentity,
+    bundle_profiles,
+    ensure_engine,
+    import_tensorrt,
+    require_engine_support,
+)
 
 
 def _trt():
-    from edgeinspect.export.tensorrt import import_tensorrt, require_engine_support
-
     require_engine_support()
     return import_tensorrt()
 
@@ -78,9 +84,7 @@ class TensorRTNetwork:
         return f"TensorRTNetwork({self.name}, {self.device})"
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise TypeError(f"missing inputs {sorted(missing)}; expected {self.input_names}")
+        require_inputs(self.input_names, inputs)
         with self._lock, torch.cuda.device(self.device):
             caller = torch.cuda.current_stream(self.device)
             bound = []
@@ -116,8 +120,6 @@ def trt_networks(bundle: Any, *, precision: str = "fp16", max_batch: int | None 
     """TensorRT Networks for a bundle's pipeline roles; engines come from the keyed cache (default
     <bundle>/engines) and are built there when missing (`build=False`: a missing engine is an error)."""
     _trt()
-    from edgeinspect.export.tensorrt import GpuIdentity, bundle_profiles, ensure_engine
-    from edgeinspect.runtime.bundle_loading import Bundle, load_bundle
 
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     device = torch.device(device)

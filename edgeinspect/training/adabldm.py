@@ -31,14 +31,10 @@ from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.data.trimap import MaskDoesNotFit, estimate_foreground, make_trimap
 from edgeinspect.models.adabldm import AdaBLDMModel
 from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import (
-    load_run_config,
-    CheckpointError,
-    load_model_weights,
-    write_json_atomic,
-)
-from edgeinspect.training.diad import _Batches
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import load_run_config, CheckpointError, load_model_weights
+from edgeinspect.core.atomic import write_json_atomic
+from edgeinspect.data.batches import TrainingBatches
 from edgeinspect.training.base import (
     base_checkpoint,
     defect_weighted_mse,
@@ -148,8 +144,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
 
     model = AdaBLDMModel(cfg, types).to(device)
     schedule = DDIM(cfg.scheduler)
-    abar = schedule.alphas_cumprod.float().to(device)
-    batches = _Batches(normals_u8, t.batch_size, t.flips, t.seed)
+    batches = TrainingBatches(normals_u8, t.batch_size, t.flips, t.seed)
     gen = batches.gen
     normal_prompt = t.normal_prompt.format(object=t.object_name)
     cache: dict[str, torch.Tensor] = {}
@@ -166,8 +161,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
     def noisy(z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tt = torch.randint(0, cfg.scheduler.num_train_timesteps, (z0.shape[0],), generator=gen).to(device)
         eps = torch.randn(z0.shape, generator=gen).to(device)
-        a = abar[tt].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * eps, tt, eps
+        return schedule.add_noise(z0, eps, tt), tt, eps
 
     def encode(images_u8: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -191,7 +185,7 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
             seed_imgs.append(seeds[dtype].images[k])
             prompts.append(defect_prompt(cfg, dtype))
         if seed_imgs:
-            latents.append(encode(_Batches.apply_flip(torch.stack(seed_imgs), flip[:n_seed])))
+            latents.append(encode(TrainingBatches.apply_flip(torch.stack(seed_imgs), flip[:n_seed])))
         latents.append(cache["normals"][flip[n_seed:].to(device), idx[n_seed:].to(device)])
         prompts += [normal_prompt] * (t.batch_size - n_seed)
         zt, tt, eps = noisy(torch.cat(latents))
@@ -232,13 +226,13 @@ def train_adabldm(cfg: AdaBLDMConfig, run_dir: str | Path, resume: bool = False,
                 composites.append(torch.from_numpy(cp.image).permute(2, 0, 1))
                 trimaps.append(torch.from_numpy(make_trimap(cp.mask, fg[i]))[None])
                 defects.append(torch.from_numpy(cp.mask.astype(np.float32))[None])
-            x = _Batches.apply_flip(torch.stack(composites), flip)
-            trimap = _Batches.apply_flip(torch.stack(trimaps), flip)
+            x = TrainingBatches.apply_flip(torch.stack(composites), flip)
+            trimap = TrainingBatches.apply_flip(torch.stack(trimaps), flip)
             zt, tt, eps = noisy(encode(x))
             with torch.no_grad():
                 ctx = model.prompt_encoder(maybe_empty([prompt] * len(idx)))
             hint = model.control(dtype).encode_hint(trimap.to(device))
-            defect = _Batches.apply_flip(torch.stack(defects), flip)
+            defect = TrainingBatches.apply_flip(torch.stack(defects), flip)
             return defect_weighted_mse(holder["unet"](zt, tt, ctx, hint), eps, defect, t.defect_loss_weight)
 
         return Stage(f"control-{dtype}", t.control_steps, t.control_lr,
@@ -268,3 +262,11 @@ def load_adabldm(path: str | Path, overrides: dict | None = None) -> tuple[AdaBL
     if extra.get("scaling_factor") is not None:
         model.set_scaling_factor(extra["scaling_factor"])
     return cfg, model.eval(), extra
+
+
+def run_seed_names(ckpt: Path) -> dict[str, list[str]]:
+    """The seed defects a run trained on, per type (its seeds.json)."""
+    f = ckpt.parent.parent / "seeds.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} is missing: the run does not record its seed defects")
+    return json.loads(f.read_text())

@@ -15,8 +15,8 @@ from torch import nn
 
 from edgeinspect.data.mvtec import uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel
-from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
-from edgeinspect.training.diad import _Batches
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.data.batches import TrainingBatches
 from edgeinspect.training.loop import Trainer
 
 BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
@@ -91,7 +91,7 @@ def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling
             lat = []
             for s in range(0, len(images_u8), batch):
                 chunk = images_u8[s:s + batch]
-                x = _Batches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
+                x = TrainingBatches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
                 lat.append(vae.encode(x.to(device)).latent_dist.mean * scaling_factor)
             out.append(torch.cat(lat))
     return torch.stack(out)

@@ -1,4 +1,5 @@
-"""Atomic, resumable checkpoints: safetensors weights + JSON config/state.
+"""Writing atomic, resumable checkpoints: safetensors weights + JSON config/state (reading them:
+`edgeinspect.core.runs`).
 
 Layout of a run directory:
 
@@ -20,46 +21,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-@dataclass
-class TrainState:
-    stage: str
-    step: int = 0  # completed steps within `stage`
-    train_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's entry list, so a rename into it is durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    _write_json(Path(path), obj)
+from edgeinspect.core.atomic import fsync_path, write_json_atomic, write_text_atomic
+from edgeinspect.core.runs import CheckpointError, TrainState
 
 
 def _optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -102,11 +72,11 @@ def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, stat
         if optimizer is not None:
             tensors, meta = _optimizer_to_tensors(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
-            _write_json(tmp / "optimizer.json", meta)
+            write_json_atomic(tmp / "optimizer.json", meta)
         rng = {"torch": torch.get_rng_state()}
         rng.update({f"generator.{k}": g.get_state() for k, g in (generators or {}).items()})
         save_file(rng, str(tmp / "rng.safetensors"))
-        _write_json(tmp / "state.json", asdict(state))
+        write_json_atomic(tmp / "state.json", asdict(state))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -121,9 +91,7 @@ def save_checkpoint(run_dir: str | Path, name: str, model: torch.nn.Module, stat
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_path(ckpt_root)
-    latest_tmp = ckpt_root / "latest.tmp"
-    latest_tmp.write_text(name)
-    os.replace(latest_tmp, ckpt_root / "latest")
+    write_text_atomic(ckpt_root / "latest", name)
     _prune(ckpt_root, keep, protect={name})
     return final
 
@@ -138,42 +106,6 @@ def _prune(ckpt_root: Path, keep: int, protect: set[str]) -> None:
     for d in ckpt_root.iterdir():
         if d.is_dir() and d.name.startswith(".tmp-"):
             shutil.rmtree(d, ignore_errors=True)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    found = latest_checkpoint(path)
-    if found is None:
-        raise CheckpointError(f"{path} is neither a checkpoint folder nor a run folder with checkpoints")
-    return found
-
-
-def load_state(ckpt: Path) -> TrainState:
-    return TrainState(**json.loads((ckpt / "state.json").read_text()))
-
-
-def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    weights = load_file(str(ckpt / "model.safetensors"))
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{ckpt} does not match the model built from its config: "
-            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
-        )
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> bool:
@@ -196,25 +128,3 @@ def load_rng(ckpt: Path, generators: dict[str, torch.Generator] | None = None) -
             g.set_state(states[f"generator.{k}"])
 
 
-def load_run_config(path: str | Path, method: str, overrides: dict | None = None,
-                    fixed: frozenset[str] = frozenset()) -> tuple[Path, Any, dict[str, Any]]:
-    """(checkpoint folder, validated config, checkpoint state extras) of a trained `method` run, from
-    a run folder (its latest checkpoint) or a checkpoint folder. `overrides` may change any section
-    but `model` and the `fixed` ones (what the trained weights depend on)."""
-    from edgeinspect.config import _merge, build_config
-
-    ckpt = resolve_checkpoint(path)
-    cfg_file = ckpt.parent.parent / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{ckpt} is not inside a run folder (no {cfg_file})")
-    data = json.loads(cfg_file.read_text())
-    if data.get("method", method) != method:
-        raise CheckpointError(f"{cfg_file} is a {data.get('method')!r} run, not a {method!r} one")
-    if overrides:
-        bad = set(overrides) & ({"model", "method"} | set(fixed))
-        if bad:
-            raise ValueError(f"cannot override {sorted(bad)} of a trained model")
-        data = _merge(data, overrides)
-    data.pop("method", None)
-    cfg = build_config(method, data["model"]["preset"], data, source=str(cfg_file))
-    return ckpt, cfg, load_state(ckpt).extra

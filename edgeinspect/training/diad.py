@@ -25,17 +25,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from edgeinspect.config import DiADConfig
-from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+from edgeinspect.data.batches import TrainingBatches
+from edgeinspect.data.mvtec import MVTecFolder
 from edgeinspect.models.diad import DiADModel
-from edgeinspect.models.features import build_feature_extractor
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.models.features import build_features
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
-
-
-def build_features(cfg: DiADConfig):
-    f = cfg.features
-    return build_feature_extractor(f.name, f.weights, tuple(f.strides), f.allow_random)
+from edgeinspect.training.base import encode_latents
 
 
 def perceptual_distance(features, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,34 +71,6 @@ def load_autoencoder(model: DiADModel, path: str | Path) -> Path:
     return ckpt
 
 
-class _Batches:
-    """Random batches from the in-memory training set, with optional flips, from a seeded generator."""
-
-    def __init__(self, images_u8: torch.Tensor, batch_size: int, flips: bool, seed: int):
-        self.images = images_u8
-        self.batch_size = batch_size
-        self.flips = flips
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, flip codes 0..3): bit 0 horizontal, bit 1 vertical."""
-        idx = torch.randint(len(self.images), (self.batch_size,), generator=self.gen)
-        flip = torch.randint(4 if self.flips else 1, (self.batch_size,), generator=self.gen)
-        return idx, flip
-
-    @staticmethod
-    def apply_flip(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        for i, c in enumerate(codes.tolist()):
-            dims = [d for bit, d in ((1, -1), (2, -2)) if c & bit]
-            if dims:
-                out[i] = x[i].flip(dims)
-        return out
-
-    def images_for(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        return self.apply_flip(uint8_to_model(self.images[idx]), flip)
-
-
 def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a DiAD model in `run_dir`; returns the final checkpoint folder."""
     run_dir = Path(run_dir)
@@ -111,11 +80,10 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
     torch.manual_seed(t.seed)
     data = MVTecFolder(t.data_root, "train", cfg.model.image_size)
     images_u8, _, _ = data.load_all()
-    batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
+    batches = TrainingBatches(images_u8, t.batch_size, t.flips, t.seed)
     model = DiADModel(cfg).to(device)
     features = build_features(cfg).to(device)
     schedule = DDIM(cfg.scheduler)
-    abar = schedule.alphas_cumprod.float().to(device)
     crop = t.autoencoder_crop or max(32, cfg.model.image_size // 2)
     if t.init_autoencoder_from is not None:
         load_autoencoder(model, t.init_autoencoder_from)
@@ -153,7 +121,6 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
 
     def encode_all() -> torch.Tensor:
         """Posterior means of every (flip code, image): (4 or 1, N, C, h, w), unscaled."""
-        from edgeinspect.training.base import encode_latents  # base imports this module
 
         return encode_latents(model.vae, images_u8, t.flips, 1.0)
 
@@ -171,8 +138,7 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
         tt = torch.randint(0, cfg.scheduler.num_train_timesteps, (z0.shape[0],), generator=batches.gen)
         eps = torch.randn(z0.shape, generator=batches.gen).to(device)
         tt = tt.to(device)
-        a = abar[tt].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * eps, tt, eps
+        return schedule.add_noise(z0, eps, tt), tt, eps
 
     # ---- stage 2: UNet domain pretraining
     def unet_setup(_fresh: bool) -> None:

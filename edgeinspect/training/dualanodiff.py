@@ -35,16 +35,11 @@ from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import DatasetError, MVTecFolder
 from edgeinspect.data.trimap import dilate_mask
 from edgeinspect.models.dualanodiff import DualAnoDiffModel, TrainableWeights
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.training.checkpoint import (
-    load_run_config,
-    CheckpointError,
-    latest_checkpoint,
-    load_model_weights,
-)
-from edgeinspect.training.diad import _Batches
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import load_run_config, CheckpointError, latest_checkpoint, load_model_weights
+from edgeinspect.data.batches import TrainingBatches
 from edgeinspect.training.base import base_checkpoint, defect_weighted_mse, load_base_weights, run_config
-from edgeinspect.training.glad import calibration_subset
+from edgeinspect.data.batches import spread_indices
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 # Config sections that define the trained network: a loaded run cannot change them.
@@ -92,7 +87,7 @@ def load_fewshot(data_root: Path, defect_type: str, names: list[str], size: int
 def load_backgrounds(data_root: Path, size: int, count: int) -> tuple[torch.Tensor, list[str]]:
     """Up to `count` normals of train/good, spread evenly: uint8 (M, 3, H, W) and their names."""
     folder = MVTecFolder(data_root, "train", size, defect_types=["good"])
-    picked = calibration_subset(len(folder), count)
+    picked = spread_indices(len(folder), count)
     images = torch.from_numpy(np.stack([folder.load(i)[0] for i in picked])).permute(0, 3, 1, 2).contiguous()
     return images, [folder.samples[i].path.name for i in picked]
 
@@ -121,7 +116,7 @@ def part_targets(images_u8: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 def encode_variants(vae: nn.Module, images: torch.Tensor, flips: bool, scaling_factor: float,
                     batch: int = 16) -> torch.Tensor:
     """Scaled posterior means of every (flip code, image) of float images in [-1, 1]:
-    (4 or 1, N, C, h, w), flip codes as `_Batches.apply_flip`."""
+    (4 or 1, N, C, h, w), flip codes as `TrainingBatches.apply_flip`."""
     vae.eval()
     device = next(vae.parameters()).device
     out = []
@@ -129,7 +124,7 @@ def encode_variants(vae: nn.Module, images: torch.Tensor, flips: bool, scaling_f
         lat = []
         for s in range(0, len(images), batch):
             chunk = images[s:s + batch]
-            x = _Batches.apply_flip(chunk, torch.full((len(chunk),), code))
+            x = TrainingBatches.apply_flip(chunk, torch.full((len(chunk),), code))
             lat.append(vae.encode(x.to(device)).latent_dist.mean * scaling_factor)
         out.append(torch.cat(lat))
     return torch.stack(out)
@@ -188,16 +183,15 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
         bg_lat = encode_variants(model.vae, to_model_range(bg_u8), t.flips, sf)
 
     masks_f = masks[:, None].float()
-    batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
+    batches = TrainingBatches(images_u8, t.batch_size, t.flips, t.seed)
     gen = batches.gen
-    abar = DDIM(cfg.scheduler).alphas_cumprod.float().to(device)
+    schedule = DDIM(cfg.scheduler)
     T = cfg.scheduler.num_train_timesteps
     prompts = cfg.prompts
 
     def noisy(z0: torch.Tensor, tt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = torch.randn(z0.shape, generator=gen).to(device)
-        a = abar[tt].view(-1, 1, 1, 1)
-        return a.sqrt() * z0 + (1 - a).sqrt() * eps, eps
+        return schedule.add_noise(z0, eps, tt), eps
 
     def loss(_step: int) -> torch.Tensor:
         idx, flip = batches.draw()
@@ -217,7 +211,7 @@ def train_dualanodiff(cfg: DualAnoDiffConfig, run_dir: str | Path, resume: bool 
         ctx_w = model.prompt_encoder(["" if d else prompts.whole_prompt for d in drop])
         ctx_p = model.prompt_encoder(["" if d else prompts.part_prompt for d in drop])
         pred_w, pred_p = model.dual_forward(zw, zp, tt, ctx_w, ctx_p, background)
-        m = _Batches.apply_flip(masks_f[idx], flip)
+        m = TrainingBatches.apply_flip(masks_f[idx], flip)
         w = t.defect_loss_weight
         return defect_weighted_mse(pred_w, eps_w, m, w) + defect_weighted_mse(pred_p, eps_p, m, w)
 

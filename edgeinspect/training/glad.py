@@ -26,80 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from edgeinspect.calibration.adp import adp_check_maxima, propose_threshold, propose_weight_bounds
 from edgeinspect.config import AutoencoderStageConfig, GLADConfig, build_config, dump_config
+from edgeinspect.core.atomic import write_json_atomic
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.runs import CheckpointError
 from edgeinspect.data.anomalies import AnomalySynthesizer
+from edgeinspect.data.batches import TrainingBatches, spread_indices
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
-from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
-from edgeinspect.models.features import FeatureExtractor, build_feature_extractor
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.glad import GLADPipeline
-from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.runtime.torch_backend import FeatureNet, feature_signature
-from edgeinspect.training.checkpoint import (
-    load_run_config,
-    CheckpointError,
-    load_model_weights,
-    write_json_atomic,
-)
+from edgeinspect.models.glad import GLADModel
+from edgeinspect.runtime.detector import for_calibration, model_pipeline
 from edgeinspect.training.base import base_checkpoint, encode_latents, run_config, train_from_base
-from edgeinspect.training.diad import _Batches, train_diad
+from edgeinspect.training.diad import train_diad
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 
 # --------------------------------------------------------------------------- model
-
-
-class PlainUNet(nn.Module):
-    """The `unet_plain` role: (sample, timestep, encoder_hidden_states) -> noise_pred."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-                ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
-
-
-class GLADModel(LatentDiffusionModel):
-    """The latent diffusion parts alone, under DiADModel's names, so a DiAD checkpoint's `vae.`,
-    `unet.` and `prompt_encoder.` weights load as they are."""
-
-    def __init__(self, cfg: GLADConfig):
-        super().__init__(cfg)
-
-    def role_modules(self) -> dict[str, nn.Module]:
-        return {"vae_encoder": VAEEncoderNet(self.vae), "unet_plain": PlainUNet(self.unet),
-                "vae_decoder": VAEDecoderNet(self.vae)}
-
-
-def build_glad_features(cfg: GLADConfig) -> FeatureExtractor:
-    f = cfg.features
-    return build_feature_extractor(f.name, f.weights, tuple(f.strides), f.allow_random, vit_blocks=f.vit_blocks,
-                                   **f.model_kwargs)
-
-
-def glad_networks(model: GLADModel, features: FeatureExtractor, device: str | torch.device = "cpu") -> Networks:
-    modules = dict(model.role_modules())
-    modules["features"] = FeatureNet(features)
-    return torch_networks(modules, device, {"features": feature_signature(len(features.strides))})
-
-
-def glad_pipeline(cfg: GLADConfig, model: GLADModel, features: FeatureExtractor | None = None,
-                  device: str | torch.device | None = None, threshold: float | None = None,
-                  category: str | None = None, weight_bounds: tuple[float, float] | None = None) -> GLADPipeline:
-    """The torch-backend GLAD pipeline. Settings: cfg.inference with `category`'s overrides (default:
-    the config's category); `threshold` and `weight_bounds` are used where the settings leave them null."""
-    device = torch.device(device or cfg.runtime.device)
-    features = features or build_glad_features(cfg)
-    nets = glad_networks(model, features, device)
-    prompt = cfg.train.prompt or ""
-    with torch.inference_mode():
-        context = model.to(device).context(prompt)
-    settings = cfg.inference.for_category(category or cfg.category)
-    return GLADPipeline(nets, context, DDIM(cfg.scheduler), settings, cfg.scoring, cfg.scoring.feature_size,
-                        threshold=threshold, weight_bounds=weight_bounds)
 
 
 # --------------------------------------------------------------------------- ATP target
@@ -154,66 +96,6 @@ def _prepare_base(cfg: GLADConfig, run_dir: Path, resume: bool, progress: bool) 
     return base_dir / "checkpoints" / "unet-final"
 
 
-# --------------------------------------------------------------------------- calibration
-
-
-@torch.no_grad()
-def adp_check_maxima(pipe: GLADPipeline, images: torch.Tensor, batch_size: int = 8
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """With firing by threshold switched off (what a normal frame shows before it is forced to fire):
-    each frame's largest ADP check score over the steps at or above min_step (N,), and its check map
-    at the forced fire at latent size (N, h, w), the map SAFF's weight is made from."""
-    saved = pipe.threshold
-    pipe.threshold = float("inf")
-    out, fire_maps = [], []
-    try:
-        for s in range(0, len(images), batch_size):
-            r = pipe.adp_record(images[s:s + batch_size].to(pipe.nets.device))
-            checked = [i for i, t in enumerate(pipe.timesteps) if t >= pipe.inference.min_step]
-            sc = r["adp_scores"][:, checked]
-            out.append(torch.nan_to_num(sc, nan=float("-inf")).amax(dim=1) if checked else
-                       torch.full((sc.shape[0],), float("nan")))
-            fire_maps.append(r["fire_maps"])
-    finally:
-        pipe.threshold = saved
-    return (torch.cat(out).cpu().numpy().astype(np.float64),
-            torch.cat(fire_maps).cpu().numpy().astype(np.float64))
-
-
-def for_calibration(cfg: GLADConfig) -> GLADConfig:
-    """The config with the minmax SAFF weight: calibration reads the check scores and maps up to the
-    fire, which the weight (applied at the fire) cannot change, and a linear weight may lack its bounds
-    until calibration has proposed them."""
-    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"weight_mode": "minmax"})})
-
-
-def propose_threshold(maxima: np.ndarray, percentile: float, margin: float) -> float:
-    finite = maxima[np.isfinite(maxima)]
-    if finite.size == 0:
-        raise ValueError("no ADP check ran above min_step (t0 <= min_step, or one step only): nothing to calibrate")
-    return float(np.percentile(finite, percentile) * margin)
-
-
-def propose_weight_bounds(fire_maps: np.ndarray, percentile: float, margin: float) -> tuple[float, float]:
-    """Linear SAFF weight bounds from normal frames' check maps at their fire (N, h, w): weight_low = the
-    `percentile` of all their values, weight_high = weight_low x `margin`; so a normal frame keeps its
-    input-derived estimate nearly everywhere and a region scoring `margin` times above it the trajectory's."""
-    finite = fire_maps[np.isfinite(fire_maps)]
-    if finite.size == 0:
-        raise ValueError("no frame fired (min_step 0 and no threshold crossed): no check map to calibrate on")
-    low = float(np.percentile(finite, percentile))
-    if low <= 0:
-        raise ValueError(f"the normals' check maps are {low} at the {percentile}th percentile: nothing to scale")
-    return low, low * margin
-
-
-def calibration_subset(n: int, k: int) -> list[int]:
-    """k indices spread evenly over n (deterministic)."""
-    if k >= n:
-        return list(range(n))
-    return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -245,7 +127,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
     images_u8, _, _ = data.load_all()
     pool = images_u8.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, 3) sources for "another image"
     synth = AnomalySynthesizer(t.anomalies, pool)
-    batches = _Batches(images_u8, t.batch_size, t.flips, t.seed)
+    batches = TrainingBatches(images_u8, t.batch_size, t.flips, t.seed)
     model = GLADModel(cfg).to(device)
     schedule = DDIM(cfg.scheduler)
     abar = schedule.alphas_cumprod
@@ -268,7 +150,7 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
         z_n = latents_for(idx, flip)
         # numpy generator for the synthesis, seeded from the checkpointed torch generator: resumable
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=batches.gen)))
-        flipped = _Batches.apply_flip(images_u8[idx], flip).permute(0, 2, 3, 1).numpy()
+        flipped = TrainingBatches.apply_flip(images_u8[idx], flip).permute(0, 2, 3, 1).numpy()
         anomalous, imgs = [], []
         for k in range(len(idx)):
             s = synth(flipped[k], rng, index=int(idx[k]))
@@ -292,8 +174,8 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
         n = cfg.calibration.images
         if n <= 0:
             return {}
-        sel = calibration_subset(len(images_u8), n)
-        pipe = glad_pipeline(for_calibration(cfg), model, device=device, threshold=None, category=cfg.category)
+        sel = spread_indices(len(images_u8), n)
+        pipe = model_pipeline(for_calibration(cfg), model, device=device, threshold=None, category=cfg.category)
         maxima, fire_maps = adp_check_maxima(pipe, uint8_to_model(images_u8[sel]), cfg.inference.batch_size)
         model.train()
         cal = cfg.calibration
@@ -319,14 +201,3 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
                       state_extra=lambda: {"scaling_factor": model.scaling_factor, "base_checkpoint": str(base)},
                       progress=progress, generators={"batches": batches.gen})
     return train_from_base(trainer, model, base, resume)
-
-
-def load_glad(path: str | Path, overrides: dict | None = None) -> tuple[GLADConfig, GLADModel, dict]:
-    """Config, model and checkpoint state extras (scaling factor, calibrated ADP threshold) from a
-    GLAD checkpoint folder or run folder. `overrides` may change anything but the model."""
-    ckpt, cfg, extra = load_run_config(path, "glad", overrides)
-    model = GLADModel(cfg)
-    load_model_weights(model, ckpt)
-    if extra.get("scaling_factor") is not None:
-        model.set_scaling_factor(extra["scaling_factor"])
-    return cfg, model.eval(), extra

@@ -21,17 +21,9 @@ import torch
 from tqdm import tqdm
 
 from edgeinspect.config import dump_config
-from edgeinspect.training.checkpoint import (
-    CheckpointError,
-    TrainState,
-    latest_checkpoint,
-    load_model_weights,
-    load_optimizer,
-    load_rng,
-    load_state,
-    save_checkpoint,
-    write_json_atomic,
-)
+from edgeinspect.core.runs import CheckpointError, TrainState, latest_checkpoint, load_model_weights, load_state
+from edgeinspect.training.checkpoint import load_optimizer, load_rng, save_checkpoint
+from edgeinspect.core.atomic import write_json_atomic
 
 
 def training_device(name: str) -> torch.device:

@@ -1,6 +1,6 @@
 """Start a daemon as a child process and wait until it serves (benchmarks, tests, scripts).
 
-The child is `python -m edgeinspect.serve_cli serve ...` (the same code as `edgeinspect serve`); it
+The child is `python -m edgeinspect.runtime.daemon.cli serve ...` (the same code as `edgeinspect serve`); it
 prints one line `edgeinspect serve: ready: inspect <endpoint>, publish <endpoint> (...)` on stdout once
 the model is loaded and the sockets are bound; `start_daemon` returns then, with the real endpoints
 (a bind to port `*` gets its port from the system).
@@ -75,7 +75,7 @@ def start_daemon(bundle: str | Path, *args: str, bind: str = "tcp://127.0.0.1:*"
                  nice: int = 0) -> DaemonProcess:
     """Start `edgeinspect serve --bundle BUNDLE --bind BIND --pub PUB ARGS...` and wait until it is ready.
     pub=None gives no PUB socket (`--pub none`)."""
-    cmd = [sys.executable, "-m", "edgeinspect.serve_cli", "serve", "--bundle", str(bundle), "--bind", bind,
+    cmd = [sys.executable, "-m", "edgeinspect.runtime.daemon.cli", "serve", "--bundle", str(bundle), "--bind", bind,
            "--pub", pub or "none", *args]
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -58,7 +58,9 @@ from edgeinspect.runtime.daemon.security import (
 )
 from edgeinspect.runtime.daemon.stats import DaemonStats
 from edgeinspect.runtime.daemon.verdict import Judge, judge_for
-from edgeinspect.runtime.daemon.worker import BatchOutcome, InferenceWorker, PendingFrame
+from edgeinspect.runtime.daemon.worker import BatchOutcome, InferenceWorker, PendingFrame, images_to_batch
+from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
+from edgeinspect.runtime.detector import bundle_pipeline
 
 log = logging.getLogger("edgeinspect.serve")
 
@@ -198,8 +200,6 @@ class InspectionDaemon:
 
     @staticmethod
     def _load(config: DaemonConfig):
-        from edgeinspect.runtime.bundle_loading import BundleError, bundle_pipeline, load_bundle
-
         if config.threads:
             import torch
 
@@ -219,8 +219,6 @@ class InspectionDaemon:
 
     def _warmup(self) -> None:
         import numpy as np
-
-        from edgeinspect.runtime.daemon.worker import images_to_batch
 
         blank = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
         for b in sorted({1, self.max_batch}):

@@ -1,35 +1,37 @@
 """The OK/NG decision of the daemon: where the image threshold comes from, in one place.
 
-A calibrated bundle decides (`edgeinspect.calibration.verdict.Verdict` reads the manifest's calibration
-slot: image threshold and score normalisation); else the daemon config's `--threshold`; else there is
-no verdict (the reply still carries the score). A calibration record of an older ad-hoc form (a bare
-`image_threshold` number) is still read for its threshold, without normalisation. `judge_for` is the
-only function that knows this.
+A calibrated bundle decides (its manifest's calibration slot read by the one post-processor,
+`edgeinspect.runtime.postprocess.PostProcessor`: image threshold and score normalisation); else the
+daemon config's `--threshold`; else there is no verdict (the reply still carries the score). A
+calibration record of an older ad-hoc form (a bare `image_threshold` number) is still read for its
+threshold, without normalisation. `judge_for` is the only function that knows this; the OK/NG rule
+itself is the post-processor's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from edgeinspect.runtime.postprocess import NotCalibratedError, PostProcessor
 
 
 @dataclass(frozen=True)
 class Judge:
-    threshold: float | None
-    source: str | None  # "calibration", "config" or None
-    normalize: Callable[[float], float] | None = None
+    post: PostProcessor | None  # None: no threshold, no verdict
+    source: str | None  # where the threshold comes from: "calibration", "config" or None
+
+    @property
+    def threshold(self) -> float | None:
+        return None if self.post is None else self.post.image_threshold
 
     def __call__(self, score: float) -> tuple[str | None, float | None]:
-        """(verdict "OK"/"NG" or None, normalised score or None) of an image score: NG when score > threshold
-        (a non-finite score is NG when there is a threshold: a broken frame is not passed)."""
-        if self.threshold is None:
+        """(verdict "OK"/"NG" or None, normalised score or None) of an image score."""
+        if self.post is None:
             return None, None
-        if not math.isfinite(score):
-            return "NG", None
-        norm = float(self.normalize(score)) if self.normalize is not None else None
-        return ("NG" if score > self.threshold else "OK"), norm
+        v = self.post(score)
+        return v.verdict, v.normalized_score
 
 
 def _legacy_threshold(calibration: dict[str, Any]) -> float | None:
@@ -45,19 +47,11 @@ def judge_for(calibration: dict[str, Any] | None, config_threshold: float | None
     """The bundle's calibrated threshold wins over the configured one (a bundle is calibrated for its model)."""
     if isinstance(calibration, dict) and calibration:
         try:
-            from edgeinspect.calibration.verdict import NotCalibratedError, Verdict
-        except ImportError:  # a build without the calibration package
-            Verdict = None  # noqa: N806
-        if Verdict is not None:
-            try:
-                v = Verdict.from_calibration(calibration)
-            except NotCalibratedError:
-                v = None
-            if v is not None:
-                return Judge(float(v.image_threshold), "calibration", v.normalize)
-        thr = _legacy_threshold(calibration)
-        if thr is not None:
-            return Judge(thr, "calibration")
+            return Judge(PostProcessor.from_calibration(calibration), "calibration")
+        except NotCalibratedError:
+            thr = _legacy_threshold(calibration)
+            if thr is not None:
+                return Judge(PostProcessor(thr, source="given"), "calibration")
     if config_threshold is not None:
-        return Judge(float(config_threshold), "config")
+        return Judge(PostProcessor(float(config_threshold), source="given"), "config")
     return Judge(None, None)

@@ -1,6 +1,6 @@
 """`edgeinspect generate dualanodiff`: anomaly image + mask pairs from a trained DualAnoDiff run.
 
-Output i is made from seed `item_seed(sampling.seed, defect type, i)` (runtime/generation.py)
+Output i is made from seed `item_seed(sampling.seed, defect type, i)` (generation/writer.py)
 alone: its noises and, with BCM, sampling.strength < 1 or sampling.keep_background, its background (a normal image of
 <data>/train/good drawn with that seed; the whole normal image is the background, which is right
 for textures such as MTD tiles). Outputs are generated in fixed batches
@@ -10,7 +10,7 @@ batch as the first attempt did and writes only the missing ones (GenerationWrite
 index updated after each pair, no duplicates or gaps).
 
 `run_dual_job` is that job on any networks: `generate_dualanodiff` gives it a trained run's torch
-networks, runtime/dualanodiff_bundle.py a bundle's.
+networks, generation/dualanodiff_bundle.py a bundle's.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import torch
 
 from edgeinspect.config import DualAnoDiffConfig, dump_config
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, read_image, resize_image, tensor_to_image
-from edgeinspect.runtime.ddim import DDIM
+from edgeinspect.core.ddim import DDIM
 from edgeinspect.runtime.dual import DualSampler, PromptContexts
-from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
-from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.training.checkpoint import resolve_checkpoint
+from edgeinspect.generation.writer import SEEDING, GenerationWriter, item_seed
+from edgeinspect.core.networks import Networks, torch_networks
+from edgeinspect.core.runs import resolve_checkpoint
 from edgeinspect.training.dualanodiff import load_dualanodiff
 
 

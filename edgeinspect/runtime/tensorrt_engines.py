@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 
 import torch
 
+from edgeinspect.core.atomic import write_bytes_atomic
 from edgeinspect.runtime.bundle_loading import Bundle, TensorSpec, load_bundle, sha256_file
 
 ENGINE_HINT = ("TensorRT engines are built on the target machine, for its GPU and TensorRT version: install the "
@@ -163,21 +162,6 @@ def engine_filename(role: str, precision: str, key: str) -> str:
 # --------------------------------------------------------------------------- building
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _has_qdq(onnx_path: Path) -> bool:
     import onnx
 
@@ -225,7 +209,7 @@ def build_engine(onnx_path: str | Path, profile: OptimizationProfile, *, precisi
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path.name} (see the TensorRT log above)")
     if cache_path is not None:
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 
@@ -258,11 +242,11 @@ def ensure_engine(bundle: Bundle, role: str, precision: str, profile: Optimizati
                                 f"{cache_dir}; build it with `edgeinspect export ... --engines`")
     data = build_engine(onnx_path, profile, precision=real_precision, timing_cache=cache_dir / "timing.cache",
                         **build_options)
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     meta = {"role": role, "precision": real_precision, "onnx": rel, "onnx_sha256": onnx_hash,
             "profile": profile.to_json(), "gpu": gpu.name, "compute_capability": gpu.compute_capability,
             "tensorrt": trt.__version__, "builder": options, "key": key}
-    _write_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
+    write_bytes_atomic(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True).encode())
     return path
 
 

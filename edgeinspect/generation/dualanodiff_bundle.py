@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeinspect.generate_dualanodiff import run_dual_job
-from edgeinspect.runtime.bundle_loading import BundleError, generation_networks, load_bundle
+from edgeinspect.generation.dualanodiff import run_dual_job
+from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
+from edgeinspect.runtime.backends import generation_networks
 from edgeinspect.runtime.dual import PromptContexts
 
 

@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from edgeinspect.core.roles import ROLE_SIGNATURES, Signature
+
 
 class Network(Protocol):
     input_names: tuple[str, ...]
@@ -21,20 +23,11 @@ class Network(Protocol):
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-# Input/output names of every role. Export names graph inputs/outputs the same way.
-ROLE_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "vae_encoder": (("image",), ("latent",)),
-    "vae_decoder": (("latent",), ("image",)),
-    "hint_encoder": (("image",), ("hint",)),
-    "unet": (("sample", "timestep", "encoder_hidden_states", "hint"), ("noise_pred",)),
-    # A UNet without guidance (GLAD): its own role so each role keeps one fixed signature.
-    "unet_plain": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
-    # DualAnoDiff: both LoRA branches (and the BCM background, noised to the same timestep) in one call.
-    "dual_unet": (("sample_whole", "sample_part", "background", "timestep", "ctx_whole", "ctx_part"),
-                  ("noise_whole", "noise_part")),
-    "dual_unet_plain": (("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part"),
-                        ("noise_whole", "noise_part")),
-}
+def require_inputs(input_names: tuple[str, ...], inputs: Mapping[str, torch.Tensor]) -> None:
+    """Every backend's networks refuse a call that lacks one of their inputs, with the same message."""
+    missing = set(input_names) - set(inputs)
+    if missing:
+        raise TypeError(f"missing inputs {sorted(missing)}; expected {input_names}")
 
 
 class MissingNetworkError(KeyError):
@@ -72,9 +65,7 @@ class TorchNetwork:
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        missing = set(self.input_names) - set(inputs)
-        if missing:
-            raise TypeError(f"missing inputs {sorted(missing)}; expected {self.input_names}")
+        require_inputs(self.input_names, inputs)
         with torch.inference_mode():
             out = self.module(*(inputs[n] for n in self.input_names))
         if isinstance(out, torch.Tensor):
@@ -85,7 +76,7 @@ class TorchNetwork:
 
 
 def torch_networks(modules: dict[str, nn.Module], device: torch.device | str = "cpu",
-                   signatures: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None) -> Networks:
+                   signatures: dict[str, Signature] | None = None) -> Networks:
     sig = dict(ROLE_SIGNATURES)
     sig.update(signatures or {})
     nets = {}

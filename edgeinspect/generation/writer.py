@@ -20,7 +20,6 @@ would make the index lie about how each image was made.
 from __future__ import annotations
 
 import json
-import os
 import time
 import zlib
 from pathlib import Path
@@ -30,19 +29,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from edgeinspect.training.checkpoint import fsync_path, write_json_atomic
+from edgeinspect.core.atomic import write_json_atomic, write_png_atomic
 
 
 class GenerationError(RuntimeError):
     pass
-
-
-def _write_png_atomic(path: Path, image: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    if not cv2.imwrite(str(tmp), image):
-        raise GenerationError(f"could not write {tmp}")
-    fsync_path(tmp)
-    os.replace(tmp, path)
 
 
 # Recorded in every job's settings: a folder made with another seeding scheme is refused on resume.
@@ -108,15 +99,15 @@ class GenerationWriter:
         if mask.shape != image_u8.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} does not match the image {image_u8.shape[:2]}")
         name = f"{i:06d}.png"
-        _write_png_atomic(self.out_dir / "images" / name, cv2.cvtColor(image_u8, cv2.COLOR_RGB2BGR))
-        _write_png_atomic(self.out_dir / "masks" / name, mask.astype(np.uint8) * 255)
+        write_png_atomic(self.out_dir / "images" / name, cv2.cvtColor(image_u8, cv2.COLOR_RGB2BGR))
+        write_png_atomic(self.out_dir / "masks" / name, mask.astype(np.uint8) * 255)
         entry = _normalise(record)
         for key, extra in (extras or {}).items():
             if key in ("images", "masks") or not key.isidentifier():
                 raise ValueError(f"bad extra name {key!r}")
             (self.out_dir / key).mkdir(exist_ok=True)
             pixels = cv2.cvtColor(extra, cv2.COLOR_RGB2BGR) if extra.ndim == 3 else extra
-            _write_png_atomic(self.out_dir / key / name, pixels)
+            write_png_atomic(self.out_dir / key / name, pixels)
             entry[key] = f"{key}/{name}"
         entry.update({"image": f"images/{name}", "mask": f"masks/{name}", "mask_pixels": int(mask.sum())})
         self.items[str(i)] = entry

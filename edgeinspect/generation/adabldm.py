@@ -1,20 +1,19 @@
 """`edgeinspect generate adabldm`: defective images with exact masks from normal images.
 
 Item i of a job is a pure function of (settings, i): items are grouped by type, n_per_type each, and
-item j of a type has the seed item_seed(sampling.seed, type, j) (runtime/generation.py), which picks
+item j of a type has the seed item_seed(sampling.seed, type, j) (generation/writer.py), which picks
 the normal image, the real seed mask, its placement and the noises; a type generated alone gets the
 same items as in a job with all types. So a killed job rerun into the same folder continues where it
-stopped and regenerates nothing twice (runtime/generation.py keeps the index).
+stopped and regenerates nothing twice (generation/writer.py keeps the index).
 
 Per batch: Algorithm 1 (runtime/blended.py) on the networks of the chosen backend, then per sample
 Algorithm 2 (runtime/adaptation.py) in PyTorch on a fresh copy of the decoder. `run_blended_job` is
 that job whatever its source: `generate_adabldm` feeds it a trained run's torch networks,
-runtime/adabldm_bundle.py a bundle's networks, decoder weights, contexts and seed masks.
+generation/adabldm_bundle.py a bundle's networks, decoder weights, contexts and seed masks.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -27,14 +26,14 @@ import torch
 from edgeinspect.config import AdaBLDMConfig, dump_config
 from edgeinspect.data.mvtec import MVTecFolder, tensor_to_image, uint8_to_model
 from edgeinspect.data.trimap import MaskDoesNotFit, make_trimap, place_mask
-from edgeinspect.models.adabldm import ADABLDM_SIGNATURES
+from edgeinspect.core.roles import ROLE_SIGNATURES
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.runtime.blended import BlendedSampler, paste
-from edgeinspect.runtime.ddim import DDIM
-from edgeinspect.runtime.generation import SEEDING, GenerationWriter, item_seed
-from edgeinspect.runtime.networks import Networks, torch_networks
-from edgeinspect.training.adabldm import defect_prompt, foregrounds, load_adabldm, load_seeds
-from edgeinspect.training.checkpoint import resolve_checkpoint
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.generation.writer import SEEDING, GenerationWriter, item_seed
+from edgeinspect.core.networks import Networks, torch_networks
+from edgeinspect.training.adabldm import defect_prompt, foregrounds, load_adabldm, load_seeds, run_seed_names
+from edgeinspect.core.runs import resolve_checkpoint
 
 # A placement that cannot fit on one normal image is retried on others; this many failures in a
 # row for one item mean the seeds do not fit this data at all.
@@ -114,7 +113,7 @@ def generate_adabldm(model: str | Path, out_dir: str | Path, n_per_type: int, da
         contexts = {t: net.prompt_encoder([p]) for t, p in prompts.items()}
         empty = net.prompt_encoder([""])
     job = BlendedJob(
-        cfg, types, lambda t: torch_networks(net.role_modules(t), device, ADABLDM_SIGNATURES),
+        cfg, types, lambda t: torch_networks(net.role_modules(t), device, ROLE_SIGNATURES),
         LatentDecoder.from_vae(net.vae).to(device), prompts, contexts, empty,
         {k: v.masks.numpy() for k, v in seeds.items()}, {k: v.names for k, v in seeds.items()},
         {"checkpoint": str(ckpt)})
@@ -183,11 +182,3 @@ def run_blended_job(job: BlendedJob, out_dir: str | Path, n_per_type: int, data_
                     writer.write(p.index, tensor_to_image(image), p.mask, record, extras)
                     bar.update(1, sampling_s=sampling_s, adapt_s=adapt_s)
     return Path(out_dir)
-
-
-def run_seed_names(ckpt: Path) -> dict[str, list[str]]:
-    """The seed defects a run trained on, per type (its seeds.json)."""
-    f = ckpt.parent.parent / "seeds.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} is missing: the run does not record its seed defects")
-    return json.loads(f.read_text())

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from edgeinspect.generate_adabldm import BlendedJob, run_blended_job
+from edgeinspect.generation.adabldm import BlendedJob, run_blended_job
 from edgeinspect.models.autoencoder import autoencoder_from_config
 from edgeinspect.runtime.adaptation import LatentDecoder
 from edgeinspect.runtime.blended import ROLES
-from edgeinspect.runtime.bundle_loading import Bundle, BundleError, generation_networks, load_bundle
+from edgeinspect.runtime.bundle_loading import Bundle, BundleError, load_bundle
+from edgeinspect.runtime.backends import generation_networks
 
 
 def bundle_decoder(bundle: Bundle) -> LatentDecoder:

@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edgeinspect.core.atomic import write_png_atomic
+
 
 def heatmap_overlay(image_rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
                     mask: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
@@ -42,9 +44,4 @@ def grid(rows: list[list[np.ndarray]], pad: int = 4) -> np.ndarray:
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1])):
-        raise OSError(f"cannot write {path}")
-    tmp.replace(path)
+    write_png_atomic(path, rgb[:, :, ::-1])

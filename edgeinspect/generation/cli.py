@@ -13,7 +13,11 @@ from pathlib import Path
 
 from edgeinspect.config import parse_overrides
 from edgeinspect.runtime.bundle_loading import BundleError
-from edgeinspect.runtime.generation import GenerationError, load_index
+from edgeinspect.generation.adabldm import generate_adabldm
+from edgeinspect.generation.adabldm_bundle import generate_adabldm_bundle
+from edgeinspect.generation.dualanodiff import generate_dualanodiff
+from edgeinspect.generation.dualanodiff_bundle import generate_dualanodiff_bundle
+from edgeinspect.generation.writer import GenerationError, load_index
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -21,18 +25,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = args.bundle if args.bundle is not None else args.model
     try:
         if args.method == "adabldm":
-            if args.bundle is not None:
-                from edgeinspect.runtime.adabldm_bundle import generate_adabldm_bundle as run
-            else:
-                from edgeinspect.generate_adabldm import generate_adabldm as run
+            run = generate_adabldm_bundle if args.bundle is not None else generate_adabldm
             out = run(source, args.out, args.per_type, data_root=args.data, defect_types=args.types,
                       overrides=overrides, progress=not args.quiet)
         else:
-            if args.bundle is not None:
-                from edgeinspect.runtime.dualanodiff_bundle import generate_dualanodiff_bundle as run_dual
-            else:
-                from edgeinspect.generate_dualanodiff import generate_dualanodiff as run_dual
-
+            run_dual = generate_dualanodiff_bundle if args.bundle is not None else generate_dualanodiff
             out = run_dual(source, args.out, args.per_type, data_root=args.data, overrides=overrides,
                            progress=not args.quiet)
     except (GenerationError, BundleError) as e:

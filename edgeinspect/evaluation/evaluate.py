@@ -1,9 +1,9 @@
-"""`edgeinspect test` and `edgeinspect predict` for DiAD (scores, metrics, latency, overlays), and the
-test-split loop, result JSON, overlays and file scoring that GLAD's (`evaluate_glad`) shares."""
+"""`edgeinspect test` and `edgeinspect predict` on a detector from a run (torch) or a bundle (onnxruntime,
+TensorRT): the test-split loop, metrics, batch-1 latency, result JSON, overlays and file scoring; DiAD's
+result settings here, GLAD's additions (ADP firing) in `edgeinspect.evaluation.glad`."""
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import statistics
@@ -24,11 +24,12 @@ from edgeinspect.data.mvtec import (
     resize_image,
     tensor_to_image,
 )
-from edgeinspect.metrics import evaluate as compute_metrics
+from edgeinspect.evaluation.metrics import evaluate as compute_metrics
 from edgeinspect.runtime.diad import STAGES
-from edgeinspect.runtime.torch_backend import diad_pipeline, load_diad
-from edgeinspect.training.checkpoint import load_state, resolve_checkpoint, write_json_atomic
-from edgeinspect.visualize import heatmap_overlay, write_png
+from edgeinspect.runtime.detector import Detector
+from edgeinspect.runtime.postprocess import PostProcessor
+from edgeinspect.core.atomic import write_json_atomic
+from edgeinspect.data.visualize import heatmap_overlay, write_png
 
 
 def peak_rss_mb() -> float:
@@ -70,27 +71,6 @@ def use_threads(cfg, threads: int | None) -> None:
     n = threads or cfg.train.threads
     if n:
         torch.set_num_threads(n)
-
-
-def method_of(model: Path) -> str:
-    """The method a run/checkpoint folder was trained with (its config.json)."""
-    cfg_file = resolve_checkpoint(model).parent.parent / "config.json"
-    try:
-        return json.loads(cfg_file.read_text()).get("method", "diad")
-    except FileNotFoundError:
-        return "diad"
-
-
-def detector_from_run(model: Path, overrides: dict | None = None):
-    """(method, config, torch pipeline) of a trained DiAD or GLAD run."""
-    method = method_of(model)
-    if method == "glad":
-        from edgeinspect.evaluate_glad import pipeline_from_run
-
-        cfg, pipe, _ = pipeline_from_run(model, overrides)
-        return method, cfg, pipe
-    cfg, m = load_diad(model, overrides)
-    return method, cfg, diad_pipeline(cfg, m)
 
 
 @dataclass
@@ -135,10 +115,9 @@ def run_eval_split(pipe, split: EvalSplit, batch_size: int, fields: tuple[str, .
                  "stage_ms_per_frame": {k: v / n for k, v in stage_ms.items()}}
 
 
-def evaluation_result(model_path: Path, split: EvalSplit, scores: np.ndarray, maps: np.ndarray, batched: dict,
+def evaluation_result(detector: Detector, split: EvalSplit, scores: np.ndarray, maps: np.ndarray, batched: dict,
                       latency: dict, settings: dict) -> dict:
     """The result JSON's common part (DiAD's and GLAD's): metrics, timings, the run, settings, per image."""
-    ckpt = resolve_checkpoint(model_path)
     return {
         "metrics": compute_metrics(split.labels, scores, split.masks, maps),
         "n_images": len(split.labels),
@@ -147,8 +126,8 @@ def evaluation_result(model_path: Path, split: EvalSplit, scores: np.ndarray, ma
         "batched": batched,
         "latency_batch1": latency,
         "peak_rss_mb": peak_rss_mb(),
-        "train_minutes": load_state(ckpt).train_seconds / 60.0,
-        "checkpoint": str(ckpt),
+        "train_minutes": None if detector.train_seconds is None else detector.train_seconds / 60.0,
+        "checkpoint": detector.checkpoint,
         "settings": settings,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": torch.get_num_threads()},
@@ -177,24 +156,18 @@ def write_evaluation_outputs(result: dict, split: EvalSplit, scores: np.ndarray,
                             scores=scores, labels=split.labels, **arrays)
 
 
-def evaluate_diad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,
-                  exclude_file: Path | None = None, progress: bool = True, overlays_dir: Path | None = None,
-                  max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
-    cfg, model = load_diad(model_path, overrides)
-    use_threads(cfg, threads)
-    pipe = diad_pipeline(cfg, model)
-    size = cfg.model.image_size
-    split = load_eval_split(data_root, size, exclude_file)
+def diad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latency_repeats: int
+                    ) -> tuple[dict, dict[str, np.ndarray]]:
+    """DiAD's result JSON and the arrays stored beside it."""
+    cfg, pipe = detector.cfg, detector.pipeline
     out, batched = run_eval_split(pipe, split, cfg.inference.batch_size, ("scores", "maps"), STAGES, progress)
     frames = torch.stack([image_to_tensor(im) for im in split.images[:4]])
     latency = measure_frame_latency(pipe, frames, repeats=latency_repeats)
     settings = {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
-                "image_size": size, "feature_size": cfg.scoring.feature_size,
+                "image_size": cfg.model.image_size, "feature_size": cfg.scoring.feature_size,
                 "features": cfg.features.name, "torch_threads": torch.get_num_threads(),
                 "device": str(pipe.nets.device)}
-    result = evaluation_result(model_path, split, out["scores"], out["maps"], batched, latency, settings)
-    write_evaluation_outputs(result, split, out["scores"], out["maps"], out_json, overlays_dir, max_overlays)
-    return result
+    return evaluation_result(detector, split, out["scores"], out["maps"], batched, latency, settings), out
 
 
 def _pick_examples(labels: np.ndarray, scores: np.ndarray, k: int) -> list[int]:
@@ -225,7 +198,10 @@ def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir:
                   fields: tuple[str, ...] = ()) -> list[dict]:
     """Score image files (folders: every image below them): an overlay per image (input, reconstruction,
     heat map on one colour scale) and `scores.json` in `out_dir`; a row per image with its score, verdict
-    (with a threshold) and the per-frame result `fields` (e.g. GLAD's fire_step)."""
+    and the per-frame result `fields` (e.g. GLAD's fire_step). The verdict comes from `threshold` when given,
+    else from the pipeline's calibrated post-processor (a calibrated bundle), else there is none."""
+    post = PostProcessor(threshold, source="given") if threshold is not None else pipe.verdict
+    threshold = None if post is None else post.image_threshold
     files = _collect_images(inputs)
     out_dir = Path(out_dir)
     results = []
@@ -243,15 +219,7 @@ def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir:
     for f, im, sc, amap, rec, extra in results:
         name = f"{f.stem}_overlay.png"
         write_png(out_dir / name, np.concatenate([im, rec, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
-        verdict = None if threshold is None else ("NG" if sc > threshold else "OK")
+        verdict = None if post is None else post(sc).verdict
         rows.append({"image": str(f), "score": sc, "verdict": verdict, **extra, "overlay": str(out_dir / name)})
     write_json_atomic(out_dir / "scores.json", {"threshold": threshold, "results": rows})
     return rows
-
-
-def predict_diad(model_path: Path, inputs: list[Path], out_dir: Path, overrides: dict | None = None,
-                 threshold: float | None = None, threads: int | None = None) -> list[dict]:
-    cfg, model = load_diad(model_path, overrides)
-    use_threads(cfg, threads)
-    return predict_files(diad_pipeline(cfg, model), cfg.model.image_size, cfg.inference.batch_size, inputs, out_dir,
-                         threshold)

@@ -1,6 +1,6 @@
 """`edgeinspect serve` (the line daemon), `edgeinspect serve keys` (CurveZMQ keys) and `edgeinspect client`
 (simulated cameras). Wired into `edgeinspect.cli` by `add_serve_parsers(sub)`; also runnable alone:
-`python -m edgeinspect.serve_cli serve --bundle DIR`."""
+`python -m edgeinspect.runtime.daemon.cli serve --bundle DIR`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from edgeinspect.config import ConfigError, parse_overrides
+from edgeinspect.data.visualize import heatmap_overlay, label, write_png
+from edgeinspect.runtime.daemon.camera import CameraStreamer, SourceError, StreamOptions, load_frames
+from edgeinspect.runtime.daemon.client import DaemonTimeout, InspectionClient
+from edgeinspect.runtime.daemon.security import SecurityError, create_keys, load_client_keys
+from edgeinspect.runtime.daemon.server import DaemonConfig, DaemonError, InspectionDaemon
 
 SERVE_EPILOG = """\
 protocol: requests are ZeroMQ multipart [JSON header] (health, stats) or [JSON header, frame bytes]
@@ -35,9 +42,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.bundle is None:
         return _fail("serve", "--bundle DIR is required (or `edgeinspect serve keys --out DIR`)")
     from pydantic import ValidationError
-
-    from edgeinspect.config import ConfigError, parse_overrides
-    from edgeinspect.runtime.daemon.server import DaemonConfig, DaemonError, InspectionDaemon
 
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
                         format="edgeinspect serve: %(message)s")
@@ -70,8 +74,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_keys(args: argparse.Namespace) -> int:
-    from edgeinspect.runtime.daemon.security import SecurityError, create_keys
-
     if args.out is None:
         return _fail("serve keys", "--out DIR is required")
     try:
@@ -149,15 +151,12 @@ def _curve_client(args: argparse.Namespace):
                          "(<client>.key_secret)")
     if args.curve_server_key is None:
         return None
-    from edgeinspect.runtime.daemon.security import load_client_keys
 
     return load_client_keys(args.curve_server_key, args.curve_client_key)
 
 
 def _overlay_writer(folder: Path, limit: int):
     import numpy as np
-
-    from edgeinspect.visualize import heatmap_overlay, label, write_png
 
     written = [0]
 
@@ -184,10 +183,6 @@ def _overlay_writer(folder: Path, limit: int):
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from edgeinspect.runtime.daemon.camera import CameraStreamer, SourceError, StreamOptions, load_frames
-    from edgeinspect.runtime.daemon.client import DaemonTimeout, InspectionClient
-    from edgeinspect.runtime.daemon.security import SecurityError
-
     try:
         curve = _curve_client(args)
     except (ValueError, SecurityError) as e:

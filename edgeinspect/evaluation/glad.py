@@ -1,59 +1,25 @@
-"""`edgeinspect test`, `predict` and `glad-threshold` for GLAD: scores, metrics, ADP firing,
-latency by stage (ADP checks included), overlays, and the firing-threshold proposal.
+"""GLAD's part of `edgeinspect test` (ADP firing, latency by stage with the ADP checks) and
+`edgeinspect glad-threshold` (the firing-threshold and SAFF weight-bound proposal).
 
-The result JSON has the same form and keys as DiAD's (`evaluate.evaluate_diad`), plus an `adp`
+The result JSON has the same form and keys as DiAD's (`evaluate.diad_evaluation`), plus an `adp`
 section (firing statistics) and the firing step/score of every image in `per_image`.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgeinspect.config import GLADConfig
+from edgeinspect.calibration.adp import adp_check_maxima, propose_threshold, propose_weight_bounds
+from edgeinspect.core.atomic import write_json_atomic
+from edgeinspect.data.batches import spread_indices
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, uint8_to_model
-from edgeinspect.evaluate import (
-    evaluation_result,
-    load_eval_split,
-    measure_frame_latency,
-    predict_files,
-    run_eval_split,
-    use_threads,
-    write_evaluation_outputs,
-)
-from edgeinspect.metrics import auroc
+from edgeinspect.evaluation.evaluate import EvalSplit, evaluation_result, measure_frame_latency, run_eval_split, use_threads
+from edgeinspect.evaluation.metrics import auroc
+from edgeinspect.runtime.detector import Detector, run_pipeline
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
-from edgeinspect.training.checkpoint import write_json_atomic
-from edgeinspect.training.glad import (
-    adp_check_maxima,
-    calibration_subset,
-    for_calibration,
-    glad_pipeline,
-    load_glad,
-    propose_threshold,
-    propose_weight_bounds,
-)
-
-
-def pipeline_from_run(model_path: Path, overrides: dict | None, category: str | None = None,
-                      threads: int | None = None, calibrating: bool = False
-                      ) -> tuple[GLADConfig, GLADPipeline, dict]:
-    cfg, model, extra = load_glad(model_path, overrides)
-    if calibrating:
-        cfg = for_calibration(cfg)
-    use_threads(cfg, threads)
-    category = category or cfg.category
-    settings = cfg.inference.for_category(category)
-    calibrated = extra.get("adp_threshold")
-    if settings.threshold is None and calibrated is None:
-        warnings.warn("no ADP threshold (neither configured nor calibrated): frames fire only when t < min_step; "
-                      "propose one with `edgeinspect glad-threshold`", stacklevel=2)
-    bounds = extra.get("adp_weight_bounds")
-    return cfg, glad_pipeline(cfg, model, threshold=calibrated, category=category,
-                              weight_bounds=None if bounds is None else tuple(bounds)), extra
 
 
 def measure_glad_latency(pipe: GLADPipeline, frames: torch.Tensor, warmup: int = 2, repeats: int = 10) -> dict:
@@ -77,12 +43,12 @@ def _adp_summary(pipe: GLADPipeline, fire_step: np.ndarray, by_threshold: np.nda
             "normal": stats(labels == 0), "defective": stats(labels == 1)}
 
 
-def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = None, overrides: dict | None = None,
-                  exclude_file: Path | None = None, progress: bool = True, overlays_dir: Path | None = None,
-                  max_overlays: int = 24, latency_repeats: int = 10, threads: int | None = None) -> dict:
-    cfg, pipe, extra = pipeline_from_run(model_path, overrides, threads=threads)
+def glad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latency_repeats: int
+                    ) -> tuple[dict, dict[str, np.ndarray]]:
+    """GLAD's result JSON (DiAD's keys plus `adp`, `draw_image_auroc` and each image's firing) and the arrays
+    stored beside it."""
+    cfg, pipe = detector.cfg, detector.pipeline
     size = cfg.model.image_size
-    split = load_eval_split(data_root, size, exclude_file)
     labels = split.labels
     n = len(labels)
     out, batched = run_eval_split(pipe, split, cfg.inference.batch_size,
@@ -97,7 +63,7 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
     settings = {"category": cfg.category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
                 "threshold": None if not np.isfinite(pipe.threshold) else pipe.threshold,
                 "threshold_source": "config" if inf.threshold is not None else
-                ("calibrated" if extra.get("adp_threshold") is not None else "none"),
+                ("calibrated" if np.isfinite(pipe.threshold) else "none"),
                 "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
                 "weight_bounds": None if inf.weight_mode == "minmax" else list(pipe.weight_bounds),
                 "seed": inf.seed, "draws": inf.draws, "image_size": size,
@@ -105,23 +71,14 @@ def evaluate_glad(model_path: Path, data_root: Path, out_json: Path | None = Non
                 "blur_sigma": cfg.scoring.blur_sigma, "features": cfg.features.name,
                 "torch_threads": torch.get_num_threads(), "device": str(pipe.nets.device)}
     scores, maps, fire_step, draw_scores = out["scores"], out["maps"], out["fire_step"], out["draw_scores"]
-    result = evaluation_result(model_path, split, scores, maps, batched, latency, settings)
+    result = evaluation_result(detector, split, scores, maps, batched, latency, settings)
     result["adp"] = _adp_summary(pipe, fire_step, out["fired_by_threshold"], labels)
     # each noise draw's own image AUROC (one entry with draws = 1): how much one draw moves the result
     result["draw_image_auroc"] = [auroc(labels, draw_scores[:, k]) for k in range(inf.draws)]
     for row, fs, fsc in zip(result["per_image"], fire_step, out["fire_score"]):
         row.update(fire_step=int(fs), fire_score=None if np.isnan(fsc) else float(fsc))
-    write_evaluation_outputs(result, split, scores, maps, out_json, overlays_dir, max_overlays, fire_step=fire_step,
-                             adp_scores=out["adp_scores"], timesteps=np.array(pipe.timesteps), draw_scores=draw_scores)
-    return result
-
-
-def predict_glad(model_path: Path, inputs: list[Path], out_dir: Path, overrides: dict | None = None,
-                 threshold: float | None = None, threads: int | None = None) -> list[dict]:
-    """Score image files; `threshold` is the image-score verdict threshold (not the ADP one)."""
-    cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads)
-    return predict_files(pipe, cfg.model.image_size, cfg.inference.batch_size, inputs, out_dir, threshold,
-                         fields=("fire_step",))
+    return result, {"scores": scores, "maps": maps, "fire_step": fire_step, "adp_scores": out["adp_scores"],
+                    "timesteps": np.array(pipe.timesteps), "draw_scores": draw_scores}
 
 
 def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: dict | None = None,
@@ -131,7 +88,8 @@ def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: d
     firing threshold (`percentile` of each frame's largest ADP check score above min_step, times
     `margin`) and the linear SAFF weight's bounds (calibration.weight_percentile of the check maps at the
     fire, times calibration.weight_margin). Returns the proposal with the `--set` overrides that apply it."""
-    cfg, pipe, _ = pipeline_from_run(model_path, overrides, threads=threads, calibrating=True)
+    cfg, pipe, _ = run_pipeline(model_path, overrides, calibrating=True)
+    use_threads(cfg, threads)
     root = Path(data_root) if data_root is not None else cfg.train.data_root
     if root is None:
         raise ValueError("no data folder: pass --data")
@@ -141,7 +99,7 @@ def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: d
     margin = cal.margin if margin is None else margin
     data = MVTecFolder(root, "train", cfg.model.image_size)
     u8, _, _ = data.load_all()
-    sel = calibration_subset(len(u8), images if images > 0 else len(u8))
+    sel = spread_indices(len(u8), images if images > 0 else len(u8))
     maxima, fire_maps = adp_check_maxima(pipe, uint8_to_model(u8[sel]), cfg.inference.batch_size)
     thr = propose_threshold(maxima, percentile, margin)
     low, high = propose_weight_bounds(fire_maps, cal.weight_percentile, cal.weight_margin)

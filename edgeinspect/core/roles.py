@@ -1,0 +1,37 @@
+"""The role table: the input and output names of every network role, in one place.
+
+Loops call networks by these names, `torch_networks` wraps modules with them, export names graph
+inputs/outputs after them and the bundle manifest records them. Two roles' outputs depend on the model:
+`features` has one output per feature level, and the residual networks exported on their own (DiAD's
+`guidance`, AdaBLDM's `control`) one per UNet skip plus the middle block.
+"""
+
+from __future__ import annotations
+
+Signature = tuple[tuple[str, ...], tuple[str, ...]]  # (input names, output names)
+
+# Input/output names of every role. Export names graph inputs/outputs the same way.
+ROLE_SIGNATURES: dict[str, Signature] = {
+    "vae_encoder": (("image",), ("latent",)),
+    "vae_decoder": (("latent",), ("image",)),
+    "hint_encoder": (("image",), ("hint",)),
+    # AdaBLDM: the trimap (B,1,H,W) in {0, 0.5, 1} to its control hint, once per sample
+    "trimap_encoder": (("trimap",), ("hint",)),
+    "unet": (("sample", "timestep", "encoder_hidden_states", "hint"), ("noise_pred",)),
+    # A UNet without guidance (GLAD): its own role so each role keeps one fixed signature.
+    "unet_plain": (("sample", "timestep", "encoder_hidden_states"), ("noise_pred",)),
+    # DualAnoDiff: both LoRA branches (and the BCM background, noised to the same timestep) in one call.
+    "dual_unet": (("sample_whole", "sample_part", "background", "timestep", "ctx_whole", "ctx_part"),
+                  ("noise_whole", "noise_part")),
+    "dual_unet_plain": (("sample_whole", "sample_part", "timestep", "ctx_whole", "ctx_part"),
+                        ("noise_whole", "noise_part")),
+}
+
+
+def feature_signature(levels: int) -> Signature:
+    return ("image",), tuple(f"feature_{i}" for i in range(levels))
+
+
+def residual_outputs(n_down: int) -> tuple[str, ...]:
+    """The outputs of a ControlNet-style residual network: down_0..down_{n-1}, mid."""
+    return (*(f"down_{i}" for i in range(n_down)), "mid")

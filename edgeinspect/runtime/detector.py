@@ -1,0 +1,194 @@
+"""The one place a detector (DiAD or GLAD pipeline) is assembled: from a trained run folder on torch, or
+from a bundle on onnxruntime or TensorRT.
+
+    run_pipeline(run)                                   # (cfg, pipeline, checkpoint extras), torch
+    bundle_pipeline(bundle, "onnxruntime")              # pipeline with the bundle's calibrated verdicts
+    load_detector(model=run) / load_detector(bundle=b, backend="tensorrt")   # Detector: the CLI's
+
+Every path ends in `assemble_pipeline`: the method's loop over Networks, its DDIM schedule, settings and
+post-processor. A GLAD pipeline runs with its category's settings and the ADP firing threshold and SAFF
+weight bounds calibrated at the end of training (checkpoint state or the bundle's method_settings)
+wherever the settings leave them unset.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeinspect.config import GLADConfig
+from edgeinspect.core.ddim import DDIM
+from edgeinspect.core.networks import Networks
+from edgeinspect.core.runs import load_state, resolve_checkpoint, run_method
+from edgeinspect.models.features import FeatureExtractor, build_features
+from edgeinspect.runtime.backends import bundle_networks
+from edgeinspect.runtime.bundle_loading import (
+    GENERATOR_ROLES,
+    PIPELINE_ROLES,
+    Bundle,
+    BundleError,
+    build_bundle_config,
+    load_bundle,
+)
+from edgeinspect.runtime.diad import DiADPipeline
+from edgeinspect.runtime.glad import GLADPipeline
+from edgeinspect.runtime.postprocess import PostProcessor
+from edgeinspect.runtime.torch_backend import detector_networks, load_diad, load_glad
+
+DETECTORS = tuple(PIPELINE_ROLES)
+Pipeline = DiADPipeline | GLADPipeline
+
+
+def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, category: str | None = None,
+                      adp_threshold: float | None = None,
+                      weight_bounds: tuple[float | None, float | None] | None = None,
+                      post: PostProcessor | None = None) -> Pipeline:
+    """The method's pipeline over `networks`. GLAD: cfg.inference with `category`'s overrides (default: the
+    config's category); `adp_threshold` and `weight_bounds` are used where those settings leave them unset.
+    `post`: the post-processor whose verdicts every result carries (None: results carry none)."""
+    schedule = DDIM(cfg.scheduler)
+    if isinstance(cfg, GLADConfig):
+        pipe: Pipeline = GLADPipeline(networks, context, schedule, cfg.inference.for_category(category or cfg.category),
+                                      cfg.scoring, cfg.scoring.feature_size, threshold=adp_threshold,
+                                      weight_bounds=weight_bounds)
+    else:
+        pipe = DiADPipeline(networks, context, schedule, cfg.inference, cfg.scoring, cfg.scoring.feature_size)
+    pipe.verdict = post
+    return pipe
+
+
+# --------------------------------------------------------------------------- torch, from a model or a run
+
+
+def model_pipeline(cfg: Any, model: nn.Module, features: FeatureExtractor | None = None,
+                   device: str | torch.device | None = None, threshold: float | None = None,
+                   category: str | None = None, weight_bounds: tuple[float, float] | None = None) -> Pipeline:
+    """The torch pipeline of a loaded DiAD or GLAD model (`threshold`, `category`, `weight_bounds`: GLAD's
+    ADP settings, see `assemble_pipeline`)."""
+    device = torch.device(device or cfg.runtime.device)
+    nets = detector_networks(model, features or build_features(cfg), device)
+    with torch.inference_mode():
+        context = model.to(device).context(cfg.train.prompt if cfg.train.prompt is not None else "")
+    return assemble_pipeline(cfg, nets, context, category=category, adp_threshold=threshold,
+                             weight_bounds=weight_bounds)
+
+
+def for_calibration(cfg: GLADConfig) -> GLADConfig:
+    """The config with the minmax SAFF weight: calibration reads the check scores and maps up to the
+    fire, which the weight (applied at the fire) cannot change, and a linear weight may lack its bounds
+    until calibration has proposed them."""
+    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"weight_mode": "minmax"})})
+
+
+def run_pipeline(run: str | Path, overrides: dict | None = None, *, category: str | None = None,
+                 calibrating: bool = False, device: str | torch.device | None = None
+                 ) -> tuple[Any, Pipeline, dict[str, Any]]:
+    """(config, torch pipeline, checkpoint state extras) of a trained DiAD or GLAD run or checkpoint folder.
+    GLAD: `calibrating` runs the minmax SAFF weight (for proposing the ADP settings)."""
+    method = run_method(run)
+    if method == "diad":
+        cfg, model = load_diad(run, overrides)
+        return cfg, model_pipeline(cfg, model, device=device), {}
+    if method != "glad":
+        raise ValueError(f"{run} is a {method!r} run, not a detector ({', '.join(DETECTORS)})")
+    cfg, model, extra = load_glad(run, overrides)
+    if calibrating:
+        cfg = for_calibration(cfg)
+    category = category or cfg.category
+    calibrated = extra.get("adp_threshold")
+    if cfg.inference.for_category(category).threshold is None and calibrated is None:
+        warnings.warn("no ADP threshold (neither configured nor calibrated): frames fire only when t < min_step; "
+                      "propose one with `edgeinspect glad-threshold`", stacklevel=2)
+    bounds = extra.get("adp_weight_bounds")
+    return cfg, model_pipeline(cfg, model, device=device, threshold=calibrated, category=category,
+                               weight_bounds=None if bounds is None else tuple(bounds)), extra
+
+
+# --------------------------------------------------------------------------- a bundle on onnxruntime / TensorRT
+
+
+def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
+                    providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
+                    overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
+                    max_batch: int | None = None, device: str | torch.device | None = None,
+                    verdict: bool = True) -> Pipeline:
+    """The method's pipeline on a verified bundle. `overrides` may change inference and scoring settings
+    (not the networks): e.g. {"inference": {"steps": 5}}.
+
+    Results carry `verdicts` ("OK"/"NG" per frame from the calibrated image threshold; None when the bundle
+    is not calibrated or `verdict=False`) and `normalized_scores` (see edgeinspect.runtime.postprocess)."""
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, overrides=overrides)
+    elif overrides:
+        bundle = Bundle(bundle.path, bundle.manifest, build_bundle_config(bundle.path, bundle.manifest, overrides),
+                        bundle.context, bundle.contexts)
+    if bundle.method in GENERATOR_ROLES:
+        raise BundleError(f"bundle {bundle.path}: {bundle.method!r} is a generator, not an inspection pipeline; "
+                          f"run it with `edgeinspect generate {bundle.method} --bundle {bundle.path}`")
+    if bundle.method not in PIPELINE_ROLES:
+        raise BundleError(f"bundle {bundle.path}: no pipeline for method {bundle.method!r} in this version")
+    cfg = bundle.config
+    # max_batch counts frames; GLAD runs its noise draws as one batch and its ADP check decodes two
+    # estimates per row in one call, so its TensorRT profiles need 2 x draws times that (a profile's batch
+    # range comes from one role-wide multiplier)
+    factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
+    nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
+                           intra_op_threads=intra_op_threads, roles=PIPELINE_ROLES[bundle.method],
+                           engine_cache_dir=engine_cache_dir,
+                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device)
+    post = PostProcessor.from_bundle(bundle) if verdict and bundle.calibration else None
+    if post is not None:
+        _warn_if_calibrated_otherwise(bundle, precision)
+    ms = bundle.manifest.get("method_settings") or {}
+    return assemble_pipeline(cfg, nets, bundle.context, adp_threshold=ms.get("adp_threshold"),
+                             weight_bounds=(ms.get("weight_low"), ms.get("weight_high")), post=post)
+
+
+def _warn_if_calibrated_otherwise(bundle: Bundle, precision: str) -> None:
+    """Thresholds hold for the scores they were fitted on: say so when this pipeline scores differently."""
+    used = (bundle.calibration or {}).get("settings") or {}
+    differs = []
+    if used.get("precision") not in (None, precision):
+        differs.append(f"precision {precision} (calibrated with {used['precision']})")
+    inference = used.get("inference")
+    if inference is not None and inference != bundle.config.inference.model_dump(mode="json"):
+        differs.append("other inference settings (overrides)")
+    if differs:
+        warnings.warn(f"bundle {bundle.path}: the calibrated verdict thresholds were fitted on scores from another "
+                      f"setup than this pipeline's: {', '.join(differs)}; calibrate again for this setup",
+                      UserWarning, stacklevel=3)
+
+
+@dataclass
+class Detector:
+    """A pipeline ready to score frames, with what it was made from (for result files)."""
+
+    cfg: Any
+    pipeline: Pipeline
+    checkpoint: str  # the checkpoint folder (a bundle: the one it was exported from, by name)
+    train_seconds: float | None  # training time of that checkpoint (None from a bundle)
+
+
+def load_detector(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "torch", *,
+                  overrides: dict[str, Any] | None = None, precision: str = "fp32",
+                  intra_op_threads: int | None = None) -> Detector:
+    """A detector from a run folder (`model`, torch) or a bundle (`bundle` on `backend`)."""
+    if (model is None) == (bundle is None):
+        raise ValueError("give a run folder (model) or a bundle, not both or neither")
+    if model is not None:
+        if backend != "torch":
+            raise BundleError(f"a run folder runs on the torch backend, not {backend!r}: export it to a bundle "
+                              f"(edgeinspect export --model {model} --out BUNDLE) and pass --bundle BUNDLE")
+        cfg, pipe, _ = run_pipeline(model, overrides)
+        ckpt = resolve_checkpoint(model)
+        return Detector(cfg, pipe, str(ckpt), load_state(ckpt).train_seconds)
+    loaded = load_bundle(bundle, overrides=overrides)
+    pipe = bundle_pipeline(loaded, backend, precision=precision, intra_op_threads=intra_op_threads)
+    source = loaded.manifest.get("source") or {}
+    return Detector(loaded.config, pipe, str(source.get("checkpoint", loaded.path)), None)
