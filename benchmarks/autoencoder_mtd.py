@@ -158,7 +158,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--name", default="autoencoder_mtd")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--notes", default="", help="markdown appended to the report")
+    ap.add_argument("--notes-file", type=Path, help="a markdown file appended to the report (findings)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     entries = [(e.split("=", 1) if "=" in e else (e, e)) for e in args.entries]
@@ -231,6 +231,7 @@ def main() -> int:
     write_png(args.results / f"{args.name}.png", grid(figure_rows))
     cmd = " ".join(["python benchmarks/autoencoder_mtd.py", "--data", str(args.data), "--every", str(args.every),
                     "--default", default, "--threads", str(args.threads),
+                    *(["--notes-file", str(args.notes_file)] if args.notes_file else []),
                     *(f"{n}={pth}" if n != pth else pth for n, pth in entries)])
 
     def fmt(v):
@@ -276,7 +277,7 @@ batch 1, median of {args.repeats}.
 
 Rows: one image per type. Columns: input, then per autoencoder its round trip and |difference| x 4
 (white = an error of half the range), and for the default the resize baseline and its difference.
-{args.notes}
+{args.notes_file.read_text() if args.notes_file else ""}
 """
     (args.results / f"{args.name}.md").write_text(text)
     print(json.dumps(result["default"], indent=2))

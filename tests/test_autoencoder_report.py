@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import load_benchmark
@@ -14,3 +15,41 @@ def test_psnr_of_a_known_error():
     y[0] += 0.2          # MSE 0.04 on a peak-to-peak of 2: 10 log10(4 / 0.04) = 20 dB
     y[1] += 0.02         # 40 dB
     torch.testing.assert_close(ae.psnr(y, x), torch.tensor([20.0, 40.0]))
+
+
+def test_masked_psnr_counts_only_the_mask():
+    ae = load_benchmark("autoencoder_mtd")
+    x = torch.zeros(1, 3, 8, 8)
+    y = x.clone()
+    y[..., :4, :] += 0.2           # error only in the top half
+    top = torch.zeros(1, 8, 8, dtype=torch.bool)
+    top[:, :4] = True
+    torch.testing.assert_close(ae.psnr(y, x, top), torch.tensor([20.0]))
+    assert float(ae.psnr(y, x, ~top)) > 100  # no error outside: the floor of the clamp
+
+
+def test_ssim_of_an_image_with_itself_is_one_and_noise_lowers_it():
+    ae = load_benchmark("autoencoder_mtd")
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    torch.testing.assert_close(ae.ssim(x, x), torch.ones(2))
+    assert float(ae.ssim(x + 0.3 * torch.randn(x.shape, generator=g), x).max()) < 0.9
+
+
+def test_resize_baseline_keeps_as_many_values_as_the_latent():
+    ae = load_benchmark("autoencoder_mtd")
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    x = x.mean(1, keepdim=True).expand(-1, 3, -1, -1)   # grey, as MTD
+    # 256 values = the whole 16 x 16 grey image: bicubic at the same size is the identity
+    torch.testing.assert_close(ae.resize_baseline(x, 256), x)
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    torch.testing.assert_close(ae.resize_baseline(flat, 16), flat)  # 4 x 4 of a flat image is exact
+    with pytest.raises(ValueError, match="no square resize"):
+        ae.resize_baseline(x, 8)
+
+
+def test_dilate_grows_a_mask_by_the_given_pixels():
+    ae = load_benchmark("autoencoder_mtd")
+    m = torch.zeros(1, 9, 9, dtype=torch.bool)
+    m[0, 4, 4] = True
+    assert int(ae.dilate(m, 2).sum()) == 25 and int(ae.dilate(m, 0).sum()) == 1
