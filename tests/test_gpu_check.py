@@ -201,7 +201,7 @@ def test_train_commands(gc, tmp_path):
     assert {f"train.data_root={SAMPLE}", "train.device=cuda", "train.threads=8", "train.autoencoder_steps=2",
             "train.unet_steps=2", "train.guidance_steps=2"} <= set(sets)
     glad = ctx.train_args("glad", "train_glad")
-    assert "train.autoencoder_steps=2" in " ".join(glad)  # no DiAD run: its own base
+    assert "train.autoencoder_steps=2" in " ".join(glad) and "train.init_from=null" in glad  # no DiAD run: its own base
     ctx.facts["trained_diad"] = True
     glad = ctx.train_args("glad", "train_glad")
     assert f"train.init_from={tmp_path / 'runs' / 'diad'}" in glad and "calibration.images=8" in glad
@@ -294,6 +294,8 @@ def test_venv_env_recipe(gc, tmp_path, monkeypatch):
 
     def fake_run(argv, box_s, log, who, env=None, cwd=gc.REPO):
         ran.append(argv)
+        if argv[1:3] == ["-m", "venv"]:
+            Path(argv[3]).mkdir(parents=True, exist_ok=True)
         return gc.Outcome("ok", 0.1, box_s, "", " ".join(argv), 0)
 
     monkeypatch.setattr(gc, "run_command", fake_run)
@@ -308,6 +310,15 @@ def test_venv_env_recipe(gc, tmp_path, monkeypatch):
     assert ran[2][0] == py and ran[2][-4:] == ["uninstall", "--quiet", "-y", "onnxruntime"]
     assert ran[3][-3:] == ["--no-deps", "--force-reinstall", "onnxruntime-gpu==1.31.1"]
     assert gc.pyproject_pin("onnxruntime-gpu", "gpu") == "1.31.1" and gc.pyproject_pin("torch") == "2.14.1"
+
+    # the recipe done, a rerun reuses the venv while pyproject.toml is unchanged
+    ran.clear()
+    log = gc.Log(tmp_path / "check1.log", time.monotonic())
+    again = gc.prepare_env("venv", tmp_path, log, 200.0)
+    log.close()
+    assert ran == [] and again.outcome.status == "ok" and again.why.endswith("reusing the venv installed for this "
+                                                                             "pyproject.toml")
+    (tmp_path / "venv" / ".gpu-check-installed").write_text("another pyproject")
 
     def failing(argv, box_s, log, who, env=None, cwd=gc.REPO):
         return gc.Outcome("failed", 1.0, box_s, "ERROR: No matching distribution found for tensorrt==11.4.0.106",
