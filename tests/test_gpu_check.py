@@ -194,19 +194,19 @@ def test_arguments(gc, tmp_path):
 
 def test_train_commands(gc, tmp_path):
     ctx = _ctx(gc, tmp_path)
-    diad = ctx.train_args("diad", "train_diad")
+    diad = ctx.train_args("diad", 8)
     assert diad[:2] == ["train", "diad"] and "--resume" in diad
     assert diad[diad.index("--config") + 1] == str(REPO / "configs" / "diad_mtd_edge.yaml")
     sets = [diad[i + 1] for i, a in enumerate(diad) if a == "--set"] + [a[6:] for a in diad if a.startswith("--set=")]
     assert {f"train.data_root={SAMPLE}", "train.device=cuda", "train.threads=8", "train.autoencoder_steps=2",
             "train.unet_steps=2", "train.guidance_steps=2"} <= set(sets)
-    glad = ctx.train_args("glad", "train_glad")
+    glad = ctx.train_args("glad", 8)
     assert "train.autoencoder_steps=2" in " ".join(glad) and "train.init_from=null" in glad  # no DiAD run: its own base
     ctx.facts["trained_diad"] = True
-    glad = ctx.train_args("glad", "train_glad")
+    glad = ctx.train_args("glad", 8)
     assert f"train.init_from={tmp_path / 'runs' / 'diad'}" in glad and "calibration.images=8" in glad
     assert "autoencoder_steps" not in " ".join(glad)
-    dry = _ctx(gc, tmp_path, dry_run=True).train_args("diad", "train_diad")
+    dry = _ctx(gc, tmp_path, dry_run=True).train_args("diad", 1)
     assert dry[dry.index("--preset") + 1] == "tiny" and "--config" not in dry
     assert "train.device=cpu" in dry and "features.weights=default" in dry
 
@@ -516,6 +516,7 @@ def test_dry_run_end_to_end(gc, tmp_path):
     md = (work / "results" / "latency_dry-run.md").read_text()
     assert md.startswith("# Latency per frame: dry-run") and "## GPU check" in md and "| onnxruntime_fp32 |" in md
     assert "| engines_diad_fp16 | skipped |" in md and "| DiAD | TensorRT fp16 vs torch eager >= 20x | - |" in md
+    assert re.search(r"^\| DiAD \| torch \| \d\.\de-\d\d \| \d\.\de-\d\d \|$", md, re.M)  # parity vs onnxruntime CPU
     log = (out / "gpu_check.log").read_text()
     assert re.search(r"^\[\d\d:\d\d:\d\d \+\s*\d+\.\ds\] report: wrote ", log, re.M)
     assert "latency_diad: [diad] backends: torch, onnxruntime_fp32" in log
