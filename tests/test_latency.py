@@ -134,7 +134,8 @@ def test_latency_script_needs_a_run():
         latency.parse_args([])
     assert latency.parse_args(["--diad", "x"]).threads >= 1
     assert latency.parse_args(["--diad", "x"]).backends is None
-    args = latency.parse_args(["--diad", "x", "--device", "cuda", "--backends", "torch_cuda, onnxruntime_fp32,tensorrt_fp16"])
+    args = latency.parse_args(["--diad", "x", "--device", "cuda", "--backends",
+                               "torch_cuda, onnxruntime_fp32,tensorrt_fp16"])
     assert args.backends == {"torch_cuda", "onnxruntime_fp32", "tensorrt_fp16"}
     for refs in ("torch,onnxruntime_fp32", "torch_cuda,tensorrt_fp16"):  # the references must be timed
         with pytest.raises(SystemExit):
