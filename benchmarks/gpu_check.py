@@ -50,7 +50,8 @@ Environment (`--env`):
   (torch 2.14.1 from PyPI is a CUDA build), then the CPU onnxruntime uninstalled and onnxruntime-gpu
   reinstalled (both packages provide the module `onnxruntime`; the second install must win whole). The
   installs take most of the default budget (their box is 240 s): on a machine with an index, give
-  --budget 560, or run twice (a completed venv is reused while pyproject.toml is unchanged).
+  --budget 560, or run twice (a completed venv is reused while pyproject.toml is unchanged). A venv that
+  cannot be made (an install fails or runs out of its box) falls back to system, its failure reported.
 * auto (default): system when .whl/ holds wheels, else venv when the package index answers, else system;
   with --dry-run always system, without wheels unless --wheels names a folder.
 
@@ -995,6 +996,23 @@ def print_plan(stages: list[Stage], args: argparse.Namespace) -> None:
         print(f"  {s.name:20s} box {s.box_s:5.0f} s  {s.resource:5s}  after {', '.join(s.after) or '-'}")
 
 
+def choose_env(args: argparse.Namespace, log: Log, boxes: dict[str, float], prep_s: float
+               ) -> tuple[Env, dict[str, Outcome]]:
+    """The environment within the preparing time `prep_s`, and its outcome(s): a venv that fails to install
+    falls back to the system Python (torch on the GPU can still be measured), the venv's failure reported."""
+    t0 = time.monotonic()
+    key = "env_system" if args.env == "system" else "env_venv"  # auto may become a venv
+    env = prepare_env(args.env, args.work, log, min(boxes.get(key, DEFAULT_BOXES[key]), prep_s), args.wheels)
+    if env.mode != "venv" or env.outcome.status == "ok":
+        return env, {"env": env.outcome}
+    log("env", f"the venv could not be made ({env.outcome.status}: {env.outcome.reason}): using the system Python")
+    left = prep_s - (time.monotonic() - t0)
+    system = prepare_env("system", args.work, log, min(boxes.get("env_system", DEFAULT_BOXES["env_system"]), left),
+                         args.wheels)
+    system.why = f"the venv failed, {system.why}"
+    return system, {"env_venv": env.outcome, "env": system.outcome}
+
+
 def check(args: argparse.Namespace, argv: list[str]) -> int:
     t0 = time.monotonic()
     if args.fresh:
@@ -1005,11 +1023,8 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
     log("check", f"{command} (work folder {args.work}, budget {args.budget:.0f} s)")
     boxes = dict(args.box)
     stages = plan_stages(args.methods, args.precisions, boxes)
-    env_key = "env_venv" if args.env == "venv" else "env_system"
-    env_box = min(boxes.get(env_key, DEFAULT_BOXES[env_key]) if args.env != "auto" else
-                  boxes.get("env_venv", DEFAULT_BOXES["env_venv"]),
-                  args.budget - REPORT_RESERVE_S - sum(s.box_s for s in stages if s.measures))
-    env = prepare_env(args.env, args.work, log, env_box, args.wheels)
+    env, env_outcomes = choose_env(args, log, boxes, args.budget - REPORT_RESERVE_S
+                                   - sum(s.box_s for s in stages if s.measures))
     ctx = Context(env, args.work, args.dry_run, args.threads, args.steps, args.warmup, args.repeats,
                   args.num_frames, cpu_slots=2 if args.threads >= 8 else 1)
     outcomes: dict[str, Outcome] = {}
@@ -1019,8 +1034,7 @@ def check(args: argparse.Namespace, argv: list[str]) -> int:
     else:
         outcomes = run_stages(stages, start=t0, budget_s=args.budget, log=log, command_for=ctx.command_for,
                               on_done=ctx.on_done, env=env.environ(), cpu_slots=ctx.cpu_slots)
-    res = build_report(ctx, args.methods, {"env": env.outcome or Outcome("ok"), **outcomes}, command, args.budget,
-                       time.monotonic() - t0)
+    res = build_report(ctx, args.methods, {**env_outcomes, **outcomes}, command, args.budget, time.monotonic() - t0)
     out_json = args.results / f"latency_{res['machine']['slug']}.json"
     _write_json(out_json, res)
     # latency.py's tables need its imports (torch), which the environment's Python has

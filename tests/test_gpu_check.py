@@ -333,6 +333,22 @@ def test_venv_env_recipe(gc, tmp_path, monkeypatch):
     assert env.outcome.status == "failed" and "tensorrt==11.4.0.106" in env.outcome.reason
 
 
+def test_a_failed_venv_falls_back_to_the_system_python(gc, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there: the install fails
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    args = gc.parse_args(["check", "--env", "venv", "--work", str(tmp_path), "--wheels", str(tmp_path / "none")])
+    log = gc.Log(tmp_path / "check.log", time.monotonic())
+    env, outcomes = gc.choose_env(args, log, {}, 300.0)
+    log.close()
+    assert env.mode == "system" and env.python == sys.executable and env.why == "the venv failed, --env system"
+    assert list(outcomes) == ["env_venv", "env"] and outcomes["env"].status == "ok"
+    venv = outcomes["env_venv"]
+    assert venv.status == "failed" and venv.box_s == pytest.approx(240.0, abs=1.0)
+    assert venv.reason.startswith("ERROR: No matching distribution found for ") and venv.command.endswith("[gpu]'")
+    lines = gc.failures(outcomes, {}, {}, env)
+    assert lines == [f"env_venv: failed: {outcomes['env_venv'].reason}"]
+
+
 def test_carried_requirements(gc):
     import importlib.metadata
 
