@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-demo
+.PHONY: setup demo test clean-demo gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -31,3 +31,14 @@ test: setup
 
 clean-demo:
 	rm -rf runs/demo
+
+# One-go GPU check on a machine with an NVIDIA GPU (benchmarks/gpu_check.py): environment, small DiAD and
+# GLAD runs, bundles, TensorRT fp16/int8 engines, parity against onnxruntime on the CPU, per-stage latency
+# -> benchmarks/results/latency_<gpu>.md/.json (and the log), copied to OUT when given; at most 8 minutes.
+# It makes or picks its own environment, so it runs with the machine's python3, not with .venv.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py check $(if $(OUT),--out $(OUT))
+
+# Here, before a lent GPU machine's call: the wheels its image lacks, into .whl/ (git-ignored) to carry.
+gpu-wheels: setup
+	$(PY) benchmarks/gpu_check.py wheels

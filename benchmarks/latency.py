@@ -13,6 +13,8 @@ What it does, per method:
 * backends: torch eager; onnxruntime fp32; onnxruntime fp16 (with `--fp16`, or when the cached bundle
   has the fp16 variant); on a machine with a GPU also torch CUDA, onnxruntime CUDA (onnxruntime-gpu) and
   native TensorRT (tensorrt + a GPU; engines built into the cached bundle's engines/ folder);
+* `--backends` restricts the timing to those names; a GPU backend that cannot be built or fails its
+  warm-up is left out and its error recorded (backend_errors), the others still run;
 * the same frames for every backend (`--frames` folder, else the run's data folder test split, else
   seeded noise), batch 1, `--warmup` untimed frames per backend, then `--repeats` timed frames per
   backend interleaved (frame i on every backend, then frame i+1...), so load drift hits all alike;
@@ -29,8 +31,9 @@ Machine slug (file names): `--machine`, else "cpu<N>" with N the logical CPUs th
 
 JSON, per method (methods.<diad|glad>): torch_ms, ort_ms (onnxruntime fp32, medians), ort_vs_torch_speedup,
 stage_ms (backend -> stage -> median ms), gflop_per_frame, peak_fraction (onnxruntime fp32),
-peak_fraction_by_backend, backends (backend -> ms/stage median, p10, p90, GFLOP/s), parity (max |score
-difference| to torch on the timed frames); top level: machine, measured_peak, settings, command.
+peak_fraction_by_backend, backends (backend -> ms/stage median, p10, p90, GFLOP/s, fps), backend_errors,
+parity (max |score difference| to torch, and to onnxruntime fp32 on the CPU, absolute and relative to its
+largest |score|, on the timed frames); top level: machine, measured_peak, settings, command.
 
 Timings taken while other work loads the machine are not representative: run it on an idle machine.
 """
@@ -45,6 +48,7 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,7 @@ from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slu
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+ORT_CPU = "onnxruntime_fp32"  # the reference backend: onnxruntime fp32 on the CPU
 
 
 # --------------------------------------------------------------------------- machine
@@ -170,28 +175,54 @@ def ensure_bundle(method: str, run: Path, cfg: Any, features: Any, cache: Path, 
     return out
 
 
-def backends_for(method: str, bundle_dir: Path, torch_pipe: Any, threads: int, device: str,
-                 overrides: dict | None = None) -> dict[str, Any]:
-    """backend name -> pipeline, for every backend and precision available here."""
-    from edgeinspect.runtime.tensorrt_engines import engine_support_problems
+def tensorrt_pipeline(bundle: Any, precision: str) -> Any:
+    """The TensorRT pipeline of a bundle at batch 1; its engines are built into <bundle>/engines when missing
+    (benchmarks/gpu_check.py builds them beforehand through this same call, so the profiles match)."""
     from edgeinspect.runtime.detector import bundle_pipeline
+
+    return bundle_pipeline(bundle, "tensorrt", precision=precision, max_batch=1, verdict=False)
+
+
+def torch_backend_name(device: str) -> str:
+    return f"torch{'_cuda' if device.startswith('cuda') else ''}"
+
+
+def backends_for(method: str, bundle_dir: Path, torch_pipe: Any, threads: int, device: str,
+                 overrides: dict | None = None, only: set[str] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """backend name -> pipeline, for every backend and precision available here (`only`: those of these
+    names), and GPU backend name -> why it could not be built (the other backends still run)."""
     from edgeinspect.runtime.bundle_loading import load_bundle
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.tensorrt_engines import engine_support_problems
     from edgeinspect.runtime.ort_backend import CUDA, available_providers
 
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     bundle = load_bundle(bundle_dir, overrides=overrides)
-    out: dict[str, Any] = {f"torch{'_cuda' if device.startswith('cuda') else ''}": torch_pipe}
+    out: dict[str, Any] = {torch_backend_name(device): torch_pipe}
     for precision in bundle.precisions:
-        out[f"onnxruntime_{precision}"] = bundle_pipeline(bundle, "onnxruntime", precision=precision,
-                                                          intra_op_threads=threads, verdict=False)
+        if wanted(f"onnxruntime_{precision}"):
+            out[f"onnxruntime_{precision}"] = bundle_pipeline(bundle, "onnxruntime", precision=precision,
+                                                              intra_op_threads=threads, verdict=False)
+    gpu: dict[str, Any] = {}
     if torch.cuda.is_available() and CUDA in available_providers():
         for precision in bundle.precisions:
-            out[f"onnxruntime_cuda_{precision}"] = bundle_pipeline(bundle, "onnxruntime", precision=precision,
-                                                                   providers=["cuda"], verdict=False)
+            gpu[f"onnxruntime_cuda_{precision}"] = partial(bundle_pipeline, bundle, "onnxruntime", precision=precision,
+                                                           providers=["cuda"], verdict=False)
     if not engine_support_problems():
         for precision in bundle.precisions:
-            out[f"tensorrt_{precision}"] = bundle_pipeline(bundle, "tensorrt", precision=precision, max_batch=1,
-                                                           verdict=False)
-    return out
+            gpu[f"tensorrt_{precision}"] = partial(tensorrt_pipeline, bundle, precision)
+    failed: dict[str, str] = {}
+    for name, make in gpu.items():
+        if wanted(name):
+            try:
+                out[name] = make()
+            except Exception as e:  # e.g. CUDA libraries missing, an engine that does not build: report, go on
+                failed[name] = f"{type(e).__name__}: {e}"
+                print(f"[{method}] {name} unavailable: {failed[name]}", flush=True)
+    return out, failed
 
 
 # --------------------------------------------------------------------------- measuring
@@ -217,16 +248,26 @@ def _sync(name: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repeats: int
-                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repeats: int,
+                  required: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """Interleaved batch-1 timing: per backend the whole-frame and per-stage spread, and the scores of
-    each frame (for the parity check)."""
+    each frame (for the parity check). A backend other than the `required` ones that fails in its
+    warm-up is dropped and its error returned (third value)."""
     n = len(frames)
+    pipes = dict(pipes)
+    failed: dict[str, str] = {}
     scores: dict[str, torch.Tensor] = {b: torch.full((n,), float("nan")) for b in pipes}
-    for name, pipe in pipes.items():
-        for i in range(warmup):
-            r = pipe(frames[i % n:i % n + 1])
-            scores[name][i % n] = float(r.scores[0])
+    for name, pipe in list(pipes.items()):
+        try:
+            for i in range(warmup):
+                r = pipe(frames[i % n:i % n + 1])
+                scores[name][i % n] = float(r.scores[0])
+        except Exception as e:
+            if name in required:
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"warm-up of {name} failed, dropped: {failed[name]}", flush=True)
+            del pipes[name], scores[name]
     totals: dict[str, list[float]] = {b: [] for b in pipes}
     stages: dict[str, dict[str, list[float]]] = {b: {} for b in pipes}
     for i in range(repeats):
@@ -241,7 +282,25 @@ def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repe
                 stages[name].setdefault(s, []).append(ms)
             scores[name][i % n] = float(r.scores[0])
     out = {b: {"ms": spread(totals[b]), "stage_ms": {s: spread(v) for s, v in stages[b].items()}} for b in pipes}
-    return out, scores
+    return out, scores, failed
+
+
+def max_score_diffs(scores: dict[str, torch.Tensor], ref_name: str) -> tuple[dict[str, float | None],
+                                                                            dict[str, float | None]]:
+    """Per backend, the largest |score - reference score| over the frames both scored, and the same divided
+    by the reference's largest |score| (None where no frame was scored by both)."""
+    ref = scores[ref_name]
+    absolute: dict[str, float | None] = {}
+    relative: dict[str, float | None] = {}
+    for name, s in scores.items():
+        if name == ref_name:
+            continue
+        seen = ~torch.isnan(ref) & ~torch.isnan(s)
+        d = float((s[seen] - ref[seen]).abs().max()) if seen.any() else None
+        scale = float(ref[seen].abs().max()) if seen.any() else 0.0
+        absolute[name] = d
+        relative[name] = d / scale if d is not None and scale > 0 else None
+    return absolute, relative
 
 
 def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[str, Any]) -> dict[str, Any]:
@@ -252,13 +311,15 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
     cfg, torch_pipe, features = torch_side(method, run, args.device, overrides)
     frames, frames_source = load_frames(cfg, args.frames, args.num_frames)
     bundle_dir = ensure_bundle(method, run, cfg, features, args.cache, args.fp16, args.threads)
-    pipes = backends_for(method, bundle_dir, torch_pipe, args.threads, args.device, overrides)
+    pipes, backend_errors = backends_for(method, bundle_dir, torch_pipe, args.threads, args.device, overrides,
+                                         args.backends)
     print(f"[{method}] backends: {', '.join(pipes)}; counting FLOPs", flush=True)
     gflop, by_op = count_gflop_per_frame(torch_pipe, frames)
     print(f"[{method}] {gflop:.3f} GFLOP/frame; timing {args.repeats} frames per backend", flush=True)
-    timed, scores = time_backends(pipes, frames, args.warmup, args.repeats)
-    torch_name = next(iter(pipes))
-    ref = scores[torch_name]
+    torch_name = torch_backend_name(args.device)
+    timed, scores, warmup_errors = time_backends(pipes, frames, args.warmup, args.repeats,
+                                                 required=(torch_name, ORT_CPU))
+    backend_errors |= warmup_errors
     backends = {}
     for name, t in timed.items():
         sec = t["ms"]["median"] / 1e3
@@ -266,12 +327,12 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
         backends[name] = {**t, "runs_on": "gpu" if on_gpu else "cpu", "gflops_achieved": gflop / sec,
                           # the measured peak is the CPU's: no fraction of it for a GPU backend
                           "peak_fraction": None if on_gpu else gflop / sec / peak["gflops"],
-                          "vs_torch_speedup": timed[torch_name]["ms"]["median"] / t["ms"]["median"]}
-    seen = ~torch.isnan(ref)
-    parity = {name: float((s[seen] - ref[seen]).abs().max()) if seen.any() else None
-              for name, s in scores.items() if name != torch_name}
+                          "vs_torch_speedup": timed[torch_name]["ms"]["median"] / t["ms"]["median"],
+                          "fps": 1e3 / t["ms"]["median"]}
+    vs_torch, _ = max_score_diffs(scores, torch_name)
+    vs_ort_cpu, vs_ort_cpu_rel = max_score_diffs(scores, ORT_CPU)
     torch_ms = timed[torch_name]["ms"]["median"]
-    ort_ms = timed["onnxruntime_fp32"]["ms"]["median"]
+    ort_ms = timed[ORT_CPU]["ms"]["median"]
     settings = ({"t_start": cfg.inference.t_start, "steps": cfg.inference.steps} if method == "diad" else
                 {k: getattr(torch_pipe.inference, k) for k in ("t0", "steps", "min_step", "top_k", "adp_top_k",
                                                                 "check_every", "draws")}
@@ -284,9 +345,13 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
         "torch_ms": torch_ms, "ort_ms": ort_ms, "ort_vs_torch_speedup": torch_ms / ort_ms,
         "stage_ms": {b: {s: v["median"] for s, v in t["stage_ms"].items()} for b, t in timed.items()},
         "gflop_per_frame": gflop, "gflop_by_op": by_op,
-        "peak_fraction": backends["onnxruntime_fp32"]["peak_fraction"],
+        "peak_fraction": backends[ORT_CPU]["peak_fraction"],
         "peak_fraction_by_backend": {b: v["peak_fraction"] for b, v in backends.items()},
-        "backends": backends, "parity": {"max_abs_score_diff_vs_torch": parity},
+        "backends": backends, "backend_errors": backend_errors,
+        "parity": {"max_abs_score_diff_vs_torch": vs_torch,
+                   # onnxruntime fp32 on the CPU: the reference every GPU backend of the bundle is checked against
+                   "max_abs_score_diff_vs_onnxruntime_cpu": vs_ort_cpu,
+                   "max_rel_score_diff_vs_onnxruntime_cpu": vs_ort_cpu_rel},
     }
 
 
@@ -295,6 +360,10 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
 
 def runs_on_gpu(backend: str) -> bool:
     return "cuda" in backend or "tensorrt" in backend
+
+
+def _diff(d: float | None) -> str:
+    return "-" if d is None else f"{d:.1e}"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -320,18 +389,21 @@ def markdown(res: dict[str, Any]) -> str:
                   f"frames: {r['frames']}" + (f"; overrides {', '.join(r['overrides'])}" if r.get("overrides") else "")
                   + f". {r['gflop_per_frame']:.3f} GFLOP per frame.", "",
                   "| backend | runs on | median ms/frame | p10 | p90 | vs torch eager | GFLOP/s | of measured peak | "
-                  "max abs score diff vs torch |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "max abs score diff vs torch | frames/s | max abs score diff vs onnxruntime CPU |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         par = r["parity"]["max_abs_score_diff_vs_torch"]
+        par_ort = r["parity"].get("max_abs_score_diff_vs_onnxruntime_cpu", {})
         for b, v in r["backends"].items():
-            d = par.get(b)
             where = "GPU" if runs_on_gpu(b) else f"CPU, {m['threads']} thr"
             frac = "-" if v.get("peak_fraction") is None else f"{100 * v['peak_fraction']:.1f} %"
+            fps = f"{v['fps']:.1f}" if "fps" in v else "-"
             lines.append(f"| {b} | {where} | {v['ms']['median']:.1f} | {v['ms']['p10']:.1f} | {v['ms']['p90']:.1f} | "
                          f"{v['vs_torch_speedup']:.2f}x | {v['gflops_achieved']:.2f} | {frac} | "
-                         f"{'-' if d is None else f'{d:.1e}'} |")
-        lines += ["", f"**onnxruntime fp32 vs torch eager: {r['ort_vs_torch_speedup']:.2f}x** "
-                      f"({r['ort_ms']:.1f} ms vs {r['torch_ms']:.1f} ms per frame).", ""]
+                         f"{_diff(par.get(b))} | {fps} | {_diff(par_ort.get(b))} |")
+        errors = r.get("backend_errors", {})
+        lines += ["", *(f"- {b}: not measured: {err}" for b, err in errors.items()), *([""] if errors else [])]
+        lines += [f"**onnxruntime fp32 vs torch eager: {r['ort_vs_torch_speedup']:.2f}x** "
+                  f"({r['ort_ms']:.1f} ms vs {r['torch_ms']:.1f} ms per frame).", ""]
         backends = list(r["stage_ms"])
         stages = list(dict.fromkeys(s for b in backends for s in r["stage_ms"][b]))
         lines += ["Stage medians (ms per frame):", "", "| stage | " + " | ".join(backends) + " |",
@@ -367,11 +439,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
     ap.add_argument("--note", help="a paragraph for the report, e.g. how the runs were made")
     ap.add_argument("--peak-size", type=int, default=2048, help="matmul size for the measured peak (default 2048)")
+    ap.add_argument("--backends", type=lambda v: {b.strip() for b in v.split(",") if b.strip()},
+                    help="comma-separated backends to time, of those available (default: all); the torch one "
+                         f"(torch or torch_cuda) and {ORT_CPU} are always needed")
     args = ap.parse_args(argv)
     if args.diad is None and args.glad is None:
         ap.error("give --diad and/or --glad")
     if args.repeats < 1 or args.warmup < 0 or args.num_frames < 1:
         ap.error("--repeats and --num-frames must be >= 1, --warmup >= 0")
+    if args.backends is not None:
+        missing = sorted({torch_backend_name(args.device), ORT_CPU} - args.backends)
+        if missing:
+            ap.error(f"--backends must include {' and '.join(missing)} (the references)")
     args.threads = args.threads or logical_cpus()
     return args
 

@@ -66,6 +66,14 @@ def test_latency_script_end_to_end(tmp_path, capsys):
             assert set(r["stage_ms"][b]) == stages[method], (method, b)
             assert all(ms >= 0 for ms in r["stage_ms"][b].values()) and r["stage_ms"][b]["denoise"] > 0
         assert r["peak_fraction"] == r["peak_fraction_by_backend"]["onnxruntime_fp32"]
+        assert r["backend_errors"] == {}
+        for b, v in r["backends"].items():
+            assert v["fps"] == pytest.approx(1e3 / v["ms"]["median"])
+        # every backend against onnxruntime fp32 on the CPU, the reference of the GPU check
+        vs_ort = r["parity"]["max_abs_score_diff_vs_onnxruntime_cpu"]
+        assert set(vs_ort) == set(r["backends"]) - {"onnxruntime_fp32"}
+        assert vs_ort["torch"] == r["parity"]["max_abs_score_diff_vs_torch"]["onnxruntime_fp32"]
+        assert r["parity"]["max_rel_score_diff_vs_onnxruntime_cpu"]["onnxruntime_fp16"] < 5e-2
         assert any(k.startswith("aten.convolution") for k in r["gflop_by_op"])
         par = r["parity"]["max_abs_score_diff_vs_torch"]
         assert par["onnxruntime_fp32"] < 1e-4  # the same networks (the extractor shared with the bundle)
@@ -89,9 +97,47 @@ def test_latency_script_end_to_end(tmp_path, capsys):
     assert "How the runs were made." in md
 
 
+class _Result:
+    def __init__(self, score: float):
+        self.scores = torch.tensor([score])
+        self.timings_ms = {"denoise": 1.0}
+
+
+def test_a_failing_gpu_backend_is_dropped_and_reported():
+    latency = _latency_module()
+
+    def broken(x):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    pipes = {"torch_cuda": lambda x: _Result(1.0), "onnxruntime_fp32": lambda x: _Result(1.0 + 1e-6),
+             "tensorrt_fp16": broken, "onnxruntime_cuda_fp32": lambda x: _Result(1.5)}
+    frames = torch.zeros(2, 3, 8, 8)
+    timed, scores, failed = latency.time_backends(pipes, frames, warmup=1, repeats=3,
+                                                  required=("torch_cuda", "onnxruntime_fp32"))
+    assert set(timed) == set(scores) == {"torch_cuda", "onnxruntime_fp32", "onnxruntime_cuda_fp32"}
+    assert failed == {"tensorrt_fp16": "RuntimeError: CUDA error: no kernel image is available for execution on "
+                                       "the device"}
+    assert all(t["ms"]["n"] == 3 for t in timed.values()) and "tensorrt_fp16" in pipes  # the caller's dict kept
+    absolute, relative = latency.max_score_diffs(scores, "onnxruntime_fp32")
+    assert absolute["onnxruntime_cuda_fp32"] == pytest.approx(0.5 - 1e-6, abs=1e-6)
+    assert relative["onnxruntime_cuda_fp32"] == pytest.approx((0.5 - 1e-6) / (1.0 + 1e-6), abs=1e-6)
+    assert absolute["torch_cuda"] == pytest.approx(1e-6, abs=1e-7)
+    # a reference that fails stops the run: there would be nothing to compare with
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        latency.time_backends({"torch_cuda": broken, "onnxruntime_fp32": lambda x: _Result(1.0)}, frames, 1, 1,
+                              required=("torch_cuda", "onnxruntime_fp32"))
+
+
 def test_latency_script_needs_a_run():
     latency = _latency_module()
     with pytest.raises(SystemExit):
         latency.parse_args([])
     assert latency.parse_args(["--diad", "x"]).threads >= 1
+    assert latency.parse_args(["--diad", "x"]).backends is None
+    args = latency.parse_args(["--diad", "x", "--device", "cuda", "--backends",
+                               "torch_cuda, onnxruntime_fp32,tensorrt_fp16"])
+    assert args.backends == {"torch_cuda", "onnxruntime_fp32", "tensorrt_fp16"}
+    for refs in ("torch,onnxruntime_fp32", "torch_cuda,tensorrt_fp16"):  # the references must be timed
+        with pytest.raises(SystemExit):
+            latency.parse_args(["--diad", "x", "--device", "cuda", "--backends", refs])
     assert latency.slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-r-xeon-r-cpu-2-20ghz"
