@@ -119,8 +119,12 @@ def test_round_trip_scores_equal_the_direct_pipeline(client):
         assert r["score"] == pytest.approx(float(expect[i]), abs=SCORE_TOL, rel=SCORE_TOL)
         assert r["verdict"] is None and r["threshold"] is None and r["normalized_score"] is None
         t = r["timings_ms"]
-        assert set(t) == {"decode", "queue_wait", "model", "model_total", "encode_reply", "daemon_total"}
+        assert set(t) == {"decode", "queue_wait", "model", "model_total", "encode_reply", "compute", "daemon_total"}
         assert set(t["model"]) == {"encode", "denoise", "decode", "features", "scoring"}
+        # compute: this frame's decode, the model and its reply; with queue_wait it makes up the daemon's time
+        assert t["decode"] + t["model_total"] + t["encode_reply"] <= t["compute"] + 0.01
+        assert t["queue_wait"] + t["compute"] == pytest.approx(t["daemon_total"], abs=0.01)
+        assert r.latency_ms >= t["daemon_total"]
         assert r["batch_size"] >= 1 and r["fire_step"] is None and r["map"] is None and r.map_part is None
     # the same frames as the files' own JPEG bytes and as re-encoded PNG
     for i, p in enumerate(paths[:3]):
