@@ -372,8 +372,10 @@ def load_bundle(path: str | Path, verify: bool = True, overrides: dict[str, Any]
 def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     roles: Sequence[str] | None = None, engine_cache_dir: str | Path | None = None,
-                    max_batch: int | None = None, device: str | torch.device | None = None):
-    """The networks of a bundle on one backend ("onnxruntime" or "tensorrt")."""
+                    max_batch: int | None = None, device: str | torch.device | None = None,
+                    memory_arena: bool = True):
+    """The networks of a bundle on one backend ("onnxruntime" or "tensorrt"); memory_arena: see
+    edgeinspect.runtime.ort_backend.session_options."""
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if backend == "torch":
         raise BundleError(
@@ -385,7 +387,7 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
         from edgeinspect.runtime.ort_backend import ort_networks
 
         return ort_networks(bundle, providers=providers, precision=precision, intra_op_threads=intra_op_threads,
-                            roles=roles)
+                            roles=roles, memory_arena=memory_arena)
     if backend == "tensorrt":
         from edgeinspect.runtime.trt_backend import trt_networks
 
@@ -412,7 +414,7 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
                     max_batch: int | None = None, device: str | torch.device | None = None,
-                    verdict: bool = True):
+                    verdict: bool = True, memory_arena: bool = True):
     """The method's pipeline (DiADPipeline or GLADPipeline) on a verified bundle. `overrides` may change
     inference and scoring settings (not the networks): e.g. {"inference": {"steps": 5}}.
 
@@ -442,7 +444,8 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=_PIPELINE_ROLES[bundle.method],
                            engine_cache_dir=engine_cache_dir,
-                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device)
+                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device,
+                           memory_arena=memory_arena)
     if bundle.method == "glad":
         from edgeinspect.runtime.glad import GLADPipeline
 

@@ -3,7 +3,8 @@
 One thread (the caller of `serve`) owns the sockets: it receives requests, validates headers and
 checks each frame's declared size from its header (O(1): see `frames.check_frame`), answers
 health/stats/bad input at once, queues frames still encoded (bounded per camera, drop-oldest, and in
-bytes: see `queueing`), and sends the replies the worker built. One worker thread decodes the frames
+bytes: see `queueing`; a frame pushed out is answered `dropped` when the next batch is done), and sends
+the replies the worker built. One worker thread decodes the frames
 of a batch, runs the model and builds the replies, maps included (see `worker`); it wakes the loop
 through an inproc PAIR socket when a batch is done. Nothing on the loop costs time in proportion to a
 frame or a map, so health is answered within milliseconds whatever the data path is doing.
@@ -29,6 +30,7 @@ Memory is bounded whatever the clients do:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue as queue_mod
@@ -36,6 +38,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,7 +82,20 @@ from edgeinspect.runtime.daemon.worker import (
 log = logging.getLogger("edgeinspect.serve")
 
 RECV_BURST = 256  # messages handled before the loop looks at finished batches again
+# A frame pushed out of its camera's queue is answered `dropped` when the next batch is done (or after
+# DROP_REPLY_DELAY_S): a client that sends again as soon as it is answered is paced by the model instead
+# of spinning the loop (and the CPU the model needs) with frames that can only be dropped.
+DROP_REPLY_DELAY_S = 0.5
+MAX_DEFERRED_DROPS = 4096
 MAP_BYTES_PER_PIXEL = 4  # a float16 map is 2 bytes a pixel, a png16 of noise a little over: a reply fits 4
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc keeps what the warm-up batches freed)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class DaemonError(RuntimeError):
@@ -107,6 +123,9 @@ class DaemonConfig(BaseModel):
     max_reply_bytes_per_client: int = Field(16 << 20, ge=1 << 16)  # replies waiting to be written, per connection
     max_reply_bytes: int = Field(64 << 20, ge=1 << 16)  # replies waiting to be written, all connections
     adaptive_batch: bool = True  # at warm-up, time batch sizes up to max_batch; keep the cheapest per frame
+    # onnxruntime's CPU arena and per-shape memory plans keep the peak of every batch size seen: off, the
+    # daemon's memory stays at its idle level whatever the batches (see benchmarks/results/serve_cpu2.md)
+    ort_memory_arena: bool = False
     hwm: int = Field(100, ge=1)  # replies (ROUTER send) and results (PUB) waiting per peer, messages
     # requests waiting in ZeroMQ per connected peer: small, so a sender faster than the daemon is held back
     # by TCP flow control instead of filling this process with frames (memory <= rcv_hwm x frame x peers)
@@ -194,6 +213,7 @@ class InspectionDaemon:
         self.answered = 0  # of those, frames whose reply was handed to ZeroMQ (or dropped for a full client)
         self.cut = 0  # of those, frames answered `shutting_down` by a forced stop
         self.unanswered = 0  # accepted frames left without a reply when `serve` returned
+        self._deferred_drops: deque[tuple[float, PendingFrame, str]] = deque()
 
         self.ctx = zmq.Context()
         self._wake_lock = threading.Lock()
@@ -243,7 +263,8 @@ class InspectionDaemon:
         try:
             bundle = load_bundle(config.bundle, overrides=config.overrides or None)
             pipeline = bundle_pipeline(bundle, config.backend, precision=config.precision,
-                                       intra_op_threads=config.threads, max_batch=config.max_batch)
+                                       intra_op_threads=config.threads, max_batch=config.max_batch,
+                                       memory_arena=config.ort_memory_arena)
         except (BundleError, OSError, ValueError) as e:  # ValueError: e.g. a calibration record it cannot read
             raise DaemonError(str(e)) from None
         except ImportError as e:
@@ -269,6 +290,7 @@ class InspectionDaemon:
                     run_pipeline(self.pipeline, [blank] * b)
         except Exception as e:
             raise DaemonError(f"the model fails on a warm-up batch: {type(e).__name__}: {e}") from None
+        release_free_memory()
 
     def _start_worker(self) -> InferenceWorker:
         deadline = self.config.batch_deadline_ms / 1e3
@@ -348,6 +370,14 @@ class InspectionDaemon:
             self.stats.batch(o.model_frames, o.model_ms)
         for fr in o.replies:
             self._send_reply(fr)
+        self._flush_drops(None)
+
+    def _flush_drops(self, older_than: float | None) -> None:
+        """Answer the dropped frames (all, or those dropped before `older_than`)."""
+        q = self._deferred_drops
+        while q and (older_than is None or q[0][0] < older_than):
+            _, pf, message = q.popleft()
+            self._answer(pf, ErrorCode.DROPPED, message)
 
     def _send_reply(self, fr: FrameReply) -> None:
         pf = fr.frame
@@ -430,9 +460,13 @@ class InspectionDaemon:
         self.accepted += 1
         if dropped is not None:
             d: InspectRequest = dropped.request
-            self._answer(dropped, ErrorCode.DROPPED,
-                         f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full "
-                         f"({self.config.queue_per_camera} frames): this older frame was dropped (drop-oldest policy)")
+            dropped.data = None  # its bytes go now; only the route and the header wait for the reply
+            self._deferred_drops.append((time.perf_counter(), dropped, (
+                f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full ({self.config.queue_per_camera} "
+                "frames): this older frame was dropped (drop-oldest policy)")))
+            if len(self._deferred_drops) > MAX_DEFERRED_DROPS:
+                _, pf, message = self._deferred_drops.popleft()
+                self._answer(pf, ErrorCode.DROPPED, message)
 
     def _handle_safely(self, parts: list[zmq.Frame]) -> None:
         try:
@@ -464,6 +498,7 @@ class InspectionDaemon:
     def _stop_now(self) -> None:
         """A forced stop: answer the queued frames and the batch on the model with `shutting_down`."""
         self._drain_outcomes()
+        self._flush_drops(None)
         for pf in [*self.queue.pop_all(), *self.worker.current]:
             if not pf.answered:
                 self.cut += 1
@@ -491,6 +526,7 @@ class InspectionDaemon:
                     log.info("stopped without waiting for the model")
                     break
                 if drain_deadline is not None:
+                    self._flush_drops(None)
                     if not self.worker.is_alive():
                         self._drain_outcomes()
                         log.info("drained: every accepted frame answered")
@@ -521,6 +557,7 @@ class InspectionDaemon:
                             break
                         self._handle_safely(parts)
                     self._drain_outcomes()
+                self._flush_drops(time.perf_counter() - DROP_REPLY_DELAY_S)
                 self.outbox.reap()
         finally:
             for sig, handler in previous.items():
