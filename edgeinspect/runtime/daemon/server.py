@@ -3,8 +3,10 @@
 One thread (the caller of `serve`) owns the sockets: it receives requests, validates headers and
 checks each frame's declared size from its header (O(1): see `frames.check_frame`), answers
 health/stats/bad input at once, queues frames still encoded (bounded per camera, drop-oldest, and in
-bytes: see `queueing`; a frame pushed out is answered `dropped` when the next batch is done), and sends
-the replies the worker built. One worker thread decodes the frames
+bytes: see `queueing`), and sends the replies the worker built. A frame pushed out of its camera's queue
+is answered `dropped` when the frame that pushed it out leaves the queue (its batch is done, or it is
+pushed out in turn): a client that sends again as soon as it is answered is then paced by the model,
+instead of spinning the loop (and taking the CPU the model needs) with frames that can only be dropped. One worker thread decodes the frames
 of a batch, runs the model and builds the replies, maps included (see `worker`); it wakes the loop
 through an inproc PAIR socket when a batch is done. Nothing on the loop costs time in proportion to a
 frame or a map, so health is answered within milliseconds whatever the data path is doing.
@@ -38,7 +40,6 @@ import signal
 import threading
 import time
 import traceback
-from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,11 +83,6 @@ from edgeinspect.runtime.daemon.worker import (
 log = logging.getLogger("edgeinspect.serve")
 
 RECV_BURST = 256  # messages handled before the loop looks at finished batches again
-# A frame pushed out of its camera's queue is answered `dropped` when the next batch is done (or after
-# DROP_REPLY_DELAY_S): a client that sends again as soon as it is answered is paced by the model instead
-# of spinning the loop (and the CPU the model needs) with frames that can only be dropped.
-DROP_REPLY_DELAY_S = 0.5
-MAX_DEFERRED_DROPS = 4096
 MAP_BYTES_PER_PIXEL = 4  # a float16 map is 2 bytes a pixel, a png16 of noise a little over: a reply fits 4
 
 
@@ -213,7 +209,6 @@ class InspectionDaemon:
         self.answered = 0  # of those, frames whose reply was handed to ZeroMQ (or dropped for a full client)
         self.cut = 0  # of those, frames answered `shutting_down` by a forced stop
         self.unanswered = 0  # accepted frames left without a reply when `serve` returned
-        self._deferred_drops: deque[tuple[float, PendingFrame, str]] = deque()
 
         self.ctx = zmq.Context()
         self._wake_lock = threading.Lock()
@@ -369,15 +364,14 @@ class InspectionDaemon:
         if o.model_frames:
             self.stats.batch(o.model_frames, o.model_ms)
         for fr in o.replies:
+            self._release_displaced(fr.frame)
             self._send_reply(fr)
-        self._flush_drops(None)
 
-    def _flush_drops(self, older_than: float | None) -> None:
-        """Answer the dropped frames (all, or those dropped before `older_than`)."""
-        q = self._deferred_drops
-        while q and (older_than is None or q[0][0] < older_than):
-            _, pf, message = q.popleft()
-            self._answer(pf, ErrorCode.DROPPED, message)
+    def _release_displaced(self, pf: PendingFrame) -> None:
+        """pf left the queue: answer the frame it had pushed out."""
+        d, pf.displaced = pf.displaced, None
+        if d is not None:
+            self._answer(d, ErrorCode.DROPPED, d.drop_message)
 
     def _send_reply(self, fr: FrameReply) -> None:
         pf = fr.frame
@@ -460,13 +454,12 @@ class InspectionDaemon:
         self.accepted += 1
         if dropped is not None:
             d: InspectRequest = dropped.request
+            self._release_displaced(dropped)
             dropped.data = None  # its bytes go now; only the route and the header wait for the reply
-            self._deferred_drops.append((time.perf_counter(), dropped, (
-                f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full ({self.config.queue_per_camera} "
-                "frames): this older frame was dropped (drop-oldest policy)")))
-            if len(self._deferred_drops) > MAX_DEFERRED_DROPS:
-                _, pf, message = self._deferred_drops.popleft()
-                self._answer(pf, ErrorCode.DROPPED, message)
+            dropped.drop_message = (f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full "
+                                    f"({self.config.queue_per_camera} frames): this older frame was dropped "
+                                    "(drop-oldest policy)")
+            pf.displaced = dropped
 
     def _handle_safely(self, parts: list[zmq.Frame]) -> None:
         try:
@@ -498,8 +491,8 @@ class InspectionDaemon:
     def _stop_now(self) -> None:
         """A forced stop: answer the queued frames and the batch on the model with `shutting_down`."""
         self._drain_outcomes()
-        self._flush_drops(None)
         for pf in [*self.queue.pop_all(), *self.worker.current]:
+            self._release_displaced(pf)
             if not pf.answered:
                 self.cut += 1
                 self._answer(pf, ErrorCode.SHUTTING_DOWN, "the daemon was stopped (second signal or drain timeout) "
@@ -526,7 +519,6 @@ class InspectionDaemon:
                     log.info("stopped without waiting for the model")
                     break
                 if drain_deadline is not None:
-                    self._flush_drops(None)
                     if not self.worker.is_alive():
                         self._drain_outcomes()
                         log.info("drained: every accepted frame answered")
@@ -539,6 +531,7 @@ class InspectionDaemon:
                     log.error("the inference worker died; starting a new one")
                     self.worker_restarts += 1
                     for pf in self.worker.current:
+                        self._release_displaced(pf)
                         self._answer(pf, ErrorCode.INTERNAL, "the inference worker died on this frame's batch")
                     self.worker = self._start_worker()
                 events = dict(poller.poll(50))
@@ -557,7 +550,6 @@ class InspectionDaemon:
                             break
                         self._handle_safely(parts)
                     self._drain_outcomes()
-                self._flush_drops(time.perf_counter() - DROP_REPLY_DELAY_S)
                 self.outbox.reap()
         finally:
             for sig, handler in previous.items():

@@ -51,6 +51,9 @@ class PendingFrame:
     data: Any  # the frame part (zmq.Frame, bytes or memoryview): decoded by the worker
     received: float  # perf_counter at receipt
     answered: bool = False  # set by the socket loop when a reply for this frame was handed to ZeroMQ
+    # the frame this one pushed out of its camera's queue: answered `dropped` when this one leaves the queue
+    displaced: PendingFrame | None = None
+    drop_message: str = ""  # why this frame was dropped, when it was
 
 
 @dataclass
