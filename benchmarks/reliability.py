@@ -690,8 +690,9 @@ def markdown(res: dict) -> str:
               "2 x --max-frame-bytes make libzmq close the connection: a message is read whole).",
               f"- bomb: {b['png_kb']} KB PNG declaring {b['declared']}, sent {b['sent']}x -> {b['replies']}; RSS "
               f"{b['rss_mb_before']} MiB before, growth {b['rss_growth_mb']} MiB.",
-              f"- slow readers: {s['clients']} DEALERs never reading, {s['cameras_each']} cameras each, float16 maps of "
-              f"{s['map_size']} px (and 4096, refused) every 0.5 s for {s['seconds']} s: {s['requests_sent']} requests, "
+              f"- slow readers: {s['clients']} DEALERs never reading, {s['cameras_each']} cameras each, float16 maps "
+              f"of {s['map_size']} px (and 4096, refused) every 0.5 s for {s['seconds']} s: {s['requests_sent']} "
+              "requests, "
               f"{s['replies_dropped']} replies dropped and counted ({s['drop_reasons']}); RSS {s['rss_mb_before']} "
               f"MiB before, growth {s['rss_growth_mb']} MiB.",
               f"- flood: 16 cameras, closed loop, {fl['seconds']} s each: 1 in flight "

@@ -209,7 +209,8 @@ def _breakdown_table(b: dict[str, Any]) -> list[str]:
     lines = ["| step | RSS MiB (arena off: the daemon) | + MiB | RSS MiB (arena on) |", "|---|---|---|---|"]
     prev = None
     for k, v in off.items():
-        lines.append(f"| {k} | {v:.1f} | {'' if prev is None else f'{v - prev:+.1f}'} | {on.get(k, float('nan')):.1f} |")
+        step = "" if prev is None else f"{v - prev:+.1f}"
+        lines.append(f"| {k} | {v:.1f} | {step} | {on.get(k, float('nan')):.1f} |")
         prev = v
     return lines
 
@@ -225,7 +226,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"{res['settings']['image_size']} px), {res['settings']['source_frames']} source frames from "
              f"`{res['settings']['images']}` sent raw; threads {res['settings']['threads']}, precision "
              f"{res['settings']['precision']}.", "",
-             "| backend | overhead p50 / p99 ms (1 cam) | overhead p50 / p99 ms (4 cams) | serve p50 / p99 ms (1 cam) | "
+             "| backend | overhead p50 / p99 ms (1 cam) | overhead p50 / p99 ms (4 cams) | "
+             "serve p50 / p99 ms (1 cam) | "
              "fps 1 cam | fps 4 cams | p50 / p99 ms (4 cams) | RSS MiB idle | RSS MiB max, 10x overload |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, b in res["backends"].items():
@@ -234,10 +236,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"{b['daemon_overhead_4cam_ms_p50']} / {b['daemon_overhead_4cam_ms_p99']} | {b['latency_ms_p50']:.2f} / "
             f"{b['latency_ms_p99']:.2f} | {b['fps_1cam']:.2f} | {b['fps_4cam']:.2f} | {b['latency_4cam_ms_p50']:.2f} / "
             f"{b['latency_4cam_ms_p99']:.2f} | {b['rss_mb_idle']:.1f} | {b['rss_mb_overload_max']:.1f} |")
-    lines += ["", "overhead = client round trip - the reply's `compute` (the daemon's decode, model and reply building "
-              "for the frame's batch) - its `queue_wait` (receipt -> batch taken), per frame; 1 camera has one frame in "
-              "flight, so nothing queues.", "", "Daemon-side medians per frame (ms, 4 cameras; model stages are per "
-              "batch):", ""]
+    lines += ["", "overhead = client round trip - the reply's `compute` (the daemon's decode, model and reply "
+              "building for the frame's batch) - its `queue_wait` (receipt -> batch taken), per frame; 1 camera has "
+              "one frame in flight, so nothing queues.", "",
+              "Daemon-side medians per frame (ms, 4 cameras; model stages are per batch):", ""]
     for name, b in res["backends"].items():
         t = b["runs"]["4cam"]["daemon_timings_ms_p50"]
         s = b["daemon"]["stats"]

@@ -209,7 +209,8 @@ def _check_png_chunks(req: InspectRequest, data: memoryview) -> None:
         (length,) = struct.unpack(">I", data[i:i + 4])
         end = i + 12 + length
         if end > n:
-            raise _refuse(req, ErrorCode.UNDECODABLE, f"PNG is corrupt: its chunk at byte {i} runs past the end of the frame")
+            raise _refuse(req, ErrorCode.UNDECODABLE,
+                          f"PNG is corrupt: its chunk at byte {i} runs past the end of the frame")
         (crc,) = struct.unpack(">I", data[end - 4:end])
         if zlib.crc32(data[i + 4:end - 4]) != crc:
             kind = bytes(data[i + 4:i + 8]).decode("latin-1")

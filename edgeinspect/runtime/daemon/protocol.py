@@ -7,10 +7,12 @@ A request is a ZeroMQ multipart message sent from a DEALER (or REQ) socket to th
 
 The header is UTF-8 JSON as RFC 8259 defines it (no NaN/Infinity, no duplicate keys, numbers that
 fit a double or a 64-bit integer), validated by the pydantic models below (strict types, an exact
-integer version `"v": 1`, unknown fields refused with their name). A reply is `[reply JSON]`, or `[reply JSON, map bytes]` when an inspect request asked for
-the anomaly map (`reply["map"]` says how to read the bytes). Every request gets exactly one reply,
-an error reply included (`"type": "error"`, a `code` from `ErrorCode` and a `message` naming what was
-wrong), so a client waiting for an answer never hangs on a daemon that is up.
+integer version `"v": 1`, unknown fields refused with their name). A reply is `[reply JSON]`, or
+`[reply JSON, map bytes]` when an inspect request asked for the anomaly map (`reply["map"]` says how
+to read the bytes). Every request gets exactly one reply (a message part over twice the daemon's
+--max-frame-bytes excepted: libzmq closes that connection before reading it), an error reply included
+(`"type": "error"`, a `code` from `ErrorCode` and a `message` naming what was wrong), so a client
+waiting for an answer never hangs on a daemon that is up.
 
 Results are also published on the daemon's PUB socket as `[camera_id, reply JSON]` (no map), so a
 dashboard or PLC gateway subscribes to one camera by topic.

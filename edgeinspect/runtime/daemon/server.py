@@ -3,13 +3,16 @@
 One thread (the caller of `serve`) owns the sockets: it receives requests, validates headers and
 checks each frame's declared size from its header (O(1): see `frames.check_frame`), answers
 health/stats/bad input at once, queues frames still encoded (bounded per camera, drop-oldest, and in
-bytes: see `queueing`), and sends the replies the worker built. A frame pushed out of its camera's queue
-is answered `dropped` when the frame that pushed it out leaves the queue (its batch is done, or it is
-pushed out in turn): a client that sends again as soon as it is answered is then paced by the model,
-instead of spinning the loop (and taking the CPU the model needs) with frames that can only be dropped. One worker thread decodes the frames
+bytes: see `queueing`), and sends the replies the worker built. One worker thread decodes the frames
 of a batch, runs the model and builds the replies, maps included (see `worker`); it wakes the loop
 through an inproc PAIR socket when a batch is done. Nothing on the loop costs time in proportion to a
 frame or a map, so health is answered within milliseconds whatever the data path is doing.
+
+A frame pushed out of its camera's queue is answered `dropped` when a newer frame of its camera has
+been through the model (the newest waiting frame holds the frames pushed out before it, at most
+MAX_HELD_DROPS): a client that sends again as soon as it is answered is then paced by the model,
+instead of spinning the loop (and taking the CPU the model needs) with frames that can only be
+dropped.
 
 Shutdown (SIGTERM/SIGINT, or `request_stop`): new frames are refused with `shutting_down`, frames
 already queued or on the model are finished and answered, then the sockets close (lingering so the
@@ -83,6 +86,7 @@ from edgeinspect.runtime.daemon.worker import (
 log = logging.getLogger("edgeinspect.serve")
 
 RECV_BURST = 256  # messages handled before the loop looks at finished batches again
+MAX_HELD_DROPS = 64  # dropped frames whose reply waits on one queued frame; older ones are answered at once
 MAP_BYTES_PER_PIXEL = 4  # a float16 map is 2 bytes a pixel, a png16 of noise a little over: a reply fits 4
 
 
@@ -113,7 +117,7 @@ class DaemonConfig(BaseModel):
     max_cameras: int = Field(64, ge=1, le=65536)
     max_frame_bytes: int = Field(64 << 20, ge=1024)
     max_pixels: int = Field(50_000_000, ge=1)
-    max_decode_bytes: int = Field(DEFAULT_DECODE_BUDGET, ge=1 << 20)  # pixels one frame's decode may allocate
+    max_decode_bytes: int = Field(DEFAULT_DECODE_BUDGET, ge=1 << 20)  # bytes one frame's decode may allocate
     max_queued_bytes: int = Field(256 << 20, ge=1 << 20)  # encoded frames waiting for the model, all cameras
     max_map_size: int = Field(1024, ge=8, le=4096)  # largest map a request may ask for (square side)
     max_reply_bytes_per_client: int = Field(16 << 20, ge=1 << 16)  # replies waiting to be written, per connection
@@ -138,7 +142,7 @@ class DaemonConfig(BaseModel):
     warmup: bool = True  # run a batch of 1 and of max_batch before serving (first runs are slow)
 
     @model_validator(mode="after")
-    def _curve_pair(self) -> "DaemonConfig":
+    def _consistent(self) -> "DaemonConfig":
         if (self.curve_server_key is None) != (self.curve_authorized_dir is None):
             raise ValueError("CurveZMQ needs both curve_server_key and curve_authorized_dir")
         largest_reply = MAP_BYTES_PER_PIXEL * self.max_map_size ** 2 + MAX_HEADER_BYTES
@@ -345,7 +349,8 @@ class InspectionDaemon:
         return HealthReply(
             status="draining" if self._stop.is_set() else "serving", version=edgeinspect.__version__, pid=os.getpid(),
             bundle=str(i["bundle"]), method=str(i["method"]), preset=str(i["preset"]), image_size=self.image_size,
-            backend=str(i.get("backend", self.config.backend)), precision=str(i.get("precision", self.config.precision)),
+            backend=str(i.get("backend", self.config.backend)),
+            precision=str(i.get("precision", self.config.precision)),
             max_batch=self.max_batch, batch_ms_per_frame=self.batch_ms_per_frame,
             batch_deadline_ms=self.config.batch_deadline_ms,
             queue_per_camera=self.config.queue_per_camera, max_frame_bytes=self.config.max_frame_bytes,
@@ -367,10 +372,10 @@ class InspectionDaemon:
             self._release_displaced(fr.frame)
             self._send_reply(fr)
 
-    def _release_displaced(self, pf: PendingFrame) -> None:
-        """pf left the queue: answer the frame it had pushed out."""
-        d, pf.displaced = pf.displaced, None
-        if d is not None:
+    def _release_displaced(self, pf: PendingFrame, keep: int = 0) -> None:
+        """Answer the frames pf holds as pushed out (all but the newest `keep`)."""
+        while len(pf.displaced) > keep:
+            d = pf.displaced.pop(0)
             self._answer(d, ErrorCode.DROPPED, d.drop_message)
 
     def _send_reply(self, fr: FrameReply) -> None:
@@ -454,12 +459,13 @@ class InspectionDaemon:
         self.accepted += 1
         if dropped is not None:
             d: InspectRequest = dropped.request
-            self._release_displaced(dropped)
             dropped.data = None  # its bytes go now; only the route and the header wait for the reply
             dropped.drop_message = (f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full "
                                     f"({self.config.queue_per_camera} frames): this older frame was dropped "
                                     "(drop-oldest policy)")
-            pf.displaced = dropped
+            pf.displaced = [*dropped.displaced, dropped]
+            dropped.displaced = []
+            self._release_displaced(pf, keep=MAX_HELD_DROPS)
 
     def _handle_safely(self, parts: list[zmq.Frame]) -> None:
         try:
@@ -559,8 +565,8 @@ class InspectionDaemon:
         dropped = self.stats.replies_dropped
         if self.cut or self.unanswered:
             log.error("%d accepted frame(s) got no result: %d answered shutting_down by a forced stop, %d got no "
-                      "reply at all (%d replies were dropped for clients that did not read)", self.cut + self.unanswered,
-                      self.cut, self.unanswered, dropped)
+                      "reply at all (%d replies were dropped for clients that did not read)",
+                      self.cut + self.unanswered, self.cut, self.unanswered, dropped)
             return 1
         log.info("every accepted frame answered (%d frames; %d replies dropped for clients that did not read)",
                  self.accepted, dropped)

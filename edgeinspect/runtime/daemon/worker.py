@@ -51,8 +51,9 @@ class PendingFrame:
     data: Any  # the frame part (zmq.Frame, bytes or memoryview): decoded by the worker
     received: float  # perf_counter at receipt
     answered: bool = False  # set by the socket loop when a reply for this frame was handed to ZeroMQ
-    # the frame this one pushed out of its camera's queue: answered `dropped` when this one leaves the queue
-    displaced: PendingFrame | None = None
+    # frames of its camera pushed out of the queue before it, answered `dropped` once this one is through the
+    # model (or stopped): see the server's docstring
+    displaced: list[PendingFrame] = field(default_factory=list)
     drop_message: str = ""  # why this frame was dropped, when it was
 
 
