@@ -225,7 +225,9 @@ def markdown(res: dict[str, Any]) -> str:
              f"Bundle: `{res['settings']['bundle']}` ({res['settings']['method']}, preset {res['settings']['preset']}, "
              f"{res['settings']['image_size']} px), {res['settings']['source_frames']} source frames from "
              f"`{res['settings']['images']}` sent raw; threads {res['settings']['threads']}, precision "
-             f"{res['settings']['precision']}.", "",
+             f"{res['settings']['precision']}." + (f" {res['settings']['note']}" if res["settings"].get("note")
+                                                     else ""),
+             "",
              "| backend | overhead p50 / p99 ms (1 cam) | overhead p50 / p99 ms (4 cams) | "
              "serve p50 / p99 ms (1 cam) | "
              "fps 1 cam | fps 4 cams | p50 / p99 ms (4 cams) | RSS MiB idle | RSS MiB max, 10x overload |",
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve-arg", action="append", help="extra argument for edgeinspect serve (repeatable)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for serve_<machine>.md/.json")
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
+    ap.add_argument("--note", help="a sentence for the report about the bundle or the run (how it was made)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--breakdown-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--ort-arena", action="store_true", help=argparse.SUPPRESS)
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                      "image_size": size, "images": str(args.images), "source_frames": len(source),
                      "frames": args.frames, "warmup": args.warmup, "overload_s": args.overload_s,
                      "threads": args.threads, "precision": args.precision, "max_batch": args.max_batch,
-                     "batch_deadline_ms": args.batch_deadline_ms},
+                     "batch_deadline_ms": args.batch_deadline_ms, "note": args.note},
         "command": "python benchmarks/serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -125,7 +125,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--queue-per-camera", type=int, default=2,
                    help="frames a camera may have waiting; more drop its oldest (default %(default)s)")
     p.add_argument("--max-cameras", type=int, default=64, help="cameras with frames waiting at once (default %(default)s)")
-    p.add_argument("--max-frame-bytes", type=int, default=64 << 20, help="largest frame part (default %(default)s)")
+    p.add_argument("--max-frame-bytes", type=int, default=64 << 20,
+                   help="largest frame part; a larger one up to twice this gets a frame_too_large reply, beyond that "
+                        "libzmq closes the connection unread (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest frame in pixels (default %(default)s)")
     p.add_argument("--max-decode-bytes", type=int, default=64 << 20,
                    help="most one frame's decode may allocate; larger JPEGs decode at 1/2..1/8 size, larger PNGs at "

@@ -92,7 +92,10 @@ def running(config: DaemonConfig | None = None, expect_code: int = 0, **kw):
 
 @pytest.fixture(scope="module")
 def daemon():
-    with running(cfg={"pub": "tcp://127.0.0.1:*", "max_frame_bytes": 1 << 20, "queue_per_camera": 8}) as d:
+    # fixed batching: the tiny model's larger batches are not cheaper per frame, so an adaptive daemon would
+    # form none, and batching across cameras is tested here (the choice itself: test_daemon_limits.py)
+    with running(cfg={"pub": "tcp://127.0.0.1:*", "max_frame_bytes": 1 << 20, "queue_per_camera": 8,
+                      "adaptive_batch": False}) as d:
         yield d
 
 

@@ -35,7 +35,6 @@ Memory is bounded whatever the clients do:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue as queue_mod
@@ -80,6 +79,7 @@ from edgeinspect.runtime.daemon.worker import (
     PendingFrame,
     ReplyContext,
     choose_batch,
+    release_free_memory,
     run_pipeline,
 )
 
@@ -88,14 +88,6 @@ log = logging.getLogger("edgeinspect.serve")
 RECV_BURST = 256  # messages handled before the loop looks at finished batches again
 MAX_HELD_DROPS = 64  # dropped frames whose reply waits on one queued frame; older ones are answered at once
 MAP_BYTES_PER_PIXEL = 4  # a float16 map is 2 bytes a pixel, a png16 of noise a little over: a reply fits 4
-
-
-def release_free_memory() -> None:
-    """Give the heap's free pages back to the system (glibc keeps what the warm-up batches freed)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class DaemonError(RuntimeError):
