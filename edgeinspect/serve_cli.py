@@ -146,8 +146,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--ort-arena", action="store_true",
                    help="keep onnxruntime's CPU memory arena and per-shape memory plans (faster, but memory grows to "
                         "the peak of every batch size seen)")
-    p.add_argument("--hwm", type=int, default=100,
-                   help="ZeroMQ send high-water mark (replies, published results), messages (default %(default)s)")
+    p.add_argument("--hwm", type=int, default=1000,
+                   help="ZeroMQ send high-water mark (replies, published results), messages; memory is bounded by the "
+                        "reply byte budgets (default %(default)s)")
     p.add_argument("--rcv-hwm", type=int, default=4,
                    help="requests buffered per connected client before TCP flow control holds it back "
                         "(default %(default)s)")

@@ -121,7 +121,8 @@ def test_a_sender_faster_than_the_model_keeps_queue_and_memory_bounded(dealer):
                     rss_peak = max(rss_peak, rss_mb(d.pid))
             for k, s in enumerate(socks):
                 got = collect(s, per_cam, 120)
-                assert len(got) == per_cam, f"camera {k}: {len(got)} of {per_cam} replies"  # nobody hangs
+                assert len(got) == per_cam, (f"camera {k}: {len(got)} of {per_cam} replies; daemon errors "
+                                             f"{probe.stats()['errors']}")  # nobody hangs
                 kinds = {r.type if r.type == "result" else r.code for r in got}
                 assert kinds <= {"result", "dropped"} and "dropped" in kinds and "result" in kinds
             rss_peak = max(rss_peak, rss_mb(d.pid))

@@ -118,7 +118,9 @@ class DaemonConfig(BaseModel):
     # onnxruntime's CPU arena and per-shape memory plans keep the peak of every batch size seen: off, the
     # daemon's memory stays at its idle level whatever the batches (see benchmarks/results/serve_cpu2.md)
     ort_memory_arena: bool = False
-    hwm: int = Field(100, ge=1)  # replies (ROUTER send) and results (PUB) waiting per peer, messages
+    # replies (ROUTER send) and results (PUB) waiting per peer, messages; the reply byte budgets bound the memory,
+    # this only bounds the count (a burst of small `dropped` replies to a client that reads must fit)
+    hwm: int = Field(1000, ge=1)
     # requests waiting in ZeroMQ per connected peer: small, so a sender faster than the daemon is held back
     # by TCP flow control instead of filling this process with frames (memory <= rcv_hwm x frame x peers)
     rcv_hwm: int = Field(4, ge=1)
