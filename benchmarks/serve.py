@@ -1,40 +1,44 @@
-"""The line daemon end to end over loopback: frames/s and latency for 1 and 4 cameras, daemon overhead,
-memory over a long run, backend by backend.
+"""The line daemon end to end over loopback: frames/s, latency and the daemon's own overhead for 1 and 4
+cameras, memory idle and under a 10x overload with where it goes, backend by backend.
 
-    python benchmarks/serve.py --bundle BUNDLE --threads 2 --frames 200 --long-run-s 600
+    python benchmarks/serve.py --bundle BUNDLE --threads 2 --frames 300 --overload-s 60
 
 writes benchmarks/results/serve_<machine>.md and serve_<machine>.json (`--results` for another folder).
-Per backend (`--backends onnxruntime,tensorrt`; default onnxruntime):
+Per backend (`--backends onnxruntime,tensorrt`; default onnxruntime), the daemon (`edgeinspect serve`, a
+child process on tcp://127.0.0.1, same --threads) is fed by the camera simulator of `edgeinspect
+client` (raw frames, closed loop: a camera sends its next frame when its previous one is answered):
 
-* direct: the bundle pipeline in this process on the same frames (decoded and resized as the daemon
-  does), batch 1, one after another: the model's own latency;
-* the daemon (`edgeinspect serve`, a child process on tcp://127.0.0.1, same --threads) fed by the
-  camera simulator of `edgeinspect client` (raw frames, closed loop: a camera sends its next frame when
-  its previous one is answered):
-  - 1 camera, `--frames` frames: fps_1cam, latency percentiles (client-observed, send -> reply);
-  - 4 cameras, `--frames` / 4 frames each: fps_4cam (frames answered per second, all cameras), latency;
-  - daemon_overhead_ms_p50 = serve p50 (1 camera) - direct p50: transport, JSON, decode, queueing;
-  - long run: 4 cameras for `--long-run-s` seconds; rss_mb_start / rss_mb_end are the daemon's resident
-    memory (/proc/<pid>/statm) just before and just after it (rss_mb_max: the highest sample, every 1 s).
+* idle: rss_mb_idle is the daemon's resident memory (/proc/<pid>/statm) after its warm-up and `--warmup`
+  frames, 2 s without requests;
+* 1 camera, `--frames` frames (one in flight, so no queueing): fps_1cam, latency percentiles (client-observed,
+  send -> reply) and the daemon's overhead per frame: client round trip - the reply's `compute` (the
+  worker's decode, model and reply building for the frame's batch) - its `queue_wait` (receipt ->
+  batch taken): transport, header checks, hand-over between the daemon's threads.
+  daemon_overhead_ms_p50 / _p99 are these;
+* 4 cameras, `--frames` frames in all: fps_4cam, latency, overhead (daemon_overhead_4cam_ms_p50 / _p99);
+* overload: 4 cameras sending open loop at 10 x fps_4cam in all for `--overload-s` seconds (frames the
+  daemon cannot take are dropped with a reply); the daemon's RSS every 0.5 s: rss_mb_overload_max and
+  rss_mb_samples;
+* rss_breakdown: in a separate process, RSS after each step of what the daemon loads (imports, bundle,
+  sessions, warm-up batches), with onnxruntime's memory arena on and off.
+
 The client runs on the same machine and takes CPU from the daemon: on a small CPU that is part of the
-measured overhead (as it would be for a camera PC running both).
+measured round trip (as it would be for a camera PC running both).
 
 Machine slug (file names): `--machine`, else "cpu<N>" with N the logical CPUs this process may use, or
-the GPU's name as a slug when the tensorrt backend ran.
-
-JSON, top level (the first backend's numbers): daemon_overhead_ms_p50, fps_1cam, fps_4cam,
-latency_ms_p50, latency_ms_p99 (1 camera), latency_4cam_ms_p50, latency_4cam_ms_p99, rss_mb_start,
-rss_mb_end; `backends` has every backend's numbers, runs and daemon stats; plus machine, settings and
-the command. Timings taken while other work loads the machine are not representative.
+the GPU's name as a slug when the tensorrt backend ran. JSON top level: the first backend's KEYS; `backends`
+has every backend's numbers, runs and daemon stats; plus machine, load, settings and the command.
+Timings taken while other work loads the machine are not representative.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
 import platform
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -49,53 +53,68 @@ from edgeinspect.core.atomic import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-KEYS = ("daemon_overhead_ms_p50", "fps_1cam", "fps_4cam", "latency_ms_p50", "latency_ms_p99", "rss_mb_start",
-        "rss_mb_end")
-
-
-
-
-
-
-
-
-
-
+KEYS = ("daemon_overhead_ms_p50", "daemon_overhead_ms_p99", "daemon_overhead_4cam_ms_p50",
+        "daemon_overhead_4cam_ms_p99", "fps_1cam", "fps_4cam", "latency_ms_p50", "latency_ms_p99", "rss_mb_idle",
+        "rss_mb_overload_max")
 
 
 # --------------------------------------------------------------------------- measurements
 
 
-def direct_latency(bundle: Path, backend: str, precision: str, threads: int | None, images: list[np.ndarray],
-                   frames: int, warmup: int) -> dict[str, Any]:
-    """The bundle pipeline on the daemon's preprocessed frames, batch 1, in this process."""
+def stream(endpoint: str, frames, cameras: int, count: int | None = None, duration_s: float | None = None,
+           fps: float = 0.0) -> dict[str, Any]:
+    from edgeinspect.runtime.daemon.camera import CameraStreamer, StreamOptions
+
+    opts = StreamOptions(cameras=cameras, fps=fps, count=count, duration_s=duration_s, timeout_ms=120_000)
+    return CameraStreamer(endpoint, frames, opts).run()
+
+
+def rss_breakdown(bundle: Path, backend: str, threads: int | None, memory_arena: bool) -> dict[str, float]:
+    """RSS (MiB) of this process after each step of what the daemon loads; run it in a fresh process."""
+    import ctypes
+    import importlib
+
+    from edgeinspect.runtime.daemon.stats import rss_mb
+
+    steps: dict[str, float] = {"python + numpy": rss_mb()}
+    for name, modules in (("+ OpenCV, ZeroMQ, pydantic", ("cv2", "zmq", "pydantic")), ("+ torch", ("torch",)),
+                          ("+ onnxruntime", ("onnxruntime",)),
+                          ("+ edgeinspect daemon and runtime modules", ("edgeinspect.runtime.daemon.server",
+                                                                       "edgeinspect.runtime.bundle_loading"))):
+        for m in modules:
+            importlib.import_module(m)
+        steps[name] = rss_mb()
     import torch
 
+    from edgeinspect.runtime.bundle_loading import load_bundle
+    from edgeinspect.runtime.daemon.worker import run_pipeline
     from edgeinspect.runtime.detector import bundle_pipeline
-    from edgeinspect.runtime.daemon.stats import percentiles
-    from edgeinspect.runtime.daemon.worker import images_to_batch
 
     if threads:
         torch.set_num_threads(threads)
-    pipe = bundle_pipeline(bundle, backend, precision=precision, intra_op_threads=threads, max_batch=1)
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + frames):
-            t0 = time.perf_counter()
-            pipe(images_to_batch([images[i % len(images)]]))
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
-    del pipe
-    gc.collect()
-    return {"frames": frames, "latency_ms": percentiles(times)}
+    b = load_bundle(bundle)
+    steps["+ bundle loaded and verified"] = rss_mb()
+    pipe = bundle_pipeline(b, backend, intra_op_threads=threads, memory_arena=memory_arena)
+    steps["+ inference sessions"] = rss_mb()
+    size = int(b.manifest["image_size"])
+    blank = np.full((size, size, 3), 128, np.uint8)
+    top = b.config.inference.batch_size
+    for n in sorted({1, 2, 4, top} - {k for k in (2, 4) if k > top}):
+        run_pipeline(pipe, [blank] * n)
+        steps[f"+ a batch of {n}"] = rss_mb()
+    ctypes.CDLL(None).malloc_trim(0)
+    steps["after malloc_trim (the daemon's idle state)"] = rss_mb()
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "timm", "transformers", "torchvision",
+                                                              "scipy", "sklearn", "matplotlib", "onnx"})
+    return {"steps": {k: round(v, 1) for k, v in steps.items()}, "other_heavy_packages_imported": heavy}
 
 
-def stream(endpoint: str, frames, cameras: int, count: int | None = None,
-           duration_s: float | None = None) -> dict[str, Any]:
-    from edgeinspect.runtime.daemon.camera import CameraStreamer, StreamOptions
-
-    opts = StreamOptions(cameras=cameras, fps=0.0, count=count, duration_s=duration_s, timeout_ms=120_000)
-    return CameraStreamer(endpoint, frames, opts).run()
+def breakdown_in_child(bundle: Path, backend: str, threads: int | None, memory_arena: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", str(bundle), "--backends", backend,
+           "--breakdown-child"] + (["--threads", str(threads)] if threads else []) + (["--ort-arena"] if memory_arena
+                                                                                   else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 class RssSampler(threading.Thread):
@@ -121,14 +140,12 @@ class RssSampler(threading.Thread):
         return self.samples
 
 
-def bench_backend(args: argparse.Namespace, backend: str, source_frames, images: list[np.ndarray]) -> dict[str, Any]:
+def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict[str, Any]:
     from edgeinspect.runtime.daemon.client import InspectionClient
     from edgeinspect.runtime.daemon.launch import start_daemon
     from edgeinspect.runtime.daemon.stats import rss_mb
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if not args.quiet else (lambda *a: None)
-    log(f"[{backend}] direct loop: {args.frames} frames")
-    direct = direct_latency(args.bundle, backend, args.precision, args.threads, images, args.frames, args.warmup)
     serve_args = ["--backend", backend, "--precision", args.precision, "--log-level", "warning"]
     if args.threads:
         serve_args += ["--threads", str(args.threads)]
@@ -137,21 +154,23 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames, images:
     serve_args += ["--batch-deadline-ms", str(args.batch_deadline_ms), "--queue-per-camera", "4"]
     serve_args += list(args.serve_arg or [])
     log(f"[{backend}] starting the daemon: edgeinspect serve {' '.join(serve_args)}")
-    daemon = start_daemon(args.bundle, *serve_args, timeout_s=600)
+    daemon = start_daemon(args.bundle, *serve_args, timeout_s=900)
     try:
         stream(daemon.endpoint, source_frames, 1, count=args.warmup)
-        log(f"[{backend}] 1 camera: {args.frames} frames")
+        time.sleep(2.0)
+        rss_idle = rss_mb(daemon.pid)
+        log(f"[{backend}] idle RSS {rss_idle:.1f} MiB; 1 camera: {args.frames} frames")
         one = stream(daemon.endpoint, source_frames, 1, count=args.frames)
         per_camera = max(1, args.frames // 4)
         log(f"[{backend}] 4 cameras: {per_camera} frames each")
         four = stream(daemon.endpoint, source_frames, 4, count=per_camera)
-        rss_start = rss_mb(daemon.pid)
-        log(f"[{backend}] long run: 4 cameras for {args.long_run_s:g} s (RSS at start {rss_start:.1f} MiB)")
-        sampler = RssSampler(daemon.pid)
+        rate = 10 * four["fps"] / 4
+        log(f"[{backend}] overload: 4 cameras at {rate:.2f} frames/s each (10 x {four['fps']:.2f}) for "
+            f"{args.overload_s:g} s")
+        sampler = RssSampler(daemon.pid, every_s=0.5)
         sampler.start()
-        long = stream(daemon.endpoint, source_frames, 4, duration_s=args.long_run_s)
+        overload = stream(daemon.endpoint, source_frames, 4, duration_s=args.overload_s, fps=rate)
         samples = sampler.stop()
-        rss_end = rss_mb(daemon.pid)
         with InspectionClient(daemon.endpoint, timeout_ms=30_000) as c:
             stats = c.stats().data
             health = c.health().data
@@ -159,24 +178,27 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames, images:
         exit_code = daemon.terminate(timeout=120)
     if exit_code != 0:
         raise RuntimeError(f"the daemon exited with code {exit_code}:\n{daemon.log()}")
-    for name, run in (("1 camera", one), ("4 cameras", four), ("long run", long)):
+    for name, run in (("1 camera", one), ("4 cameras", four)):
         if run["errors"] or run["lost"] or not run["results"]:
             raise RuntimeError(f"[{backend}] {name}: errors {run['errors']}, lost {run['lost']}, "
                                f"results {run['results']}")
-    overhead = one["latency_ms"]["p50"] - direct["latency_ms"]["p50"]
-    log(f"[{backend}] fps 1 cam {one['fps']:.2f}, 4 cams {four['fps']:.2f}; p50 {one['latency_ms']['p50']:.2f} ms "
-        f"(direct {direct['latency_ms']['p50']:.2f} ms, overhead {overhead:.2f} ms); RSS {rss_start:.1f} -> "
-        f"{rss_end:.1f} MiB")
+    log(f"[{backend}] fps 1 cam {one['fps']:.2f}, 4 cams {four['fps']:.2f}; overhead p50 {one['overhead_ms']['p50']} "
+        f"p99 {one['overhead_ms']['p99']} ms (4 cams {four['overhead_ms']['p50']} / {four['overhead_ms']['p99']}); RSS "
+        f"idle {rss_idle:.1f}, overload max {max(samples, default=0):.1f} MiB")
+    log(f"[{backend}] RSS breakdown (fresh processes, arena off and on)")
+    breakdown = {"arena_off": breakdown_in_child(args.bundle, backend, args.threads, False),
+                 "arena_on": breakdown_in_child(args.bundle, backend, args.threads, True)} \
+        if backend == "onnxruntime" else {}
     return {
-        "daemon_overhead_ms_p50": round(overhead, 3),
+        "daemon_overhead_ms_p50": one["overhead_ms"]["p50"], "daemon_overhead_ms_p99": one["overhead_ms"]["p99"],
+        "daemon_overhead_4cam_ms_p50": four["overhead_ms"]["p50"],
+        "daemon_overhead_4cam_ms_p99": four["overhead_ms"]["p99"],
         "fps_1cam": one["fps"], "fps_4cam": four["fps"],
         "latency_ms_p50": one["latency_ms"]["p50"], "latency_ms_p99": one["latency_ms"]["p99"],
         "latency_4cam_ms_p50": four["latency_ms"]["p50"], "latency_4cam_ms_p99": four["latency_ms"]["p99"],
-        "rss_mb_start": round(rss_start, 1), "rss_mb_end": round(rss_end, 1),
-        "rss_mb_max": max(samples, default=round(rss_end, 1)),
-        "rss_mb_samples": samples,
-        "direct": direct,
-        "runs": {"1cam": one, "4cam": four, "long": long},
+        "rss_mb_idle": round(rss_idle, 1), "rss_mb_overload_max": max(samples, default=round(rss_idle, 1)),
+        "rss_mb_samples": samples, "overload_fps_per_camera": round(rate, 3), "rss_breakdown": breakdown,
+        "runs": {"1cam": one, "4cam": four, "overload": overload},
         "daemon": {"health": health, "stats": stats, "exit_code": exit_code, "args": serve_args},
     }
 
@@ -184,34 +206,62 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames, images:
 # --------------------------------------------------------------------------- report
 
 
+def _breakdown_table(b: dict[str, Any]) -> list[str]:
+    off, on = b["arena_off"]["steps"], b["arena_on"]["steps"]
+    lines = ["| step | RSS MiB (arena off: the daemon) | + MiB | RSS MiB (arena on) |", "|---|---|---|---|"]
+    prev = None
+    for k, v in off.items():
+        step = "" if prev is None else f"{v - prev:+.1f}"
+        lines.append(f"| {k} | {v:.1f} | {step} | {on.get(k, float('nan')):.1f} |")
+        prev = v
+    return lines
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = [f"# Line daemon over loopback: {res['machine']['slug']}", "",
              f"Command: `{res['command']}`", "",
              f"Machine: {res['machine']['cpu']} ({res['machine']['logical_cpus']} logical CPUs)"
-             + (f", GPU {res['machine']['gpu']}" if res['machine'].get("gpu") else "") + f"; {res['date']}", "",
+             + (f", GPU {res['machine']['gpu']}" if res['machine'].get("gpu") else "") + f"; {res['date']}. Load "
+             f"average at start {res['machine']['loadavg_start']}, at end {res['machine']['loadavg_end']} (other work "
+             "shares these cores: timings are disturbed).", "",
              f"Bundle: `{res['settings']['bundle']}` ({res['settings']['method']}, preset {res['settings']['preset']}, "
              f"{res['settings']['image_size']} px), {res['settings']['source_frames']} source frames from "
              f"`{res['settings']['images']}` sent raw; threads {res['settings']['threads']}, precision "
-             f"{res['settings']['precision']}.", "",
-             "| backend | direct p50 ms | serve p50 ms (1 cam) | overhead p50 ms | p99 ms (1 cam) | fps 1 cam | "
-             "fps 4 cams | p50 / p99 ms (4 cams) | RSS MiB start -> end (max) |",
+             f"{res['settings']['precision']}." + (f" {res['settings']['note']}" if res["settings"].get("note")
+                                                     else ""),
+             "",
+             "| backend | overhead p50 / p99 ms (1 cam) | overhead p50 / p99 ms (4 cams) | "
+             "serve p50 / p99 ms (1 cam) | "
+             "fps 1 cam | fps 4 cams | p50 / p99 ms (4 cams) | RSS MiB idle | RSS MiB max, 10x overload |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, b in res["backends"].items():
         lines.append(
-            f"| {name} | {b['direct']['latency_ms']['p50']:.2f} | {b['latency_ms_p50']:.2f} | "
-            f"{b['daemon_overhead_ms_p50']:.2f} | {b['latency_ms_p99']:.2f} | {b['fps_1cam']:.2f} | {b['fps_4cam']:.2f} | "
-            f"{b['latency_4cam_ms_p50']:.2f} / {b['latency_4cam_ms_p99']:.2f} | {b['rss_mb_start']:.1f} -> "
-            f"{b['rss_mb_end']:.1f} ({b['rss_mb_max']:.1f}) |")
-    lines += ["", "Daemon-side medians per frame (ms, 4 cameras; model stages are per batch):", ""]
+            f"| {name} | {b['daemon_overhead_ms_p50']} / {b['daemon_overhead_ms_p99']} | "
+            f"{b['daemon_overhead_4cam_ms_p50']} / {b['daemon_overhead_4cam_ms_p99']} | {b['latency_ms_p50']:.2f} / "
+            f"{b['latency_ms_p99']:.2f} | {b['fps_1cam']:.2f} | {b['fps_4cam']:.2f} | {b['latency_4cam_ms_p50']:.2f} / "
+            f"{b['latency_4cam_ms_p99']:.2f} | {b['rss_mb_idle']:.1f} | {b['rss_mb_overload_max']:.1f} |")
+    lines += ["", "overhead = client round trip - the reply's `compute` (the daemon's decode, model and reply "
+              "building for the frame's batch) - its `queue_wait` (receipt -> batch taken), per frame; 1 camera has "
+              "one frame in flight, so nothing queues.", "",
+              "Daemon-side medians per frame (ms, 4 cameras; model stages are per batch):", ""]
     for name, b in res["backends"].items():
         t = b["runs"]["4cam"]["daemon_timings_ms_p50"]
-        mean_batch = b["daemon"]["stats"].get("mean_batch_size")
+        s = b["daemon"]["stats"]
         lines.append(f"- {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())
-                     + f"; mean batch {mean_batch}")
-    lines += ["", f"Long run: {res['settings']['long_run_s']:g} s with 4 cameras; frames/s "
-              + ", ".join(f"{n} {b['runs']['long']['fps']:.2f}" for n, b in res["backends"].items()) + ".", "",
-              "overhead = serve p50 (1 camera, client-observed send -> reply) - direct p50 (the same bundle pipeline "
-              "in-process, batch 1). Numbers: " + f"`{res['json_file']}`.", ""]
+                     + f"; mean batch {s.get('mean_batch_size')}; batch sizes timed at warm-up (ms per frame) "
+                     f"{b['daemon']['health'].get('batch_ms_per_frame')}, batches of at most "
+                     f"{b['daemon']['health'].get('max_batch')}")
+    for name, b in res["backends"].items():
+        o = b["runs"]["overload"]
+        lines += ["", f"Overload ({name}): 4 cameras at {b['overload_fps_per_camera']} frames/s each for "
+                  f"{res['settings']['overload_s']:g} s: {o['results']} results ({o['fps']} /s), errors {o['errors']}; "
+                  f"RSS every 0.5 s (MiB): {b['rss_mb_samples']}."]
+        if b.get("rss_breakdown"):
+            off = b["rss_breakdown"]["arena_off"]
+            lines += ["", f"Where the memory goes ({name}, one fresh process per column, --threads "
+                      f"{res['settings']['threads']}; other heavy packages imported: "
+                      f"{off['other_heavy_packages_imported'] or 'none'}):", ""] + _breakdown_table(b["rss_breakdown"])
+    lines += ["", f"Numbers: `{res['json_file']}`.", ""]
     return "\n".join(lines)
 
 
@@ -223,34 +273,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=Path, default=REPO / "data" / "mtd_sample" / "test",
                     help="source frames (folder, image or video; default the embedded sample's test split)")
     ap.add_argument("--max-frames", type=int, default=64, help="source frames loaded (default 64)")
-    ap.add_argument("--frames", type=int, default=200,
-                    help="timed frames per run: direct, 1 camera, 4 cameras (split among them) (default 200)")
+    ap.add_argument("--frames", type=int, default=300,
+                    help="timed frames: 1 camera, and 4 cameras in all (default 300)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed frames first (default 10)")
-    ap.add_argument("--long-run-s", type=float, default=600.0, help="long run length, seconds (default 600)")
-    ap.add_argument("--threads", type=int, help="onnxruntime/torch threads for the daemon and the direct loop")
+    ap.add_argument("--overload-s", type=float, default=60.0, help="10x overload run, seconds (default 60)")
+    ap.add_argument("--threads", type=int, help="onnxruntime/torch threads of the daemon")
     ap.add_argument("--max-batch", type=int, help="the daemon's --max-batch (default: the bundle's)")
     ap.add_argument("--batch-deadline-ms", type=float, default=2.0)
     ap.add_argument("--serve-arg", action="append", help="extra argument for edgeinspect serve (repeatable)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for serve_<machine>.md/.json")
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
+    ap.add_argument("--note", help="a sentence for the report about the bundle or the run (how it was made)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--breakdown-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ort-arena", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.breakdown_child:
+        print(json.dumps(rss_breakdown(args.bundle, backends[0], args.threads, args.ort_arena)))
+        return 0
 
     from edgeinspect.runtime.bundle_loading import load_bundle
     from edgeinspect.runtime.daemon.camera import load_frames
-    from edgeinspect.runtime.daemon.frames import decode_frame
-    from edgeinspect.runtime.daemon.protocol import parse_request
 
+    load_start = [round(v, 2) for v in os.getloadavg()]
     bundle = load_bundle(args.bundle)
     size = int(bundle.manifest["image_size"])
     source = load_frames(args.images, "raw", args.max_frames)
-    images = []  # exactly what the daemon hands the model
-    for i, f in enumerate(source):
-        req = parse_request(json.dumps({"type": "inspect", "camera_id": "bench", "frame_id": i,
-                                        "encoding": f.encoding}).encode())
-        images.append(decode_frame(req, f.data, size, 10**9))
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    results = {b: bench_backend(args, b, source, images) for b in backends}
+    results = {b: bench_backend(args, b, source) for b in backends}
     gpu = gpu_name() if "tensorrt" in backends else None
     machine = args.machine or (slug(gpu) if gpu else f"cpu{logical_cpus()}")
     out_json = args.results / f"serve_{machine}.json"
@@ -259,15 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         **{k: first[k] for k in KEYS},
         "latency_4cam_ms_p50": first["latency_4cam_ms_p50"], "latency_4cam_ms_p99": first["latency_4cam_ms_p99"],
+        "rss_mb_samples": first["rss_mb_samples"],
         "primary_backend": backends[0],
         "backends": results,
         "machine": {"slug": machine, "cpu": cpu_name(), "logical_cpus": logical_cpus(), "gpu": gpu,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "loadavg_start": load_start,
+                    "loadavg_end": [round(v, 2) for v in os.getloadavg()]},
         "settings": {"bundle": str(args.bundle), "method": bundle.method, "preset": bundle.manifest.get("preset"),
                      "image_size": size, "images": str(args.images), "source_frames": len(source),
-                     "frames": args.frames, "warmup": args.warmup, "long_run_s": args.long_run_s,
+                     "frames": args.frames, "warmup": args.warmup, "overload_s": args.overload_s,
                      "threads": args.threads, "precision": args.precision, "max_batch": args.max_batch,
-                     "batch_deadline_ms": args.batch_deadline_ms},
+                     "batch_deadline_ms": args.batch_deadline_ms, "note": args.note},
         "command": "python benchmarks/serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

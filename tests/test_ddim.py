@@ -3,7 +3,15 @@ import torch
 from diffusers import DDIMScheduler
 
 from edgeinspect.config import SchedulerConfig
-from edgeinspect.core.ddim import DDIM, seeded_noise
+from edgeinspect.core.ddim import DDIM, alphas_cumprod, seeded_noise
+
+
+@pytest.mark.parametrize("schedule", ["scaled_linear", "linear"])
+def test_schedule_equals_diffusers_bit_for_bit(schedule):
+    cfg = SchedulerConfig(beta_schedule=schedule)
+    ref = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
+                        beta_end=cfg.beta_end, beta_schedule=schedule, clip_sample=False, set_alpha_to_one=True)
+    assert torch.equal(alphas_cumprod(cfg), ref.alphas_cumprod)
 
 
 def test_timesteps_trailing():

@@ -144,7 +144,7 @@ def test_png_and_jpeg_frames_and_their_refusals():
         ({"format": "jpeg"}, png, ErrorCode.UNDECODABLE, "not a JPEG"),
         ({"format": "png"}, png[:-20], ErrorCode.UNDECODABLE, "truncated"),
         ({"format": "jpeg"}, jpg[: len(jpg) // 2], ErrorCode.UNDECODABLE, "truncated"),
-        ({"format": "png"}, png[:40] + bytes(200) + png[-12:], ErrorCode.UNDECODABLE, "does not decode"),
+        ({"format": "png"}, png[:40] + bytes(200) + png[-12:], ErrorCode.UNDECODABLE, "corrupt"),
         ({"format": "png"}, b"garbage" * 10, ErrorCode.UNDECODABLE, "not a PNG"),
     ]
     for enc, data, code, words in cases:

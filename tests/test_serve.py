@@ -74,8 +74,8 @@ def direct_scores(paths: list[Path]):
 
 
 @contextmanager
-def running(config: DaemonConfig | None = None, **kw):
-    """An InspectionDaemon serving in a thread; stopped gracefully (exit code 0) at the end."""
+def running(config: DaemonConfig | None = None, expect_code: int = 0, **kw):
+    """An InspectionDaemon serving in a thread; stopped at the end, returning `expect_code` (0: gracefully)."""
     config = config or DaemonConfig(**{"bundle": serve_bundle(), "bind": "tcp://127.0.0.1:*", "pub": None,
                                        "threads": 1, **kw.pop("cfg", {})})
     daemon = InspectionDaemon(config, **kw)
@@ -87,12 +87,15 @@ def running(config: DaemonConfig | None = None, **kw):
     finally:
         daemon.request_stop()
         th.join(30)
-        assert codes == [0], "the daemon did not stop cleanly"
+        assert codes == [expect_code], f"the daemon stopped with {codes}, not [{expect_code}]"
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    with running(cfg={"pub": "tcp://127.0.0.1:*", "max_frame_bytes": 1 << 20, "queue_per_camera": 8}) as d:
+    # fixed batching: the tiny model's larger batches are not cheaper per frame, so an adaptive daemon would
+    # form none, and batching across cameras is tested here (the choice itself: test_daemon_limits.py)
+    with running(cfg={"pub": "tcp://127.0.0.1:*", "max_frame_bytes": 1 << 20, "queue_per_camera": 8,
+                      "adaptive_batch": False}) as d:
         yield d
 
 
@@ -119,8 +122,12 @@ def test_round_trip_scores_equal_the_direct_pipeline(client):
         assert r["score"] == pytest.approx(float(expect[i]), abs=SCORE_TOL, rel=SCORE_TOL)
         assert r["verdict"] is None and r["threshold"] is None and r["normalized_score"] is None
         t = r["timings_ms"]
-        assert set(t) == {"decode", "queue_wait", "model", "model_total", "encode_reply", "daemon_total"}
+        assert set(t) == {"decode", "queue_wait", "model", "model_total", "encode_reply", "compute", "daemon_total"}
         assert set(t["model"]) == {"encode", "denoise", "decode", "features", "scoring"}
+        # compute: this frame's decode, the model and its reply; with queue_wait it makes up the daemon's time
+        assert t["decode"] + t["model_total"] + t["encode_reply"] <= t["compute"] + 0.01
+        assert t["queue_wait"] + t["compute"] == pytest.approx(t["daemon_total"], abs=0.01)
+        assert r.latency_ms >= t["daemon_total"]
         assert r["batch_size"] >= 1 and r["fire_step"] is None and r["map"] is None and r.map_part is None
     # the same frames as the files' own JPEG bytes and as re-encoded PNG
     for i, p in enumerate(paths[:3]):
@@ -306,9 +313,9 @@ class SlowPipeline:
         return direct_pipeline()(images)
 
 
-def _injected(delay_s, fail_calls=(), **cfg):
+def _injected(delay_s, fail_calls=(), expect_code=0, **cfg):
     config = DaemonConfig(bundle=serve_bundle(), bind="tcp://127.0.0.1:*", pub=None, warmup=False, **cfg)
-    return running(config, pipeline=SlowPipeline(delay_s, fail_calls), image_size=IMAGE_SIZE,
+    return running(config, expect_code, pipeline=SlowPipeline(delay_s, fail_calls), image_size=IMAGE_SIZE,
                    info={"method": "diad", "preset": "tiny", "max_batch": 2})
 
 
@@ -353,6 +360,62 @@ def test_a_model_failure_is_an_error_reply_and_the_daemon_goes_on():
         assert r.code == "inference_failed" and "simulated model failure" in r["message"]
         assert c.request(_good_parts(2)).type == "result"
         assert c.stats()["errors"]["inference_failed"] == 1
+
+
+def test_a_client_that_never_reads_costs_its_reply_budget_and_every_drop_is_counted():
+    budget = 6 << 20  # three 2 MiB maps
+    with _injected(0.0, max_batch=1, max_reply_bytes_per_client=budget) as d, \
+            InspectionClient(d.endpoint, timeout_ms=20000) as probe:
+        ctx = zmq.Context()
+        silent = ctx.socket(zmq.DEALER)
+        silent.rcvhwm, silent.rcvbuf, silent.linger = 1, 4096, 0
+        silent.connect(d.endpoint)
+        n = 24
+        for i in range(n):
+            header, frame = inspect_parts(raw_gray(sample_paths()[2]), f"silent{i % 4}", i, return_map=True,
+                                          map_encoding="float16", map_size=1024)
+            silent.send_multipart([header, frame])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            s = probe.stats()
+            answered = sum(c["results"] + c["dropped"] for k, c in s["cameras"].items() if k.startswith("silent"))
+            if answered == n:
+                break
+            time.sleep(0.1)
+        assert s["replies_dropped"] > 0 and s["errors"].get("reply_dropped_budget", 0) > 0, s["errors"]
+        assert s["reply_bytes_pending"] <= budget
+        received = 0
+        while silent.poll(2000):
+            silent.recv_multipart()
+            received += 1
+        assert received + s["replies_dropped"] == n  # each reply arrived or was counted as dropped
+        silent.close()
+        ctx.term()
+
+
+def test_oversized_parts_and_maps_get_an_error_reply():
+    with _injected(0.0, max_frame_bytes=1 << 20) as d, InspectionClient(d.endpoint, timeout_ms=20000) as c:
+        r = c.request([_hdr(encoding={"format": "png"}), bytes(3 << 19)])  # 1.5 MiB: over the limit, under 2x
+        assert r.code == "frame_too_large" and "limit is 1048576" in r["message"]
+        header, frame = inspect_parts(raw_gray(sample_paths()[2]), "cam9", 1, return_map=True, map_size=2048)
+        r = c.request([header, frame])
+        assert r.code == "bad_header" and "options.map_size: 2048 is over this daemon's limit of 1024" in r["message"]
+        assert c.health()["max_map_size"] == 1024
+
+
+def test_a_second_stop_answers_every_frame_and_returns_1():
+    with _injected(0.5, max_batch=1, queue_per_camera=8, expect_code=1) as d, \
+            InspectionClient(d.endpoint, timeout_ms=20000) as c:
+        for i in range(4):
+            c.send(_good_parts(i))
+        while not c.health()["model_busy"]:
+            time.sleep(0.01)
+        d.request_stop()
+        d.request_stop()  # the second signal
+        replies = [c.recv(5000) for _ in range(4)]
+        assert all(r is not None for r in replies)
+        assert {r.code for r in replies} == {"shutting_down"}  # the one on the model and the 3 queued
+    assert d.cut == 4 and d.unanswered == 0
 
 
 # --------------------------------------------------------------------------- verdicts, security

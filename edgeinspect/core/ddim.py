@@ -1,28 +1,34 @@
-"""Deterministic DDIM (eta = 0) on torch tensors, with the noise schedule taken from diffusers.
+"""Deterministic DDIM (eta = 0) on torch tensors, with diffusers' noise schedule.
 
 Written out rather than calling `DDIMScheduler.step` because the loops need arbitrary start points
-(DiAD t=999, GLAD T0) and per-sample clean estimates; a test checks parity with diffusers'
-DDIMScheduler (trailing spacing) step by step.
+(DiAD t=999, GLAD T0) and per-sample clean estimates; the schedule is computed as diffusers computes
+it (float32 betas, cumulative product) without importing diffusers, which would cost a serving
+process ~190 MB of memory. Tests check the schedule bit for bit and the steps against diffusers'
+DDIMScheduler (trailing spacing).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
 from edgeinspect.config import SchedulerConfig
 
 
+def alphas_cumprod(cfg: SchedulerConfig) -> torch.Tensor:
+    """alpha-bar_t for t = 0..T-1 in float32, as diffusers' DDIMScheduler computes it."""
+    n = cfg.num_train_timesteps
+    if cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    else:  # scaled_linear (latent diffusion)
+        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 class DDIM:
     def __init__(self, cfg: SchedulerConfig):
-        sched = DDIMScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-            beta_schedule=cfg.beta_schedule, clip_sample=False, set_alpha_to_one=True,
-            prediction_type="epsilon",
-        )
         self.num_train_timesteps = cfg.num_train_timesteps
-        self.alphas_cumprod = sched.alphas_cumprod.double()  # float64: sqrt(1 - abar) near t=0 is tiny
+        self.alphas_cumprod = alphas_cumprod(cfg).double()  # float64: sqrt(1 - abar) near t=0 is tiny
 
     def timesteps(self, t_start: int, steps: int) -> list[int]:
         """`steps` timesteps from t_start down, evenly spaced ("trailing": 999, 899, ..., 99)."""

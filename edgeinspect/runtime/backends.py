@@ -19,8 +19,10 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     roles: Sequence[str] | None = None, engine_cache_dir: str | Path | None = None,
-                    max_batch: int | None = None, device: str | torch.device | None = None) -> Networks:
-    """The networks of a bundle on one backend ("onnxruntime" or "tensorrt")."""
+                    max_batch: int | None = None, device: str | torch.device | None = None,
+                    memory_arena: bool = True) -> Networks:
+    """The networks of a bundle on one backend ("onnxruntime" or "tensorrt"); memory_arena: see
+    edgeinspect.runtime.ort_backend.session_options."""
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if backend == "torch":
         raise BundleError(
@@ -31,7 +33,7 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
         )
     if backend == "onnxruntime":
         return ort_networks(bundle, providers=providers, precision=precision, intra_op_threads=intra_op_threads,
-                            roles=roles)
+                            roles=roles, memory_arena=memory_arena)
     if backend == "tensorrt":
         return trt_networks(bundle, precision=precision, max_batch=max_batch, cache_dir=engine_cache_dir,
                             roles=roles, device=device or "cuda")

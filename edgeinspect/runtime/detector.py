@@ -117,7 +117,7 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
                     max_batch: int | None = None, device: str | torch.device | None = None,
-                    verdict: bool = True) -> Pipeline:
+                    verdict: bool = True, memory_arena: bool = True) -> Pipeline:
     """The method's pipeline on a verified bundle. `overrides` may change inference and scoring settings
     (not the networks): e.g. {"inference": {"steps": 5}}.
 
@@ -141,7 +141,8 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=PIPELINE_ROLES[bundle.method],
                            engine_cache_dir=engine_cache_dir,
-                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device)
+                           max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device,
+                           memory_arena=memory_arena)
     post = PostProcessor.from_bundle(bundle) if verdict and bundle.calibration else None
     if post is not None:
         _warn_if_calibrated_otherwise(bundle, precision)

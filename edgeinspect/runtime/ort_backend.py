@@ -97,7 +97,10 @@ def _device_for(providers: list[tuple[str, dict[str, Any]]]) -> torch.device:
     return torch.device("cpu")
 
 
-def session_options(intra_op_threads: int | None = None, optimized_model_path: str | None = None):
+def session_options(intra_op_threads: int | None = None, optimized_model_path: str | None = None,
+                    memory_arena: bool = True):
+    """memory_arena=False: no CPU arena and no per-shape memory plans, so memory a run took is given back
+    (a long-running service that sees several batch sizes stays flat; costs a little speed)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -112,6 +115,9 @@ def session_options(intra_op_threads: int | None = None, optimized_model_path: s
     # 2-core CPU: decode and feature stages slower than torch). Idle threads sleep instead.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
+    if not memory_arena:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
     return so
@@ -216,7 +222,7 @@ def _trt_profile_options(bundle, role: str, max_batch: int, opt_batch: int) -> d
 def ort_networks(source: Any, providers: Sequence[Any] | None = None, *, precision: str = "fp32",
                  intra_op_threads: int | None = None, roles: Sequence[str] | None = None,
                  signatures: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
-                 device_id: int = 0, trt_cache_dir: str | Path | None = None) -> Networks:
+                 device_id: int = 0, trt_cache_dir: str | Path | None = None, memory_arena: bool = True) -> Networks:
     """onnxruntime Networks from a bundle (a folder, verified on load, or a loaded Bundle) or from a
     mapping role -> ONNX file (names from `signatures`, else ROLE_SIGNATURES, else the graph's own).
 
@@ -258,7 +264,8 @@ def ort_networks(source: Any, providers: Sequence[Any] | None = None, *, precisi
                 trt_options.update(_trt_profile_options(bundle, role, max_batch=b, opt_batch=b))
         resolved = resolve_providers(providers, device_id=device_id, trt_options=trt_options)
         ins, outs = names_of[role]
-        net = OrtNetwork(path, ins, outs, resolved, intra_op_threads)
+        net = OrtNetwork(path, ins, outs, resolved, intra_op_threads,
+                         sess_options=session_options(intra_op_threads, memory_arena=memory_arena))
         device = net.device
         nets[role] = net
     return Networks(nets, device, "onnxruntime")

@@ -125,6 +125,7 @@ class _Camera:
     skipped: int = 0
     errors: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    overheads: list[float] = field(default_factory=list)  # round trip - the daemon's compute - its queue wait
     outstanding: OrderedDict = field(default_factory=OrderedDict)  # frame_id -> (sent at, source index)
 
 
@@ -256,9 +257,12 @@ class CameraStreamer:
                             verdicts[reply.get("verdict") or "none"] += 1
                             if reply.get("score") is not None:
                                 scores.append(float(reply["score"]))
-                            for k, v in (reply.get("timings_ms") or {}).items():
+                            timings = reply.get("timings_ms") or {}
+                            for k, v in timings.items():
                                 if isinstance(v, (int, float)):
                                     stages.setdefault(k, []).append(float(v))
+                            if isinstance(timings.get("compute"), (int, float)):
+                                c.overheads.append(reply.latency_ms - timings["compute"] - timings["queue_wait"])
                         else:
                             c.errors[reply.code or reply.type] += 1
                         if self.on_reply is not None:
@@ -286,6 +290,9 @@ class CameraStreamer:
             "frames_in_source": n, "duration_s": round(elapsed, 3),
             "sent": sum(c.sent - c.skipped for c in cams), "results": results,
             "fps": round(results / elapsed, 3), "latency_ms": percentiles(all_lat),
+            # the daemon's own overhead per frame: client round trip - its compute - its queue wait (transport,
+            # header checks, hand-over between its threads)
+            "overhead_ms": percentiles(v for c in cams for v in c.overheads),
             "verdicts": dict(verdicts), "errors": dict(errors), "lost": sum(c.lost for c in cams),
             "skipped": sum(c.skipped for c in cams), "reconnects": sum(c.client.reconnects for c in cams),
             "stale_replies": stale,

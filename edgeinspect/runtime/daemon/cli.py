@@ -15,15 +15,21 @@ from edgeinspect.config import ConfigError, parse_overrides
 from edgeinspect.data.visualize import heatmap_overlay, label, write_png
 from edgeinspect.runtime.daemon.camera import CameraStreamer, SourceError, StreamOptions, load_frames
 from edgeinspect.runtime.daemon.client import DaemonTimeout, InspectionClient
+from edgeinspect.runtime.daemon.codec_noise import codec_noise
 from edgeinspect.runtime.daemon.security import SecurityError, create_keys, load_client_keys
 from edgeinspect.runtime.daemon.server import DaemonConfig, DaemonError, InspectionDaemon
 
 SERVE_EPILOG = """\
 protocol: requests are ZeroMQ multipart [JSON header] (health, stats) or [JSON header, frame bytes]
 (inspect) sent to the ROUTER endpoint; see edgeinspect/runtime/daemon/protocol.py. Frames from several
-cameras are batched up to --max-batch or --batch-deadline-ms; each camera queues at most
---queue-per-camera frames, a newer frame drops the camera's oldest (its sender gets a "dropped" error
-reply). SIGTERM/SIGINT: finish and answer queued frames, then exit 0 (a second signal: exit now).
+cameras are batched up to --max-batch (at warm-up the daemon times batch sizes up to it and keeps the
+cheapest per frame) or --batch-deadline-ms; each camera queues at most --queue-per-camera frames, a
+newer frame drops the camera's oldest (its sender gets a "dropped" error reply) before it is decoded.
+Memory budgets: --max-decode-bytes per frame's decode, --max-queued-bytes of waiting frames,
+--max-reply-bytes-per-client / --max-reply-bytes of replies not yet written (replies over them are
+dropped and counted in stats), --max-map-size. SIGTERM/SIGINT: finish and answer queued frames, then
+exit 0; a second signal answers queued and running frames "shutting_down" and exits 1 (exit 1 whenever
+an accepted frame got no result; the count is logged).
 Binding anything but loopback needs CurveZMQ (--curve-server-key/--curve-authorized-dir; keys:
 `edgeinspect serve keys --out DIR`) or --insecure."""
 
@@ -52,7 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backend=args.backend, precision=args.precision, threads=args.threads, max_batch=args.max_batch,
             batch_deadline_ms=args.batch_deadline_ms, queue_per_camera=args.queue_per_camera,
             max_cameras=args.max_cameras, max_frame_bytes=args.max_frame_bytes, max_pixels=args.max_pixels,
-            hwm=args.hwm, rcv_hwm=args.rcv_hwm, threshold=args.threshold, overrides=overrides, curve_server_key=args.curve_server_key,
+            max_decode_bytes=args.max_decode_bytes, max_queued_bytes=args.max_queued_bytes,
+            max_map_size=args.max_map_size, max_reply_bytes_per_client=args.max_reply_bytes_per_client,
+            max_reply_bytes=args.max_reply_bytes, adaptive_batch=not args.fixed_batch, ort_memory_arena=args.ort_arena, hwm=args.hwm, rcv_hwm=args.rcv_hwm, threshold=args.threshold, overrides=overrides, curve_server_key=args.curve_server_key,
             curve_authorized_dir=args.curve_authorized_dir, insecure=args.insecure,
             drain_timeout_s=args.drain_timeout_s)
     except ValidationError as e:
@@ -65,7 +73,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except DaemonError as e:
         return _fail("serve", str(e))
     print(f"edgeinspect serve: {daemon.describe()}", flush=True)
-    code = daemon.serve()
+    codec_noise.start()
+    try:
+        code = daemon.serve()
+    finally:
+        codec_noise.stop()
     if daemon.model_running:  # a forced stop left a batch on the model: do not wait for it, nor let the
         sys.stdout.flush()    # interpreter tear down under a running inference thread
         sys.stderr.flush()
@@ -115,10 +127,30 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--queue-per-camera", type=int, default=2,
                    help="frames a camera may have waiting; more drop its oldest (default %(default)s)")
     p.add_argument("--max-cameras", type=int, default=64, help="cameras with frames waiting at once (default %(default)s)")
-    p.add_argument("--max-frame-bytes", type=int, default=64 << 20, help="largest frame part (default %(default)s)")
+    p.add_argument("--max-frame-bytes", type=int, default=64 << 20,
+                   help="largest frame part; a larger one up to twice this gets a frame_too_large reply, beyond that "
+                        "libzmq closes the connection unread (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest frame in pixels (default %(default)s)")
-    p.add_argument("--hwm", type=int, default=100,
-                   help="ZeroMQ send high-water mark (replies, published results), messages (default %(default)s)")
+    p.add_argument("--max-decode-bytes", type=int, default=64 << 20,
+                   help="most one frame's decode may allocate; larger JPEGs decode at 1/2..1/8 size, larger PNGs at "
+                        "8 bits, else are refused (default %(default)s)")
+    p.add_argument("--max-queued-bytes", type=int, default=256 << 20,
+                   help="encoded frames waiting for the model, all cameras (default %(default)s)")
+    p.add_argument("--max-map-size", type=int, default=1024,
+                   help="largest anomaly map a request may ask for, square side (default %(default)s)")
+    p.add_argument("--max-reply-bytes-per-client", type=int, default=16 << 20,
+                   help="replies waiting to be written to one connection; more are dropped and counted "
+                        "(default %(default)s)")
+    p.add_argument("--max-reply-bytes", type=int, default=64 << 20,
+                   help="replies waiting to be written, all connections (default %(default)s)")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="batch up to --max-batch without timing the batch sizes at warm-up")
+    p.add_argument("--ort-arena", action="store_true",
+                   help="keep onnxruntime's CPU memory arena and per-shape memory plans (faster, but memory grows to "
+                        "the peak of every batch size seen)")
+    p.add_argument("--hwm", type=int, default=1000,
+                   help="ZeroMQ send high-water mark (replies, published results), messages; memory is bounded by the "
+                        "reply byte budgets (default %(default)s)")
     p.add_argument("--rcv-hwm", type=int, default=4,
                    help="requests buffered per connected client before TCP flow control holds it back "
                         "(default %(default)s)")

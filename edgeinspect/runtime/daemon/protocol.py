@@ -5,11 +5,14 @@ A request is a ZeroMQ multipart message sent from a DEALER (or REQ) socket to th
     [header]            type "health" or "stats"
     [header, frame]     type "inspect": the frame's bytes as the header's `encoding` describes them
 
-The header is UTF-8 JSON validated by the pydantic models below (strict types, unknown fields are
-an error). A reply is `[reply JSON]`, or `[reply JSON, map bytes]` when an inspect request asked for
-the anomaly map (`reply["map"]` says how to read the bytes). Every request gets exactly one reply,
-an error reply included (`"type": "error"`, a `code` from `ErrorCode` and a `message` naming what was
-wrong), so a client waiting for an answer never hangs on a daemon that is up.
+The header is UTF-8 JSON as RFC 8259 defines it (no NaN/Infinity, no duplicate keys, numbers that
+fit a double or a 64-bit integer), validated by the pydantic models below (strict types, an exact
+integer version `"v": 1`, unknown fields refused with their name). A reply is `[reply JSON]`, or
+`[reply JSON, map bytes]` when an inspect request asked for the anomaly map (`reply["map"]` says how
+to read the bytes). Every request gets exactly one reply (a message part over twice the daemon's
+--max-frame-bytes excepted: libzmq closes that connection before reading it), an error reply included
+(`"type": "error"`, a `code` from `ErrorCode` and a `message` naming what was wrong), so a client
+waiting for an answer never hangs on a daemon that is up.
 
 Results are also published on the daemon's PUB socket as `[camera_id, reply JSON]` (no map), so a
 dashboard or PLC gateway subscribes to one camera by topic.
@@ -42,9 +45,10 @@ class ErrorCode(str, Enum):
     BAD_ENCODING = "bad_encoding"  # the header's encoding block is invalid (dtype, shape, format)
     FRAME_TOO_LARGE = "frame_too_large"  # frame part over the daemon's --max-frame-bytes
     FRAME_SIZE_MISMATCH = "frame_size_mismatch"  # raw frame bytes != prod(shape) * itemsize (truncated/padded)
-    IMAGE_TOO_LARGE = "image_too_large"  # a PNG/JPEG whose pixel count is over the daemon's limit
+    IMAGE_TOO_LARGE = "image_too_large"  # a frame whose pixels, or decoded bytes, are over the daemon's limits
     UNDECODABLE = "undecodable"  # PNG/JPEG bytes that do not decode (corrupt, truncated, wrong format)
-    DROPPED = "dropped"  # the camera's queue was full: this (older) frame was dropped for a newer one
+    DROPPED = "dropped"  # the camera's queue was full (this older frame was dropped for a newer one), or the
+    # frames waiting for the model already hold the daemon's byte budget (this new frame was not queued)
     TOO_MANY_CAMERAS = "too_many_cameras"  # more cameras with queued frames than --max-cameras
     SHUTTING_DOWN = "shutting_down"  # the daemon is draining after SIGTERM/SIGINT: no new frames
     INFERENCE_FAILED = "inference_failed"  # the model raised on the batch holding this frame
@@ -115,7 +119,8 @@ class InspectOptions(_Message):
     # png16: 16-bit PNG of (map - offset) / scale (lossless to 1/65535 of the map's range);
     # float16: raw little-endian float16, H x W.
     map_encoding: Literal["png16", "float16"] = "png16"
-    map_size: int | None = Field(None, ge=8, le=4096)  # square size of the returned map (default: the model's)
+    map_size: int | None = Field(None, ge=8, le=4096)  # square size of the returned map (default: the model's);
+    # a daemon caps it lower (--max-map-size) and refuses a larger request
 
 
 class InspectRequest(_Message):
@@ -198,11 +203,62 @@ def describe_validation_error(e: ValidationError, limit: int = 4) -> tuple[Error
     return (ErrorCode.BAD_ENCODING if in_encoding else ErrorCode.BAD_HEADER), message
 
 
+MAX_JSON_INT = 2**64  # larger integers fit no field (frame_id is < 2**63)
+
+
+class _NotStrictJson(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NotStrictJson(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise _NotStrictJson(f"number {text[:40]} is out of range (over the largest double)")
+    return v
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20 or abs(v := int(text)) > MAX_JSON_INT:
+        raise _NotStrictJson(f"integer {text[:40]}{'...' if len(text) > 40 else ''} is out of range (over 2**64)")
+    return v
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _NotStrictJson(f"duplicate key {dup[:64]!r}")
+    return d
+
+
+def strict_json(raw: bytes) -> Any:
+    """The header's JSON value, refusing what RFC 8259 does not define or leaves ambiguous (NaN, Infinity,
+    out-of-range numbers, duplicate keys). Raises ProtocolError(bad_json)."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant,
+                          parse_float=_finite_float, parse_int=_bounded_int)
+    except _NotStrictJson as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"header is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ProtocolError(ErrorCode.BAD_JSON, f"header is not valid JSON: {e}") from None
+
+
 def parse_request(raw: bytes) -> InspectRequest | HealthRequest | StatsRequest:
     """A header part -> a validated request; raises ProtocolError (bad_json, bad_header, bad_encoding)."""
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.HEADER_TOO_LARGE,
                             f"header has {len(raw)} bytes, the limit is {MAX_HEADER_BYTES}")
+    value = strict_json(raw)
+    if isinstance(value, dict) and "v" in value and (type(value["v"]) is not int or value["v"] != PROTOCOL_VERSION):
+        # pydantic's Literal[1] also takes 1.0 and true from JSON: the version is compared exactly here
+        cam, fid = _ids_of(raw)
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"v: must be the integer {PROTOCOL_VERSION}, got "
+                            f"{json.dumps(value['v'])[:40]}", cam, fid)
     try:
         return _REQUEST.validate_json(raw)
     except ValidationError as e:
@@ -264,12 +320,16 @@ class MapInfo(_Reply):
 class Timings(_Reply):
     """Milliseconds. `model` holds the pipeline's stages for the whole batch (`batch_size` frames)."""
 
-    decode: float  # header validation + decode + resize
-    queue_wait: float  # enqueued -> taken into a batch
+    decode: float  # this frame's decode + resize (in the inference worker, when its batch was taken)
+    queue_wait: float  # received -> its batch taken by the inference worker (header checks, queueing)
     model: dict[str, float]
     model_total: float
-    encode_reply: float  # map encoding and reply building
-    daemon_total: float  # received -> reply sent (less the final JSON serialisation)
+    encode_reply: float  # this frame's map encoding and reply building
+    # the worker's time on this frame's batch until this reply was built: every frame's decode, the model, the
+    # replies built before it. A client's round trip - compute - queue_wait is the daemon's own overhead
+    # (transport, header checks, hand-over between threads).
+    compute: float
+    daemon_total: float  # received -> reply built (less its final JSON serialisation)
 
 
 class ResultReply(_Reply):
@@ -314,10 +374,12 @@ class HealthReply(_Reply):
     image_size: int
     backend: str
     precision: str
-    max_batch: int
+    max_batch: int  # the batch size the daemon forms at most (adaptive: the cheapest per frame it measured)
+    batch_ms_per_frame: dict[int, float] | None = None  # model ms per frame at each batch size timed at warm-up
     batch_deadline_ms: float
     queue_per_camera: int
     max_frame_bytes: int
+    max_map_size: int
     threshold: float | None
     threshold_source: str | None
     curve: bool
@@ -335,6 +397,11 @@ class StatsReply(_Reply):
     status: Literal["serving", "draining"]
     uptime_s: float
     requests: int
+    accepted: int  # frames queued for the model
+    replies_dropped: int  # replies not queued for their client (errors: reply_dropped_budget/_hwm/_gone)
+    reply_bytes_pending: int  # replies queued for clients and not yet written to their connections
+    queued_bytes: int  # encoded frames waiting for the model
+    codec_messages: int  # libpng/libjpeg messages about bad frames kept out of the log
     batches: int
     mean_batch_size: float | None
     model_ms: dict[str, float | int | None]

@@ -1,20 +1,36 @@
 """The inspection daemon: a ZeroMQ ROUTER socket loop in front of a bundle's pipeline.
 
-One thread (the caller of `serve`) owns the sockets: it receives requests, validates and decodes
-frames, answers health/stats/bad input at once, queues frames (bounded per camera, drop-oldest: see
-`queueing`), and sends the replies of finished batches. One worker thread runs the model (see
-`worker`); it wakes the loop through an inproc PAIR socket when a batch is done, so a reply leaves
-as soon as its batch does.
+One thread (the caller of `serve`) owns the sockets: it receives requests, validates headers and
+checks each frame's declared size from its header (O(1): see `frames.check_frame`), answers
+health/stats/bad input at once, queues frames still encoded (bounded per camera, drop-oldest, and in
+bytes: see `queueing`), and sends the replies the worker built. One worker thread decodes the frames
+of a batch, runs the model and builds the replies, maps included (see `worker`); it wakes the loop
+through an inproc PAIR socket when a batch is done. Nothing on the loop costs time in proportion to a
+frame or a map, so health is answered within milliseconds whatever the data path is doing.
+
+A frame pushed out of its camera's queue is answered `dropped` when a newer frame of its camera has
+been through the model (the newest waiting frame holds the frames pushed out before it, at most
+MAX_HELD_DROPS): a client that sends again as soon as it is answered is then paced by the model,
+instead of spinning the loop (and taking the CPU the model needs) with frames that can only be
+dropped.
 
 Shutdown (SIGTERM/SIGINT, or `request_stop`): new frames are refused with `shutting_down`, frames
 already queued or on the model are finished and answered, then the sockets close (lingering so the
-replies leave) and `serve` returns 0. A second signal stops at once, answering queued frames with
-`shutting_down` (a batch on the model then gets no reply).
+replies leave) and `serve` returns 0. A second signal (or the drain timeout) stops at once: the queued
+frames and those on the model are answered with `shutting_down`, and `serve` returns 1, logging how
+many accepted frames got no result. Exit status 0 means every accepted frame got its reply.
 
-Memory is bounded whatever the senders do: at most `rcv_hwm` requests wait in ZeroMQ per connected
-peer (then TCP flow control holds the sender back), at most `hwm` replies per peer, at most queue_per_camera x max_cameras decoded frames wait for the model, frames over
-`max_frame_bytes` are refused (and parts over max_frame_bytes + 1 MiB make libzmq drop the
-connection before they are buffered), and statistics keep fixed-size windows.
+Memory is bounded whatever the clients do:
+- requests: at most `rcv_hwm` wait in ZeroMQ per connected peer (then TCP flow control holds the sender
+  back); a part over 2 x max_frame_bytes makes libzmq close that connection before it is buffered (a
+  message is read whole, so a larger one cannot be answered); parts up to that get `frame_too_large`;
+- frames: waiting frames hold at most `max_queued_bytes` (and queue_per_camera x max_cameras frames);
+  each frame's decode allocates at most `max_decode_bytes` (checked from its header, decoded at reduced
+  size where the codec allows, else refused), one frame at a time;
+- replies: at most `max_reply_bytes_per_client` per connection and `max_reply_bytes` in all wait to be
+  written (see `outbound`); replies that do not fit are dropped and counted in stats; maps are at most
+  `max_map_size` square;
+- statistics keep fixed-size windows.
 """
 
 from __future__ import annotations
@@ -33,22 +49,20 @@ import zmq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import edgeinspect
-from edgeinspect.runtime.daemon.codec import encode_map
-from edgeinspect.runtime.daemon.frames import decode_frame
+from edgeinspect.runtime.daemon.codec_noise import codec_noise
+from edgeinspect.runtime.daemon.frames import DEFAULT_DECODE_BUDGET, check_frame
+from edgeinspect.runtime.daemon.outbound import Outbox
 from edgeinspect.runtime.daemon.protocol import (
     MAX_HEADER_BYTES,
     ErrorCode,
     HealthReply,
     InspectRequest,
-    MapInfo,
     ProtocolError,
-    ResultReply,
     StatsReply,
-    Timings,
     error_reply,
     parse_request,
 )
-from edgeinspect.runtime.daemon.queueing import FrameQueue, QueueClosed, TooManyCameras
+from edgeinspect.runtime.daemon.queueing import FrameQueue, QueueClosed, QueueFull, TooManyCameras
 from edgeinspect.runtime.daemon.security import (
     SecurityError,
     apply_server_curve,
@@ -58,14 +72,24 @@ from edgeinspect.runtime.daemon.security import (
 )
 from edgeinspect.runtime.daemon.stats import DaemonStats
 from edgeinspect.runtime.daemon.verdict import Judge, judge_for
-from edgeinspect.runtime.daemon.worker import BatchOutcome, InferenceWorker, PendingFrame, images_to_batch
+from edgeinspect.runtime.daemon.worker import (
+    BatchOutcome,
+    FrameReply,
+    InferenceWorker,
+    PendingFrame,
+    ReplyContext,
+    choose_batch,
+    release_free_memory,
+    run_pipeline,
+)
 from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
 from edgeinspect.runtime.detector import bundle_pipeline
 
 log = logging.getLogger("edgeinspect.serve")
 
-HARD_PART_MARGIN = 1 << 20  # ZMQ_MAXMSGSIZE = max_frame_bytes + this
 RECV_BURST = 256  # messages handled before the loop looks at finished batches again
+MAX_HELD_DROPS = 64  # dropped frames whose reply waits on one queued frame; older ones are answered at once
+MAP_BYTES_PER_PIXEL = 4  # a float16 map is 2 bytes a pixel, a png16 of noise a little over: a reply fits 4
 
 
 class DaemonError(RuntimeError):
@@ -87,7 +111,18 @@ class DaemonConfig(BaseModel):
     max_cameras: int = Field(64, ge=1, le=65536)
     max_frame_bytes: int = Field(64 << 20, ge=1024)
     max_pixels: int = Field(50_000_000, ge=1)
-    hwm: int = Field(100, ge=1)  # replies (ROUTER send) and results (PUB) waiting per peer, messages
+    max_decode_bytes: int = Field(DEFAULT_DECODE_BUDGET, ge=1 << 20)  # bytes one frame's decode may allocate
+    max_queued_bytes: int = Field(256 << 20, ge=1 << 20)  # encoded frames waiting for the model, all cameras
+    max_map_size: int = Field(1024, ge=8, le=4096)  # largest map a request may ask for (square side)
+    max_reply_bytes_per_client: int = Field(16 << 20, ge=1 << 16)  # replies waiting to be written, per connection
+    max_reply_bytes: int = Field(64 << 20, ge=1 << 16)  # replies waiting to be written, all connections
+    adaptive_batch: bool = True  # at warm-up, time batch sizes up to max_batch; keep the cheapest per frame
+    # onnxruntime's CPU arena and per-shape memory plans keep the peak of every batch size seen: off, the
+    # daemon's memory stays at its idle level whatever the batches (see benchmarks/results/serve_cpu2.md)
+    ort_memory_arena: bool = False
+    # replies (ROUTER send) and results (PUB) waiting per peer, messages; the reply byte budgets bound the memory,
+    # this only bounds the count (a burst of small `dropped` replies to a client that reads must fit)
+    hwm: int = Field(1000, ge=1)
     # requests waiting in ZeroMQ per connected peer: small, so a sender faster than the daemon is held back
     # by TCP flow control instead of filling this process with frames (memory <= rcv_hwm x frame x peers)
     rcv_hwm: int = Field(4, ge=1)
@@ -103,9 +138,15 @@ class DaemonConfig(BaseModel):
     warmup: bool = True  # run a batch of 1 and of max_batch before serving (first runs are slow)
 
     @model_validator(mode="after")
-    def _curve_pair(self) -> "DaemonConfig":
+    def _consistent(self) -> "DaemonConfig":
         if (self.curve_server_key is None) != (self.curve_authorized_dir is None):
             raise ValueError("CurveZMQ needs both curve_server_key and curve_authorized_dir")
+        largest_reply = MAP_BYTES_PER_PIXEL * self.max_map_size ** 2 + MAX_HEADER_BYTES
+        if min(self.max_reply_bytes_per_client, self.max_reply_bytes) < largest_reply:
+            raise ValueError(f"max_reply_bytes_per_client and max_reply_bytes must hold one reply with the largest "
+                             f"map ({largest_reply} bytes at max_map_size {self.max_map_size})")
+        if self.max_queued_bytes < self.max_frame_bytes:
+            raise ValueError("max_queued_bytes must hold one frame of max_frame_bytes")
         return self
 
     @property
@@ -150,18 +191,24 @@ class InspectionDaemon:
         self.image_size = int(image_size)
         self.info = {"bundle": str(config.bundle), "method": "?", "preset": "?", "max_batch": 1, **(info or {})}
         self.max_batch = int(config.max_batch or self.info["max_batch"])
-        self.info["max_batch"] = self.max_batch
+        self.batch_ms_per_frame: dict[int, float] | None = None
         self.judge = judge or judge_for(None, config.threshold)
         if config.warmup:
             self._warmup()
+        self.info["max_batch"] = self.max_batch
 
         self.stats = DaemonStats(config.stats_window)
-        self.queue = FrameQueue(config.queue_per_camera, config.max_cameras, config.live_window_s)
+        self.queue = FrameQueue(config.queue_per_camera, config.max_cameras, config.live_window_s,
+                                max_bytes=config.max_queued_bytes)
         self._outcomes: queue_mod.SimpleQueue[BatchOutcome] = queue_mod.SimpleQueue()
         self._stop = threading.Event()
         self._force = threading.Event()
         self.draining = False
         self.endpoint = self.pub_endpoint = None
+        self.accepted = 0  # frames queued for the model
+        self.answered = 0  # of those, frames whose reply was handed to ZeroMQ (or dropped for a full client)
+        self.cut = 0  # of those, frames answered `shutting_down` by a forced stop
+        self.unanswered = 0  # accepted frames left without a reply when `serve` returned
 
         self.ctx = zmq.Context()
         self._wake_lock = threading.Lock()
@@ -173,11 +220,13 @@ class InspectionDaemon:
             self.router.linger = config.linger_ms
             self.router.rcvhwm = config.rcv_hwm
             self.router.sndhwm = config.hwm
-            self.router.maxmsgsize = config.max_frame_bytes + HARD_PART_MARGIN
+            self.router.router_mandatory = 1  # a reply that cannot be queued raises: it is counted, not lost
+            self.router.maxmsgsize = 2 * config.max_frame_bytes
             self.pub = None
             if keys is not None:
                 apply_server_curve(self.router, keys)
             self.endpoint = _bind(self.router, config.bind, "inspection (ROUTER)")
+            self.outbox = Outbox(self.router, config.max_reply_bytes_per_client, config.max_reply_bytes)
             if config.pub:
                 self.pub = self.ctx.socket(zmq.PUB)
                 self.pub.linger = 0
@@ -207,7 +256,8 @@ class InspectionDaemon:
         try:
             bundle = load_bundle(config.bundle, overrides=config.overrides or None)
             pipeline = bundle_pipeline(bundle, config.backend, precision=config.precision,
-                                       intra_op_threads=config.threads, max_batch=config.max_batch)
+                                       intra_op_threads=config.threads, max_batch=config.max_batch,
+                                       memory_arena=config.ort_memory_arena)
         except (BundleError, OSError, ValueError) as e:  # ValueError: e.g. a calibration record it cannot read
             raise DaemonError(str(e)) from None
         except ImportError as e:
@@ -218,21 +268,28 @@ class InspectionDaemon:
         return pipeline, int(bundle.manifest["image_size"]), info, judge_for(bundle.calibration, config.threshold)
 
     def _warmup(self) -> None:
+        """First runs are slow: run the model before serving; with adaptive_batch, also choose the batch size."""
         import numpy as np
 
-        blank = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
-        for b in sorted({1, self.max_batch}):
-            try:
-                import torch
-
-                with torch.inference_mode():
-                    self.pipeline(images_to_batch([blank] * b))
-            except Exception as e:
-                raise DaemonError(f"the model fails on a warm-up batch of {b}: {type(e).__name__}: {e}") from None
+        try:
+            if self.config.adaptive_batch and self.max_batch > 1:
+                allowed = self.max_batch
+                self.max_batch, self.batch_ms_per_frame = choose_batch(self.pipeline, self.image_size, allowed)
+                log.info("batch sizes, model ms per frame: %s; batches of at most %d", self.batch_ms_per_frame,
+                         self.max_batch)
+            else:
+                blank = np.full((self.image_size, self.image_size, 3), 128, np.uint8)
+                for b in sorted({1, self.max_batch}):
+                    run_pipeline(self.pipeline, [blank] * b)
+        except Exception as e:
+            raise DaemonError(f"the model fails on a warm-up batch: {type(e).__name__}: {e}") from None
+        release_free_memory()
 
     def _start_worker(self) -> InferenceWorker:
         deadline = self.config.batch_deadline_ms / 1e3
-        w = InferenceWorker(self.pipeline, self.queue, self.max_batch, deadline, self._on_batch_done)
+        context = ReplyContext(self.image_size, self.config.max_pixels, self.config.max_decode_bytes, self.judge,
+                               self.judge.threshold, self.judge.source)
+        w = InferenceWorker(self.pipeline, self.queue, self.max_batch, deadline, self._on_batch_done, context)
         w.start()
         return w
 
@@ -261,75 +318,78 @@ class InspectionDaemon:
 
     # ------------------------------------------------------------------ replies
 
-    def _send(self, route: list[bytes], parts: list[bytes]) -> None:
-        try:
-            self.router.send_multipart([*route, *parts], zmq.NOBLOCK)
-        except zmq.Again:  # the peer's queue is full (or gone): ROUTER drops, like the HWM would
-            self.stats.error("reply_dropped")
+    def _send(self, route: list[bytes], parts: list[bytes]) -> bool:
+        dropped = self.outbox.send(route, parts)
+        if dropped is not None:
+            self.stats.reply_dropped(dropped)
+        return dropped is None
 
     def _send_error(self, route: list[bytes], code: ErrorCode, message: str, camera_id: str | None = None,
                     frame_id: int | str | None = None) -> None:
         self.stats.error(code.value, camera_id)
         self._send(route, [error_reply(code, message, camera_id, frame_id)])
 
+    def _answer(self, pf: PendingFrame, code: ErrorCode, message: str) -> None:
+        """An error reply for an accepted frame (dropped, shutting down)."""
+        if pf.answered:
+            return
+        pf.answered = True
+        self.answered += 1
+        req = pf.request
+        self._send_error(pf.route, code, message, req.camera_id, req.frame_id)
+
     def _health(self) -> bytes:
         i = self.info
         return HealthReply(
             status="draining" if self._stop.is_set() else "serving", version=edgeinspect.__version__, pid=os.getpid(),
             bundle=str(i["bundle"]), method=str(i["method"]), preset=str(i["preset"]), image_size=self.image_size,
-            backend=str(i.get("backend", self.config.backend)), precision=str(i.get("precision", self.config.precision)),
-            max_batch=self.max_batch, batch_deadline_ms=self.config.batch_deadline_ms,
+            backend=str(i.get("backend", self.config.backend)),
+            precision=str(i.get("precision", self.config.precision)),
+            max_batch=self.max_batch, batch_ms_per_frame=self.batch_ms_per_frame,
+            batch_deadline_ms=self.config.batch_deadline_ms,
             queue_per_camera=self.config.queue_per_camera, max_frame_bytes=self.config.max_frame_bytes,
+            max_map_size=self.config.max_map_size,
             threshold=self.judge.threshold, threshold_source=self.judge.source, curve=self.config.curve,
             model_busy=self.worker.busy, queue_depth=self.queue.depth(),
             uptime_s=round(time.time() - self.started, 3)).model_dump_json().encode()
 
     def _stats(self) -> bytes:
         snap = self.stats.snapshot(self.queue.depth_by_camera())
-        return StatsReply(status="draining" if self._stop.is_set() else "serving", **snap).model_dump_json().encode()
+        return StatsReply(status="draining" if self._stop.is_set() else "serving", accepted=self.accepted,
+                          queued_bytes=self.queue.queued_bytes(), reply_bytes_pending=self.outbox.pending_bytes,
+                          codec_messages=codec_noise.count, **snap).model_dump_json().encode()
 
     def _reply_outcome(self, o: BatchOutcome) -> None:
-        self.stats.batch(len(o.frames), o.model_ms)
-        for i, pf in enumerate(o.frames):
-            req: InspectRequest = pf.request
+        if o.model_frames:
+            self.stats.batch(o.model_frames, o.model_ms)
+        for fr in o.replies:
+            self._release_displaced(fr.frame)
+            self._send_reply(fr)
+
+    def _release_displaced(self, pf: PendingFrame, keep: int = 0) -> None:
+        """Answer the frames pf holds as pushed out (all but the newest `keep`)."""
+        while len(pf.displaced) > keep:
+            d = pf.displaced.pop(0)
+            self._answer(d, ErrorCode.DROPPED, d.drop_message)
+
+    def _send_reply(self, fr: FrameReply) -> None:
+        pf = fr.frame
+        if pf.answered:  # a forced stop answered it while it was on the model
+            return
+        pf.answered = True
+        self.answered += 1
+        req = pf.request
+        if fr.code is not None:
+            self.stats.error(fr.code, req.camera_id)
+            self._send(pf.route, fr.parts)
+            return
+        self._send(pf.route, fr.parts)
+        if self.pub is not None:
             try:
-                if o.error is not None:
-                    self._send_error(pf.route, ErrorCode.INFERENCE_FAILED,
-                                     f"the model failed on this frame's batch: {o.error}", req.camera_id,
-                                     req.frame_id)
-                    continue
-                t0 = time.perf_counter()
-                score = float(o.scores[i])
-                verdict, norm = self.judge(score)
-                extra: list[bytes] = []
-                map_info = None
-                if req.options.return_map:
-                    info, data = encode_map(o.maps[i], req.options.map_encoding, req.options.map_size)
-                    map_info = MapInfo(**info)
-                    extra.append(data)
-                queue_wait = (o.dispatched - pf.enqueued) * 1e3
-                now = time.perf_counter()
-                timings = Timings(decode=round(pf.decode_ms, 3), queue_wait=round(queue_wait, 3), model=o.timings_ms,
-                                  model_total=round(o.model_ms, 3), encode_reply=round((now - t0) * 1e3, 3),
-                                  daemon_total=round((now - pf.received) * 1e3, 3))
-                body = ResultReply(
-                    camera_id=req.camera_id, frame_id=req.frame_id, timestamp=req.timestamp, score=score,
-                    normalized_score=norm, verdict=verdict, threshold=self.judge.threshold,
-                    threshold_source=self.judge.source,
-                    fire_step=None if o.fire_steps is None else o.fire_steps[i], batch_size=len(o.frames),
-                    timings_ms=timings, map=map_info).model_dump_json().encode()
-                self._send(pf.route, [body, *extra])
-                if self.pub is not None:
-                    try:
-                        self.pub.send_multipart([req.camera_id.encode(), body], zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-                self.stats.result(req.camera_id, (time.perf_counter() - pf.received) * 1e3, queue_wait)
-            except Exception as e:  # never lose the rest of the batch over one reply
-                log.error("building the reply of %s/%s failed: %s\n%s", req.camera_id, req.frame_id, e,
-                          traceback.format_exc())
-                self._send_error(pf.route, ErrorCode.INTERNAL, f"reply failed: {type(e).__name__}",
-                                 req.camera_id, req.frame_id)
+                self.pub.send_multipart([req.camera_id.encode(), fr.parts[0]], zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        self.stats.result(req.camera_id, fr.latency_ms, fr.queue_wait_ms)
 
     # ------------------------------------------------------------------ requests
 
@@ -363,6 +423,11 @@ class InspectionDaemon:
         if self._stop.is_set():
             return self._send_error(route, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down: frame not accepted",
                                     cam, fid)
+        opts = req.options
+        if opts.return_map and (opts.map_size or self.image_size) > self.config.max_map_size:
+            return self._send_error(route, ErrorCode.BAD_HEADER,
+                                    f"options.map_size: {opts.map_size or self.image_size} is over this daemon's "
+                                    f"limit of {self.config.max_map_size}", cam, fid)
         frame = rest[1]
         n = len(frame)
         if n > self.config.max_frame_bytes:
@@ -372,25 +437,29 @@ class InspectionDaemon:
             return self._send_error(route, ErrorCode.FRAME_SIZE_MISMATCH, "frame part is empty", cam, fid)
         self.stats.received(cam)
         try:
-            image = decode_frame(req, frame.buffer, self.image_size, self.config.max_pixels)
+            check_frame(req, frame.buffer, self.config.max_pixels, self.config.max_decode_bytes)
         except ProtocolError as e:
             return self._send_error(route, e.code, e.message, cam, fid)
-        pf = PendingFrame(route, req, image, received, (time.perf_counter() - received) * 1e3)
-        pf.enqueued = time.perf_counter()
+        pf = PendingFrame(route, req, frame.buffer, received)
         try:
-            dropped = self.queue.put(cam, pf)
+            dropped = self.queue.put(cam, pf, n)
         except TooManyCameras as e:
             return self._send_error(route, ErrorCode.TOO_MANY_CAMERAS, str(e), cam, fid)
+        except QueueFull as e:
+            return self._send_error(route, ErrorCode.DROPPED, f"frame not queued: {e}", cam, fid)
         except QueueClosed:
             return self._send_error(route, ErrorCode.SHUTTING_DOWN, "the daemon is shutting down: frame not accepted",
                                     cam, fid)
+        self.accepted += 1
         if dropped is not None:
             d: InspectRequest = dropped.request
-            self.stats.dropped(d.camera_id)
-            self._send(dropped.route, [error_reply(
-                ErrorCode.DROPPED, f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full "
-                f"({self.config.queue_per_camera} frames): this older frame was dropped (drop-oldest policy)",
-                d.camera_id, d.frame_id)])
+            dropped.data = None  # its bytes go now; only the route and the header wait for the reply
+            dropped.drop_message = (f"camera {d.camera_id!r} sent frame {fid!r} while its queue was full "
+                                    f"({self.config.queue_per_camera} frames): this older frame was dropped "
+                                    "(drop-oldest policy)")
+            pf.displaced = [*dropped.displaced, dropped]
+            dropped.displaced = []
+            self._release_displaced(pf, keep=MAX_HELD_DROPS)
 
     def _handle_safely(self, parts: list[zmq.Frame]) -> None:
         try:
@@ -419,8 +488,18 @@ class InspectionDaemon:
         log.info("draining: %d frame(s) queued, model %s", self.queue.depth(), "busy" if self.worker.busy else "idle")
         return time.monotonic() + self.config.drain_timeout_s
 
+    def _stop_now(self) -> None:
+        """A forced stop: answer the queued frames and the batch on the model with `shutting_down`."""
+        self._drain_outcomes()
+        for pf in [*self.queue.pop_all(), *self.worker.current]:
+            self._release_displaced(pf)
+            if not pf.answered:
+                self.cut += 1
+                self._answer(pf, ErrorCode.SHUTTING_DOWN, "the daemon was stopped (second signal or drain timeout) "
+                             "before this frame's result")
+
     def serve(self, install_signals: bool | None = None) -> int:
-        """Run until stopped; returns the exit code (0 after a graceful drain)."""
+        """Run until stopped; returns the exit code: 0 when every accepted frame got its reply, else 1."""
         if install_signals is None:
             install_signals = threading.current_thread() is threading.main_thread()
         previous = {}
@@ -431,16 +510,12 @@ class InspectionDaemon:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         drain_deadline = None
-        code = 0
         try:
             while True:
                 if self._stop.is_set() and drain_deadline is None:
                     drain_deadline = self._begin_drain()
                 if self._force.is_set():
-                    for pf in self.queue.pop_all():
-                        self._send_error(pf.route, ErrorCode.SHUTTING_DOWN, "the daemon stopped before this frame "
-                                         "reached the model", pf.request.camera_id, pf.request.frame_id)
-                    self._drain_outcomes()
+                    self._stop_now()
                     log.info("stopped without waiting for the model")
                     break
                 if drain_deadline is not None:
@@ -449,14 +524,15 @@ class InspectionDaemon:
                         log.info("drained: every accepted frame answered")
                         break
                     if time.monotonic() > drain_deadline:
-                        log.error("drain timed out after %.0f s: the frames on the model get no reply",
-                                  self.config.drain_timeout_s)
+                        log.error("drain timed out after %.0f s", self.config.drain_timeout_s)
                         self._force.set()
-                        code = 1
                         continue
                 elif not self.worker.is_alive():  # only a bug gets here: keep serving with a new worker
                     log.error("the inference worker died; starting a new one")
                     self.worker_restarts += 1
+                    for pf in self.worker.current:
+                        self._release_displaced(pf)
+                        self._answer(pf, ErrorCode.INTERNAL, "the inference worker died on this frame's batch")
                     self.worker = self._start_worker()
                 events = dict(poller.poll(50))
                 if self._wake_rx in events:
@@ -474,11 +550,21 @@ class InspectionDaemon:
                             break
                         self._handle_safely(parts)
                     self._drain_outcomes()
+                self.outbox.reap()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.close()
-        return code
+        self.unanswered = self.accepted - self.answered
+        dropped = self.stats.replies_dropped
+        if self.cut or self.unanswered:
+            log.error("%d accepted frame(s) got no result: %d answered shutting_down by a forced stop, %d got no "
+                      "reply at all (%d replies were dropped for clients that did not read)",
+                      self.cut + self.unanswered, self.cut, self.unanswered, dropped)
+            return 1
+        log.info("every accepted frame answered (%d frames; %d replies dropped for clients that did not read)",
+                 self.accepted, dropped)
+        return 0
 
     def _close_sockets(self, linger: int | None) -> None:
         with self._wake_lock:

@@ -55,6 +55,7 @@ class DaemonStats:
         self.cameras: dict[str, _Camera] = {}
         self.errors: Counter[str] = Counter()
         self.requests = 0
+        self.replies_dropped = 0
         self.batches = 0
         self.batched_frames = 0
         self.model_ms: deque[float] = deque(maxlen=window)
@@ -78,14 +79,20 @@ class DaemonStats:
         c.latencies.append(latency_ms)
         c.queue_waits.append(queue_wait_ms)
 
-    def dropped(self, camera_id: str) -> None:
-        self._cam(camera_id).dropped += 1
-        self.errors["dropped"] += 1
-
     def error(self, code: str, camera_id: str | None = None) -> None:
+        """An error reply; "dropped" (drop-oldest, queue budget) is counted as the camera's `dropped`."""
         self.errors[code] += 1
-        if camera_id is not None and code != "dropped":
-            self._cam(camera_id).errors[code] += 1
+        if camera_id is not None:
+            c = self._cam(camera_id)
+            if code == "dropped":
+                c.dropped += 1
+            else:
+                c.errors[code] += 1
+
+    def reply_dropped(self, reason: str) -> None:
+        """A reply that was not queued for its client (see `outbound`: budget, high-water mark, client gone)."""
+        self.errors[reason] += 1
+        self.replies_dropped += 1
 
     def batch(self, size: int, model_ms: float) -> None:
         self.batches += 1
@@ -101,6 +108,7 @@ class DaemonStats:
         return {
             "uptime_s": round(time.time() - self.started, 3),
             "requests": self.requests,
+            "replies_dropped": self.replies_dropped,
             "batches": self.batches,
             "mean_batch_size": round(self.batched_frames / self.batches, 3) if self.batches else None,
             "model_ms": percentiles(self.model_ms),
