@@ -63,14 +63,14 @@ def test_residuals_receive_gradients_from_the_start():
 
 
 def test_fit_latent_statistics_gives_centred_unit_latents():
-    cfg = build_config("diad", "tiny")
+    cfg = build_config("diad", "tiny", {"model": {"vae": {"kind": "anchored"}}})
     model = DiADModel(cfg)
     x = torch.rand(6, 3, 64, 64) * 0.4 + 0.2
     with torch.no_grad():
         raw = model.vae.encode(x).latent_dist.mean
         fitted = model.fit_latent_statistics(raw)
         again = model.vae.encode(x).latent_dist.mean * model.scaling_factor
-    assert abs(float(fitted.mean())) < 1e-5 and abs(float(fitted.std()) - 1) < 1e-4
+    assert abs(float(fitted.mean())) < 1e-4 and abs(float(fitted.std()) - 1) < 1e-4
     torch.testing.assert_close(again, fitted, atol=1e-4, rtol=0)
 
 
@@ -124,12 +124,13 @@ def test_warmup_then_cosine_learning_rate():
 
 
 def test_a_trained_autoencoder_is_taken_as_it_is(synthetic_mvtec, tmp_path):
-    base = build_config("diad", "tiny", {"train": {"data_root": str(synthetic_mvtec), "unet_steps": 0,
-                                                   "guidance_steps": 0}})
+    anchored = {"vae": {"kind": "anchored"}}
+    base = build_config("diad", "tiny", {"model": anchored, "train": {"data_root": str(synthetic_mvtec),
+                                                                      "unet_steps": 0, "guidance_steps": 0}})
     base_ck = train_diad(base, tmp_path / "ae", progress=False)
     ae_final = tmp_path / "ae" / "checkpoints" / "autoencoder-final"
-    cfg = build_config("diad", "tiny", {"train": {"data_root": str(synthetic_mvtec),
-                                                  "init_autoencoder_from": str(tmp_path / "ae")}})
+    cfg = build_config("diad", "tiny", {"model": anchored, "train": {
+        "data_root": str(synthetic_mvtec), "init_autoencoder_from": str(tmp_path / "ae")}})
     ck = train_diad(cfg, tmp_path / "diad", progress=False)
     want = {k: v for k, v in load_file(str(ae_final / "model.safetensors")).items() if k.startswith("vae.")}
     got = load_file(str(ck / "model.safetensors"))

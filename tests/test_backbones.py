@@ -20,7 +20,7 @@ def test_edge_preset_sizes():
 
 
 def test_sd15_preset_loads_local_diffusers_folders(tmp_path):
-    tiny = build_config("diad", "tiny", {"model": {"vae": {"kind": "kl"}}}).model  # SD's autoencoder is a KL one
+    tiny = build_config("diad", "tiny").model  # a KL autoencoder, as SD's
     vae, unet = build_vae(tiny), build_unet(tiny)
     vae.save_pretrained(tmp_path / "sd" / "vae")
     unet.save_pretrained(tmp_path / "sd" / "unet")
