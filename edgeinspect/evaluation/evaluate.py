@@ -46,10 +46,12 @@ def read_name_list(path: Path | None) -> set[str]:
 
 
 def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: int = 10,
-                          stages: tuple[str, ...] = STAGES) -> dict:
+                          stages: tuple[str, ...] = STAGES, progress: bool = False) -> dict:
     """Batch-1 latency per stage and in total (what one camera frame costs on the line)."""
+    bar = tqdm(total=warmup + repeats, desc="latency (batch 1)", disable=not progress, unit="frame")
     for i in range(warmup):
         pipe(frames[i % len(frames)].unsqueeze(0))
+        bar.update()
     per_stage: dict[str, list[float]] = {s: [] for s in stages}
     totals = []
     for i in range(repeats):
@@ -58,6 +60,8 @@ def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: 
         totals.append((time.perf_counter() - t0) * 1e3)
         for s in stages:
             per_stage[s].append(r.timings_ms.get(s, 0.0))
+        bar.update()
+    bar.close()
     return {
         "ms_per_frame": statistics.median(totals),
         "ms_per_frame_p90": float(np.percentile(totals, 90)),
@@ -166,7 +170,7 @@ def diad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latenc
     cfg, pipe = detector.cfg, detector.pipeline
     out, batched = run_eval_split(pipe, split, cfg.inference.batch_size, ("scores", "maps"), STAGES, progress)
     frames = torch.stack([image_to_tensor(im) for im in split.images[:4]])
-    latency = measure_frame_latency(pipe, frames, repeats=latency_repeats)
+    latency = measure_frame_latency(pipe, frames, repeats=latency_repeats, progress=progress)
     settings = {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
                 "image_size": cfg.model.image_size, "feature_size": cfg.scoring.feature_size,
                 "features": cfg.features.name, "torch_threads": torch.get_num_threads(),
