@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # calibrate, serve it over ZeroMQ and stream the sample frames through it from two cameras
 # (scripts/line_demo.py). The times are those measured on 2 CPU cores shared with other work.
 demo: setup
-	@echo "make demo: about 25 min on 2 CPU cores (measured with other work running): train 15, test 2, export + calibrate 4, line 2."
+	@echo "make demo: about 30 min on 2 CPU cores, measured while other jobs shared them (train 25, test 1.5, export + calibrate 2, line 1)."
 	@echo "Interrupt it at any time: a rerun resumes the training, and skips it once done (make clean-demo starts over)."
 	@echo ""
 	@echo "[1/4] train a small DiAD on data/mtd_sample (40 normal images): 200 autoencoder, 300 UNet, 200 SG steps"
