@@ -56,8 +56,8 @@ def main() -> int:
     # The sample has 8 test normals: too few for a false-reject guarantee (that needs >= 99 at 1 %), so the
     # verdict threshold is the F1-optimal one on the labelled frames, which the line then streams again.
     cal = calibrate_bundle(bundle, normals=args.data, defects=args.data, verdict_from="f1", progress=True)
-    verdict = cal["verdict"]
-    image_thr, pixel_thr = verdict["image_threshold"], verdict["pixel_threshold"]
+    decision = cal["verdict"]  # the post-processor's record: thresholds and rule
+    image_thr, pixel_thr = decision["image_threshold"], decision["pixel_threshold"]
     say(f"      NG if the image score > {image_thr:.5f}; a pixel is defective if its map value > {pixel_thr:.5f}")
     say("      NOTE: both thresholds are fitted on the same frames the line streams next (the sample has no others),\n"
         "      so the line's accuracy below is optimistic. A real line calibrates on >= 99 normals it never scores:\n"
@@ -116,7 +116,7 @@ def main() -> int:
         "latency_ms_p50": float(np.median([r["latency_ms"] for r in records])),
         "daemon_exit_code": code,
     }
-    (args.run / "line_summary.json").write_text(json.dumps({"line": line, "calibration": verdict,
+    (args.run / "line_summary.json").write_text(json.dumps({"line": line, "calibration": decision,
                                                             "frames": records}, indent=2))
     print_summary(args.run, line, time.perf_counter() - t_start)
     return 0 if code == 0 and summary is not None else 1
@@ -139,8 +139,8 @@ def print_summary(run: Path, line: dict, seconds: float) -> None:
     say(f"           .venv/bin/edgeinspect serve --bundle {run / 'bundle'}")
     say(f"steps 3-4 took {seconds / 60:.1f} min; daemon exit code {line['daemon_exit_code']}.")
     say("A small model trained for minutes on 40 images: it shows the path from images to a line, not what the "
-        "method can do
-(near chance on this sample is expected; trained models: README, Results).")
+        "method can do")
+    say("(near chance on this sample is expected; trained models: README, Results).")
 
 
 if __name__ == "__main__":
