@@ -100,6 +100,25 @@ def test_too_few_normals_fall_back_to_the_maximum_and_say_so():
         frr_threshold([0.1, np.nan], 0.5)
 
 
+def test_few_normals_warn_only_when_the_frr_threshold_decides():
+    from edgeinspect.calibration.calibrate import fit_calibration
+
+    rng = np.random.default_rng(3)
+    normals, defects = rng.normal(0, 1, 8), rng.normal(4, 1, 12)  # 8 normals: too few for 1 %
+    maps = rng.random((20, 8, 8)).astype(np.float32)
+    masks = np.zeros((20, 8, 8), bool)
+    masks[8:, 2:4, 2:4] = True
+    labelled = dict(labels=np.r_[np.zeros(8), np.ones(12)], scores=np.r_[normals, defects], masks=masks, maps=maps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the F1 thresholds decide: no warning about the FRR ones
+        cal = fit_calibration(normals, maps[:8], 0.01, verdict_from="f1", **labelled)
+    assert not cal["image"]["guaranteed"] and not cal["pixel"]["guaranteed"]  # still recorded
+    assert cal["verdict"]["image_threshold"] == cal["image_f1"]["threshold"]
+    with pytest.warns(UserWarning, match="8 normal scores are too few") as caught:
+        fit_calibration(normals, maps[:8], 0.01, verdict_from="target_frr", **labelled)
+    assert len(caught) == 2  # the image and the pixel threshold
+
+
 def test_f1_optimal_threshold_on_known_inputs():
     labels = [0, 0, 1, 1, 0, 1]
     scores = [0.1, 0.2, 0.8, 0.9, 0.85, 0.3]

@@ -1,5 +1,6 @@
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -32,6 +33,11 @@ def test_test_command_reports_all_metrics(trained_run, tmp_path, capsys):
     assert set(res["latency_batch1"]["stage_ms"]) == {"encode", "denoise", "decode", "features", "scoring"}
     assert res["latency_batch1"]["ms_per_frame"] > 0 and res["peak_rss_mb"] > 0
     assert len(list((tmp_path / "ov").glob("*.png"))) == 4
+    for png in (tmp_path / "ov").glob("*.png"):  # each image at its own aspect beside its heat map, captioned
+        kind, stem = png.stem.split("_", 1)
+        src = next((SAMPLE / "test" / kind).glob(stem + ".*"))
+        h, w = cv2.imread(str(src)).shape[:2]
+        assert cv2.imread(str(png)).shape[:2] == (h + 18, 2 * w)
     printed = json.loads(capsys.readouterr().out)
     assert printed == res["metrics"]
     saved = np.load(out.with_suffix(".maps.npz"))

@@ -68,3 +68,22 @@ def test_real_sample_loads(sample_root):
     _, masks, labels = ds.load_all()
     assert all(masks[i].any() for i in range(len(ds)) if labels[i] == 1)
     assert torch.is_tensor(masks)
+
+
+def test_frame_and_heatmap_keeps_the_frame_and_scales_the_map():
+    from edgeinspect.data.visualize import frame_and_heatmap
+
+    frame = np.full((30, 50, 3), 128, np.uint8)  # not square: the picture keeps the frame's aspect
+    amap = np.zeros((8, 8), np.float32)
+    amap[:4] = 2.0  # top half at the scale's top, bottom half at its bottom
+    mask = np.zeros((8, 8), bool)
+    mask[6:, 6:] = True
+    tile = frame_and_heatmap(frame, amap, 0.0, 1.0, mask, caption="crack: score 0.5")
+    assert tile.shape == (18 + 30, 100, 3)
+    bar = tile[:18]
+    assert (bar == 255).mean() > 0.5 and (bar == 0).any()  # the caption bar: black text on white
+    left, right = tile[18:, :50], tile[18:, 50:]
+    assert (left == frame).all()
+    hot, cold = right[2, 10], right[25, 10]  # jet: red at vmax, blue at vmin
+    assert hot[0] > hot[2] and cold[2] > cold[0]
+    assert (right[-1, -1] == 255).all()  # the defect's outline in white, at the frame's size

@@ -71,16 +71,16 @@ def score_images(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 
     return scores, maps
 
 
-def _pixel_threshold(normal_maps: np.ndarray, target_frr: float, rule: str) -> dict[str, Any]:
+def _pixel_threshold(normal_maps: np.ndarray, target_frr: float, rule: str, warn: bool = True) -> dict[str, Any]:
     if rule not in PIXEL_RULES:
         raise ValueError(f"pixel rule must be one of {PIXEL_RULES}, got {rule!r}")
     maxima = normal_maps.reshape(len(normal_maps), -1).max(axis=1)
     if rule == "map_max":
-        t = frr_threshold(maxima, target_frr)
+        t = frr_threshold(maxima, target_frr, warn=warn)
         out = {**t.to_json(), "rule": "map_max: " + FRR_RULE + ", over each normal frame's largest map value"}
     else:
         px = subsample(normal_maps, MAX_PIXELS)
-        t = frr_threshold(px, target_frr)
+        t = frr_threshold(px, target_frr, warn=warn)
         out = {**t.to_json(), "rule": "pixels: the same order statistic over all normal pixels (no finite-sample "
                                       "guarantee: pixels of a frame are dependent)", "guaranteed": False}
     out["pixel_fpr"] = float(np.mean(normal_maps > t.threshold))
@@ -101,7 +101,11 @@ def fit_calibration(normal_scores: np.ndarray, normal_maps: np.ndarray | None, t
         raise ValueError(f"verdict_from must be one of {VERDICT_SOURCES}, got {verdict_from!r}")
     normal_scores = np.asarray(normal_scores, np.float64)
     norm = ScoreNormalization.fit(normal_scores)
-    image = frr_threshold(normal_scores, target_frr)
+    # With the F1 thresholds deciding, the FRR ones are only reported: too few normals for their guarantee
+    # is recorded (`guaranteed`), not warned about.
+    warn = verdict_from == "target_frr"
+    pixel_f1_possible = masks is not None and maps is not None and bool(np.asarray(masks).any())
+    image = frr_threshold(normal_scores, target_frr, warn=warn)
     cal: dict[str, Any] = {
         "version": CALIBRATION_VERSION,
         "target_frr": float(target_frr),
@@ -111,7 +115,8 @@ def fit_calibration(normal_scores: np.ndarray, normal_maps: np.ndarray | None, t
                           "median": norm.median, "p99": norm.p99, "max": float(normal_scores.max())},
     }
     if normal_maps is not None:
-        cal["pixel"] = _pixel_threshold(np.asarray(normal_maps, np.float32), target_frr, pixel_rule)
+        cal["pixel"] = _pixel_threshold(np.asarray(normal_maps, np.float32), target_frr, pixel_rule,
+                                        warn or not pixel_f1_possible)
     if labels is not None and scores is not None:
         labels = np.asarray(labels).astype(bool)
         scores = np.asarray(scores, np.float64)

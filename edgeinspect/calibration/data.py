@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from edgeinspect.data.mvtec import IMAGE_SUFFIXES, DatasetError, MVTecFolder, resize_mask
+from edgeinspect.data.mvtec import read_mask as read_mask_file  # at the file's own size
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,4 @@ def read_mask(path: Path | None, size: int) -> np.ndarray:
     """Bool (size, size) mask (nearest-neighbour resize); all False for None."""
     if path is None:
         return np.zeros((size, size), bool)
-    raw = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if raw is None:
-        raise DatasetError(f"cannot read mask {path}")
-    return resize_mask(raw > 127, size)
+    return resize_mask(read_mask_file(path), size)

@@ -66,9 +66,10 @@ class FrrThreshold:
         return asdict(self)
 
 
-def frr_threshold(normal_scores, target_frr: float, strict: bool = False) -> FrrThreshold:
+def frr_threshold(normal_scores, target_frr: float, strict: bool = False, warn: bool = True) -> FrrThreshold:
     """The split-conformal threshold at `target_frr` (see the module docstring). With too few normals for
-    the guarantee: the largest score and a warning, or ValueError when `strict`."""
+    the guarantee: the largest score and a warning (none with `warn=False`, for a threshold that is only
+    reported, not used; `guaranteed` still says so), or ValueError when `strict`."""
     s = np.sort(finite_scores(normal_scores, "normal scores"))
     n = s.size
     k = conformal_rank(n, target_frr)
@@ -79,7 +80,8 @@ def frr_threshold(normal_scores, target_frr: float, strict: bool = False) -> Frr
                f"expected false-reject rate is about 1/(n+1) = {1 / (n + 1):.3g}")
         if strict:
             raise ValueError(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        if warn:
+            warnings.warn(msg, UserWarning, stacklevel=2)
         k = n
     thr = float(s[k - 1])
     return FrrThreshold(thr, float(target_frr), n, k, float(np.mean(s > thr)), (n + 1 - k) / (n + 1), guaranteed)

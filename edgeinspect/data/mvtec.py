@@ -55,6 +55,14 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
+def read_mask(path: str | Path) -> np.ndarray:
+    """A ground-truth mask file as a bool (H, W) array at its own size (defect: grey value > 127)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if raw is None:
+        raise DatasetError(f"cannot read mask {path}")
+    return raw > 127
+
+
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
 
@@ -156,10 +164,7 @@ class MVTecFolder:
         if s.mask_path is None:
             mask = np.zeros((self.image_size, self.image_size), bool)
         else:
-            raw = cv2.imread(str(s.mask_path), cv2.IMREAD_GRAYSCALE)
-            if raw is None:
-                raise DatasetError(f"cannot read mask {s.mask_path}")
-            mask = resize_mask(raw > 127, self.image_size)
+            mask = resize_mask(read_mask(s.mask_path), self.image_size)
         return img, mask
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,6 +25,17 @@ def heatmap_overlay(image_rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: 
     return out
 
 
+def frame_and_heatmap(image_rgb: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+                      mask: np.ndarray | None = None, caption: str | None = None) -> np.ndarray:
+    """The picture every heat-map PNG shows: the frame at its own size and aspect ratio, beside the same
+    frame under its anomaly map (stretched to the frame; fixed scale [vmin, vmax]: blue at vmin, red at
+    and above vmax) with the true defect outlined in white; `caption` above both."""
+    if mask is not None and mask.shape != image_rgb.shape[:2]:
+        mask = cv2.resize(mask.astype(np.uint8), image_rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
+    tile = np.concatenate([image_rgb, heatmap_overlay(image_rgb, amap, vmin, vmax, mask)], axis=1)
+    return tile if caption is None else label(tile, caption)
+
+
 def label(img: np.ndarray, text: str) -> np.ndarray:
     bar = np.full((18, img.shape[1], 3), 255, np.uint8)
     cv2.putText(bar, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)

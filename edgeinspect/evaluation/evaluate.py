@@ -21,6 +21,7 @@ from edgeinspect.data.mvtec import (
     Sample,
     image_to_tensor,
     read_image,
+    read_mask,
     resize_image,
     tensor_to_image,
 )
@@ -29,7 +30,7 @@ from edgeinspect.runtime.diad import STAGES
 from edgeinspect.runtime.detector import Detector
 from edgeinspect.runtime.postprocess import PostProcessor
 from edgeinspect.core.atomic import write_json_atomic
-from edgeinspect.data.visualize import heatmap_overlay, write_png
+from edgeinspect.data.visualize import frame_and_heatmap, heatmap_overlay, write_png
 
 
 def peak_rss_mb() -> float:
@@ -45,10 +46,12 @@ def read_name_list(path: Path | None) -> set[str]:
 
 
 def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: int = 10,
-                          stages: tuple[str, ...] = STAGES) -> dict:
+                          stages: tuple[str, ...] = STAGES, progress: bool = False) -> dict:
     """Batch-1 latency per stage and in total (what one camera frame costs on the line)."""
+    bar = tqdm(total=warmup + repeats, desc="latency (batch 1)", disable=not progress, unit="frame")
     for i in range(warmup):
         pipe(frames[i % len(frames)].unsqueeze(0))
+        bar.update()
     per_stage: dict[str, list[float]] = {s: [] for s in stages}
     totals = []
     for i in range(repeats):
@@ -57,6 +60,8 @@ def measure_frame_latency(pipe, frames: torch.Tensor, warmup: int = 2, repeats: 
         totals.append((time.perf_counter() - t0) * 1e3)
         for s in stages:
             per_stage[s].append(r.timings_ms.get(s, 0.0))
+        bar.update()
+    bar.close()
     return {
         "ms_per_frame": statistics.median(totals),
         "ms_per_frame_p90": float(np.percentile(totals, 90)),
@@ -139,16 +144,19 @@ def evaluation_result(detector: Detector, split: EvalSplit, scores: np.ndarray, 
 def write_evaluation_outputs(result: dict, split: EvalSplit, scores: np.ndarray, maps: np.ndarray,
                              out_json: Path | None, overlays_dir: Path | None, max_overlays: int,
                              **arrays: np.ndarray) -> None:
-    """Overlays of a spread of examples (colour scale: normals' 1st to all maps' 99.9th percentile) into
-    `overlays_dir`; the result JSON to `out_json` and the maps, scores, labels and `arrays` beside it
+    """Overlays of a spread of examples into `overlays_dir`: each the image at its own size beside its
+    anomaly map (`frame_and_heatmap`; one colour scale for all: the normals' 1st to all maps' 99.9th
+    percentile); the result JSON to `out_json` and the maps, scores, labels and `arrays` beside it
     (<name>.maps.npz)."""
     if overlays_dir is not None:
         normals = maps[split.labels == 0] if (split.labels == 0).any() else maps
         vmin, vmax = float(np.percentile(normals, 1)), float(np.percentile(maps, 99.9))
         for i in _pick_examples(split.labels, scores, max_overlays):
-            ov = heatmap_overlay(split.images[i], maps[i], vmin, vmax, split.masks[i])
-            write_png(Path(overlays_dir) / f"{split.samples[i].defect_type}_{split.samples[i].path.stem}.png",
-                      np.concatenate([split.images[i], ov], axis=1))
+            smp = split.samples[i]
+            mask = None if smp.mask_path is None else read_mask(smp.mask_path)
+            tile = frame_and_heatmap(read_image(smp.path), maps[i], vmin, vmax, mask,
+                                     f"{smp.defect_type}: score {scores[i]:.4f}")
+            write_png(Path(overlays_dir) / f"{smp.defect_type}_{smp.path.stem}.png", tile)
         result["overlays"] = str(overlays_dir)
     if out_json is not None:
         write_json_atomic(out_json, result)
@@ -162,7 +170,7 @@ def diad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latenc
     cfg, pipe = detector.cfg, detector.pipeline
     out, batched = run_eval_split(pipe, split, cfg.inference.batch_size, ("scores", "maps"), STAGES, progress)
     frames = torch.stack([image_to_tensor(im) for im in split.images[:4]])
-    latency = measure_frame_latency(pipe, frames, repeats=latency_repeats)
+    latency = measure_frame_latency(pipe, frames, repeats=latency_repeats, progress=progress)
     settings = {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
                 "image_size": cfg.model.image_size, "feature_size": cfg.scoring.feature_size,
                 "features": cfg.features.name, "torch_threads": torch.get_num_threads(),

@@ -22,10 +22,11 @@ from edgeinspect.runtime.detector import Detector, run_pipeline
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
 
 
-def measure_glad_latency(pipe: GLADPipeline, frames: torch.Tensor, warmup: int = 2, repeats: int = 10) -> dict:
+def measure_glad_latency(pipe: GLADPipeline, frames: torch.Tensor, warmup: int = 2, repeats: int = 10,
+                         progress: bool = False) -> dict:
     """Batch-1 latency per stage (the ADP checks included) and in total. The firing step of a
     frame sets how many checks it costs, so the frames cycled through matter: pass a mix."""
-    out = measure_frame_latency(pipe, frames, warmup, repeats, stages=STAGES)
+    out = measure_frame_latency(pipe, frames, warmup, repeats, stages=STAGES, progress=progress)
     out["adp_checks_ms"] = sum(out["stage_ms"][s] for s in ADP_STAGES)
     return out
 
@@ -58,7 +59,7 @@ def glad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latenc
     order = [int(i) for i in np.argsort(labels, kind="stable")]
     picks = list(dict.fromkeys([order[0], order[-1], order[len(order) // 2], order[1 % n]]))
     frames = torch.stack([image_to_tensor(split.images[i]) for i in picks])
-    latency = measure_glad_latency(pipe, frames, repeats=latency_repeats)
+    latency = measure_glad_latency(pipe, frames, repeats=latency_repeats, progress=progress)
     inf = pipe.inference
     settings = {"category": cfg.category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
                 "threshold": None if not np.isfinite(pipe.threshold) else pipe.threshold,
