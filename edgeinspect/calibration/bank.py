@@ -19,7 +19,7 @@ Nothing here looks at a defect.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from edgeinspect.core.runs import resolve_checkpoint
 from edgeinspect.data.batches import spread_indices
 from edgeinspect.runtime.bank import BANK_FILE, BankError, NormalBank
 
-__all__ = ["training_normals", "greedy_coreset", "fit_bank", "save_run_bank", "bank_bytes"]
+__all__ = ["training_normals", "greedy_coreset", "candidate_vectors", "coreset_bank", "fit_bank", "save_run_bank",
+           "bank_bytes"]
 
 
 def training_normals(data: str | Path) -> list[Path]:
@@ -65,24 +66,38 @@ def greedy_coreset(vectors: torch.Tensor, size: int, projection: int, seed: int)
     return picked
 
 
-def _candidates(pipe: Any, paths: Sequence[Path], size: int, cfg: BankConfig, batch_size: int
-                ) -> list[torch.Tensor]:
-    """Per level, `cfg.candidates` unit feature vectors (or all there are) of the frames `paths`, the same
-    number drawn (seeded) from every frame's positions: (N, C) each."""
+def candidate_vectors(features_of: Callable[[torch.Tensor], list[torch.Tensor]], paths: Sequence[Path], size: int,
+                      cfg: BankConfig, batch_size: int) -> list[torch.Tensor]:
+    """Per level, about `cfg.candidates` unit feature vectors of the frames `paths` (read at `size`), the same
+    number drawn (seeded) from every frame's positions: (N, C) each. `features_of`: frames (B, 3, H, W) in
+    [-1, 1] -> one (B, C, h, w) map per level, at the scoring feature size."""
     g = torch.Generator().manual_seed(cfg.seed)
-    per_frame: list[int] | None = None
+    per_frame = max(1, math.ceil(cfg.candidates / len(paths)))
     out: list[list[torch.Tensor]] = []
-    for s in range(0, len(paths), batch_size):
-        feats = pipe.features_of(pipe.frames(load_frames(paths[s:s + batch_size], size))[0])
-        if per_frame is None:
-            per_frame = [max(1, math.ceil(cfg.candidates / len(paths))) for _ in feats]
-            out = [[] for _ in feats]
-        for level, f in enumerate(feats):
-            unit = F.normalize(f.float(), dim=1, eps=1e-6).flatten(2).transpose(1, 2).cpu()  # (b, hw, C)
-            take = min(per_frame[level], unit.shape[1])
-            for row in unit:
-                out[level].append(row[torch.randperm(row.shape[0], generator=g)[:take]])
+    with torch.inference_mode():
+        for s in range(0, len(paths), batch_size):
+            feats = features_of(load_frames(paths[s:s + batch_size], size))
+            out = out or [[] for _ in feats]
+            for level, f in enumerate(feats):
+                unit = F.normalize(f.float(), dim=1, eps=1e-6).flatten(2).transpose(1, 2).cpu()  # (b, hw, C)
+                for row in unit:
+                    out[level].append(row[torch.randperm(row.shape[0], generator=g)[:per_frame]])
     return [torch.cat(level) for level in out]
+
+
+def coreset_bank(features_of: Callable[[torch.Tensor], list[torch.Tensor]], paths: Sequence[Path], size: int,
+                 cfg: BankConfig, batch_size: int = 8, progress: bool = False) -> NormalBank:
+    """The bank (no hybrid scales) of the frames `paths`: per level a greedy k-centre coreset of `cfg.size`
+    of their candidate vectors (see `candidate_vectors`)."""
+    if not paths:
+        raise BankError("no training normals to build the bank from")
+    candidates = candidate_vectors(features_of, paths, size, cfg, batch_size)
+    vectors = []
+    for level, c in enumerate(candidates):
+        if progress:
+            print(f"bank level {level}: k-centre coreset of {cfg.size} from {c.shape[0]} candidates", flush=True)
+        vectors.append(c[greedy_coreset(c, cfg.size, cfg.projection, cfg.seed + level)].contiguous())
+    return NormalBank(vectors, info={"train_images": len(paths), "candidates": [int(c.shape[0]) for c in candidates]})
 
 
 def fit_bank(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 8, progress: bool = False
@@ -92,22 +107,14 @@ def fit_bank(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 8, p
     scale_images > 0."""
     cfg: BankConfig = pipe.scoring.bank
     paths = list(paths)
-    if not paths:
-        raise BankError("no training normals to build the bank from")
     held = spread_indices(len(paths), cfg.scale_images) if cfg.scale_images else []
-    if len(held) >= len(paths):
+    if paths and len(held) >= len(paths):
         raise BankError(f"{len(paths)} training normals: scoring.bank.scale_images {cfg.scale_images} would leave "
                         "none for the bank")
     held_set = set(held)
-    bank_paths = [p for i, p in enumerate(paths) if i not in held_set]
-    candidates = _candidates(pipe, bank_paths, size, cfg, batch_size)
-    vectors = []
-    for level, c in enumerate(candidates):
-        if progress:
-            print(f"bank level {level}: k-centre coreset of {cfg.size} from {c.shape[0]} candidates", flush=True)
-        vectors.append(c[greedy_coreset(c, cfg.size, cfg.projection, cfg.seed + level)].contiguous())
-    bank = NormalBank(vectors, info={"train_images": len(bank_paths), "held_out_images": len(held),
-                                     "candidates": [int(c.shape[0]) for c in candidates]})
+    bank = coreset_bank(lambda x: pipe.features_of(pipe.frames(x)[0]),
+                        [p for i, p in enumerate(paths) if i not in held_set], size, cfg, batch_size, progress)
+    bank.info["held_out_images"] = len(held)
     if held:
         held_paths = [paths[i] for i in held]
         rec = _maps(pipe.using("reconstruction"), held_paths, size, batch_size)

@@ -152,7 +152,9 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
     needs_bank = cfg.scoring.reference in BANK_REFERENCES
     bank = bundle_bank(bundle) if needs_bank else None
-    roles = (*PIPELINE_ROLES[bundle.method], *(("bank_distance",) if needs_bank else ()))
+    # the bank reference runs no diffusion: its pipeline loads the extractor and the bank search only
+    roles = (("features", "bank_distance") if cfg.scoring.reference == "bank" else
+             (*PIPELINE_ROLES[bundle.method], *(("bank_distance",) if needs_bank else ())))
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=roles,
                            engine_cache_dir=engine_cache_dir,

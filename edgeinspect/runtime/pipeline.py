@@ -23,11 +23,8 @@ from edgeinspect.runtime.scoring import gaussian_blur
 class DetectorLoop:
     def __init__(self, networks: Networks, roles: Sequence[str], context: torch.Tensor, schedule: DDIM,
                  inference: Any, scoring: Any, feature_size: int | None, bank: NormalBank | None = None):
-        if scoring.reference in BANK_REFERENCES:
-            roles = (*roles, "bank_distance")
-            check_bank(bank, scoring.reference)
-        for role in roles:
-            networks[role]  # fail at construction, not mid-frame
+        self.method_roles = tuple(roles)
+        self._check(networks, scoring.reference, bank)
         self.nets = networks
         self.context = context.to(networks.device)
         self.schedule = schedule
@@ -38,6 +35,15 @@ class DetectorLoop:
         self.bank = None if bank is None else NormalBank([v.to(networks.device) for v in bank.vectors], bank.scales,
                                                          bank.info)
 
+    def _check(self, networks: Networks, reference: str, bank: NormalBank | None) -> None:
+        """Fail at construction, not mid-frame: the networks and bank `reference` needs (the bank reference
+        runs no diffusion: only the feature extractor and the bank search)."""
+        if reference in BANK_REFERENCES:
+            check_bank(bank, reference)
+        roles = {"bank": ("features", "bank_distance"), "hybrid": (*self.method_roles, "bank_distance")}
+        for role in roles.get(reference, self.method_roles):
+            networks[role]
+
     @property
     def reference(self) -> str:
         return self.scoring.reference
@@ -47,9 +53,7 @@ class DetectorLoop:
         other = copy.copy(self)
         other.scoring = self.scoring.model_copy(update={"reference": reference})
         bank = bank if bank is not None else self.bank
-        if reference in BANK_REFERENCES:
-            other.nets["bank_distance"]
-            check_bank(bank, reference)
+        self._check(self.nets, reference, bank)
         other.bank = None if bank is None else NormalBank([v.to(self.nets.device) for v in bank.vectors],
                                                           bank.scales, bank.info)
         return other
