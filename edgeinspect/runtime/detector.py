@@ -150,11 +150,11 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     # estimates per row in one call, so its TensorRT profiles need 2 x draws times that (a profile's batch
     # range comes from one role-wide multiplier)
     factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
-    needs_bank = cfg.scoring.reference in BANK_REFERENCES
-    bank = bundle_bank(bundle) if needs_bank else None
-    # the bank reference runs no diffusion: its pipeline loads the extractor and the bank search only
-    roles = (("features", "bank_distance") if cfg.scoring.reference == "bank" else
-             (*PIPELINE_ROLES[bundle.method], *(("bank_distance",) if needs_bank else ())))
+    bank = bundle_bank(bundle) if cfg.scoring.reference in BANK_REFERENCES else None
+    # the bank reference runs no diffusion: its pipeline loads the extractor and the bank search only; the
+    # others load the bank search too where the bundle has it (pipeline.using("bank") needs it: the bank verb)
+    search = ("bank_distance",) if "bank_distance" in bundle.manifest["networks"] else ()
+    roles = ("features", *search) if cfg.scoring.reference == "bank" else (*PIPELINE_ROLES[bundle.method], *search)
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=roles,
                            engine_cache_dir=engine_cache_dir,
