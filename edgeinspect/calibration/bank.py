@@ -57,12 +57,14 @@ def greedy_coreset(vectors: torch.Tensor, size: int, projection: int, seed: int)
     x = vectors.float()
     if projection and projection < x.shape[1]:
         x = x @ (torch.randn(x.shape[1], projection, generator=g) / math.sqrt(projection))
+    # squared distances as |x|^2 + |c|^2 - 2 x.c: one matrix-vector product per pick, no (N, C) temporary
+    norms = (x * x).sum(1)
     picked = torch.empty(size, dtype=torch.long)
     picked[0] = int(torch.randint(n, (1,), generator=g))
-    nearest = ((x - x[picked[0]]) ** 2).sum(1)
+    nearest = norms + norms[picked[0]] - 2 * (x @ x[picked[0]])
     for i in range(1, size):
         picked[i] = int(nearest.argmax())
-        nearest = torch.minimum(nearest, ((x - x[picked[i]]) ** 2).sum(1))
+        nearest = torch.minimum(nearest, norms + norms[picked[i]] - 2 * (x @ x[picked[i]]))
     return picked
 
 
