@@ -21,7 +21,7 @@ from edgeinspect.core.timing import StageTimer
 from edgeinspect.runtime.pipeline import DetectorLoop
 from edgeinspect.runtime.postprocess import attach_verdicts
 
-STAGES = ("encode", "denoise", "decode", "features", "bank", "scoring")
+STAGES = ("encode", "denoise", "decode", "features", "scoring")
 ROLES = ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features")
 
 
@@ -84,7 +84,7 @@ class DiADPipeline(DetectorLoop):
             with timer("scoring"):
                 maps = gaussian_blur(cosine_distance_maps(fa, [f[b:] for f in feats], size), self.scoring.blur_sigma)
         if self.reference in ("bank", "hybrid"):
-            with timer("bank"):
+            with timer("scoring"):  # the bank search makes the map
                 bank = self.bank_maps(fa, size)
             assert self.bank is not None
             maps = bank if maps is None else hybrid_maps(maps, bank, self.bank.scales)

@@ -57,7 +57,7 @@ from edgeinspect.runtime.pipeline import DetectorLoop
 from edgeinspect.runtime.postprocess import attach_verdicts
 
 STAGES = ("encode", "denoise", "adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff", "decode",
-          "features", "bank", "scoring")
+          "features", "scoring")
 ADP_STAGES = ("adp_unet", "adp_decode", "adp_features", "adp_scoring", "saff")
 
 ROLES = ("vae_encoder", "unet_plain", "vae_decoder", "features")
@@ -310,7 +310,7 @@ class GLADPipeline(DetectorLoop):
         b, draws, n = images.shape[0], self.inference.draws, len(self.timesteps)
         with timer("features"):
             feats = self.features_of(images, self.feature_size)
-        with timer("bank"):
+        with timer("scoring"):  # the bank search makes the map
             maps = self.bank_maps(feats, tuple(images.shape[-2:]))
         with timer("scoring"):
             scores = topk_mean_score(maps, self.inference.top_k).float().cpu()
@@ -343,7 +343,7 @@ class GLADPipeline(DetectorLoop):
         if self.reference == "hybrid":
             with timer("features"):
                 feats = self.features_of(images, self.feature_size)
-            with timer("bank"):
+            with timer("scoring"):  # the bank search makes the map
                 bank = self.bank_maps(feats, tuple(images.shape[-2:]))
             assert self.bank is not None and self.bank.scales is not None
             with timer("scoring"):
