@@ -47,7 +47,7 @@ def test_reference_setting_reads_the_old_name_and_refuses_unknown_ones():
     assert build_config("glad", "tiny", {"scoring": {"reference": "vae_roundtrip"}}).scoring.reference == "vae_roundtrip"
     with pytest.raises(ConfigError, match="reference"):
         build_config("glad", "tiny", {"scoring": {"reference": "nearest"}})
-    assert build_config("diad", "edge").scoring.bank.size == 4096
+    assert build_config("diad", "edge").scoring.bank.size == 16384
 
 
 def test_greedy_coreset_covers_every_cluster_and_is_seeded():

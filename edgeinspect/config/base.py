@@ -162,8 +162,11 @@ class BankConfig(Strict):
     """The normal-feature bank (`edgeinspect bank`): per feature layer a greedy k-centre coreset of the
     training normals' feature vectors (PatchCore's), at the scoring feature size."""
 
-    # Vectors per layer (every layer gets exactly this many: the exported graph's bank input is fixed).
-    size: int = Field(4096, ge=1)
+    # Vectors per layer (every layer gets exactly this many: TensorRT profiles pin the bank input to it).
+    # On MTD image AUROC rises with it (bank only, 128-px features, GLAD scoring: 1024 -> 0.906, 4096 ->
+    # 0.957, 16384 -> 0.978; benchmarks/results/reference_sweep_mtd.md); 16384 x (24 + 40 + 112) float32
+    # is 11.5 MB.
+    size: int = Field(16384, ge=1)
     # Candidates per layer drawn (seeded) from all training positions before the k-centre selection,
     # which costs size x candidates distance updates.
     candidates: int = Field(100_000, ge=1)
