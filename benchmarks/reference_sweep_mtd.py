@@ -69,7 +69,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--name", default="reference_sweep_mtd")
+    ap.add_argument("--rows-from", type=Path,
+                    help="write the report from the rows a run printed (a run stopped before its end; the rows it "
+                         "did not reach are missing, and the report says it came from a printed log)")
     args = ap.parse_args()
+    if args.rows_from is not None:
+        rows = [json.loads(line) for line in args.rows_from.read_text().splitlines() if line.startswith("{")]
+        write({"command": f"(rows printed by a stopped run, {args.rows_from.name}) nice python "
+                          "benchmarks/reference_sweep_mtd.py --data ../shared/data/mtd --blurs 2.5 4 6 --threads 1",
+               "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+                           "load_average": os.getloadavg()[0]}, "rows": rows}, args.results, args.name)
+        return 0
     torch.set_num_threads(args.threads)
     diad, glad = build_config("diad", "edge"), build_config("glad", "edge")
     bank_cfg = diad.scoring.bank
@@ -108,13 +118,20 @@ def main() -> int:
                                  "strides": [strides[i] for i in layers], "blur_sigma": sigma,
                                  "image_auroc": round(auroc(y, s), 4), "pixel_auroc": pixel,
                                  "image_auroc_by_type": per_type})
-                print(json.dumps(rows[-1]), flush=True)
+                    print(json.dumps(rows[-1]), flush=True)
     command = "nice python benchmarks/reference_sweep_mtd.py " + " ".join(sys.argv[1:])
     doc = {"command": command, "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                                            "torch": torch.__version__, "load_average": os.getloadavg()[0]},
            "train_images": len(paths), "test_images": len(y), "rows": rows}
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.results / f"{args.name}.json", doc)
+    write(doc, args.results, args.name)
+    return 0
+
+
+def write(doc: dict, results: Path, name: str) -> None:
+    """The JSON twin and the markdown report of a sweep."""
+    rows, command = doc["rows"], doc["command"]
+    results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results / f"{name}.json", doc)
     best = sorted(rows, key=lambda r: -r["pixel_auroc"])
     lines = ["# Bank reference: a small settings sweep on MTD", "", __doc__.split("\n\n", 2)[2].strip(), "",
              "## Command", "", f"    {command}", "", "## Machine", "",
@@ -126,15 +143,14 @@ def main() -> int:
     for r in best[:15]:
         lines.append(f"| {r['method']} | {r['feature_size']} | {r['bank_size']} | {r['strides']} | {r['blur_sigma']} | "
                      f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} |")
-    lines += ["", "## The edge presets' own settings (all strides; DiAD blur 2.5, GLAD blur 3.0)", "",
-              "| method | feature px | bank/level | image AUROC | pixel AUROC |", "|---|---|---|---|---|"]
+    every = max(len(r["strides"]) for r in rows)
+    lines += ["", "## Every layer (the presets' strides), by feature size, bank size and blur", "",
+              "| method | feature px | bank/level | blur | image AUROC | pixel AUROC |", "|---|---|---|---|---|---|"]
     for r in rows:
-        own = 2.5 if r["method"] == "diad" else 3.0
-        if r["blur_sigma"] == own and len(r["strides"]) == len(strides):
-            lines.append(f"| {r['method']} | {r['feature_size']} | {r['bank_size']} | {r['image_auroc']:.4f} | "
-                         f"{r['pixel_auroc']:.4f} |")
-    write_text_atomic(args.results / f"{args.name}.md", "\n".join(lines) + "\n")
-    return 0
+        if len(r["strides"]) == every:
+            lines.append(f"| {r['method']} | {r['feature_size']} | {r['bank_size']} | {r['blur_sigma']} | "
+                         f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} |")
+    write_text_atomic(results / f"{name}.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
