@@ -209,6 +209,8 @@ def report(doc: dict[str, Any]) -> str:
              "bundle MB: the bundle folder; for a bank row measured without a model, the files the bank reference "
              "loads (features and bank_distance graphs, bank file).", "",
              f"`default_reference` (what the edge preset ships with): **{doc['default_reference']}**.", "",
+             "The bank's settings (feature size, layers, blur, coreset size) were swept on the same split: "
+             "reference_sweep_mtd.md.", "",
              "| detector | reference | image AUROC | pixel AUROC | pixel AP | PRO | per-type image AUROC | "
              "ms/frame | bundle MB | bank (vectors/level, MB) | source |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -264,7 +266,7 @@ def main() -> int:
     doc["rows"].update(rows)
     doc.update(flat(doc["rows"]))
     command = "nice python benchmarks/reference_mtd.py " + " ".join(sys.argv[1:])
-    doc["commands"] = [*doc["commands"], command]
+    doc["commands"] = list(dict.fromkeys([*doc["commands"], command]))  # a repeated command: its rows replaced
     doc["default_reference"] = args.default_reference or doc.get("default_reference") or "reconstruction"
     doc["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "load_average": os.getloadavg()[0]}
