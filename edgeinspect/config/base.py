@@ -165,7 +165,7 @@ class BankConfig(Strict):
     # Vectors per layer (every layer gets exactly this many: TensorRT profiles pin the bank input to it).
     # On MTD image AUROC rises with it (bank only, 128-px features, GLAD scoring: 1024 -> 0.906, 4096 ->
     # 0.957, 16384 -> 0.978; benchmarks/results/reference_sweep_mtd.md); 16384 x (24 + 40 + 112) float32
-    # is 11.5 MB.
+    # is 11 MiB.
     size: int = Field(16384, ge=1)
     # Candidates per layer drawn (seeded) from all training positions before the k-centre selection,
     # which costs size x candidates distance updates.
