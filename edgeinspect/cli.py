@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgeinspect.calibration.cli import add_calibrate_parser
+from edgeinspect.calibration.cli import add_bank_parser, add_calibrate_parser
 from edgeinspect.config import ConfigError, load_config, parse_overrides
 from edgeinspect.evaluation.commands import evaluate_detector, predict_detector
 from edgeinspect.evaluation.glad import glad_threshold
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_export_parser(sub)
     add_calibrate_parser(sub)
+    add_bank_parser(sub)
     add_serve_parsers(sub)
     return ap
 

@@ -108,7 +108,7 @@ def role_specs():
 
 def test_every_role_exported_with_the_interface_names(bundle):
     nets = bundle.networks
-    assert set(nets) == {"vae_encoder", "hint_encoder", "unet", "vae_decoder", "features", "guidance"}
+    assert set(nets) == {"vae_encoder", "hint_encoder", "unet", "vae_decoder", "features", "bank_distance", "guidance"}
     for role in ("vae_encoder", "hint_encoder", "unet", "vae_decoder"):
         assert (nets[role].input_names, nets[role].output_names) == ROLE_SIGNATURES[role]
     assert (nets["features"].input_names, nets["features"].output_names) == feature_signature(3)
@@ -129,7 +129,8 @@ def test_graphs_check_and_have_named_dynamic_axes(bundle):
             assert [o.name for o in graph.output] == list(entry.output_names)
             for vi in (*graph.input, *graph.output):  # fp16 variants keep float32 IO
                 assert vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-                assert vi.type.tensor_type.shape.dim[0].dim_param == "batch"
+                # a bank (bank_distance's bank_i inputs) has one row per vector, not per frame
+                assert vi.type.tensor_type.shape.dim[0].dim_param == ("bank" if vi.name.startswith("bank_") else "batch")
     unet = bundle.network("unet")
     assert unet.inputs[0].shape == ("batch", 4, "latent_height", "latent_width")
     assert unet.inputs[0].deploy_shape == (1, 4, 32, 32)
@@ -138,7 +139,7 @@ def test_graphs_check_and_have_named_dynamic_axes(bundle):
     assert bundle.network("vae_decoder").outputs[0].shape == ("batch", 3, "image_height", "image_width")
 
 
-@pytest.mark.parametrize("role", ["vae_encoder", "hint_encoder", "unet", "vae_decoder", "features", "guidance"])
+@pytest.mark.parametrize("role", ["vae_encoder", "hint_encoder", "unet", "vae_decoder", "features", "bank_distance", "guidance"])
 def test_onnxruntime_matches_torch(bundle, role_specs, role):
     from edgeinspect.export.onnx import parity_report
 

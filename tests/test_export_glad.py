@@ -31,7 +31,7 @@ from edgeinspect.training.checkpoint import save_checkpoint
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "mtd_sample"
 SCORE_TOL = 1e-4
 FP32_BOUND = (1e-4, 1e-3)
-GLAD_ROLES = ("vae_encoder", "unet_plain", "vae_decoder", "features")
+GLAD_ROLES = ("vae_encoder", "unet_plain", "vae_decoder", "features", "bank_distance")
 
 
 

@@ -47,7 +47,7 @@ def test_profile_from_the_manifest(bundle):
 
 def test_bundle_profiles_default_to_the_inference_batch(bundle):
     profiles = bundle_profiles(bundle)
-    assert set(profiles) == {"vae_encoder", "hint_encoder", "unet", "vae_decoder", "features"}  # not guidance
+    assert set(profiles) == {"vae_encoder", "hint_encoder", "unet", "vae_decoder", "features", "bank_distance"}  # not guidance
     b = bundle.config.inference.batch_size
     assert dict(profiles["vae_encoder"].shapes)["image"].max == (b, 3, 64, 64)
     assert dict(profiles["features"].shapes)["image"].max == (2 * b, 3, 64, 64)

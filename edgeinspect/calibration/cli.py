@@ -1,5 +1,6 @@
 """`edgeinspect calibrate`: thresholds and score normalisation from held-out images, stored in a bundle;
-with --int8, first the INT8 (Q/DQ) graphs TensorRT builds int8 engines from, calibrated on the same images."""
+with --int8, first the INT8 (Q/DQ) graphs TensorRT builds int8 engines from, calibrated on the same images.
+`edgeinspect bank`: the normal-feature bank of a run or a bundle, from the category's training normals."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import sys
 import warnings
 from pathlib import Path
 
+from edgeinspect.calibration.bank import bank_bytes, fit_bank, save_run_bank, training_normals
 from edgeinspect.calibration.calibrate import calibrate_bundle, select_normals
+from edgeinspect.config import REFERENCES, ConfigError, merge_config, parse_overrides
+from edgeinspect.core.runs import CheckpointError
+from edgeinspect.runtime.bank import BANK_PAYLOAD, BankError
+from edgeinspect.runtime.bundle_loading import load_bundle
+from edgeinspect.runtime.bundle_update import set_payload
+from edgeinspect.runtime.detector import bundle_pipeline, run_pipeline
 from edgeinspect.calibration.qdq import quantize_bundle
 from edgeinspect.data.batches import spread_indices
 from edgeinspect.data.mvtec import DatasetError
@@ -125,4 +133,64 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     p.add_argument("--dry-run", action="store_true", help="print the calibration, do not store it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_calibrate)
+    return p
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    # the bank is built with the reconstruction reference: the bank and hybrid ones need the bank itself
+    overrides = merge_config(parse_overrides(args.overrides), {"scoring": {"reference": "reconstruction"}})
+    try:
+        paths = training_normals(args.data)
+        if args.model is not None:
+            if args.reference is not None:
+                raise ValueError("--reference sets a bundle's scoring.reference; for a run pass --set "
+                                 "scoring.reference=... to test/predict, or --reference to export")
+            cfg, pipe, _ = run_pipeline(args.model, overrides)
+            bank = fit_bank(pipe, paths, cfg.model.image_size, cfg.inference.batch_size, progress=not args.quiet)
+            where = save_run_bank(args.model, bank)
+        else:
+            pipe = bundle_pipeline(args.bundle, "onnxruntime", overrides=overrides, verdict=False,
+                                   intra_op_threads=args.threads)
+            cfg = load_bundle(args.bundle, overrides=overrides).config
+            bank = fit_bank(pipe, paths, cfg.model.image_size, cfg.inference.batch_size, progress=not args.quiet)
+            set_payload(args.bundle, BANK_PAYLOAD, bank_bytes(bank),
+                        None if args.reference is None else {"reference": args.reference})
+            where = args.bundle / f"{BANK_PAYLOAD}.safetensors"
+    except (BankError, BundleError, DatasetError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"edgeinspect bank: {e}", file=sys.stderr)
+        return 2
+    shapes = ", ".join("x".join(map(str, v.shape)) for v in bank.vectors)
+    print(f"bank: {where}  ({len(paths)} training normals, {bank.info['held_out_images']} held out; per level "
+          f"{shapes}; {bank.nbytes / 2**20:.2f} MiB)")
+    if bank.scales is not None:
+        print(f"  hybrid scales (p{cfg.scoring.bank.scale_percentile:g} on held-out normals): reconstruction "
+              f"{bank.scales[0]:.6g}, bank {bank.scales[1]:.6g}")
+    if args.bundle is not None:
+        size = sum(f.stat().st_size for f in args.bundle.rglob("*") if f.is_file())
+        print(f"  bundle {args.bundle}: {size / 2**20:.2f} MiB"
+              + ("" if args.reference is None else f"; scoring.reference set to {args.reference!r} "
+                                                    "(calibration cleared: calibrate again)"))
+    return 0
+
+
+def add_bank_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bank", help="build the normal-feature bank (scoring.reference bank / hybrid) of a run or a bundle",
+        description="Extract the scoring features of a category's training normals (through the run's or the "
+                    "bundle's own feature network), keep a greedy k-centre coreset of scoring.bank.size vectors per "
+                    "layer, and measure the hybrid reference's scales on scoring.bank.scale_images held-out training "
+                    "normals. A run: written to its checkpoint folder (bank.safetensors; `edgeinspect export` "
+                    "carries it into the bundle). A bundle: stored as its payload 'bank' (hashed in the manifest).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="run folder or checkpoint folder (torch)")
+    which.add_argument("--bundle", type=Path, help="bundle folder (onnxruntime)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="training normals: an MVTec category folder (its train/good) or a folder of images")
+    p.add_argument("--reference", choices=REFERENCES,
+                   help="a bundle: also set its scoring.reference (clears its calibration: calibrate again)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scoring setting, e.g. --set scoring.bank.size=8192 (repeatable)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (a bundle)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_bank)
     return p

@@ -17,6 +17,7 @@ Import from the package: `from edgeinspect.config import load_config, DiADConfig
 from edgeinspect.config.base import (
     ConfigError, Strict, VAEConfig, UNetConfig, PromptEncoderConfig, ModelConfig, SchedulerConfig, FeatureConfig,
     GuidanceConfig, TrainLoopConfig, AutoencoderStageConfig, RuntimeConfig, MethodConfig, anchor_layout,
+    BankConfig, BANK_REFERENCES, REFERENCES, Reference,
 )
 from edgeinspect.config.diad import DiADTrainConfig, DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.config.glad import (
@@ -37,7 +38,8 @@ from edgeinspect.config.load import (
 )
 
 __all__ = [
-    "ConfigError", "AutoencoderStageConfig", "anchor_layout",
+    "ConfigError", "AutoencoderStageConfig", "anchor_layout", "BankConfig", "BANK_REFERENCES", "REFERENCES",
+    "Reference",
     "Strict",
     "VAEConfig",
     "UNetConfig",

@@ -141,6 +141,48 @@ class FeatureConfig(Strict):
     allow_random: bool = False
 
 
+# What a detector compares each frame's features with (`scoring.reference`):
+#   reconstruction  its own diffusion reconstruction, as the papers do ("input", the old name, is read as this);
+#   vae_roundtrip   the reconstruction, compared with the frame's autoencoder round trip instead of the frame;
+#   bank            the nearest feature vector of training normals (PatchCore's memory bank): no diffusion;
+#   hybrid          both, per position: (reconstruction distance) / s_rec + (bank distance) / s_bank, the
+#                   scales taken from held-out training normals (runtime/bank.py says why).
+REFERENCES = ("reconstruction", "vae_roundtrip", "bank", "hybrid")
+Reference = Literal["reconstruction", "vae_roundtrip", "bank", "hybrid"]
+# The references that need the normal-feature bank of `edgeinspect bank`.
+BANK_REFERENCES = ("bank", "hybrid")
+
+
+def read_reference(value: object) -> object:
+    """`scoring.reference` as written by an older version: "input" (the frame itself) is "reconstruction"."""
+    return "reconstruction" if value == "input" else value
+
+
+class BankConfig(Strict):
+    """The normal-feature bank (`edgeinspect bank`): per feature layer a greedy k-centre coreset of the
+    training normals' feature vectors (PatchCore's), at the scoring feature size."""
+
+    # Vectors per layer (every layer gets exactly this many: TensorRT profiles pin the bank input to it).
+    # On MTD image AUROC rises with it (bank only, 128-px features, GLAD scoring: 1024 -> 0.906, 4096 ->
+    # 0.957, 16384 -> 0.978; benchmarks/results/reference_sweep_mtd.md); 16384 x (24 + 40 + 112) float32
+    # is 11 MiB.
+    size: int = Field(16384, ge=1)
+    # Candidates per layer drawn (seeded) from all training positions before the k-centre selection,
+    # which costs size x candidates distance updates.
+    candidates: int = Field(100_000, ge=1)
+    # The k-centre selection runs on a seeded Gaussian random projection to this many dimensions (0: none).
+    projection: int = Field(128, ge=0)
+    seed: int = 0
+    # Training normals held out of the bank, on which the hybrid reference's scales are measured (a
+    # normal in the bank would be at distance ~0 from it); 0 leaves none out (no hybrid scales).
+    scale_images: int = Field(8, ge=0)
+    # Each distance's scale: this percentile of its pixel values on the held-out normals.
+    scale_percentile: float = Field(99.0, gt=0, le=100)
+    # Memory budget of one bank-distance call's (positions x bank) similarity: the loop passes as many
+    # frames per call as fit (at least one).
+    chunk_mb: float = Field(256.0, gt=0)
+
+
 class GuidanceConfig(Strict):
     """The DiAD semantic-guided (SG) network."""
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field, field_validator
 
-from pydantic import Field
-
-from edgeinspect.config.base import AutoencoderStageConfig, Strict, TrainLoopConfig
+from edgeinspect.config.base import AutoencoderStageConfig, BankConfig, Reference, Strict, TrainLoopConfig, read_reference
 
 
 
@@ -33,11 +31,15 @@ class DiADScoringConfig(Strict):
     # Images are resized to this size before the feature extractor (None: the model's image size).
     # A small model image with a larger feature size gives finer anomaly maps at little cost.
     feature_size: int | None = Field(None, ge=32)
-    # What the reconstruction is compared with: the input frame (the paper, whose SD autoencoder is
-    # near-lossless), or the input's own autoencoder round trip, so that a small from-scratch
-    # autoencoder's blur appears on both sides and cancels (one extra decode per frame).
-    reference: Literal["input", "vae_roundtrip"] = "input"
+    # What the frame is compared with (config/base.py REFERENCES): its reconstruction (the paper, whose SD
+    # autoencoder is near-lossless); the reconstruction against the frame's own autoencoder round trip
+    # (vae_roundtrip: a small from-scratch autoencoder's blur appears on both sides and cancels, one extra
+    # decode per frame); the normal-feature bank alone (bank); or both (hybrid).
+    reference: Reference = "reconstruction"
+    bank: BankConfig = BankConfig()
     # In pixels of the model image (the paper's 5 is at 256 px).
     blur_sigma: float = Field(5.0, ge=0)
     pool_size: int = Field(8, ge=1)
     pool_iterations: int = Field(8, ge=0)
+
+    _reference = field_validator("reference", mode="before")(read_reference)

@@ -6,9 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from edgeinspect.config.base import AutoencoderStageConfig, FeatureConfig, Strict, TrainLoopConfig
+from edgeinspect.config.base import (
+    AutoencoderStageConfig,
+    BankConfig,
+    FeatureConfig,
+    Reference,
+    Strict,
+    TrainLoopConfig,
+    read_reference,
+)
 
 
 
@@ -145,18 +153,23 @@ class GLADInferenceConfig(Strict):
 
 class GLADScoringConfig(Strict):
     feature_size: int | None = Field(None, ge=32)
-    # What the final reconstruction is compared with: the input frame (the paper), or the input's own
-    # autoencoder round trip, so that a small autoencoder's blur is on both sides (one extra decode per
-    # frame; the ADP checks compare two decoded estimates either way). On MTD's CPU-trained f = 8 model:
-    # images no better on held-out data, pixels worse (benchmarks/results/glad_mtd_roundtrip.md); on the
-    # GPU-trained f = 4 model: image AUROC +0.015-0.025, pixel -0.01 (glad_mtd_gpu_sweep.md).
-    reference: Literal["input", "vae_roundtrip"] = "input"
+    # What the frame is compared with (config/base.py REFERENCES): its final reconstruction (the paper);
+    # the reconstruction against the frame's own autoencoder round trip (vae_roundtrip: a small
+    # autoencoder's blur on both sides, one extra decode per frame; the ADP checks compare two decoded
+    # estimates either way; on MTD's CPU-trained f = 8 model: images no better on held-out data, pixels
+    # worse, benchmarks/results/glad_mtd_roundtrip.md; on the GPU-trained f = 4 model: image AUROC
+    # +0.015-0.025, pixel -0.01, glad_mtd_gpu_sweep.md); the normal-feature bank alone (bank: no
+    # diffusion, no ADP); or both (hybrid).
+    reference: Reference = "reconstruction"
+    bank: BankConfig = BankConfig()
     # Feature size for the ADP checks (null: feature_size); smaller makes each check cheaper.
     adp_feature_size: int | None = Field(None, ge=32)
     # Gaussian blur of the maps, in pixels of the model image (the paper's ~6 is at 256 px).
     blur_sigma: float = Field(6.0, ge=0)
     # Memory budget for one chunk of the (HW x HW) cosine-similarity matrix.
     similarity_chunk_mb: float = Field(64.0, gt=0)
+
+    _reference = field_validator("reference", mode="before")(read_reference)
 
 
 class ADPCalibrationConfig(Strict):

@@ -27,7 +27,8 @@ _TINY_MODEL: dict[str, Any] = {
 
 _TINY_DIAD: dict[str, Any] = {
     "model": _TINY_MODEL,
-    "scoring": {"blur_sigma": 1.0, "pool_size": 2, "pool_iterations": 1},
+    "scoring": {"blur_sigma": 1.0, "pool_size": 2, "pool_iterations": 1,
+                "bank": {"size": 32, "candidates": 2000, "projection": 16, "scale_images": 2}},
     "guidance": {"hint_channels": [8, 8, 16]},
     "features": {"weights": None, "allow_random": True},
     "train": {
@@ -71,7 +72,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "tiny": {
             "model": _TINY_MODEL,
             "features": {"weights": None, "allow_random": True},
-            "scoring": {"blur_sigma": 1.0},
+            "scoring": {"blur_sigma": 1.0,
+                        "bank": {"size": 32, "candidates": 2000, "projection": 16, "scale_images": 2}},
             "train": {
                 "batch_size": 2,
                 "autoencoder_steps": 2,

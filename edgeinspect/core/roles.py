@@ -2,7 +2,7 @@
 
 Loops call networks by these names, `torch_networks` wraps modules with them, export names graph
 inputs/outputs after them and the bundle manifest records them. Two roles' outputs depend on the model:
-`features` has one output per feature level, and the residual networks exported on their own (DiAD's
+`features` has one output per feature level (and `bank_distance` one input pair and output per level), and the residual networks exported on their own (DiAD's
 `guidance`, AdaBLDM's `control`) one per UNet skip plus the middle block.
 """
 
@@ -30,6 +30,14 @@ ROLE_SIGNATURES: dict[str, Signature] = {
 
 def feature_signature(levels: int) -> Signature:
     return ("image",), tuple(f"feature_{i}" for i in range(levels))
+
+
+def bank_distance_signature(levels: int) -> Signature:
+    """The `bank_distance` role: per feature level, the frames' features (B, C, h, w) and that level's bank
+    (M, C) of unit training-normal vectors in; per position the cosine distance to the nearest bank vector
+    (B, h, w) out."""
+    return ((*(f"feature_{i}" for i in range(levels)), *(f"bank_{i}" for i in range(levels))),
+            tuple(f"distance_{i}" for i in range(levels)))
 
 
 def residual_outputs(n_down: int) -> tuple[str, ...]:

@@ -204,8 +204,8 @@ def _collect_images(paths: list[Path]) -> list[Path]:
 
 def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir: Path, threshold: float | None,
                   fields: tuple[str, ...] = ()) -> list[dict]:
-    """Score image files (folders: every image below them): an overlay per image (input, reconstruction,
-    heat map on one colour scale) and `scores.json` in `out_dir`; a row per image with its score, verdict
+    """Score image files (folders: every image below them): an overlay per image (input, reconstruction
+    unless the bank reference made none, heat map on one colour scale) and `scores.json` in `out_dir`; a row per image with its score, verdict
     and the per-frame result `fields` (e.g. GLAD's fire_step). The verdict comes from `threshold` when given,
     else from the pipeline's calibrated post-processor (a calibrated bundle), else there is none."""
     post = PostProcessor(threshold, source="given") if threshold is not None else pipe.verdict
@@ -217,7 +217,8 @@ def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir:
         imgs = [resize_image(read_image(f), size) for f in files[s:s + batch_size]]
         r = pipe(torch.stack([image_to_tensor(im) for im in imgs]))
         for k, (f, im) in enumerate(zip(files[s:s + batch_size], imgs)):
-            results.append((f, im, float(r.scores[k]), r.maps[k].numpy(), tensor_to_image(r.reconstructions[k]),
+            rec = None if r.reconstructions is None else tensor_to_image(r.reconstructions[k])  # bank: none
+            results.append((f, im, float(r.scores[k]), r.maps[k].numpy(), rec,
                             {name: getattr(r, name)[k].item() for name in fields}))
     all_maps = np.stack([res[3] for res in results])
     vmin, vmax = float(all_maps.min()), float(np.percentile(all_maps, 99.9))
@@ -226,7 +227,8 @@ def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir:
     rows: list[dict] = []
     for f, im, sc, amap, rec, extra in results:
         name = f"{f.stem}_overlay.png"
-        write_png(out_dir / name, np.concatenate([im, rec, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
+        panels = [im] if rec is None else [im, rec]
+        write_png(out_dir / name, np.concatenate([*panels, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
         verdict = None if post is None else post(sc).verdict
         rows.append({"image": str(f), "score": sc, "verdict": verdict, **extra, "overlay": str(out_dir / name)})
     write_json_atomic(out_dir / "scores.json", {"threshold": threshold, "results": rows})

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import edgeinspect
-from edgeinspect.config import dump_config
+from edgeinspect.config import BANK_REFERENCES, REFERENCES, dump_config
 from edgeinspect.core.atomic import fsync_path, write_json_atomic
 from edgeinspect.core.runs import resolve_checkpoint, run_method
 from edgeinspect.export.adabldm import adabldm_bundle_parts
@@ -42,6 +42,7 @@ from edgeinspect.runtime.bundle_loading import (
     NetworkEntry,
     sha256_file,
 )
+from edgeinspect.runtime.bank import BANK_FILE, BANK_PAYLOAD
 from edgeinspect.runtime.bundle_update import finalize_manifest
 from edgeinspect.runtime.tensorrt_engines import build_bundle_engines, require_engine_support
 from edgeinspect.runtime.torch_backend import load_diad, load_glad
@@ -214,14 +215,32 @@ def write_bundle(cfg: Any, model: torch.nn.Module, out_dir: str | Path, *, featu
     return out
 
 
+def _with_bank(cfg: Any, ckpt: Path, reference: str | None) -> tuple[Any, dict[str, torch.Tensor] | None]:
+    """The detector's config with `reference` set (None: as it is) and its checkpoint's bank tensors (None
+    without one; an error when the reference needs one)."""
+    if reference is not None:
+        if reference not in REFERENCES:
+            raise ExportError(f"unknown scoring reference {reference!r} (choose from {', '.join(REFERENCES)})")
+        cfg = cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update={"reference": reference})})
+    path = ckpt / BANK_FILE
+    if not path.is_file():
+        if cfg.scoring.reference in BANK_REFERENCES:
+            raise ExportError(f"scoring.reference {cfg.scoring.reference!r} needs the normal-feature bank and "
+                              f"{ckpt} has none: build it first with `edgeinspect bank --model {ckpt} --data DIR`")
+        return cfg, None
+    return cfg, load_file(str(path))
+
+
 def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[str] = ("fp32", "fp16"), *,
                   features: torch.nn.Module | None = None, engines: bool = False,
                   engine_max_batch: int | None = None, overwrite: bool = False, defect_type: str | None = None,
-                  data_root: str | Path | None = None, **kwargs: Any) -> Path:
+                  data_root: str | Path | None = None, reference: str | None = None, **kwargs: Any) -> Path:
     """Export a trained run (or checkpoint folder) to a bundle; `engines=True` also builds the TensorRT
     engines into <bundle>/engines (only on a machine with a GPU and tensorrt: checked before exporting).
     AdaBLDM: one bundle per `defect_type` (may be left out when the run has one), its seed masks read
-    from `data_root` (default: the run's train.data_root). Other keyword arguments: see `write_bundle`."""
+    from `data_root` (default: the run's train.data_root). DiAD/GLAD: the checkpoint's normal-feature bank
+    (`edgeinspect bank`), when it has one, goes into the bundle as its payload "bank"; `reference` sets the
+    bundle's scoring.reference (default: the run's). Other keyword arguments: see `write_bundle`."""
     if engines:
         require_engine_support()
     ckpt = resolve_checkpoint(run_dir)
@@ -243,6 +262,12 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, precision: Sequence[
         parts = dualanodiff_bundle_parts(cfg, model, extra)
     else:
         cfg, model = load_diad(run_dir)
+    if method in ("diad", "glad"):
+        cfg, bank = _with_bank(cfg, ckpt, reference)
+        if bank is not None:
+            parts["payload"] = {BANK_PAYLOAD: bank}
+    elif reference is not None:
+        raise ExportError(f"{run_dir} is a {method!r} run: a scoring reference is a detector (DiAD, GLAD) option")
     source = {"run": str(Path(run_dir).resolve()), "checkpoint": ckpt.name,
               "weights_sha256": sha256_file(ckpt / "model.safetensors")}
     out = write_bundle(cfg, model, out_dir, features=features, precision=precision, overwrite=overwrite,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from edgeinspect.config import ConfigError
+from edgeinspect.config import REFERENCES, ConfigError
 from edgeinspect.core.runs import CheckpointError
 from edgeinspect.export.bundle import export_bundle
 from edgeinspect.export.fp16 import Fp16ConversionError
@@ -21,7 +21,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_bundle(args.model, args.out, precision, engines=args.engines, engine_max_batch=args.max_batch,
                             overwrite=args.overwrite, opset=args.opset, exporter=args.exporter,
                             threads=args.threads, progress=not args.quiet, defect_type=args.defect_type,
-                            data_root=args.data)
+                            data_root=args.data, reference=args.reference)
     except (TensorRTUnavailableError, ExportError, Fp16ConversionError, BundleError, CheckpointError,
             ConfigError) as e:
         print(f"edgeinspect export: {e}", file=sys.stderr)
@@ -57,6 +57,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--defect-type", help="AdaBLDM: the defect type to export (one bundle per type; default: the "
                                          "run's only type)")
     p.add_argument("--data", type=Path, help="AdaBLDM: data folder with the seed defects' masks (default: the run's)")
+    p.add_argument("--reference", choices=REFERENCES,
+                   help="DiAD/GLAD: the bundle's scoring.reference (default: the run's); bank and hybrid need the "
+                        "checkpoint's normal-feature bank (edgeinspect bank), which is exported whenever it exists")
     p.add_argument("--threads", type=int, help="onnxruntime threads for the parity checks")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

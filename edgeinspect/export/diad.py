@@ -1,5 +1,6 @@
 """The DiAD networks as export roles: the loop's five (vae_encoder, hint_encoder, unet with the SG
-network fused in, vae_decoder, features) and the SG network on its own (`guidance`).
+network fused in, vae_decoder, features), the normal-feature bank search (`bank_distance`, used by the bank
+and hybrid references) and the SG network on its own (`guidance`).
 
 Every graph is dynamic in batch. The VAE, hint encoder, UNet and feature extractor are also dynamic
 in height/width (checked at export by the probe inputs at another size): the UNet needs latent sizes
@@ -14,9 +15,17 @@ import torch
 from torch import nn
 
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
-from edgeinspect.core.roles import feature_signature, residual_outputs
-from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, UNET_AXES, ExportSizes, random_images, seeded_generator
-from edgeinspect.models.features import FeatureNet
+from edgeinspect.core.roles import bank_distance_signature, feature_signature, residual_outputs
+from edgeinspect.export.examples import (
+    IMAGE_AXES,
+    LATENT_AXES,
+    UNET_AXES,
+    ExportSizes,
+    bank_distance_inputs,
+    random_images,
+    seeded_generator,
+)
+from edgeinspect.models.features import BankDistance, FeatureNet
 
 METHOD = "diad"
 
@@ -105,6 +114,25 @@ def _features(ctx: ExportContext) -> RoleExport:
         "features", FeatureNet(ctx.features), {"image": random_images(4, s.feature, 11)},
         {"image": random_images(6, s.probe_feature, 12)}, outputs, {"image": IMAGE_AXES}, batch_multiplier=2,
         notes="called with the frames and their reconstructions concatenated (2 x batch)",
+    )
+
+
+@register_role(METHOD, "bank_distance")
+def bank_distance_role(ctx: ExportContext) -> RoleExport:
+    s = ExportSizes(ctx.cfg)
+    if ctx.features is None:
+        raise ValueError("the bank_distance export needs the feature extractor (ExportContext.features)")
+    levels = len(ctx.features.strides)
+    inputs, outputs = bank_distance_signature(levels)
+    size = ctx.cfg.scoring.bank.size
+    axes = {name: ({0: "batch", 2: f"height_{name[-1]}", 3: f"width_{name[-1]}"} if name.startswith("feature_")
+                   else {0: "bank"}) for name in inputs}
+    return RoleExport(
+        "bank_distance", BankDistance(levels), bank_distance_inputs(ctx.features, s.feature, size, 2, 17),
+        bank_distance_inputs(ctx.features, s.probe_feature, max(1, size // 2), 3, 19), outputs, axes,
+        fp16=False, notes="per level, each position's cosine distance to the nearest bank vector (MatMul + "
+                          "ReduceMax; the bank an input: the payload 'bank', scoring.bank.size rows per level); "
+                          "called with the frames only, in chunks of scoring.bank.chunk_mb",
     )
 
 

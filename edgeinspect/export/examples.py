@@ -34,3 +34,16 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 def random_images(batch: int, size: int, seed: int) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=seeded_generator(seed)) * 2 - 1
+
+
+def bank_distance_inputs(features: torch.nn.Module, feature_size: int, bank_size: int, batch: int, seed: int
+                         ) -> dict[str, torch.Tensor]:
+    """Example inputs of the `bank_distance` role: the extractor's features of random frames at `feature_size`
+    and, per level, `bank_size` random unit vectors of its channel count."""
+    with torch.no_grad():
+        feats = list(features(random_images(batch, feature_size, seed)))
+    inputs = {f"feature_{i}": f.contiguous() for i, f in enumerate(feats)}
+    for i, f in enumerate(feats):
+        v = torch.randn(bank_size, f.shape[1], generator=seeded_generator(seed + 1 + i))
+        inputs[f"bank_{i}"] = torch.nn.functional.normalize(v, dim=1)
+    return inputs

@@ -1,4 +1,5 @@
-"""The GLAD networks as export roles: the loop's four (vae_encoder, unet_plain, vae_decoder, features).
+"""The GLAD networks as export roles: the loop's four (vae_encoder, unet_plain, vae_decoder, features) and
+the normal-feature bank search (`bank_distance`, DiAD's builder: the bank and hybrid references).
 
 GLAD runs the same autoencoder and feature extractor as DiAD (GLADModel.role_modules uses the same
 VAE wrappers), so those builders are DiAD's; the UNet is the plain one (no guidance, no hint input).
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from edgeinspect.export.diad import vae_decoder_role, vae_encoder_role
+from edgeinspect.export.diad import bank_distance_role, vae_decoder_role, vae_encoder_role
 from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, ExportSizes, random_images, seeded_generator
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
 from edgeinspect.runtime.glad import resolve_weight_bounds
@@ -78,6 +79,9 @@ def _features(ctx: ExportContext) -> RoleExport:
         notes="called with frames and references concatenated (2 x the checked or scored frames), at "
               "scoring.feature_size and, for the ADP checks, scoring.adp_feature_size",
     )
+
+
+register_role(METHOD, "bank_distance")(bank_distance_role)
 
 
 def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 import timm
 import torch
 from torch import Tensor, nn
+import torch.nn.functional as F
 
 __all__ = [
     "FeatureExtractor",
@@ -568,3 +569,24 @@ class FeatureNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.extractor(image))
+
+
+class BankDistance(nn.Module):
+    """Per feature level, each position's cosine distance to its nearest vector of a bank of unit
+    training-normal feature vectors: forward(feature_0..L-1 (B, C, h, w), bank_0..L-1 (M, C)) ->
+    distance_0..L-1 (B, h, w), 1 - max over the bank of cos. One MatMul and one ReduceMax per level in
+    the exported graph; the bank is an input, so one graph serves any bank of the deployed size."""
+
+    def __init__(self, levels: int):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats, banks = inputs[:self.levels], inputs[self.levels:]
+        out = []
+        for f, bank in zip(feats, banks, strict=True):
+            b, _, h, w = f.shape
+            unit = F.normalize(f.float(), dim=1, eps=1e-6).flatten(2).transpose(1, 2)  # (B, hw, C)
+            nearest = torch.matmul(unit, bank.float().transpose(0, 1)).amax(dim=2)  # (B, hw)
+            out.append((1 - nearest).clamp(min=0).reshape(b, h, w))
+        return tuple(out)

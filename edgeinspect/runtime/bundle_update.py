@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeinspect.core.atomic import fsync_path, write_json_atomic
+from edgeinspect.core.atomic import fsync_path, write_bytes_atomic, write_json_atomic
 from edgeinspect.runtime.bundle_loading import (
     MANIFEST,
     UNHASHED_DIRS,
@@ -58,6 +58,33 @@ def set_calibration(bundle_dir: str | Path, calibration: dict[str, Any],
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
     manifest["calibration"] = calibration
+    new = finalize_manifest(root, manifest)
+    write_json_atomic(root / MANIFEST, new)
+    return new
+
+
+def set_payload(bundle_dir: str | Path, name: str, data: bytes, scoring: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """Store a payload file (`data`: safetensors bytes, e.g. the normal-feature bank) as <name>.safetensors
+    in a verified bundle; `scoring` (fields of the config's scoring section, e.g. {"reference": "bank"})
+    is written into config.json and settings.json too, and then the calibration slot is emptied (its
+    thresholds were fitted on other scores). Hashes and digest are updated, the manifest replaced
+    atomically. Returns the new manifest."""
+    root = Path(bundle_dir)
+    manifest = verify_bundle(root)  # never re-sign a tampered bundle
+    if not name.isidentifier() or name == "context":
+        raise BundleError(f"bad payload name {name!r} (an identifier other than 'context')")
+    rel = f"{name}.safetensors"
+    write_bytes_atomic(root / rel, data)
+    manifest["payload"] = {**(manifest.get("payload") or {}), name: rel}
+    if scoring:
+        for key in (manifest["config"], manifest["settings"]):
+            doc = json.loads((root / key).read_text())
+            if "scoring" not in doc:
+                raise BundleError(f"bundle {root}: {key} has no scoring section to set {sorted(scoring)} in")
+            doc["scoring"] = {**doc["scoring"], **scoring}
+            write_json_atomic(root / key, doc)
+        manifest["calibration"] = None
     new = finalize_manifest(root, manifest)
     write_json_atomic(root / MANIFEST, new)
     return new

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeinspect.config import GLADConfig
+from edgeinspect.config import BANK_REFERENCES, GLADConfig
 from edgeinspect.core.ddim import DDIM
 from edgeinspect.core.networks import Networks
 from edgeinspect.core.runs import load_state, resolve_checkpoint, run_method
 from edgeinspect.models.features import FeatureExtractor, build_features
+from edgeinspect.runtime.bank import BANK_FILE, BANK_PAYLOAD, NormalBank, bank_from_tensors, read_bank
 from edgeinspect.runtime.backends import bundle_networks
 from edgeinspect.runtime.bundle_loading import (
     GENERATOR_ROLES,
@@ -48,17 +49,19 @@ Pipeline = DiADPipeline | GLADPipeline
 def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, category: str | None = None,
                       adp_threshold: float | None = None,
                       weight_bounds: tuple[float | None, float | None] | None = None,
-                      post: PostProcessor | None = None) -> Pipeline:
+                      post: PostProcessor | None = None, bank: NormalBank | None = None) -> Pipeline:
     """The method's pipeline over `networks`. GLAD: cfg.inference with `category`'s overrides (default: the
     config's category); `adp_threshold` and `weight_bounds` are used where those settings leave them unset.
-    `post`: the post-processor whose verdicts every result carries (None: results carry none)."""
+    `post`: the post-processor whose verdicts every result carries (None: results carry none). `bank`: the
+    normal-feature bank (needed by scoring.reference bank and hybrid)."""
     schedule = DDIM(cfg.scheduler)
     if isinstance(cfg, GLADConfig):
         pipe: Pipeline = GLADPipeline(networks, context, schedule, cfg.inference.for_category(category or cfg.category),
                                       cfg.scoring, cfg.scoring.feature_size, threshold=adp_threshold,
-                                      weight_bounds=weight_bounds)
+                                      weight_bounds=weight_bounds, bank=bank)
     else:
-        pipe = DiADPipeline(networks, context, schedule, cfg.inference, cfg.scoring, cfg.scoring.feature_size)
+        pipe = DiADPipeline(networks, context, schedule, cfg.inference, cfg.scoring, cfg.scoring.feature_size,
+                            bank=bank)
     pipe.verdict = post
     return pipe
 
@@ -68,15 +71,23 @@ def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, ca
 
 def model_pipeline(cfg: Any, model: nn.Module, features: FeatureExtractor | None = None,
                    device: str | torch.device | None = None, threshold: float | None = None,
-                   category: str | None = None, weight_bounds: tuple[float, float] | None = None) -> Pipeline:
+                   category: str | None = None, weight_bounds: tuple[float, float] | None = None,
+                   bank: NormalBank | None = None) -> Pipeline:
     """The torch pipeline of a loaded DiAD or GLAD model (`threshold`, `category`, `weight_bounds`: GLAD's
-    ADP settings, see `assemble_pipeline`)."""
+    ADP settings, `bank`: the normal-feature bank, see `assemble_pipeline`)."""
     device = torch.device(device or cfg.runtime.device)
     nets = detector_networks(model, features or build_features(cfg), device)
     with torch.inference_mode():
         context = model.to(device).context(cfg.train.prompt if cfg.train.prompt is not None else "")
     return assemble_pipeline(cfg, nets, context, category=category, adp_threshold=threshold,
-                             weight_bounds=weight_bounds)
+                             weight_bounds=weight_bounds, bank=bank)
+
+
+def run_bank(run: str | Path, cfg: Any) -> NormalBank | None:
+    """The run's normal-feature bank (its checkpoint folder's bank.safetensors) when cfg's reference needs it."""
+    if cfg.scoring.reference not in BANK_REFERENCES:
+        return None
+    return read_bank(resolve_checkpoint(run) / BANK_FILE)
 
 
 def for_calibration(cfg: GLADConfig) -> GLADConfig:
@@ -94,7 +105,7 @@ def run_pipeline(run: str | Path, overrides: dict | None = None, *, category: st
     method = run_method(run)
     if method == "diad":
         cfg, model = load_diad(run, overrides)
-        return cfg, model_pipeline(cfg, model, device=device), {}
+        return cfg, model_pipeline(cfg, model, device=device, bank=run_bank(run, cfg)), {}
     if method != "glad":
         raise ValueError(f"{run} is a {method!r} run, not a detector ({', '.join(DETECTORS)})")
     cfg, model, extra = load_glad(run, overrides)
@@ -107,7 +118,8 @@ def run_pipeline(run: str | Path, overrides: dict | None = None, *, category: st
                       "propose one with `edgeinspect glad-threshold`", stacklevel=2)
     bounds = extra.get("adp_weight_bounds")
     return cfg, model_pipeline(cfg, model, device=device, threshold=calibrated, category=category,
-                               weight_bounds=None if bounds is None else tuple(bounds)), extra
+                               weight_bounds=None if bounds is None else tuple(bounds),
+                               bank=run_bank(run, cfg)), extra
 
 
 # --------------------------------------------------------------------------- a bundle on onnxruntime / TensorRT
@@ -138,8 +150,13 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     # estimates per row in one call, so its TensorRT profiles need 2 x draws times that (a profile's batch
     # range comes from one role-wide multiplier)
     factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
+    bank = bundle_bank(bundle) if cfg.scoring.reference in BANK_REFERENCES else None
+    # the bank reference runs no diffusion: its pipeline loads the extractor and the bank search only; the
+    # others load the bank search too where the bundle has it (pipeline.using("bank") needs it: the bank verb)
+    search = ("bank_distance",) if "bank_distance" in bundle.manifest["networks"] else ()
+    roles = ("features", *search) if cfg.scoring.reference == "bank" else (*PIPELINE_ROLES[bundle.method], *search)
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
-                           intra_op_threads=intra_op_threads, roles=PIPELINE_ROLES[bundle.method],
+                           intra_op_threads=intra_op_threads, roles=roles,
                            engine_cache_dir=engine_cache_dir,
                            max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device,
                            memory_arena=memory_arena)
@@ -148,7 +165,19 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
         _warn_if_calibrated_otherwise(bundle, precision)
     ms = bundle.manifest.get("method_settings") or {}
     return assemble_pipeline(cfg, nets, bundle.context, adp_threshold=ms.get("adp_threshold"),
-                             weight_bounds=(ms.get("weight_low"), ms.get("weight_high")), post=post)
+                             weight_bounds=(ms.get("weight_low"), ms.get("weight_high")), post=post, bank=bank)
+
+
+def bundle_bank(bundle: Bundle) -> NormalBank:
+    """The bundle's normal-feature bank (its payload "bank", verified with the bundle)."""
+    if BANK_PAYLOAD not in (bundle.manifest.get("payload") or {}):
+        raise BundleError(f"bundle {bundle.path}: scoring.reference {bundle.config.scoring.reference!r} needs the "
+                          f"normal-feature bank, which this bundle lacks: add it with "
+                          f"`edgeinspect bank --bundle {bundle.path} --data DIR`")
+    if "bank_distance" not in bundle.manifest["networks"]:
+        raise BundleError(f"bundle {bundle.path}: no bank_distance network (exported by an older version): "
+                          "export the run again")
+    return bank_from_tensors(bundle.payload(BANK_PAYLOAD), str(bundle.path / BANK_PAYLOAD))
 
 
 def _warn_if_calibrated_otherwise(bundle: Bundle, precision: str) -> None:

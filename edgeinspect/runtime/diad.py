@@ -1,7 +1,9 @@
 """DiAD inference: seeded DDIM reconstruction guided by the input, then feature-space scoring.
 
 Written against named networks (`vae_encoder`, `hint_encoder`, `unet`, `vae_decoder`,
-`features`), so the same loop runs on torch, onnxruntime or TensorRT networks.
+`features`, and `bank_distance` for the bank and hybrid references), so the same loop runs on torch,
+onnxruntime or TensorRT networks. scoring.reference "bank" skips the reconstruction (no diffusion);
+"hybrid" adds the bank's map to the reconstruction's (runtime/bank.py).
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from edgeinspect.config import DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.core.networks import Networks
+from edgeinspect.runtime.bank import NormalBank, hybrid_maps
 from edgeinspect.runtime.scoring import cosine_distance_maps, gaussian_blur, pooled_max_score
 from edgeinspect.core.timing import StageTimer
 from edgeinspect.runtime.pipeline import DetectorLoop
@@ -27,7 +29,7 @@ ROLES = ("vae_encoder", "hint_encoder", "unet", "vae_decoder", "features")
 class DiADResult:
     scores: torch.Tensor  # (B,)
     maps: torch.Tensor  # (B, H, W) at the input size
-    reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    reconstructions: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None with the bank reference (none made)
     timings_ms: dict[str, float] = field(default_factory=dict)  # per batch, by stage
     # from the pipeline's post-processor (`verdict`), None without one: "OK"/"NG" per frame, normalised scores
     verdicts: list[str] | None = None
@@ -38,8 +40,9 @@ class DiADPipeline(DetectorLoop):
     """Reconstruct-and-compare for a batch of frames (float (B,3,H,W) in [-1, 1])."""
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM,
-                 inference: DiADInferenceConfig, scoring: DiADScoringConfig, feature_size: int | None = None):
-        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size)
+                 inference: DiADInferenceConfig, scoring: DiADScoringConfig, feature_size: int | None = None,
+                 bank: NormalBank | None = None):
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank)
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
 
     def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None
@@ -66,26 +69,35 @@ class DiADPipeline(DetectorLoop):
                 return both[:b], both[b:]
             return self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
 
-    def score(self, images: torch.Tensor, recon: torch.Tensor, timer: StageTimer | None = None
+    def score(self, images: torch.Tensor, recon: torch.Tensor | None, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores and maps of `images` against `recon` (reconstruction, hybrid), the bank (bank, hybrid)
+        or both (hybrid)."""
         timer = timer or StageTimer(self.nets.device)
         size = tuple(images.shape[-2:])
+        b = images.shape[0]
         with timer("features"):
-            both = torch.cat([images, recon])
-            if self.feature_size and self.feature_size != size[0]:
-                both = F.interpolate(both, size=(self.feature_size,) * 2, mode="bilinear", align_corners=False)
-            feats = self.nets["features"](image=both)
-            b = images.shape[0]
-            fa = [f[:b] for f in feats.values()]
-            fb = [f[b:] for f in feats.values()]
+            feats = self.features_of(images if recon is None else torch.cat([images, recon]))
+            fa = [f[:b] for f in feats]
+        maps = None
+        if recon is not None:
+            with timer("scoring"):
+                maps = gaussian_blur(cosine_distance_maps(fa, [f[b:] for f in feats], size), self.scoring.blur_sigma)
+        if self.reference in ("bank", "hybrid"):
+            with timer("scoring"):  # the bank search makes the map
+                bank = self.bank_maps(fa, size)
+            assert self.bank is not None
+            maps = bank if maps is None else hybrid_maps(maps, bank, self.bank.scales)
+        assert maps is not None, "neither a reconstruction nor a bank"
         with timer("scoring"):
-            maps = cosine_distance_maps(fa, fb, size)
-            maps = gaussian_blur(maps, self.scoring.blur_sigma)
             scores = pooled_max_score(maps, self.scoring.pool_size, self.scoring.pool_iterations)
         return scores, maps
 
     def __call__(self, images: torch.Tensor) -> DiADResult:
         images, timer = self.frames(images)
+        if self.reference == "bank":
+            scores, maps = self.score(images, None, timer)
+            return attach_verdicts(DiADResult(scores.float().cpu(), maps.float().cpu(), None, timer.ms), self.verdict)
         recon, roundtrip = self.reconstruct(images, timer)
         scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer)
         return attach_verdicts(DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms),

@@ -1,8 +1,10 @@
 """GLAD inference: adaptive denoising steps (ADP) with spatial-adaptive feature fusion (SAFF), then
 multi-layer min-over-positions feature scoring.
 
-Written against named networks (`vae_encoder`, `unet_plain`, `vae_decoder`, `features`), so the same
-loop runs on torch, onnxruntime or TensorRT networks.
+Written against named networks (`vae_encoder`, `unet_plain`, `vae_decoder`, `features`, and `bank_distance`
+for the bank and hybrid references), so the same loop runs on torch, onnxruntime or TensorRT networks.
+scoring.reference "bank" skips ADP, SAFF and the reconstruction (no diffusion: the firing record reads
+"never fired"); "hybrid" adds the bank's map of the input to the final map (runtime/bank.py).
 
 `unet_plain` is its own role (sample, timestep, encoder_hidden_states) -> noise_pred rather than
 the `unet` role with an optional hint: one role, one fixed signature, so export, manifests and
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 from edgeinspect.config import GLADInferenceConfig, GLADScoringConfig
 from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.core.networks import Networks
+from edgeinspect.runtime.bank import NormalBank, hybrid_maps
 from edgeinspect.runtime.scoring import gaussian_blur, topk_mean_score
 from edgeinspect.core.timing import StageTimer
 from edgeinspect.runtime.pipeline import DetectorLoop
@@ -147,7 +150,7 @@ def saff_fuse(trajectory_clean: torch.Tensor, input_clean: torch.Tensor, weight:
 class GLADResult:
     scores: torch.Tensor  # (B,)
     maps: torch.Tensor  # (B, H, W) at the input size
-    reconstructions: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    reconstructions: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None with the bank reference (none made)
     fire_step: torch.Tensor  # (B,) long: the timestep at which each frame fired, -1 if it never did
     fire_index: torch.Tensor  # (B,) long: its index in `timesteps`, -1 if never
     fire_score: torch.Tensor  # (B,) the ADP check score that fired it (NaN if never)
@@ -170,8 +173,8 @@ class GLADPipeline(DetectorLoop):
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
                  scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None,
-                 weight_bounds: tuple[float | None, float | None] | None = None):
-        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size)
+                 weight_bounds: tuple[float | None, float | None] | None = None, bank: NormalBank | None = None):
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank)
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
@@ -186,11 +189,6 @@ class GLADPipeline(DetectorLoop):
         ctx = self.context.expand(b, *self.context.shape[1:])
         return self.nets["unet_plain"](sample=z, timestep=tt, encoder_hidden_states=ctx)["noise_pred"]
 
-    def _features(self, images: torch.Tensor, size: int | None) -> list[torch.Tensor]:
-        if size and size != images.shape[-1]:
-            images = F.interpolate(images, size=(size,) * 2, mode="bilinear", align_corners=False)
-        return list(self.nets["features"](image=images).values())
-
     def anomaly_maps(self, test: torch.Tensor, reference: torch.Tensor, timer: StageTimer, prefix: str = "",
                      feature_size: int | None = None) -> torch.Tensor:
         """Blurred multi-layer min-over-positions maps of `test` against `reference` (images), (B, H, W).
@@ -202,7 +200,7 @@ class GLADPipeline(DetectorLoop):
         if b % nt or b % nr:
             raise ValueError(f"{nt} test and {nr} reference rows: one must divide the other")
         with timer(prefix + "features"):
-            feats = self._features(torch.cat([test, reference]), feature_size or self.feature_size)
+            feats = self.features_of(torch.cat([test, reference]), feature_size or self.feature_size)
             fa = [f[:nt].repeat(b // nt, *(1,) * (f.dim() - 1)) for f in feats]
             fb = [f[nt:].repeat(b // nr, *(1,) * (f.dim() - 1)) for f in feats]
         with timer(prefix + "scoring"):
@@ -306,8 +304,28 @@ class GLADPipeline(DetectorLoop):
             scores = topk_mean_score(maps, self.inference.top_k)
         return scores, maps
 
+    def bank_only(self, images: torch.Tensor, timer: StageTimer) -> GLADResult:
+        """The bank reference: the input's features against the bank, no diffusion (every draw's score is the
+        frame's score; the firing record reads "never fired", with no fire maps: (B, 0, 0))."""
+        b, draws, n = images.shape[0], self.inference.draws, len(self.timesteps)
+        with timer("features"):
+            feats = self.features_of(images, self.feature_size)
+        with timer("scoring"):  # the bank search makes the map
+            maps = self.bank_maps(feats, tuple(images.shape[-2:]))
+        with timer("scoring"):
+            scores = topk_mean_score(maps, self.inference.top_k).float().cpu()
+        never = torch.full((b,), -1, dtype=torch.long)
+        nan = torch.full((b,), float("nan"))
+        return attach_verdicts(GLADResult(scores, maps.float().cpu(), None, never, never.clone(), nan,
+                                          torch.zeros(b, dtype=torch.bool), torch.full((b, n), float("nan")),
+                                          torch.empty(b, 0, 0), scores[:, None].repeat(1, draws),
+                                          torch.full((b, draws), -1, dtype=torch.long), list(self.timesteps),
+                                          timer.ms), self.verdict)
+
     def __call__(self, images: torch.Tensor) -> GLADResult:
         images, timer = self.frames(images)
+        if self.reference == "bank":
+            return self.bank_only(images, timer)
         b, draws = images.shape[0], self.inference.draws
         z0, eps = self.encode(images, draws, timer)
         r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer)  # all draws as one batch
@@ -322,6 +340,17 @@ class GLADPipeline(DetectorLoop):
             draw_scores = row_scores.view(draws, b).T
             maps = maps_all.view(draws, b, *maps_all.shape[1:]).mean(0)
             scores = draw_scores[:, 0] if draws == 1 else topk_mean_score(maps, self.inference.top_k)
+        if self.reference == "hybrid":
+            with timer("features"):
+                feats = self.features_of(images, self.feature_size)
+            with timer("scoring"):  # the bank search makes the map
+                bank = self.bank_maps(feats, tuple(images.shape[-2:]))
+            assert self.bank is not None and self.bank.scales is not None
+            with timer("scoring"):
+                maps = hybrid_maps(maps, bank, self.bank.scales)
+                draw_scores = topk_mean_score(hybrid_maps(maps_all, bank.repeat(draws, 1, 1), self.bank.scales),
+                                              self.inference.top_k).view(draws, b).T
+                scores = topk_mean_score(maps, self.inference.top_k)
         first = slice(0, b)  # the first draw's rows (noise seed inference.seed) describe the frame's firing
         return attach_verdicts(GLADResult(scores.float().cpu(), maps.float().cpu(), recon[first].float().cpu(),
                                           r["fire_step"][first], r["fire_index"][first], r["fire_score"][first],

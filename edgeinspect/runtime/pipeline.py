@@ -1,24 +1,30 @@
 """What the detector loops (DiAD, GLAD) share: their networks (checked at construction, not mid-frame),
-prompt context, schedule, settings and the post-processor whose verdicts their results carry."""
+prompt context, schedule, settings, the normal-feature bank (scoring.reference bank or hybrid) and the
+post-processor whose verdicts their results carry."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from edgeinspect.config import BANK_REFERENCES
 from edgeinspect.core.ddim import DDIM
 from edgeinspect.core.networks import Networks
 from edgeinspect.core.timing import StageTimer
+from edgeinspect.runtime.bank import NormalBank, bank_distance_maps, check_bank
 from edgeinspect.runtime.postprocess import PostProcessor
+from edgeinspect.runtime.scoring import gaussian_blur
 
 
 class DetectorLoop:
     def __init__(self, networks: Networks, roles: Sequence[str], context: torch.Tensor, schedule: DDIM,
-                 inference: Any, scoring: Any, feature_size: int | None):
-        for role in roles:
-            networks[role]  # fail at construction, not mid-frame
+                 inference: Any, scoring: Any, feature_size: int | None, bank: NormalBank | None = None):
+        self.method_roles = tuple(roles)
+        self._check(networks, scoring.reference, bank)
         self.nets = networks
         self.context = context.to(networks.device)
         self.schedule = schedule
@@ -26,6 +32,44 @@ class DetectorLoop:
         self.scoring = scoring
         self.feature_size = feature_size
         self.verdict: PostProcessor | None = None  # set by the detector assembly (a calibrated bundle's)
+        self.bank = None if bank is None else NormalBank([v.to(networks.device) for v in bank.vectors], bank.scales,
+                                                         bank.info)
+
+    def _check(self, networks: Networks, reference: str, bank: NormalBank | None) -> None:
+        """Fail at construction, not mid-frame: the networks and bank `reference` needs (the bank reference
+        runs no diffusion: only the feature extractor and the bank search)."""
+        if reference in BANK_REFERENCES:
+            check_bank(bank, reference)
+        roles = {"bank": ("features", "bank_distance"), "hybrid": (*self.method_roles, "bank_distance")}
+        for role in roles.get(reference, self.method_roles):
+            networks[role]
+
+    @property
+    def reference(self) -> str:
+        return self.scoring.reference
+
+    def using(self, reference: str, bank: NormalBank | None = None) -> "DetectorLoop":
+        """This pipeline with another scoring.reference (and bank): the same networks and settings."""
+        other = copy.copy(self)
+        other.scoring = self.scoring.model_copy(update={"reference": reference})
+        bank = bank if bank is not None else self.bank
+        self._check(self.nets, reference, bank)
+        other.bank = None if bank is None else NormalBank([v.to(self.nets.device) for v in bank.vectors],
+                                                          bank.scales, bank.info)
+        return other
+
+    def features_of(self, images: torch.Tensor, size: int | None = None) -> list[torch.Tensor]:
+        """The extractor's features of frames resized to `size` (default: the scoring feature size)."""
+        size = size or self.feature_size
+        if size and size != images.shape[-1]:
+            images = F.interpolate(images, size=(size,) * 2, mode="bilinear", align_corners=False)
+        return list(self.nets["features"](image=images).values())
+
+    def bank_maps(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """The bank reference's blurred map of frames with these features: (B, H, W)."""
+        assert self.bank is not None, "no bank (checked at construction)"
+        maps = bank_distance_maps(self.nets, feats, self.bank, size, self.scoring.bank.chunk_mb)
+        return gaussian_blur(maps, self.scoring.blur_sigma)
 
     def frames(self, images: torch.Tensor) -> tuple[torch.Tensor, StageTimer]:
         """A batch of frames (B, 3, H, W) on the networks' device, and a timer for its stages."""

@@ -10,10 +10,10 @@ from torch import nn
 
 from edgeinspect.config import DiADConfig, GLADConfig
 from edgeinspect.core.networks import Networks, torch_networks
-from edgeinspect.core.roles import feature_signature
+from edgeinspect.core.roles import bank_distance_signature, feature_signature
 from edgeinspect.core.runs import load_model_weights, load_run_config
 from edgeinspect.models.diad import DiADModel
-from edgeinspect.models.features import FeatureExtractor, FeatureNet
+from edgeinspect.models.features import BankDistance, FeatureExtractor, FeatureNet
 from edgeinspect.models.glad import GLADModel
 
 
@@ -41,7 +41,10 @@ def load_glad(path: str | Path, overrides: dict | None = None) -> tuple[GLADConf
 
 
 def detector_networks(model: nn.Module, features: FeatureExtractor, device: str | torch.device = "cpu") -> Networks:
-    """A DiAD or GLAD model's roles and the feature extractor as torch Networks."""
+    """A DiAD or GLAD model's roles, the feature extractor and the bank search as torch Networks."""
+    levels = len(features.strides)
     modules = dict(model.role_modules())
     modules["features"] = FeatureNet(features)
-    return torch_networks(modules, device, {"features": feature_signature(len(features.strides))})
+    modules["bank_distance"] = BankDistance(levels)
+    return torch_networks(modules, device, {"features": feature_signature(levels),
+                                            "bank_distance": bank_distance_signature(levels)})
