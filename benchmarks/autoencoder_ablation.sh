@@ -3,12 +3,12 @@
 # one factor at a time against the old recipe, each trained for the same short budget with the stock
 # trainer, then measured together against the equal-size resize.
 #
-#   bash benchmarks/autoencoder_ablation.sh [STEPS] [DATA]      # default 250 steps on ../shared/data/mtd
+#   bash benchmarks/autoencoder_ablation.sh [STEPS] [DATA]      # default 200 steps on ../shared/data/mtd
 #
 # Runs go to runs/ae_ablation/<name>; a finished one is skipped (rerun-safe), a killed one resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${1:-250}
+STEPS=${1:-200}
 DATA=${2:-../shared/data/mtd}
 PY=${PYTHON:-.venv/bin/python}
 OUT=runs/ae_ablation

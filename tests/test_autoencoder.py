@@ -108,7 +108,7 @@ def test_decoder_adaptation_sees_the_anchor():
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:16, 8:16] = 1
     for scope in ("decoder", "last_up_block"):
-        res = adapt_decoder(dec, z[0], x_ok, mask, steps=3, lr=1e-2, lambda_con=1.0, scope=scope)
+        res = adapt_decoder(dec, z[0], x_ok, mask, steps=5, lr=1e-3, lambda_con=1.0, scope=scope)
         assert res.image.shape == (3, 32, 32)
         assert res.loss_outside[-1] < res.loss_outside[0]
 
