@@ -54,6 +54,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+def stage_checkpoint(path: str | Path, stage: str, setting: str) -> Path:
+    """A checkpoint folder as given; for a run folder its `<stage>-final` checkpoint. `setting` names the
+    config field that gave `path`, for the error."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    cand = path / "checkpoints" / f"{stage}-final"
+    if (cand / "state.json").is_file():
+        return cand
+    if (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path} has no checkpoints/{stage}-final yet (its {stage} stage has not finished); "
+                              f"point {setting} at a checkpoint folder to use another one")
+    raise CheckpointError(f"{setting}={path} is neither a checkpoint folder nor a run folder")
+
+
 def load_state(ckpt: Path) -> TrainState:
     return TrainState(**json.loads((ckpt / "state.json").read_text()))
 

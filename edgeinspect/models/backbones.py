@@ -29,29 +29,14 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
     if cfg.preset == "sd15":
         return AutoencoderKL.from_pretrained(_sd15_folder(cfg, "vae"), local_files_only=True)
     v = cfg.vae
+    sizes = dict(block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
+                 latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups, sample_size=cfg.image_size,
+                 scaling_factor=v.scaling_factor)
     if v.kind == "anchored":
-        return AnchoredAutoencoderKL(
-            block_out_channels=tuple(v.block_out_channels),
-            layers_per_block=v.layers_per_block,
-            latent_channels=v.latent_channels,
-            norm_num_groups=v.norm_num_groups,
-            sample_size=cfg.image_size,
-            scaling_factor=v.scaling_factor,
-            grey=v.grey,
-        )
+        return AnchoredAutoencoderKL(grey=v.grey, **sizes)
     n = len(v.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(v.block_out_channels),
-        layers_per_block=v.layers_per_block,
-        latent_channels=v.latent_channels,
-        norm_num_groups=v.norm_num_groups,
-        sample_size=cfg.image_size,
-        scaling_factor=v.scaling_factor,
-    )
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                         up_block_types=("UpDecoderBlock2D",) * n, **sizes)
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:

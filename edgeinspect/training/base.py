@@ -15,7 +15,7 @@ from torch import nn
 
 from edgeinspect.data.mvtec import uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel
-from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state, stage_checkpoint
 from edgeinspect.data.batches import TrainingBatches
 from edgeinspect.training.loop import Trainer
 
@@ -24,17 +24,7 @@ BASE_PREFIXES = ("vae.", "unet.", "prompt_encoder.")
 
 def base_checkpoint(init_from: Path) -> Path:
     """A checkpoint folder as given; for a run folder its `unet-final` (DiAD after stage 2)."""
-    init_from = Path(init_from)
-    if (init_from / "model.safetensors").is_file():
-        return init_from
-    cand = init_from / "checkpoints" / "unet-final"
-    if (cand / "state.json").is_file():
-        return cand
-    if (init_from / "checkpoints").is_dir():
-        raise CheckpointError(
-            f"{init_from} has no checkpoints/unet-final yet (DiAD's UNet stage has not finished); "
-            "point train.init_from at a checkpoint folder to use another one")
-    raise CheckpointError(f"train.init_from={init_from} is neither a checkpoint folder nor a run folder")
+    return stage_checkpoint(init_from, "unet", "train.init_from")
 
 
 def defect_weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weight: float

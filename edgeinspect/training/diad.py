@@ -30,7 +30,7 @@ from edgeinspect.data.mvtec import MVTecFolder
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.models.features import build_features
 from edgeinspect.core.ddim import DDIM
-from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state
+from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state, stage_checkpoint
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
 from edgeinspect.training.base import encode_latents
 
@@ -43,21 +43,9 @@ def perceptual_distance(features, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return loss
 
 
-def autoencoder_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder as given; for a run folder its `autoencoder-final`."""
-    path = Path(path)
-    if (path / "model.safetensors").is_file():
-        return path
-    cand = path / "checkpoints" / "autoencoder-final"
-    if (cand / "model.safetensors").is_file():
-        return cand
-    raise CheckpointError(f"train.init_autoencoder_from={path} is neither a checkpoint folder nor a run folder "
-                          "with a finished autoencoder stage (checkpoints/autoencoder-final)")
-
-
 def load_autoencoder(model: DiADModel, path: str | Path) -> Path:
     """The trained autoencoder (weights, latent shift, scaling factor) of a run or checkpoint."""
-    ckpt = autoencoder_checkpoint(path)
+    ckpt = stage_checkpoint(path, "autoencoder", "train.init_autoencoder_from")
     weights = {k[len("vae."):]: v for k, v in load_file(str(ckpt / "model.safetensors")).items()
                if k.startswith("vae.")}
     try:
