@@ -34,7 +34,7 @@ from edgeinspect.evaluation.commands import evaluate_detector
 from edgeinspect.evaluation.evaluate import read_name_list
 from edgeinspect.evaluation.machine import cpu_name, gpu_name
 from edgeinspect.evaluation.metrics import evaluate as compute_metrics
-from edgeinspect.runtime.detector import run_pipeline
+from edgeinspect.runtime.run_detector import run_pipeline
 from edgeinspect.runtime.diad import STAGES as DIAD_STAGES
 from edgeinspect.runtime.glad import STAGES as GLAD_STAGES
 

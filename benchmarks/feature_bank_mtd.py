@@ -109,7 +109,7 @@ def roundtrip_row(data: Path, run: Path, batch: int = 16) -> tuple[dict, torch.T
     """GLAD's final scoring exactly as the run `run` does it (its extractor, feature size, blur, K), with
     the reconstruction replaced by the frame's own round trip through the run's autoencoder: what the
     autoencoder alone puts into every frame's score. The row and its maps (N, H, W)."""
-    from edgeinspect.runtime.detector import run_pipeline
+    from edgeinspect.runtime.run_detector import run_pipeline
     from edgeinspect.core.timing import StageTimer
 
     t0 = time.perf_counter()

@@ -128,7 +128,7 @@ def load_frames(cfg: Any, frames_dir: Path | None, n: int) -> tuple[torch.Tensor
 def torch_side(method: str, run: Path, device: str, overrides: dict | None = None) -> tuple[Any, Any, Any]:
     """(cfg, torch pipeline, feature extractor) from a run folder; `overrides`: inference/scoring settings."""
     if method == "diad":
-        from edgeinspect.runtime.detector import model_pipeline
+        from edgeinspect.runtime.run_detector import model_pipeline
         from edgeinspect.runtime.torch_backend import load_diad
         from edgeinspect.models.features import build_features
 
@@ -137,7 +137,7 @@ def torch_side(method: str, run: Path, device: str, overrides: dict | None = Non
         features = build_features(cfg)
         return cfg, model_pipeline(cfg, model, features, device=device), features
     from edgeinspect.models.features import build_features
-    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline
     from edgeinspect.runtime.torch_backend import load_glad
 
     cfg, model, extra = load_glad(run, overrides)

@@ -47,7 +47,8 @@ from edgeinspect.models.features import BankDistance, FeatureNet, build_features
 from edgeinspect.runtime.bank import BANK_FILE, BANK_PAYLOAD, NormalBank, read_bank
 from edgeinspect.runtime.bundle_loading import load_bundle
 from edgeinspect.runtime.bundle_update import set_payload
-from edgeinspect.runtime.detector import assemble_pipeline, bundle_bank, bundle_pipeline, run_pipeline
+from edgeinspect.runtime.detector import assemble_pipeline, bundle_bank, bundle_pipeline
+from edgeinspect.runtime.run_detector import run_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REFERENCES = ("reconstruction", "bank", "hybrid")

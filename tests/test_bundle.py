@@ -41,7 +41,7 @@ def frames() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def results(frames):
-    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline
     from edgeinspect.runtime.torch_backend import load_diad
 
     run, bundle_dir = tiny_bundle()
@@ -267,7 +267,7 @@ def test_provider_fallbacks_and_options(monkeypatch):
 
 def test_vae_roundtrip_reference_through_the_bundle(frames):
     """scoring.reference is a loop setting: the same graphs serve it, and torch and onnxruntime agree."""
-    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline
     from edgeinspect.runtime.torch_backend import load_diad
 
     over = {"scoring": {"reference": "vae_roundtrip"}}

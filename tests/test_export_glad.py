@@ -66,7 +66,7 @@ def make_tiny_glad_run(root: Path, frames: torch.Tensor, seed: int = 0) -> Path:
     """A tiny GLAD run folder (config + checkpoint, random weights) whose checkpoint carries an ADP threshold
     inside the spread of the frames' step-2 check scores (as the end of training stores one)."""
     from edgeinspect.models.glad import GLADModel
-    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline
 
     torch.manual_seed(seed)
     cfg = build_config("glad", "tiny", {"train": {"prompt": "a tile", "category": "tile"}})
@@ -152,7 +152,7 @@ def test_glad_roles_match_torch_in_onnxruntime(bundle, torch_model, role):
 @pytest.fixture(scope="module")
 def glad_results(bundle, torch_model):
     from edgeinspect.runtime.detector import bundle_pipeline
-    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline
 
     cfg, model, extra = torch_model
     frames = sample_frames()
@@ -288,7 +288,7 @@ def test_glad_bundle_calibrates_and_gives_verdicts(tmp_path):
 def test_glad_vae_roundtrip_reference_through_the_bundle(bundle):
     """scoring.reference is a loop setting: the bundle's graphs serve it, torch and onnxruntime agree."""
     from edgeinspect.runtime.detector import bundle_pipeline
-    from edgeinspect.runtime.detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline
     from edgeinspect.runtime.torch_backend import load_glad
 
     over = {"scoring": {"reference": "vae_roundtrip"}}

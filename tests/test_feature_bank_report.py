@@ -51,7 +51,7 @@ def test_roundtrip_row_scores_each_frame_against_its_own_round_trip(sample_root,
     import numpy as np
 
     from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
-    from edgeinspect.runtime.detector import run_pipeline
+    from edgeinspect.runtime.run_detector import run_pipeline
     from edgeinspect.runtime.scoring import topk_mean_score
     from edgeinspect.core.timing import StageTimer
     from tests.test_export_glad import make_tiny_glad_run, sample_frames

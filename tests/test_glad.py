@@ -23,7 +23,7 @@ from edgeinspect.runtime.scoring import topk_mean_score
 from edgeinspect.models.glad import GLADModel
 from edgeinspect.training.glad import atp_target
 from edgeinspect.models.features import build_features
-from edgeinspect.runtime.detector import model_pipeline
+from edgeinspect.runtime.run_detector import model_pipeline
 from edgeinspect.calibration.adp import propose_weight_bounds
 
 SCHED = DDIM(SchedulerConfig())

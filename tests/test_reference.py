@@ -18,7 +18,8 @@ from edgeinspect.models.features import BankDistance
 from edgeinspect.runtime.bank import BANK_PAYLOAD, BankError, NormalBank, hybrid_maps
 from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
 from edgeinspect.runtime.bundle_update import set_payload
-from edgeinspect.runtime.detector import bundle_pipeline, model_pipeline
+from edgeinspect.runtime.detector import bundle_pipeline
+from edgeinspect.runtime.run_detector import model_pipeline
 from edgeinspect.runtime.glad import min_cosine_distance_map
 from edgeinspect.runtime.torch_backend import load_diad, load_glad
 

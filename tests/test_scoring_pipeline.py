@@ -13,7 +13,7 @@ from edgeinspect.runtime.scoring import (
     pooled_max_score,
     topk_mean_score,
 )
-from edgeinspect.runtime.detector import model_pipeline
+from edgeinspect.runtime.run_detector import model_pipeline
 
 
 def test_cosine_distance_maps_known_values():

@@ -16,7 +16,8 @@ from edgeinspect.core.runs import CheckpointError
 from edgeinspect.runtime.bank import BANK_PAYLOAD, BankError
 from edgeinspect.runtime.bundle_loading import load_bundle
 from edgeinspect.runtime.bundle_update import set_payload
-from edgeinspect.runtime.detector import bundle_pipeline, run_pipeline
+from edgeinspect.runtime.detector import bundle_pipeline
+from edgeinspect.runtime.run_detector import run_pipeline
 from edgeinspect.calibration.qdq import quantize_bundle
 from edgeinspect.data.batches import spread_indices
 from edgeinspect.data.mvtec import DatasetError

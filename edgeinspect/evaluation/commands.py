@@ -13,7 +13,7 @@ from edgeinspect.evaluation.evaluate import (
     write_evaluation_outputs,
 )
 from edgeinspect.evaluation.glad import glad_evaluation
-from edgeinspect.runtime.detector import load_detector
+from edgeinspect.runtime.run_detector import load_detector
 from edgeinspect.runtime.glad import GLADPipeline
 
 

@@ -18,7 +18,8 @@ from edgeinspect.data.batches import spread_indices
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, uint8_to_model
 from edgeinspect.evaluation.evaluate import EvalSplit, evaluation_result, measure_frame_latency, run_eval_split, use_threads
 from edgeinspect.evaluation.metrics import auroc
-from edgeinspect.runtime.detector import Detector, run_pipeline
+from edgeinspect.runtime.detector import Detector
+from edgeinspect.runtime.run_detector import run_pipeline
 from edgeinspect.runtime.glad import ADP_STAGES, STAGES, GLADPipeline
 
 

@@ -28,7 +28,7 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
         raise BundleError(
             f"bundle {bundle.path}: the torch backend cannot run from a bundle (a bundle holds ONNX graphs, not "
             "torch weights); use the run folder (edgeinspect test/predict --model RUN, or "
-            "edgeinspect.runtime.detector.run_pipeline, which loads it with torch_backend.load_diad/load_glad), "
+            "edgeinspect.runtime.run_detector.run_pipeline, which loads it with torch_backend.load_diad/load_glad), "
             "or choose backend 'onnxruntime' or 'tensorrt'"
         )
     if backend == "onnxruntime":

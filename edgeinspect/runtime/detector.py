@@ -1,9 +1,9 @@
-"""The one place a detector (DiAD or GLAD pipeline) is assembled: from a trained run folder on torch, or
-from a bundle on onnxruntime or TensorRT.
+"""The one place a detector (DiAD or GLAD pipeline) is assembled, and its bundle side: a bundle on
+onnxruntime or TensorRT. The run side (a trained run folder on torch: `run_pipeline`, `model_pipeline`,
+`load_detector`) is `runtime.run_detector`, kept apart so that a process serving bundles imports no
+torch models.
 
-    run_pipeline(run)                                   # (cfg, pipeline, checkpoint extras), torch
     bundle_pipeline(bundle, "onnxruntime")              # pipeline with the bundle's calibrated verdicts
-    load_detector(model=run) / load_detector(bundle=b, backend="tensorrt")   # Detector: the CLI's
 
 Every path ends in `assemble_pipeline`: the method's loop over Networks, its DDIM schedule, settings and
 post-processor. A GLAD pipeline runs with its category's settings and the ADP firing threshold and SAFF
@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from edgeinspect.config import BANK_REFERENCES, GLADConfig
 from edgeinspect.core.ddim import DDIM
 from edgeinspect.core.networks import Networks
-from edgeinspect.core.runs import load_state, resolve_checkpoint, run_method
-from edgeinspect.models.features import FeatureExtractor, build_features
-from edgeinspect.runtime.bank import BANK_FILE, BANK_PAYLOAD, NormalBank, bank_from_tensors, read_bank
+from edgeinspect.runtime.bank import BANK_PAYLOAD, NormalBank, bank_from_tensors
 from edgeinspect.runtime.backends import bundle_networks
 from edgeinspect.runtime.bundle_loading import (
     GENERATOR_ROLES,
@@ -40,7 +37,6 @@ from edgeinspect.runtime.bundle_loading import (
 from edgeinspect.runtime.diad import DiADPipeline
 from edgeinspect.runtime.glad import GLADPipeline
 from edgeinspect.runtime.postprocess import PostProcessor
-from edgeinspect.runtime.torch_backend import detector_networks, load_diad, load_glad
 
 DETECTORS = tuple(PIPELINE_ROLES)
 Pipeline = DiADPipeline | GLADPipeline
@@ -66,63 +62,12 @@ def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, ca
     return pipe
 
 
-# --------------------------------------------------------------------------- torch, from a model or a run
-
-
-def model_pipeline(cfg: Any, model: nn.Module, features: FeatureExtractor | None = None,
-                   device: str | torch.device | None = None, threshold: float | None = None,
-                   category: str | None = None, weight_bounds: tuple[float, float] | None = None,
-                   bank: NormalBank | None = None) -> Pipeline:
-    """The torch pipeline of a loaded DiAD or GLAD model (`threshold`, `category`, `weight_bounds`: GLAD's
-    ADP settings, `bank`: the normal-feature bank, see `assemble_pipeline`)."""
-    device = torch.device(device or cfg.runtime.device)
-    nets = detector_networks(model, features or build_features(cfg), device)
-    with torch.inference_mode():
-        context = model.to(device).context(cfg.train.prompt if cfg.train.prompt is not None else "")
-    return assemble_pipeline(cfg, nets, context, category=category, adp_threshold=threshold,
-                             weight_bounds=weight_bounds, bank=bank)
-
-
-def run_bank(run: str | Path, cfg: Any) -> NormalBank | None:
-    """The run's normal-feature bank (its checkpoint folder's bank.safetensors) when cfg's reference needs it."""
-    if cfg.scoring.reference not in BANK_REFERENCES:
-        return None
-    return read_bank(resolve_checkpoint(run) / BANK_FILE)
-
 
 def for_calibration(cfg: GLADConfig) -> GLADConfig:
     """The config with the minmax SAFF weight: calibration reads the check scores and maps up to the
     fire, which the weight (applied at the fire) cannot change, and a linear weight may lack its bounds
     until calibration has proposed them."""
     return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"weight_mode": "minmax"})})
-
-
-def run_pipeline(run: str | Path, overrides: dict | None = None, *, category: str | None = None,
-                 calibrating: bool = False, device: str | torch.device | None = None
-                 ) -> tuple[Any, Pipeline, dict[str, Any]]:
-    """(config, torch pipeline, checkpoint state extras) of a trained DiAD or GLAD run or checkpoint folder.
-    GLAD: `calibrating` runs the minmax SAFF weight (for proposing the ADP settings)."""
-    method = run_method(run)
-    if method == "diad":
-        cfg, model = load_diad(run, overrides)
-        return cfg, model_pipeline(cfg, model, device=device, bank=run_bank(run, cfg)), {}
-    if method != "glad":
-        raise ValueError(f"{run} is a {method!r} run, not a detector ({', '.join(DETECTORS)})")
-    cfg, model, extra = load_glad(run, overrides)
-    if calibrating:
-        cfg = for_calibration(cfg)
-    category = category or cfg.category
-    calibrated = extra.get("adp_threshold")
-    if cfg.inference.for_category(category).threshold is None and calibrated is None:
-        warnings.warn("no ADP threshold (neither configured nor calibrated): frames fire only when t < min_step; "
-                      "propose one with `edgeinspect glad-threshold`", stacklevel=2)
-    bounds = extra.get("adp_weight_bounds")
-    return cfg, model_pipeline(cfg, model, device=device, threshold=calibrated, category=category,
-                               weight_bounds=None if bounds is None else tuple(bounds),
-                               bank=run_bank(run, cfg)), extra
-
-
-# --------------------------------------------------------------------------- a bundle on onnxruntime / TensorRT
 
 
 def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
@@ -203,22 +148,3 @@ class Detector:
     pipeline: Pipeline
     checkpoint: str  # the checkpoint folder (a bundle: the one it was exported from, by name)
     train_seconds: float | None  # training time of that checkpoint (None from a bundle)
-
-
-def load_detector(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "torch", *,
-                  overrides: dict[str, Any] | None = None, precision: str = "fp32",
-                  intra_op_threads: int | None = None) -> Detector:
-    """A detector from a run folder (`model`, torch) or a bundle (`bundle` on `backend`)."""
-    if (model is None) == (bundle is None):
-        raise ValueError("give a run folder (model) or a bundle, not both or neither")
-    if model is not None:
-        if backend != "torch":
-            raise BundleError(f"a run folder runs on the torch backend, not {backend!r}: export it to a bundle "
-                              f"(edgeinspect export --model {model} --out BUNDLE) and pass --bundle BUNDLE")
-        cfg, pipe, _ = run_pipeline(model, overrides)
-        ckpt = resolve_checkpoint(model)
-        return Detector(cfg, pipe, str(ckpt), load_state(ckpt).train_seconds)
-    loaded = load_bundle(bundle, overrides=overrides)
-    pipe = bundle_pipeline(loaded, backend, precision=precision, intra_op_threads=intra_op_threads)
-    source = loaded.manifest.get("source") or {}
-    return Detector(loaded.config, pipe, str(source.get("checkpoint", loaded.path)), None)

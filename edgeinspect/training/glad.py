@@ -36,7 +36,8 @@ from edgeinspect.data.anomalies import AnomalySynthesizer
 from edgeinspect.data.batches import TrainingBatches, spread_indices
 from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
 from edgeinspect.models.glad import GLADModel
-from edgeinspect.runtime.detector import for_calibration, model_pipeline
+from edgeinspect.runtime.detector import for_calibration
+from edgeinspect.runtime.run_detector import model_pipeline
 from edgeinspect.training.base import base_checkpoint, encode_latents, run_config, train_from_base
 from edgeinspect.training.diad import train_diad
 from edgeinspect.training.loop import Stage, Trainer, prepare_run
