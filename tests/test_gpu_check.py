@@ -449,7 +449,7 @@ def test_engine_build_goes_through_latencys_tensorrt_pipeline(gc, tmp_path, monk
     """worker-engines builds exactly what latency.py loads (batch-1 profiles: GLAD's one frame is 2 x draws
     rows), copies GLAD's timing cache from DiAD's, and runs a sample frame; TensorRT itself is stood in for
     by onnxruntime networks (no GPU here)."""
-    import edgeinspect.runtime.trt_backend as trt_backend
+    import edgeinspect.runtime.backends as backends
     from edgeinspect.runtime.ort_backend import ort_networks
 
     src = (tiny_bundle() if method == "diad" else tiny_glad_bundle())[1]
@@ -461,7 +461,7 @@ def test_engine_build_goes_through_latencys_tensorrt_pipeline(gc, tmp_path, monk
         calls.append({"precision": precision, "max_batch": max_batch, "cache_dir": cache_dir, "device": device})
         return ort_networks(bundle, precision="fp32", roles=roles, intra_op_threads=1)
 
-    monkeypatch.setattr(trt_backend, "trt_networks", stand_in)
+    monkeypatch.setattr(backends, "trt_networks", stand_in)  # where bundle_networks looks it up
     timing = tmp_path / "diad-timing.cache"
     timing.write_bytes(b"timing cache of the DiAD build")
     res = gc.worker_engines(bundle_dir, "fp16", timing if method == "glad" else None)
