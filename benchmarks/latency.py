@@ -329,6 +329,9 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
                           "peak_fraction": None if on_gpu else gflop / sec / peak["gflops"],
                           "vs_torch_speedup": timed[torch_name]["ms"]["median"] / t["ms"]["median"],
                           "fps": 1e3 / t["ms"]["median"]}
+    levers = {}
+    if args.levers is not None and method in args.levers:
+        levers = bench_levers(method, run, args.levers[method], args, overrides, frames, bundle_dir, cfg)
     vs_torch, _ = max_score_diffs(scores, torch_name)
     vs_ort_cpu, vs_ort_cpu_rel = max_score_diffs(scores, ORT_CPU)
     torch_ms = timed[torch_name]["ms"]["median"]
@@ -352,7 +355,132 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
                    # onnxruntime fp32 on the CPU: the reference every GPU backend of the bundle is checked against
                    "max_abs_score_diff_vs_onnxruntime_cpu": vs_ort_cpu,
                    "max_rel_score_diff_vs_onnxruntime_cpu": vs_ort_cpu_rel},
+        **levers,
     }
+
+
+# --------------------------------------------------------------------------- speed levers
+
+
+def read_levers(path: Path) -> dict[str, Any]:
+    """The levers file (YAML): per method a `baseline` (today's pipeline), the new `default` and named
+    `levers`, each {backend: torch | onnxruntime_<precision>, set: {KEY: VALUE}} (set: inference/scoring
+    overrides on top of the run's config; the default usually has none: it is what the run ships with)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    for method, m in spec.items():
+        if method not in ("diad", "glad"):
+            raise SystemExit(f"{path}: unknown method {method!r} (diad, glad)")
+        for name, entry in {"baseline": m.get("baseline"), "default": m.get("default"),
+                            **(m.get("levers") or {})}.items():
+            if not isinstance(entry, dict) or "backend" not in entry:
+                raise SystemExit(f"{path}: {method}.{name} needs a backend (torch or onnxruntime_<precision>)")
+            if entry["backend"] != "torch" and not str(entry["backend"]).startswith("onnxruntime_"):
+                raise SystemExit(f"{path}: {method}.{name}: backend {entry['backend']!r} is not torch or "
+                                 "onnxruntime_<precision>")
+    return spec
+
+
+def lever_entries(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> {backend, set} with the baseline and the default first."""
+    return {"baseline": spec["baseline"], "default": spec["default"], **(spec.get("levers") or {})}
+
+
+def _overrides(base: dict | None, sets: dict[str, Any] | None) -> dict:
+    from edgeinspect.config import merge_config, parse_overrides
+
+    return merge_config(base or {}, parse_overrides([f"{k}={v}" for k, v in (sets or {}).items()]))
+
+
+def ensure_int8(bundle_dir: Path, data_root: Path | None, images: int = 32) -> None:
+    """The bundle's int8 (Q/DQ) graphs, calibrated on `images` training normals when it has none yet."""
+    from edgeinspect.calibration.qdq import quantize_bundle, spread_indices
+    from edgeinspect.data.mvtec import IMAGE_SUFFIXES
+    from edgeinspect.runtime.bundle_loading import load_bundle
+
+    if "int8" in load_bundle(bundle_dir).precisions:
+        return
+    if data_root is None:
+        raise SystemExit("an int8 lever needs training normals to calibrate on: the run has no data folder")
+    normals = sorted(p for p in (Path(data_root) / "train" / "good").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    print(f"[int8] calibrating Q/DQ graphs of {bundle_dir} on {images} training normals", flush=True)
+    quantize_bundle(bundle_dir, [normals[i] for i in spread_indices(len(normals), images)])
+
+
+def lever_pipeline(method: str, run: Path, bundle_dir: Path, entry: dict[str, Any], base: dict | None,
+                   args: argparse.Namespace, backend: str | None = None) -> Any:
+    """The pipeline of one lever entry (on `backend` instead of its own when given)."""
+    from edgeinspect.runtime.detector import bundle_pipeline
+
+    backend = backend or entry["backend"]
+    over = _overrides(base, entry.get("set"))
+    if backend == "torch":
+        return torch_side(method, run, args.device, over)[1]
+    return bundle_pipeline(bundle_dir, "onnxruntime", precision=backend.removeprefix("onnxruntime_"),
+                           overrides=over, intra_op_threads=args.threads, verdict=False)
+
+
+def lever_accuracy(pipe: Any, data_root: Path, size: int, batch: int, every: int) -> dict[str, Any]:
+    """Image and pixel AUROC of a pipeline over every `every`-th image of the test split."""
+    from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
+    from edgeinspect.evaluation.metrics import auroc
+
+    split = MVTecFolder(data_root, "test", size)
+    idx = list(range(0, len(split), every))
+    scores, maps, masks, labels = [], [], [], []
+    for s in range(0, len(idx), batch):
+        ims, ms = zip(*(split.load(i) for i in idx[s:s + batch]))
+        r = pipe(uint8_to_model(torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2)))
+        scores.append(r.scores.double().numpy())
+        maps.append(r.maps.float().numpy())
+        masks.append(np.stack(ms))
+    labels = np.array([split.samples[i].label for i in idx])
+    masks_a, maps_a = np.concatenate(masks), np.concatenate(maps)
+    return {"image_auroc": round(auroc(labels, np.concatenate(scores)), 4),
+            "pixel_auroc": round(auroc(masks_a.reshape(-1), maps_a.reshape(-1)), 4), "images": len(idx)}
+
+
+def bench_levers(method: str, run: Path, spec: dict[str, Any], args: argparse.Namespace, base: dict | None,
+                 frames: torch.Tensor, bundle_dir: Path, cfg: Any) -> dict[str, Any]:
+    """Each lever of the levers file timed in one interleaved loop (batch 1) with the baseline and the default;
+    speed-ups against the baseline; with --accuracy, image/pixel AUROC of each on the test split (scores are
+    backend-independent within the parity measured above, so a torch entry is scored on onnxruntime fp32 with
+    its settings, which is much faster; an int8 entry on its int8 graphs)."""
+    entries = lever_entries(spec)
+    if any(e["backend"] == "onnxruntime_int8" for e in entries.values()):
+        ensure_int8(bundle_dir, cfg.train.data_root)
+    pipes = {name: lever_pipeline(method, run, bundle_dir, e, base, args) for name, e in entries.items()}
+    print(f"[{method}] levers: timing {', '.join(pipes)}", flush=True)
+    timed, _, _ = time_backends(pipes, frames, args.warmup, args.repeats, required=tuple(pipes))
+    base_ms = timed["baseline"]["ms"]["median"]
+    rows: dict[str, Any] = {}
+    for name, e in entries.items():
+        ms = timed[name]["ms"]["median"]
+        rows[name] = {"backend": e["backend"], "set": e.get("set") or {}, "ms": timed[name]["ms"],
+                      "stage_ms": {s: v["median"] for s, v in timed[name]["stage_ms"].items()},
+                      "speedup_vs_baseline": base_ms / ms}
+    if args.accuracy:
+        data = args.accuracy_data or cfg.train.data_root
+        if data is None:
+            raise SystemExit("--accuracy needs test data: the run has no data folder; pass --accuracy-data")
+        for name, e in entries.items():
+            backend = "onnxruntime_fp32" if e["backend"] == "torch" else e["backend"]
+            t0 = time.perf_counter()
+            pipe = lever_pipeline(method, run, bundle_dir, e, base, args, backend)
+            acc = lever_accuracy(pipe, Path(data), cfg.model.image_size, cfg.inference.batch_size,
+                                 args.accuracy_every)
+            rows[name].update(acc, accuracy_backend=backend)
+            print(f"[{method}] {name}: image AUROC {acc['image_auroc']:.4f}, pixel {acc['pixel_auroc']:.4f} "
+                  f"({acc['images']} images, {time.perf_counter() - t0:.0f} s)", flush=True)
+    out: dict[str, Any] = {"levers": rows, "speedup_vs_baseline": rows["default"]["speedup_vs_baseline"],
+                           "baseline_ms": base_ms, "default_ms": rows["default"]["ms"]["median"]}
+    if args.accuracy:
+        out |= {"image_auroc_fast": rows["default"]["image_auroc"],
+                "image_auroc_accurate": rows["baseline"]["image_auroc"],
+                "pixel_auroc_fast": rows["default"]["pixel_auroc"],
+                "pixel_auroc_accurate": rows["baseline"]["pixel_auroc"]}
+    return out
 
 
 # --------------------------------------------------------------------------- reporting
@@ -410,6 +538,31 @@ def markdown(res: dict[str, Any]) -> str:
                   "|---|" + "---:|" * len(backends)]
         for s in stages:
             lines.append(f"| {s} | " + " | ".join(f"{r['stage_ms'][b].get(s, 0.0):.2f}" for b in backends) + " |")
+        if r.get("levers"):
+            lines += ["", f"**Speed levers** (batch 1, timed interleaved in one loop; baseline = today's pipeline, "
+                          f"default = what the edge preset now ships with): **default {r['speedup_vs_baseline']:.1f}x "
+                          f"faster than the baseline** ({r['default_ms']:.1f} vs {r['baseline_ms']:.1f} ms per frame)"
+                          + (f"; image AUROC {r['image_auroc_fast']:.4f} (default) vs {r['image_auroc_accurate']:.4f} "
+                             f"(baseline), pixel AUROC {r['pixel_auroc_fast']:.4f} vs {r['pixel_auroc_accurate']:.4f}"
+                             if "image_auroc_fast" in r else "") + ".", "",
+                      "| lever | backend | settings | median ms | p10 | p90 | vs baseline | image AUROC | "
+                      "pixel AUROC |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            for name, v in r["levers"].items():
+                sets = ", ".join(f"{k}={val}" for k, val in v["set"].items()) or "(the run's)"
+                acc = (f"{v['image_auroc']:.4f} | {v['pixel_auroc']:.4f}" if "image_auroc" in v else "- | -")
+                lines.append(f"| {name} | {v['backend']} | {sets} | {v['ms']['median']:.1f} | {v['ms']['p10']:.1f} | "
+                             f"{v['ms']['p90']:.1f} | {v['speedup_vs_baseline']:.2f}x | {acc} |")
+            first = next(iter(r["levers"].values()))
+            if "images" in first:
+                lines += ["", f"AUROC on {first['images']} test images (every {res['settings']['accuracy_every']}"
+                              f"th); a torch lever is scored on onnxruntime fp32 with its settings (same scores "
+                              f"within the parity above)."]
+            lines += ["", "Stage medians of the levers (ms per frame):", "",
+                      "| stage | " + " | ".join(r["levers"]) + " |", "|---|" + "---:|" * len(r["levers"])]
+            lstages = list(dict.fromkeys(s for v in r["levers"].values() for s in v["stage_ms"]))
+            for s in lstages:
+                lines.append(f"| {s} | " + " | ".join(f"{v['stage_ms'].get(s, 0.0):.2f}" for v in r["levers"].values())
+                             + " |")
         top = list(r["gflop_by_op"].items())[:6]
         lines += ["", "GFLOP per frame by op: " + ", ".join(f"{k} {v:.3f}" for k, v in top), ""]
     return "\n".join(lines) + "\n"
@@ -442,7 +595,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--backends", type=lambda v: {b.strip() for b in v.split(",") if b.strip()},
                     help="comma-separated backends to time, of those available (default: all); the torch one "
                          f"(torch or torch_cuda) and {ORT_CPU} are always needed")
+    ap.add_argument("--levers", type=Path,
+                    help="a levers file (YAML, e.g. benchmarks/speed_levers.yaml): per method today's pipeline "
+                         "(baseline), the new default and named levers, timed together; speedup_vs_baseline")
+    ap.add_argument("--accuracy", action="store_true",
+                    help="with --levers: image and pixel AUROC of every lever on the test split")
+    ap.add_argument("--accuracy-data", type=Path, help="dataset root for --accuracy (default: the run's)")
+    ap.add_argument("--accuracy-every", type=int, default=1,
+                    help="--accuracy on every k-th test image (default 1: all)")
     args = ap.parse_args(argv)
+    if args.levers is not None:
+        args.levers = read_levers(args.levers)
+    if args.accuracy and args.levers is None:
+        ap.error("--accuracy needs --levers")
     if args.diad is None and args.glad is None:
         ap.error("give --diad and/or --glad")
     if args.repeats < 1 or args.warmup < 0 or args.num_frames < 1:
@@ -481,7 +646,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "gpu": gpu},
         "measured_peak": peak,
         "settings": {"batch": 1, "warmup": args.warmup, "repeats": args.repeats, "num_frames": args.num_frames,
-                     "fp16": args.fp16, "device": args.device},
+                     "fp16": args.fp16, "device": args.device, "levers": args.levers,
+                     "accuracy_every": args.accuracy_every if args.accuracy else None},
         "methods": methods,
     }
     out_json = args.results / f"latency_{machine_slug}.json"

@@ -14,9 +14,11 @@ from edgeinspect.runtime.glad import (
     STAGES,
     GLADPipeline,
     fusion_weight,
+    latent_difference_maps,
     min_cosine_distance_map,
     min_cosine_distance_maps,
     saff_fuse,
+    usable_calibration,
 )
 from edgeinspect.core.networks import Networks, TorchNetwork
 from edgeinspect.runtime.scoring import topk_mean_score
@@ -227,6 +229,43 @@ def test_infinite_threshold_fires_only_at_min_step():
     pipe0 = stub_pipeline(removes_defect_at_high_noise, threshold=None, min_step=0)
     r0 = pipe0(frames([0.6]))
     assert r0.fire_step.tolist() == [-1] and torch.isnan(r0.fire_score).all() and torch.isnan(r0.fire_maps).all()
+
+
+def test_latent_difference_maps_on_known_latents():
+    a = torch.zeros(2, 4, 8, 8)
+    b = a.clone()
+    b[1, :, 2, 3] = 2.0  # RMS over 4 channels of a difference of 2: 2
+    m = latent_difference_maps(a, b, (16, 16))
+    assert m.shape == (2, 16, 16) and float(m[0].abs().max()) == 0.0
+    assert float(m[1].max()) == pytest.approx(2.0 * 0.75 ** 2, rel=1e-5)  # bilinear x2: the peak is spread
+    peak = divmod(int(m[1].argmax()), 16)
+    assert abs(peak[0] - 4.5) <= 1 and abs(peak[1] - 6.5) <= 1
+
+
+def test_latent_check_fires_like_the_feature_check_without_decoding():
+    amps = [0.0, 0.6]
+    feats = stub_pipeline(removes_defect_at_high_noise, threshold=0.02)(frames(amps))
+    pipe = stub_pipeline(removes_defect_at_high_noise, threshold=0.02, adp_space="latent")
+    calls = []
+    pipe.nets["vae_decoder"].module.register_forward_hook(lambda *a: calls.append(1))
+    lat = pipe(frames(amps))
+    assert len(calls) == 1  # the final decode only: no check decodes
+    assert "adp_decode" not in lat.timings_ms and "adp_features" not in lat.timings_ms
+    # the normal frame fuses at min_step, the defective one fires by threshold before it, in both spaces
+    below = next(t for t in lat.timesteps if t < 200)
+    assert lat.fire_step[0] == feats.fire_step[0] == below and not lat.fired_by_threshold[0]
+    assert lat.fired_by_threshold[1] and lat.fire_step[1] > below
+    # its map at the fire marks the defect region
+    fm = lat.fire_maps[1]
+    assert float(fm[REGION[0] > 0].mean()) > 3 * float(fm[REGION[0] == 0].mean())
+
+
+def test_a_threshold_calibrated_in_the_other_space_is_not_used():
+    inf = GLADInferenceConfig(adp_space="latent")
+    with pytest.warns(UserWarning, match="proposed for adp_space 'features'"):
+        assert usable_calibration(inf, {"images": 8}, 0.3, (0.1, 0.2)) == (None, None)
+    assert usable_calibration(inf, {"adp_space": "latent"}, 0.3, (0.1, 0.2)) == (0.3, (0.1, 0.2))
+    assert usable_calibration(GLADInferenceConfig(), None, 0.3, None) == (0.3, None)
 
 
 TEXTURE = 0.3 * torch.randn(LAT, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 1, 1, 0]).view(4, 1, 1)

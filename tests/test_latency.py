@@ -141,3 +141,44 @@ def test_latency_script_needs_a_run():
         with pytest.raises(SystemExit):
             latency.parse_args(["--diad", "x", "--device", "cuda", "--backends", refs])
     assert latency.slug("Intel(R) Xeon(R) CPU @ 2.20GHz") == "intel-r-xeon-r-cpu-2-20ghz"
+
+
+def test_speed_levers_are_timed_against_the_baseline_and_scored(tmp_path):
+    latency = _latency_module()
+    glad = make_tiny_glad_run(tmp_path / "glad", sample_frames()[:8])
+    levers = tmp_path / "levers.yaml"
+    levers.write_text(
+        "glad:\n"
+        "  baseline: {backend: torch, set: {inference.draws: 2, inference.steps: 4}}\n"
+        "  default: {backend: onnxruntime_fp32, set: {inference.steps: 4, inference.adp_space: latent}}\n"
+        "  levers:\n"
+        "    one draw: {backend: torch, set: {inference.steps: 4}}\n")
+    results = tmp_path / "results"
+    res = latency.main(["--glad", str(glad), "--threads", "1", "--warmup", "1", "--repeats", "2", "--num-frames", "2",
+                        "--frames", str(SAMPLE / "test"), "--cache", str(tmp_path / "cache"), "--results",
+                        str(results), "--machine", "testbox", "--peak-size", "128", "--levers", str(levers),
+                        "--accuracy", "--accuracy-data", str(SAMPLE), "--accuracy-every", "2"])
+    g = res["methods"]["glad"]
+    assert list(g["levers"]) == ["baseline", "default", "one draw"]
+    assert g["levers"]["baseline"]["speedup_vs_baseline"] == 1.0
+    assert g["speedup_vs_baseline"] == pytest.approx(g["baseline_ms"] / g["default_ms"])
+    # the latent check: no decode or extractor call inside the ADP checks of the default
+    assert "adp_decode" in g["levers"]["baseline"]["stage_ms"] and "adp_decode" not in g["levers"]["default"]["stage_ms"]
+    for name, row in g["levers"].items():
+        assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0, name
+        assert row["accuracy_backend"] == "onnxruntime_fp32"
+    assert g["image_auroc_accurate"] == g["levers"]["baseline"]["image_auroc"]
+    assert g["image_auroc_fast"] == g["levers"]["default"]["image_auroc"]
+    md = (results / "latency_testbox.md").read_text()
+    assert "**Speed levers**" in md and "| one draw | torch | inference.steps=4 |" in md
+
+
+def test_a_levers_file_names_its_backends(tmp_path):
+    latency = _latency_module()
+    bad = tmp_path / "levers.yaml"
+    bad.write_text("diad:\n  baseline: {backend: torch}\n  default: {backend: tensorrt}\n")
+    with pytest.raises(SystemExit, match="default: backend 'tensorrt'"):
+        latency.parse_args(["--diad", "x", "--levers", str(bad)])
+    bad.write_text("diad:\n  baseline: {backend: torch}\n")
+    with pytest.raises(SystemExit, match="diad.default needs a backend"):
+        latency.parse_args(["--diad", "x", "--levers", str(bad)])

@@ -106,6 +106,12 @@ class GLADInferenceConfig(Strict):
     # Check at every check_every-th step only (fewer checks: lower latency, coarser firing step);
     # a step below min_step is always checked, since it fires.
     check_every: int = Field(1, ge=1)
+    # Where the ADP check compares the two clean estimates: "features" (the paper: decode both, extractor
+    # features, min over positions of 1 - cos, blurred) or "latent" (no decode, no extractor: the RMS over
+    # channels of their latent difference at each latent position, upsampled bilinearly to the image). The
+    # latent check costs no network call; its threshold must be calibrated in the same space (the
+    # calibrated threshold records the space it was proposed in, and a mismatch is not used).
+    adp_space: Literal["features", "latent"] = "features"
     # Image score: mean of the top_k pixels of the final map; ADP check score: of the check map.
     top_k: int = Field(100, ge=1)
     adp_top_k: int = Field(100, ge=1)

@@ -117,7 +117,7 @@ def glad_threshold(model_path: Path, data_root: Path | None = None, overrides: d
               "data": str(root),
               "max_scores": {"min": float(finite.min()), "median": float(np.median(finite)),
                              "max": float(finite.max())},
-              "settings": {"t0": pipe.inference.t0, "steps": pipe.inference.steps,
+              "settings": {"adp_space": pipe.inference.adp_space, "t0": pipe.inference.t0, "steps": pipe.inference.steps,
                            "min_step": pipe.inference.min_step, "adp_top_k": pipe.inference.adp_top_k}}
     if out_json is not None:
         write_json_atomic(out_json, result)

@@ -26,7 +26,7 @@ import torch
 from edgeinspect.export.diad import bank_distance_role, vae_decoder_role, vae_encoder_role
 from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, ExportSizes, random_images, seeded_generator
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
-from edgeinspect.runtime.glad import resolve_weight_bounds
+from edgeinspect.runtime.glad import resolve_weight_bounds, usable_calibration
 from edgeinspect.core.roles import feature_signature
 from edgeinspect.models.features import FeatureNet
 
@@ -92,23 +92,27 @@ def glad_method_settings(cfg: Any, extra: dict[str, Any] | None = None) -> dict[
     extra = extra or {}
     category = cfg.category
     inf = cfg.inference.for_category(category)
+    calibrated, bounds = usable_calibration(inf, extra.get("adp_calibration"), extra.get("adp_threshold"),
+                                            extra.get("adp_weight_bounds"))
     if inf.threshold is not None:
         thr, source = float(inf.threshold), "config"
-    elif extra.get("adp_threshold") is not None and math.isfinite(float(extra["adp_threshold"])):
-        thr, source = float(extra["adp_threshold"]), "checkpoint"
+    elif calibrated is not None and math.isfinite(float(calibrated)):
+        thr, source = float(calibrated), "checkpoint"
     else:
         thr, source = None, "none"
-    low, high = resolve_weight_bounds(inf, extra.get("adp_weight_bounds"))
+    low, high = resolve_weight_bounds(inf, bounds)
     bounds_source = ("none" if low is None or high is None else
                      "config" if inf.weight_low is not None and inf.weight_high is not None else "checkpoint")
     return {
         "category": category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
-        "check_every": inf.check_every, "adp_threshold": thr, "adp_threshold_source": source,
+        "check_every": inf.check_every, "adp_space": inf.adp_space, "adp_threshold": thr, "adp_threshold_source": source,
         "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
         "weight_low": low, "weight_high": high, "weight_bounds_source": bounds_source,
         "weight_gamma": inf.weight_gamma,
         "seed": inf.seed, "draws": inf.draws,
         "feature_size": cfg.scoring.feature_size, "adp_feature_size": cfg.scoring.adp_feature_size,
         "blur_sigma": cfg.scoring.blur_sigma,
-        "adp_calibration": {k: v for k, v in (extra.get("adp_calibration") or {}).items() if k != "max_scores"},
+        # the space the checkpoint's calibration was proposed in (also where the config's own threshold is used)
+        "adp_calibration": {**{k: v for k, v in (extra.get("adp_calibration") or {}).items() if k != "max_scores"},
+                            **({"adp_space": inf.adp_space} if source != "none" else {})},
     }

@@ -35,7 +35,7 @@ from edgeinspect.runtime.bundle_loading import (
     load_bundle,
 )
 from edgeinspect.runtime.diad import DiADPipeline
-from edgeinspect.runtime.glad import GLADPipeline
+from edgeinspect.runtime.glad import GLADPipeline, usable_calibration
 from edgeinspect.runtime.postprocess import PostProcessor
 
 DETECTORS = tuple(PIPELINE_ROLES)
@@ -109,8 +109,12 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     if post is not None:
         _warn_if_calibrated_otherwise(bundle, precision)
     ms = bundle.manifest.get("method_settings") or {}
-    return assemble_pipeline(cfg, nets, bundle.context, adp_threshold=ms.get("adp_threshold"),
-                             weight_bounds=(ms.get("weight_low"), ms.get("weight_high")), post=post, bank=bank)
+    threshold, bounds = ms.get("adp_threshold"), (ms.get("weight_low"), ms.get("weight_high"))
+    if isinstance(cfg, GLADConfig):  # a bundle loaded with another adp_space than it was calibrated in
+        threshold, bounds = usable_calibration(cfg.inference.for_category(cfg.category), ms.get("adp_calibration"),
+                                               threshold, bounds if None not in bounds else None)
+    return assemble_pipeline(cfg, nets, bundle.context, adp_threshold=threshold, weight_bounds=bounds, post=post,
+                             bank=bank)
 
 
 def bundle_bank(bundle: Bundle) -> NormalBank:

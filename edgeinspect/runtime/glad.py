@@ -19,6 +19,8 @@ Per frame (every frame of a batch independently):
       input-derived estimate c_in = clean(q(z0, t, eps), unet(q(z0, t, eps), t))
       decode both; m = min over positions of the trajectory's image of (1 - cos) of extractor
       features at each position of the input-derived image (summed over layers, blurred)
+      (inference.adp_space "latent": m = RMS over channels of c_in - c_traj per latent position,
+      upsampled; no decode, no extractor)
       score = mean of the top-K of m
       fire if score > threshold or t < min_step:
         fused = w(m) c_traj + (1 - w(m)) c_in     (w: monotone map of m to [0, 1], latent size)
@@ -42,6 +44,7 @@ extractor input size for the checks. Both trade firing resolution for latency.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +99,14 @@ def min_cosine_distance_maps(feats_a: list[torch.Tensor], feats_b: list[torch.Te
     return total.squeeze(1)
 
 
+def latent_difference_maps(a: torch.Tensor, b: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The latent ADP check's map: at each latent position the RMS over channels of a - b (latents
+    (B, C, h, w)), upsampled bilinearly to `size`: (B, H, W). Both estimates come from the same noised
+    input, so they are aligned and no search over positions is needed."""
+    d = (a.float() - b.float()).pow(2).mean(dim=1, keepdim=True).sqrt()
+    return F.interpolate(d, size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
 # --------------------------------------------------------------------------- SAFF
 
 
@@ -136,6 +147,27 @@ def resolve_weight_bounds(inference: GLADInferenceConfig, calibrated: tuple[floa
         if high <= low:
             raise ValueError(f"SAFF weight bounds: weight_high {high} must exceed weight_low {low}")
     return low, high
+
+
+def calibrated_space(calibration: dict | None) -> str:
+    """The ADP check space a calibrated threshold / weight bounds were proposed in (checkpoint state or bundle
+    manifest `adp_calibration`; calibrations from before the latent check have none: the features)."""
+    return (calibration or {}).get("adp_space", "features")
+
+
+def usable_calibration(inference: GLADInferenceConfig, calibration: dict | None, threshold: float | None,
+                       bounds: tuple[float | None, float | None] | None
+                       ) -> tuple[float | None, tuple[float | None, float | None] | None]:
+    """The calibrated (threshold, weight bounds) if they were proposed in inference.adp_space, else
+    (None, None) with a warning: a threshold on one check's scores means nothing on the other's."""
+    space = calibrated_space(calibration)
+    if space == inference.adp_space or (threshold is None and bounds is None):
+        return threshold, bounds
+    warnings.warn(f"the calibrated ADP threshold and SAFF weight bounds were proposed for adp_space {space!r}, "
+                  f"not {inference.adp_space!r}: not used (frames fire only below min_step unless "
+                  f"inference.threshold is set); propose them with `edgeinspect glad-threshold "
+                  f"--set inference.adp_space={inference.adp_space}`", stacklevel=3)
+    return None, None
 
 
 def saff_fuse(trajectory_clean: torch.Tensor, input_clean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -224,12 +256,13 @@ class GLADPipeline(DetectorLoop):
         final decode (threshold and weight calibration read only this)."""
         timer = StageTimer(self.nets.device)
         z0, eps = self.encode(images, 1, timer)
-        return self.denoise(z0, eps, timer)
+        return self.denoise(z0, eps, timer, tuple(images.shape[-2:]))
 
-    def denoise(self, z0: torch.Tensor, eps: torch.Tensor, timer: StageTimer) -> dict[str, torch.Tensor]:
-        """ADP + SAFF from the input latents `z0` with the noise `eps` (one per row; rows are independent):
-        the final latents and the firing record (fire step/index/score, by threshold or not, the check score
-        at each step, the map at the fire)."""
+    def denoise(self, z0: torch.Tensor, eps: torch.Tensor, timer: StageTimer, size: tuple[int, int]
+                ) -> dict[str, torch.Tensor]:
+        """ADP + SAFF from the input latents `z0` with the noise `eps` (one per row; rows are independent) of
+        frames of `size` (H, W): the final latents and the firing record (fire step/index/score, by threshold
+        or not, the check score at each step, the map at the fire)."""
         inf = self.inference
         b = z0.shape[0]
         ts = self.timesteps
@@ -258,11 +291,15 @@ class GLADPipeline(DetectorLoop):
                     traj_clean = self.schedule.pred_clean(z[idx], eps_pred[idx], t)
                     z_in = self.schedule.add_noise(z0[idx], eps[idx], t)
                     in_clean = self.schedule.pred_clean(z_in, self._unet(z_in, t), t)
-                with timer("adp_decode"):
-                    dec = self.nets["vae_decoder"](latent=torch.cat([in_clean, traj_clean]))["image"].clamp(-1, 1)
-                n = idx.numel()
-                maps = self.anomaly_maps(dec[:n], dec[n:], timer, prefix="adp_",
-                                         feature_size=self.scoring.adp_feature_size)
+                if inf.adp_space == "latent":
+                    with timer("adp_scoring"):
+                        maps = latent_difference_maps(in_clean, traj_clean, size)
+                else:
+                    with timer("adp_decode"):
+                        dec = self.nets["vae_decoder"](latent=torch.cat([in_clean, traj_clean]))["image"].clamp(-1, 1)
+                    n = idx.numel()
+                    maps = self.anomaly_maps(dec[:n], dec[n:], timer, prefix="adp_",
+                                             feature_size=self.scoring.adp_feature_size)
                 with timer("adp_scoring"):
                     score = topk_mean_score(maps, inf.adp_top_k)
                 adp_scores[idx.cpu(), i] = score.float().cpu()
@@ -328,7 +365,7 @@ class GLADPipeline(DetectorLoop):
             return self.bank_only(images, timer)
         b, draws = images.shape[0], self.inference.draws
         z0, eps = self.encode(images, draws, timer)
-        r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer)  # all draws as one batch
+        r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer, tuple(images.shape[-2:]))  # all draws as one batch
         with timer("decode"):
             roundtrip = self.scoring.reference == "vae_roundtrip"
             latents = torch.cat([r["latent"], z0]) if roundtrip else r["latent"]

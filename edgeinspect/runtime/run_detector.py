@@ -21,6 +21,7 @@ from edgeinspect.models.features import FeatureExtractor, build_features
 from edgeinspect.runtime.bank import BANK_FILE, NormalBank, read_bank
 from edgeinspect.runtime.bundle_loading import BundleError, load_bundle
 from edgeinspect.runtime.detector import DETECTORS, Detector, Pipeline, assemble_pipeline, bundle_pipeline, for_calibration
+from edgeinspect.runtime.glad import usable_calibration
 from edgeinspect.runtime.torch_backend import detector_networks, load_diad, load_glad
 
 
@@ -60,13 +61,18 @@ def run_pipeline(run: str | Path, overrides: dict | None = None, *, category: st
     if calibrating:
         cfg = for_calibration(cfg)
     category = category or cfg.category
-    calibrated = extra.get("adp_threshold")
-    if cfg.inference.for_category(category).threshold is None and calibrated is None:
+    inference = cfg.inference.for_category(category)
+    bounds = extra.get("adp_weight_bounds")
+    if calibrating:  # proposing them anew: the firing threshold is switched off, the weight is minmax
+        calibrated, bounds = None, None
+    else:
+        calibrated, bounds = usable_calibration(inference, extra.get("adp_calibration"), extra.get("adp_threshold"),
+                                                None if bounds is None else tuple(bounds))
+    if inference.threshold is None and calibrated is None and not calibrating:
         warnings.warn("no ADP threshold (neither configured nor calibrated): frames fire only when t < min_step; "
                       "propose one with `edgeinspect glad-threshold`", stacklevel=2)
-    bounds = extra.get("adp_weight_bounds")
     return cfg, model_pipeline(cfg, model, device=device, threshold=calibrated, category=category,
-                               weight_bounds=None if bounds is None else tuple(bounds),
+                               weight_bounds=bounds,
                                bank=run_bank(run, cfg)), extra
 
 

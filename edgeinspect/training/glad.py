@@ -191,7 +191,8 @@ def train_glad(cfg: GLADConfig, run_dir: str | Path, resume: bool = False, progr
             warnings.warn(f"SAFF weight bounds not calibrated: {e}", stacklevel=2)
         if out:
             out["adp_calibration"] = {
-                "category": cfg.category, "images": len(sel), "percentile": cal.percentile, "margin": cal.margin,
+                "category": cfg.category, "adp_space": pipe.inference.adp_space, "images": len(sel),
+                "percentile": cal.percentile, "margin": cal.margin,
                 "weight_percentile": cal.weight_percentile, "weight_margin": cal.weight_margin,
                 "max_scores": [float(v) for v in maxima]}
         return out
