@@ -365,7 +365,8 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
 def read_levers(path: Path) -> dict[str, Any]:
     """The levers file (YAML): per method a `baseline` (today's pipeline), the new `default` and named
     `levers`, each {backend: torch | onnxruntime_<precision>, set: {KEY: VALUE}} (set: inference/scoring
-    overrides on top of the run's config; the default usually has none: it is what the run ships with)."""
+    overrides on top of the run's config; the default usually has none: it is what the run ships with;
+    accuracy: false skips a lever's AUROC under --accuracy, for one whose scores cannot differ)."""
     import yaml
 
     spec = yaml.safe_load(Path(path).read_text()) or {}
@@ -465,6 +466,8 @@ def bench_levers(method: str, run: Path, spec: dict[str, Any], args: argparse.Na
         if data is None:
             raise SystemExit("--accuracy needs test data: the run has no data folder; pass --accuracy-data")
         for name, e in entries.items():
+            if e.get("accuracy", True) is False and name not in ("baseline", "default"):
+                continue  # e.g. the baseline's settings on another fp32 backend: the same scores within parity
             backend = "onnxruntime_fp32" if e["backend"] == "torch" else e["backend"]
             t0 = time.perf_counter()
             pipe = lever_pipeline(method, run, bundle_dir, e, base, args, backend)
@@ -553,7 +556,7 @@ def markdown(res: dict[str, Any]) -> str:
                 lines.append(f"| {name} | {v['backend']} | {sets} | {v['ms']['median']:.1f} | {v['ms']['p10']:.1f} | "
                              f"{v['ms']['p90']:.1f} | {v['speedup_vs_baseline']:.2f}x | {acc} |")
             first = next(iter(r["levers"].values()))
-            if "images" in first:
+            if "images" in first:  # levers without AUROC: the same scores as another row (accuracy: false)
                 lines += ["", f"AUROC on {first['images']} test images (every {res['settings']['accuracy_every']}"
                               f"th); a torch lever is scored on onnxruntime fp32 with its settings (same scores "
                               f"within the parity above)."]
