@@ -26,8 +26,7 @@ import torch
 
 from edgeinspect.config import parse_overrides
 from edgeinspect.core.atomic import write_json_atomic
-from edgeinspect.core.runs import run_method
-from edgeinspect.core.runs import resolve_checkpoint
+from edgeinspect.core.runs import load_state, resolve_checkpoint, run_method
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
 from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
 from edgeinspect.evaluation.commands import evaluate_detector
@@ -172,6 +171,28 @@ def side_by_side(vs: dict, diad_file: Path) -> str:
 """
 
 
+def base_train_minutes(run_cfg: dict) -> dict[str, float]:
+    """Minutes of optimisation of the runs this one starts from (train.init_autoencoder_from: the shared base
+    autoencoder; train.init_from: GLAD's base UNet run, and whatever that one started from): run -> minutes."""
+    out: dict[str, float] = {}
+    train = run_cfg.get("train", {})
+    for key in ("init_from", "init_autoencoder_from"):
+        src = train.get(key)
+        if not src or not Path(src).exists():
+            continue
+        out[str(src)] = round(load_state(resolve_checkpoint(src)).train_seconds / 60.0, 1)
+        cfg_file = resolve_checkpoint(src).parent.parent / "config.json"
+        if cfg_file.is_file():
+            out |= base_train_minutes(json.loads(cfg_file.read_text()))
+    return out
+
+
+def base_note(bases: dict[str, float]) -> str:
+    if not bases:
+        return ""
+    return "\n- Runs it starts from: " + "; ".join(f"`{k}` {v:.1f} min" for k, v in bases.items()) + "."
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -214,6 +235,9 @@ def main() -> int:
                "settings": res["settings"], "machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
                            "gpu": gpu_name() if str(res["settings"].get("device", "cpu")).startswith("cuda") else None,
                            "trained_on": args.train_machine}}
+    run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
+    summary["train_device"] = args.train_machine or f"{cpu_name()}, {run_cfg['train'].get('threads') or 'all'} thread(s)"
+    summary["base_train_minutes"] = base_train_minutes(run_cfg)
     extra_md = ""
     if args.selection is not None:
         held_out, chosen_on = heldout_metrics(res, args.data, args.selection, raw_json.with_suffix(".maps.npz"))
@@ -243,10 +267,10 @@ def main() -> int:
     s = res["settings"]
     stage_rows = "\n".join(f"| {st} | {lat['stage_ms'][st]:.1f} |" for st in STAGES)
     title = "DiAD" if method == "diad" else "GLAD"
-    trained_stages = ("autoencoder, UNet, SG stages" if method == "diad" else
+    trained_stages = ("the stages this run trained: UNet and SG, plus the autoencoder unless it came from "
+                      "train.init_autoencoder_from" if method == "diad" else
                       "the ATP stage, its first step's encoding of the training latents included; the base model's "
                       "stages not counted")
-    run_cfg = json.loads((resolve_checkpoint(args.model).parent.parent / "config.json").read_text())
     train_root = run_cfg["train"]["data_root"]
     n_train = sum(1 for p in (Path(train_root) / "train" / "good").iterdir() if p.is_file())
     flags = f" --name {args.name}" if args.name != f"{method}_mtd" else ""
@@ -286,8 +310,8 @@ nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']}
 
 ## Cost
 
-- Training: {res['train_minutes']:.1f} min of optimisation steps on {args.train_machine or 'this machine'} ({trained_stages};
-  data loading and checkpoint writes not counted).
+- Training: {res['train_minutes']:.1f} min of optimisation steps on {summary['train_device']} ({trained_stages};
+  data loading and checkpoint writes not counted).{base_note(summary['base_train_minutes'])}
 - Per frame, batch 1, torch eager, median of {lat['repeats']}: **{lat['ms_per_frame']:.1f} ms**
   (p90 {lat['ms_per_frame_p90']:.1f} ms); DDIM from t={s.get('t_start', s.get('t0'))}, {s['steps']} steps,
   seed {s['seed']}{draws_note(s)}.

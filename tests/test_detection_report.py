@@ -53,3 +53,24 @@ def test_heldout_metrics_refuse_a_selection_that_names_nothing(report, tmp_path)
     sel.write_text("crack/123.png\n")
     with pytest.raises(SystemExit, match="none of its names"):
         report.heldout_metrics(res, root, sel, maps_file)
+
+
+def _fake_run(root, train: dict, seconds: float):
+    import json
+
+    ckpt = root / "checkpoints" / "done"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "state.json").write_text(json.dumps({"stage": "done", "train_seconds": seconds}))
+    (root / "checkpoints" / "latest").write_text("done")
+    (root / "config.json").write_text(json.dumps({"train": train}))
+    return root
+
+
+def test_base_training_minutes_follow_the_chain_of_runs(report, tmp_path):
+    ae = _fake_run(tmp_path / "ae", {}, 3000.0)
+    diad = _fake_run(tmp_path / "diad", {"init_autoencoder_from": str(ae)}, 1200.0)
+    glad_cfg = {"init_from": str(diad), "init_autoencoder_from": None}
+    assert report.base_train_minutes({"train": glad_cfg}) == {str(diad): 20.0, str(ae): 50.0}
+    assert report.base_train_minutes({"train": {"init_from": str(tmp_path / "gone")}}) == {}
+    assert "`" + str(ae) + "` 50.0 min" in report.base_note({str(ae): 50.0}) and report.base_note({}) == ""
