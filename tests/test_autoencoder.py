@@ -159,3 +159,42 @@ def test_onnx_graphs_of_the_anchored_autoencoder_match_torch(tmp_path):
                             probe={"x": p})
         err, scale = parity_report(module, graph.path, [{"x": x}, {"x": p}])
         assert err[out] < 1e-4 * max(1.0, scale[out]), (name, err, scale)
+
+
+def test_the_anchor_decoder_skips_the_learnt_residual_on_every_backend(tmp_path):
+    """scoring.decoder anchor: the reconstruction is the resize part of the decode, in torch and in the bundle."""
+    from edgeinspect.export.bundle import export_bundle
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.run_detector import run_pipeline
+    from tests.test_export import make_tiny_run, tiny_features
+
+    run = make_tiny_run(tmp_path / "run", overrides={"model": {"vae": {"kind": "anchored"}}})
+    cfg, full, _ = run_pipeline(run)
+    vae = full.nets["vae_decoder"].module.vae
+    torch.nn.init.normal_(vae.decoder.conv_out.weight, std=0.05)  # a residual that shows
+    _, anchor, _ = run_pipeline(run, {"scoring": {"decoder": "anchor"}})
+    anchor.nets = full.nets  # the same (perturbed) weights
+    frames = torch.rand(2, 3, 32, 32) * 2 - 1
+    r_full, r_anchor = full(frames), anchor(frames)
+    latent = torch.randn(2, *vae.encode(frames).latent_dist.mean.shape[1:])
+    want = vae.anchor_only_decode(latent / vae.config.scaling_factor)
+    got = full.nets["vae_anchor_decoder"](latent=latent)["image"]
+    torch.testing.assert_close(got, want)
+    assert float((r_full.reconstructions - r_anchor.reconstructions).abs().max()) > 1e-3
+    # exported: the bundle carries the anchor decoder, and onnxruntime scores as torch does
+    features = tiny_features()
+    bundle = export_bundle(run, tmp_path / "bundle", ("fp32",), features=features, overwrite=True, threads=1)
+    ort = bundle_pipeline(bundle, "onnxruntime", overrides={"scoring": {"decoder": "anchor"}}, verdict=False)
+    _, torch_anchor, _ = run_pipeline(run, {"scoring": {"decoder": "anchor"}})
+    torch_anchor.nets = type(torch_anchor.nets)({**torch_anchor.nets._networks,
+                                                 "features": ort.nets["features"]}, name="mixed")
+    torch.testing.assert_close(ort(frames).scores, torch_anchor(frames).scores, rtol=1e-3, atol=1e-4)
+
+
+def test_the_anchor_decoder_needs_an_anchored_autoencoder(tmp_path):
+    from edgeinspect.runtime.run_detector import run_pipeline
+    from tests.test_export import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")  # the tiny preset's KL autoencoder
+    with pytest.raises(ValueError, match="scoring.decoder 'anchor' needs an anchored autoencoder"):
+        run_pipeline(run, {"scoring": {"decoder": "anchor"}})

@@ -46,11 +46,11 @@ FP32_BOUND = (1e-4, 1e-3)
 FP16_BOUND = (1e-2, 5e-2)
 
 
-def make_tiny_run(root: Path, seed: int = 0) -> Path:
+def make_tiny_run(root: Path, seed: int = 0, overrides: dict | None = None) -> Path:
     """A tiny DiAD run folder (config + checkpoint) with random weights and a non-trivial SG network."""
 
     torch.manual_seed(seed)
-    cfg = build_config("diad", "tiny")
+    cfg = build_config("diad", "tiny", overrides)
     model = DiADModel(cfg).eval()
     with torch.no_grad():  # zero-initialised injection convs would make the SG network a no-op
         g = model.guidance

@@ -153,6 +153,14 @@ Reference = Literal["reconstruction", "vae_roundtrip", "bank", "hybrid"]
 BANK_REFERENCES = ("bank", "hybrid")
 
 
+# How a detector decodes latents to images (`scoring.decoder`):
+#   full    the autoencoder's decoder (the papers);
+#   anchor  the anchored autoencoder's resize part only (models/autoencoder.py): the bicubic upscale of the
+#           equal-size resize the latent holds, without the learnt residual; on MTD the residual adds about
+#           0.5 dB, the decoder costs most of a DiAD frame's decode time. Needs `model.vae.kind` anchored.
+Decoder = Literal["full", "anchor"]
+
+
 def read_reference(value: object) -> object:
     """`scoring.reference` as written by an older version: "input" (the frame itself) is "reconstruction"."""
     return "reconstruction" if value == "input" else value

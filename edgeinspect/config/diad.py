@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from edgeinspect.config.base import AutoencoderStageConfig, BankConfig, Reference, Strict, TrainLoopConfig, read_reference
+from edgeinspect.config.base import (AutoencoderStageConfig, BankConfig, Decoder, Reference, Strict, TrainLoopConfig,
+                                     read_reference)
 
 
 
@@ -36,6 +37,9 @@ class DiADScoringConfig(Strict):
     # (vae_roundtrip: a small from-scratch autoencoder's blur appears on both sides and cancels, one extra
     # decode per frame); the normal-feature bank alone (bank); or both (hybrid).
     reference: Reference = "reconstruction"
+    # How latents are decoded for scoring (config/base.py Decoder): the full decoder, or the anchored
+    # autoencoder's resize part alone (no learnt residual; much cheaper).
+    decoder: Decoder = "full"
     bank: BankConfig = BankConfig()
     # In pixels of the model image (the paper's 5 is at 256 px).
     blur_sigma: float = Field(5.0, ge=0)

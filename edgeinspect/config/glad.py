@@ -12,6 +12,7 @@ from edgeinspect.config.base import (
     AutoencoderStageConfig,
     BankConfig,
     FeatureConfig,
+    Decoder,
     Reference,
     Strict,
     TrainLoopConfig,
@@ -167,6 +168,8 @@ class GLADScoringConfig(Strict):
     # +0.015-0.025, pixel -0.01, glad_mtd_gpu_sweep.md); the normal-feature bank alone (bank: no
     # diffusion, no ADP); or both (hybrid).
     reference: Reference = "reconstruction"
+    # How latents are decoded, in the ADP checks and for the final map (config/base.py Decoder).
+    decoder: Decoder = "full"
     bank: BankConfig = BankConfig()
     # Feature size for the ADP checks (null: feature_size); smaller makes each check cheaper.
     adp_feature_size: int | None = Field(None, ge=32)

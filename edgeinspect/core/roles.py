@@ -14,6 +14,8 @@ Signature = tuple[tuple[str, ...], tuple[str, ...]]  # (input names, output name
 ROLE_SIGNATURES: dict[str, Signature] = {
     "vae_encoder": (("image",), ("latent",)),
     "vae_decoder": (("latent",), ("image",)),
+    # The anchored autoencoder's decoder without its learnt residual (scoring.decoder anchor).
+    "vae_anchor_decoder": (("latent",), ("image",)),
     "hint_encoder": (("image",), ("hint",)),
     # AdaBLDM: the trimap (B,1,H,W) in {0, 0.5, 1} to its control hint, once per sample
     "trimap_encoder": (("trimap",), ("hint",)),

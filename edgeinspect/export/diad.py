@@ -103,6 +103,22 @@ def vae_decoder_role(ctx: ExportContext) -> RoleExport:
     )
 
 
+@register_role(METHOD, "vae_anchor_decoder")
+def vae_anchor_decoder_role(ctx: ExportContext) -> RoleExport | None:
+    """The anchored autoencoder's resize decoder (scoring.decoder anchor); none for a KL autoencoder."""
+    module = ctx.model.role_modules().get("vae_anchor_decoder")
+    if module is None:
+        return None
+    s = ExportSizes(ctx.cfg)
+    return RoleExport(
+        "vae_anchor_decoder", module,
+        {"latent": torch.randn(2, s.latent_channels, s.latent, s.latent, generator=seeded_generator(19))},
+        {"latent": torch.randn(3, s.latent_channels, s.probe_latent, s.probe_latent, generator=seeded_generator(20))},
+        ("image",), {"latent": LATENT_AXES}, fp16=False,
+        notes="the decoder without its learnt residual: pixel shuffle + bicubic upscale (scoring.decoder anchor)",
+    )
+
+
 @register_role(METHOD, "features")
 def _features(ctx: ExportContext) -> RoleExport:
     s = ExportSizes(ctx.cfg)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from edgeinspect.export.diad import bank_distance_role, vae_decoder_role, vae_encoder_role
+from edgeinspect.export.diad import bank_distance_role, vae_anchor_decoder_role, vae_decoder_role, vae_encoder_role
 from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, ExportSizes, random_images, seeded_generator
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
 from edgeinspect.runtime.glad import resolve_weight_bounds, usable_calibration
@@ -64,6 +64,7 @@ def _unet_plain(ctx: ExportContext) -> RoleExport:
 
 
 register_role(METHOD, "vae_decoder")(vae_decoder_role)
+register_role(METHOD, "vae_anchor_decoder")(vae_anchor_decoder_role)
 
 
 @register_role(METHOD, "features")

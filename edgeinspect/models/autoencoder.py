@@ -116,6 +116,11 @@ class AnchoredAutoencoderKL(AutoencoderKL):
         return DecoderOutput(sample=dec) if return_dict else (dec,)
 
 
+    def anchor_only_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoded image without the learnt residual: the bicubic upscale of the resize `z` holds."""
+        return self.anchor.image_out(self.anchor.decode(z + self.latent_shift))
+
+
 def autoencoder_from_config(config: dict) -> AutoencoderKL:
     """The autoencoder class a diffusers config (as saved in a bundle's manifest) was written by."""
     if config.get("kind") == "anchored":

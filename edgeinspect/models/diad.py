@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from edgeinspect.config import DiADConfig
+from edgeinspect.models.autoencoder import AnchoredAutoencoderKL
 from edgeinspect.models.backbones import build_unet, build_vae
 from edgeinspect.models.guidance import GuidanceNet, GuidedUNet
 from edgeinspect.models.prompt import build_prompt_encoder
@@ -30,6 +31,25 @@ class VAEDecoderNet(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latent / self.vae.config.scaling_factor).sample
+
+
+class VAEAnchorDecoderNet(nn.Module):
+    """The `vae_anchor_decoder` role: an anchored autoencoder's decode without its learnt residual."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.anchor_only_decode(latent / self.vae.config.scaling_factor)
+
+
+def decoder_roles(vae: nn.Module) -> dict[str, nn.Module]:
+    """The decoder roles of an autoencoder: `vae_decoder`, and `vae_anchor_decoder` when it is anchored."""
+    roles: dict[str, nn.Module] = {"vae_decoder": VAEDecoderNet(vae)}
+    if isinstance(vae, AnchoredAutoencoderKL):
+        roles["vae_anchor_decoder"] = VAEAnchorDecoderNet(vae)
+    return roles
 
 
 class HintNet(nn.Module):
@@ -91,5 +111,5 @@ class DiADModel(LatentDiffusionModel):
             "vae_encoder": VAEEncoderNet(self.vae),
             "hint_encoder": HintNet(self.guidance),
             "unet": GuidedUNet(self.unet, self.guidance),
-            "vae_decoder": VAEDecoderNet(self.vae),
+            **decoder_roles(self.vae),
         }

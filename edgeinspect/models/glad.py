@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgeinspect.config import GLADConfig
-from edgeinspect.models.diad import LatentDiffusionModel, VAEDecoderNet, VAEEncoderNet
+from edgeinspect.models.diad import LatentDiffusionModel, VAEEncoderNet, decoder_roles
 
 
 class PlainUNet(nn.Module):
@@ -30,4 +30,4 @@ class GLADModel(LatentDiffusionModel):
 
     def role_modules(self) -> dict[str, nn.Module]:
         return {"vae_encoder": VAEEncoderNet(self.vae), "unet_plain": PlainUNet(self.unet),
-                "vae_decoder": VAEDecoderNet(self.vae)}
+                **decoder_roles(self.vae)}

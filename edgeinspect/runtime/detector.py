@@ -99,7 +99,11 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     # the bank reference runs no diffusion: its pipeline loads the extractor and the bank search only; the
     # others load the bank search too where the bundle has it (pipeline.using("bank") needs it: the bank verb)
     search = ("bank_distance",) if "bank_distance" in bundle.manifest["networks"] else ()
-    roles = ("features", *search) if cfg.scoring.reference == "bank" else (*PIPELINE_ROLES[bundle.method], *search)
+    # scoring.decoder anchor: the anchored autoencoder's resize decoder (a bundle without it: the loop says so)
+    anchor = (("vae_anchor_decoder",) if cfg.scoring.decoder == "anchor"
+              and "vae_anchor_decoder" in bundle.manifest["networks"] else ())
+    roles = (("features", *search) if cfg.scoring.reference == "bank" else
+             (*PIPELINE_ROLES[bundle.method], *anchor, *search))
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=roles,
                            engine_cache_dir=engine_cache_dir,

@@ -65,9 +65,9 @@ class DiADPipeline(DetectorLoop):
                 z, _ = self.schedule.step(z, eps, t, t_prev)
         with timer("decode"):
             if self.scoring.reference == "vae_roundtrip":
-                both = self.nets["vae_decoder"](latent=torch.cat([z, z0]))["image"].clamp(-1, 1)
+                both = self.nets[self.decoder_role](latent=torch.cat([z, z0]))["image"].clamp(-1, 1)
                 return both[:b], both[b:]
-            return self.nets["vae_decoder"](latent=z)["image"].clamp(-1, 1), None
+            return self.nets[self.decoder_role](latent=z)["image"].clamp(-1, 1), None
 
     def score(self, images: torch.Tensor, recon: torch.Tensor | None, timer: StageTimer | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:

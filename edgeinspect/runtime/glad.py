@@ -296,7 +296,7 @@ class GLADPipeline(DetectorLoop):
                         maps = latent_difference_maps(in_clean, traj_clean, size)
                 else:
                     with timer("adp_decode"):
-                        dec = self.nets["vae_decoder"](latent=torch.cat([in_clean, traj_clean]))["image"].clamp(-1, 1)
+                        dec = self.nets[self.decoder_role](latent=torch.cat([in_clean, traj_clean]))["image"].clamp(-1, 1)
                     n = idx.numel()
                     maps = self.anomaly_maps(dec[:n], dec[n:], timer, prefix="adp_",
                                              feature_size=self.scoring.adp_feature_size)
@@ -369,7 +369,7 @@ class GLADPipeline(DetectorLoop):
         with timer("decode"):
             roundtrip = self.scoring.reference == "vae_roundtrip"
             latents = torch.cat([r["latent"], z0]) if roundtrip else r["latent"]
-            decoded = self.nets["vae_decoder"](latent=latents)["image"].clamp(-1, 1)
+            decoded = self.nets[self.decoder_role](latent=latents)["image"].clamp(-1, 1)
             recon = decoded[:draws * b]
             reference = decoded[draws * b:] if roundtrip else images
         row_scores, maps_all = self.score(reference, recon, timer)  # the input vs each draw's reconstruction

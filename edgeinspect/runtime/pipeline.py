@@ -24,12 +24,12 @@ class DetectorLoop:
     def __init__(self, networks: Networks, roles: Sequence[str], context: torch.Tensor, schedule: DDIM,
                  inference: Any, scoring: Any, feature_size: int | None, bank: NormalBank | None = None):
         self.method_roles = tuple(roles)
+        self.scoring = scoring
         self._check(networks, scoring.reference, bank)
         self.nets = networks
         self.context = context.to(networks.device)
         self.schedule = schedule
         self.inference = inference
-        self.scoring = scoring
         self.feature_size = feature_size
         self.verdict: PostProcessor | None = None  # set by the detector assembly (a calibrated bundle's)
         self.bank = None if bank is None else NormalBank([v.to(networks.device) for v in bank.vectors], bank.scales,
@@ -43,6 +43,15 @@ class DetectorLoop:
         roles = {"bank": ("features", "bank_distance"), "hybrid": (*self.method_roles, "bank_distance")}
         for role in roles.get(reference, self.method_roles):
             networks[role]
+        if reference != "bank" and self.decoder_role == "vae_anchor_decoder" and "vae_anchor_decoder" not in networks:
+            raise ValueError("scoring.decoder 'anchor' needs an anchored autoencoder (model.vae.kind anchored, "
+                             "the edge default) and, from a bundle, its vae_anchor_decoder graph (exported with "
+                             "it): this model has none; use scoring.decoder full")
+
+    @property
+    def decoder_role(self) -> str:
+        """The network that decodes latents to images: scoring.decoder full or anchor."""
+        return "vae_anchor_decoder" if self.scoring.decoder == "anchor" else "vae_decoder"
 
     @property
     def reference(self) -> str:
