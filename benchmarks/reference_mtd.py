@@ -151,12 +151,12 @@ def bank_deployment_mb(nets: Any, bank: NormalBank, feature_size: int) -> float:
 # --------------------------------------------------------------------------- the ablation on a trained detector
 
 
-def detector_rows(method: str, source: Path, data: Path, batch: int | None, threads: int | None
-                  ) -> dict[str, dict[str, Any]]:
-    """The three references of one trained detector: a run folder (torch) or a bundle (onnxruntime). A bank is
-    built first when the run / bundle has none."""
+def detector_rows(method: str, source: Path, data: Path, batch: int | None, threads: int | None,
+                  settings: dict | None = None) -> dict[str, dict[str, Any]]:
+    """The three references of one trained detector: a run folder (torch) or a bundle (onnxruntime), with
+    `settings` (inference/scoring overrides) on top of its own. A bank is built first when it has none."""
     is_bundle = (source / "manifest.json").is_file()
-    over = {"scoring": {"reference": "reconstruction"}}
+    over = merge_config(settings or {}, {"scoring": {"reference": "reconstruction"}})
     if is_bundle:
         cfg = load_bundle(source, overrides=over).config
         pipe = bundle_pipeline(source, "onnxruntime", overrides=over, verdict=False, intra_op_threads=threads)
@@ -185,7 +185,7 @@ def detector_rows(method: str, source: Path, data: Path, batch: int | None, thre
             "bundle_mb": mb, "source": str(source), "backend": "onnxruntime" if is_bundle else "torch",
             "feature_size": cfg.scoring.feature_size, "blur_sigma": cfg.scoring.blur_sigma,
             "bank_size": len(bank.vectors[0]), "bank_mb": round(bank.nbytes / 2**20, 2),
-            "hybrid_scales": bank.scales, "test_images": len(labels)}
+            "hybrid_scales": bank.scales, "test_images": len(labels), "settings": settings or {}}
         print(json.dumps({f"{method}.{ref}": out[f"{method}.{ref}"]}), flush=True)
     return out
 
@@ -198,6 +198,13 @@ KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "pro", "ms_per_frame", "bundle
 
 def flat(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {f"{name}.{k}": row[k] for name, row in rows.items() for k in KEYS if k in row}
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
 
 
 def report(doc: dict[str, Any]) -> str:
@@ -213,7 +220,7 @@ def report(doc: dict[str, Any]) -> str:
              "The bank's settings (feature size, layers, blur, coreset size) were swept on the same split: "
              "reference_sweep_mtd.md.", "",
              "| detector | reference | image AUROC | pixel AUROC | pixel AP | PRO | per-type image AUROC | "
-             "ms/frame | bundle MB | bank (vectors/level, MB) | source |",
+             "ms/frame | bundle MB | bank (vectors/level, MB) | source; settings |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(rows):
         r = rows[name]
@@ -221,7 +228,9 @@ def report(doc: dict[str, Any]) -> str:
         types = ", ".join(f"{t} {v:.3f}" for t, v in r["image_auroc_by_type"].items())
         lines.append(f"| {method} | {ref} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pixel_ap']:.4f} | "
                      f"{r['pro']:.4f} | {types} | {r['ms_per_frame']} | {r['bundle_mb']} | "
-                     f"{r['bank_size']}, {r['bank_mb']} | {r['source']} |")
+                     f"{r['bank_size']}, {r['bank_mb']} | {r['source']}"
+                     + ("; " + ", ".join(f"{k}={v}" for k, v in flat_settings(r["settings"]).items())
+                        if r.get("settings") else "") + " |")
     pending = [f"{m}.{ref}" for m in METHODS for ref in REFERENCES if f"{m}.{ref}" not in rows]
     if pending:
         lines += ["", "Not measured yet (need trained models): " + ", ".join(pending) + ". Fill them with:", "",
@@ -246,6 +255,9 @@ def main() -> int:
     ap.add_argument("--glad", type=Path, help="a trained GLAD run folder or bundle")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="--bank-only: override a setting of both presets, e.g. --set scoring.bank.size=8192")
+    for m in METHODS:
+        ap.add_argument(f"--{m}-set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"an inference/scoring setting of the {m} detector, e.g. --{m}-set scoring.decoder=anchor")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--default-reference", default=None, help="record what the edge preset ships with")
@@ -261,7 +273,8 @@ def main() -> int:
     for method in METHODS:
         source = getattr(args, method)
         if source is not None:
-            rows.update(detector_rows(method, source, args.data, args.batch, args.threads))
+            rows.update(detector_rows(method, source, args.data, args.batch, args.threads,
+                                      parse_overrides(getattr(args, f"{method}_set"))))
     path = args.results / f"{args.name}.json"
     doc = json.loads(path.read_text()) if path.is_file() else {"rows": {}, "commands": []}
     doc["rows"].update(rows)
