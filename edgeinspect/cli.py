@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from edgeinspect.calibration.bank import finish_training_bank
 from edgeinspect.calibration.cli import add_bank_parser, add_calibrate_parser
 from edgeinspect.config import ConfigError, load_config, parse_overrides
 from edgeinspect.evaluation.commands import evaluate_detector, predict_detector
@@ -56,6 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.data is not None:
         cfg.train.data_root = Path(args.data)
     ckpt = TRAINERS[args.method](cfg, args.run, resume=args.resume, progress=not args.quiet)
+    if args.method in ("diad", "glad"):
+        finish_training_bank(cfg, ckpt, progress=not args.quiet)
     print(f"trained: {ckpt}")
     return 0
 

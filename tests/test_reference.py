@@ -270,3 +270,31 @@ def test_bank_verb_on_a_run_and_on_a_bundle_scores_alike(sample, tmp_path, capsy
     assert main(["export", "--model", str(make_tiny_run(tmp_path / "run2")), "--out", str(export_without),
                  "--reference", "bank", "--quiet"]) == 2
     assert "edgeinspect bank --model" in capsys.readouterr().err
+
+
+def test_training_ends_with_the_bank_its_reference_needs(sample, tmp_path, monkeypatch):
+    """`edgeinspect train` of a detector whose scoring.reference is bank or hybrid leaves the bank in the final
+    checkpoint (test/export/serve need no separate `bank` step); reconstruction leaves none; a finished run's
+    bank is not rebuilt; without training data the error says what is missing."""
+    from edgeinspect import cli
+    from edgeinspect.calibration.bank import finish_training_bank
+    from edgeinspect.core.runs import resolve_checkpoint
+    from edgeinspect.runtime.bank import BANK_FILE, read_bank
+
+    runs = {ref: make_tiny_run(tmp_path / ref, overrides={"scoring": {"reference": ref}})
+            for ref in ("reconstruction", "hybrid")}
+    monkeypatch.setitem(cli.TRAINERS, "diad", lambda cfg, run, **_: resolve_checkpoint(runs[str(run.name)]))
+    for ref, run in runs.items():
+        torch.manual_seed(0)
+        assert main(["train", "diad", "--preset", "tiny", "--run", str(tmp_path / ref), "--data", str(sample),
+                     "--set", f"scoring.reference={ref}", "--quiet"]) == 0
+    assert not (resolve_checkpoint(runs["reconstruction"]) / BANK_FILE).exists()
+    path = resolve_checkpoint(runs["hybrid"]) / BANK_FILE
+    bank = read_bank(path)
+    assert [v.shape[0] for v in bank.vectors] == [32, 32, 32] and bank.scales is not None
+    stamp = path.stat().st_mtime_ns
+    cfg = build_config("diad", "tiny", {"scoring": {"reference": "hybrid"}, "train": {"data_root": str(sample)}})
+    assert finish_training_bank(cfg, resolve_checkpoint(runs["hybrid"])) is None and path.stat().st_mtime_ns == stamp
+    with pytest.raises(BankError, match="train.data_root"):
+        finish_training_bank(build_config("diad", "tiny", {"scoring": {"reference": "bank"}}),
+                             resolve_checkpoint(runs["reconstruction"]))

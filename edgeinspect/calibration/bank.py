@@ -30,14 +30,15 @@ from safetensors.torch import save
 
 from edgeinspect.calibration.calibrate import load_frames
 from edgeinspect.calibration.data import list_images
-from edgeinspect.config import BankConfig
+from edgeinspect.config import BANK_REFERENCES, BankConfig, merge_config
 from edgeinspect.core.atomic import write_bytes_atomic
 from edgeinspect.core.runs import resolve_checkpoint
 from edgeinspect.data.batches import spread_indices
 from edgeinspect.runtime.bank import BANK_FILE, BankError, NormalBank
+from edgeinspect.runtime.run_detector import run_pipeline
 
 __all__ = ["training_normals", "greedy_coreset", "candidate_vectors", "coreset_bank", "fit_bank", "save_run_bank",
-           "bank_bytes"]
+           "bank_bytes", "build_run_bank", "finish_training_bank"]
 
 
 def training_normals(data: str | Path) -> list[Path]:
@@ -141,3 +142,30 @@ def save_run_bank(run: str | Path, bank: NormalBank) -> Path:
     path = resolve_checkpoint(run) / BANK_FILE
     write_bytes_atomic(path, bank_bytes(bank))
     return path
+
+
+def build_run_bank(run: str | Path, data: str | Path, overrides: dict | None = None, progress: bool = False
+                   ) -> tuple[Path, NormalBank, Any]:
+    """Fit a run's bank on the training normals of `data` through the run's own pipeline on torch (with
+    `overrides`; built with the reconstruction reference, which the hybrid scales need) and store it beside
+    the weights: (its path, the bank, the run's config)."""
+    over = merge_config(overrides or {}, {"scoring": {"reference": "reconstruction"}})
+    cfg, pipe, _ = run_pipeline(run, over)
+    bank = fit_bank(pipe, training_normals(data), cfg.model.image_size, cfg.inference.batch_size, progress)
+    return save_run_bank(run, bank), bank, cfg
+
+
+def finish_training_bank(cfg: Any, checkpoint: Path, progress: bool = False) -> Path | None:
+    """The end of a DiAD or GLAD training: when the config scores against the bank (scoring.reference bank or
+    hybrid), build it from the training normals into the final checkpoint, so `test`, `export` and the
+    daemon work without a separate `edgeinspect bank` step. Nothing when the reference needs none or the
+    checkpoint has its bank already (a resumed, finished run)."""
+    if cfg.scoring.reference not in BANK_REFERENCES or (Path(checkpoint) / BANK_FILE).is_file():
+        return None
+    if cfg.train.data_root is None:
+        raise BankError(f"scoring.reference {cfg.scoring.reference!r} needs a normal-feature bank, built from "
+                        "train.data_root, which this config does not set")
+    if progress:
+        print(f"bank: scoring.reference {cfg.scoring.reference!r} needs the normal-feature bank; building it from "
+              f"{cfg.train.data_root}", flush=True)
+    return build_run_bank(checkpoint, cfg.train.data_root, progress=progress)[0]

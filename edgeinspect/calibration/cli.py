@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from edgeinspect.calibration.bank import bank_bytes, fit_bank, save_run_bank, training_normals
+from edgeinspect.calibration.bank import bank_bytes, build_run_bank, fit_bank, training_normals
 from edgeinspect.calibration.calibrate import calibrate_bundle, select_normals
 from edgeinspect.config import REFERENCES, ConfigError, merge_config, parse_overrides
 from edgeinspect.core.runs import CheckpointError
@@ -17,7 +17,6 @@ from edgeinspect.runtime.bank import BANK_PAYLOAD, BankError
 from edgeinspect.runtime.bundle_loading import load_bundle
 from edgeinspect.runtime.bundle_update import set_payload
 from edgeinspect.runtime.detector import bundle_pipeline
-from edgeinspect.runtime.run_detector import run_pipeline
 from edgeinspect.calibration.qdq import quantize_bundle
 from edgeinspect.data.batches import spread_indices
 from edgeinspect.data.mvtec import DatasetError
@@ -146,9 +145,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
             if args.reference is not None:
                 raise ValueError("--reference sets a bundle's scoring.reference; for a run pass --set "
                                  "scoring.reference=... to test/predict, or --reference to export")
-            cfg, pipe, _ = run_pipeline(args.model, overrides)
-            bank = fit_bank(pipe, paths, cfg.model.image_size, cfg.inference.batch_size, progress=not args.quiet)
-            where = save_run_bank(args.model, bank)
+            where, bank, cfg = build_run_bank(args.model, args.data, overrides, progress=not args.quiet)
         else:
             pipe = bundle_pipeline(args.bundle, "onnxruntime", overrides=overrides, verdict=False,
                                    intra_op_threads=args.threads)
