@@ -207,9 +207,40 @@ def flat_settings(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def figure(doc: dict[str, Any], out_png: Path) -> None:
+    """Per detector, image and pixel AUROC of each reference (bars), with ms per frame written above."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["rows"]
+    methods = [m for m in METHODS if any(f"{m}.{r}" in rows for r in REFERENCES)]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.8 * len(methods), 4.0), dpi=110, squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        refs = [r for r in REFERENCES if f"{m}.{r}" in rows]
+        x = np.arange(len(refs))
+        for k, (key, label) in enumerate((("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"))):
+            vals = [rows[f"{m}.{r}"][key] for r in refs]
+            bars = ax.bar(x + (k - 0.5) * 0.38, vals, 0.38, label=label)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        for i, r in enumerate(refs):
+            ax.text(i, 0.47, f"{rows[f'{m}.{r}']['ms_per_frame']:.0f} ms", ha="center", fontsize=7)
+        ax.set_xticks(x, refs)
+        ax.set_ylim(0.45, 1.02)
+        ax.set_title(m)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle(doc.get("title") or "scoring reference", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+
+
 def report(doc: dict[str, Any]) -> str:
     rows = doc["rows"]
-    lines = ["# DiAD and GLAD x scoring reference on MTD", "",
+    lines = [f"# {doc.get('title') or 'DiAD and GLAD x scoring reference on MTD'}", "",
+             *([doc["note"], ""] if doc.get("note") else []),
              "Image/pixel metrics of the whole test split per detector and `scoring.reference` "
              "(reconstruction: the papers' scoring; bank: the nearest training-normal feature, no diffusion; "
              "hybrid: both, scaled on held-out training normals; edgeinspect/runtime/bank.py). ms per frame: wall "
@@ -241,6 +272,8 @@ def report(doc: dict[str, Any]) -> str:
             h, b = rows[f"{m}.hybrid"], rows[f"{m}.bank"]
             lines += ["", f"{m}: the diffusion's contribution (hybrid - bank): image AUROC "
                           f"{h['image_auroc'] - b['image_auroc']:+.4f}, pixel AUROC {h['pixel_auroc'] - b['pixel_auroc']:+.4f}."]
+    if doc.get("figure"):
+        lines += ["", f"![image and pixel AUROC per detector and reference; ms per frame above the axis]({doc['figure']})"]
     lines += ["", "## Commands", ""] + [f"    {c}" for c in doc["commands"]]
     lines += ["", "## Machine", "", f"{doc['machine']['cpu']}, {doc['machine']['threads']} torch threads, no GPU, "
               f"torch {doc['machine']['torch']}.", ""]
@@ -263,6 +296,8 @@ def main() -> int:
     ap.add_argument("--default-reference", default=None, help="record what the edge preset ships with")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--name", default="reference_mtd")
+    ap.add_argument("--title", help="the report's title (kept from the earlier run when not given)")
+    ap.add_argument("--note", help="a paragraph for the report: what the data is, what the rows say")
     args = ap.parse_args()
     if not (args.bank_only or args.diad or args.glad):
         ap.error("nothing to measure: give --bank-only and/or --diad/--glad")
@@ -282,11 +317,16 @@ def main() -> int:
     command = "nice python benchmarks/reference_mtd.py " + " ".join(sys.argv[1:])
     doc["commands"] = list(dict.fromkeys([*doc["commands"], command]))  # a repeated command: its rows replaced
     doc["default_reference"] = args.default_reference or doc.get("default_reference") or "reconstruction"
+    for key in ("title", "note"):
+        if getattr(args, key):
+            doc[key] = getattr(args, key)
     doc["machine"] = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "load_average": os.getloadavg()[0]}
+    doc["figure"] = f"{args.name}.png"
     args.results.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, doc)
     write_text_atomic(args.results / f"{args.name}.md", report(doc))
+    figure(doc, args.results / f"{args.name}.png")
     return 0
 
 

@@ -31,7 +31,8 @@ def test_ablation_on_a_run_and_a_bundle_writes_every_key(bench, tmp_path, monkey
     glad = tmp_path / "glad_bundle"
     shutil.copytree(tiny_glad_bundle()[1], glad)
     monkeypatch.setattr(sys, "argv", ["reference_mtd.py", "--data", str(SAMPLE), "--diad", str(run), "--glad",
-                                      str(glad), "--batch", "4", "--threads", "1", "--results", str(tmp_path)])
+                                      str(glad), "--batch", "4", "--threads", "1", "--results", str(tmp_path),
+                                      "--title", "References on the sample", "--note", "What the sample is."])
     assert bench.main() == 0
     # the banks were built from the training normals and stored: beside the run's weights, in the bundle
     assert (run / "checkpoints" / "done" / BANK_FILE).is_file()
@@ -49,6 +50,8 @@ def test_ablation_on_a_run_and_a_bundle_writes_every_key(bench, tmp_path, monkey
     md = (tmp_path / "reference_mtd.md").read_text()
     assert "| diad | hybrid |" in md and "the diffusion's contribution (hybrid - bank)" in md
     assert "Not measured yet" not in md
+    assert md.startswith("# References on the sample\n\nWhat the sample is.")
+    assert "(reference_mtd.png)" in md and (tmp_path / "reference_mtd.png").stat().st_size > 1000
 
 
 def test_bank_rows_alone_leave_the_others_pending_and_later_runs_add_to_them(bench, tmp_path, monkeypatch):
