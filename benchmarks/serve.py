@@ -56,6 +56,8 @@ RESULTS = REPO / "benchmarks" / "results"
 KEYS = ("daemon_overhead_ms_p50", "daemon_overhead_ms_p99", "daemon_overhead_4cam_ms_p50",
         "daemon_overhead_4cam_ms_p99", "fps_1cam", "fps_4cam", "latency_ms_p50", "latency_ms_p99", "rss_mb_idle",
         "rss_mb_overload_max")
+DAEMON_PACKAGES = ("torch", "onnxruntime", "numpy", "pyzmq", "opencv-python-headless", "onnx", "timm", "torchvision",
+                   "diffusers")
 
 
 # --------------------------------------------------------------------------- measurements
@@ -69,51 +71,35 @@ def stream(endpoint: str, frames, cameras: int, count: int | None = None, durati
     return CameraStreamer(endpoint, frames, opts).run()
 
 
-def rss_breakdown(bundle: Path, backend: str, threads: int | None, memory_arena: bool) -> dict[str, float]:
-    """RSS (MiB) of this process after each step of what the daemon loads; run it in a fresh process."""
-    import ctypes
-    import importlib
-
-    from edgeinspect.runtime.daemon.stats import rss_mb
-
-    steps: dict[str, float] = {"python + numpy": rss_mb()}
-    for name, modules in (("+ OpenCV, ZeroMQ, pydantic", ("cv2", "zmq", "pydantic")), ("+ torch", ("torch",)),
-                          ("+ onnxruntime", ("onnxruntime",)),
-                          ("+ edgeinspect daemon and runtime modules", ("edgeinspect.runtime.daemon.server",
-                                                                       "edgeinspect.runtime.bundle_loading"))):
-        for m in modules:
-            importlib.import_module(m)
-        steps[name] = rss_mb()
-    import torch
-
-    from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.daemon.worker import run_pipeline
-    from edgeinspect.runtime.detector import bundle_pipeline
-
-    if threads:
-        torch.set_num_threads(threads)
-    b = load_bundle(bundle)
-    steps["+ bundle loaded and verified"] = rss_mb()
-    pipe = bundle_pipeline(b, backend, intra_op_threads=threads, memory_arena=memory_arena)
-    steps["+ inference sessions"] = rss_mb()
-    size = int(b.manifest["image_size"])
-    blank = np.full((size, size, 3), 128, np.uint8)
-    top = b.config.inference.batch_size
-    for n in sorted({1, 2, 4, top} - {k for k in (2, 4) if k > top}):
-        run_pipeline(pipe, [blank] * n)
-        steps[f"+ a batch of {n}"] = rss_mb()
-    ctypes.CDLL(None).malloc_trim(0)
-    steps["after malloc_trim (the daemon's idle state)"] = rss_mb()
-    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "timm", "transformers", "torchvision",
-                                                              "scipy", "sklearn", "matplotlib", "onnx"})
-    return {"steps": {k: round(v, 1) for k, v in steps.items()}, "other_heavy_packages_imported": heavy}
+def serve_python(python: str | None, env: Path | None) -> str:
+    """The interpreter the daemon runs under: --python, else --env's bin/python (a virtual environment such as
+    .venv-serve, made by `make serve-env`), else this one."""
+    if python and env:
+        raise ValueError("give --python or --env, not both")
+    exe = Path(python) if python else (env / "bin" / "python" if env else Path(sys.executable))
+    if not exe.is_file():
+        raise ValueError(f"no python at {exe}" + (" (make serve-env creates .venv-serve)" if env else ""))
+    return str(exe)
 
 
-def breakdown_in_child(bundle: Path, backend: str, threads: int | None, memory_arena: bool) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", str(bundle), "--backends", backend,
-           "--breakdown-child"] + (["--threads", str(threads)] if threads else []) + (["--ort-arena"] if memory_arena
-                                                                                   else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
+def daemon_packages(python: str) -> dict[str, str | None]:
+    """Versions of the packages that weigh in the daemon's memory, in its environment (None: not installed)."""
+    code = ("import importlib.metadata as m, json\n"
+            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
+            f"print(json.dumps({{n: v(n) for n in {list(DAEMON_PACKAGES)!r}}}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def breakdown_in_child(python: str, bundle: Path, threads: int | None, memory_arena: bool,
+                       max_batch: int | None) -> dict[str, Any]:
+    """benchmarks/serve_rss.py under the daemon's python: RSS after each step of what the daemon loads."""
+    cmd = [python, str(Path(__file__).resolve().with_name("serve_rss.py")), "--bundle", str(bundle)]
+    cmd += (["--threads", str(threads)] if threads else []) + (["--ort-arena"] if memory_arena else [])
+    cmd += ["--max-batch", str(max_batch)] if max_batch else []
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -153,8 +139,8 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         serve_args += ["--max-batch", str(args.max_batch)]
     serve_args += ["--batch-deadline-ms", str(args.batch_deadline_ms), "--queue-per-camera", "4"]
     serve_args += list(args.serve_arg or [])
-    log(f"[{backend}] starting the daemon: edgeinspect serve {' '.join(serve_args)}")
-    daemon = start_daemon(args.bundle, *serve_args, timeout_s=900)
+    log(f"[{backend}] starting the daemon ({args.daemon_python}): edgeinspect serve {' '.join(serve_args)}")
+    daemon = start_daemon(args.bundle, *serve_args, timeout_s=900, python=args.daemon_python)
     try:
         stream(daemon.endpoint, source_frames, 1, count=args.warmup)
         time.sleep(2.0)
@@ -186,9 +172,9 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         f"p99 {one['overhead_ms']['p99']} ms (4 cams {four['overhead_ms']['p50']} / {four['overhead_ms']['p99']}); RSS "
         f"idle {rss_idle:.1f}, overload max {max(samples, default=0):.1f} MiB")
     log(f"[{backend}] RSS breakdown (fresh processes, arena off and on)")
-    breakdown = {"arena_off": breakdown_in_child(args.bundle, backend, args.threads, False),
-                 "arena_on": breakdown_in_child(args.bundle, backend, args.threads, True)} \
-        if backend == "onnxruntime" else {}
+    breakdown = {"arena_off": breakdown_in_child(args.daemon_python, args.bundle, args.threads, False, args.max_batch),
+                 "arena_on": breakdown_in_child(args.daemon_python, args.bundle, args.threads, True, args.max_batch)} \
+        if backend == "onnxruntime" and not args.no_breakdown else {}
     return {
         "daemon_overhead_ms_p50": one["overhead_ms"]["p50"], "daemon_overhead_ms_p99": one["overhead_ms"]["p99"],
         "daemon_overhead_4cam_ms_p50": four["overhead_ms"]["p50"],
@@ -201,6 +187,19 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         "runs": {"1cam": one, "4cam": four, "overload": overload},
         "daemon": {"health": health, "stats": stats, "exit_code": exit_code, "args": serve_args},
     }
+
+
+def make_bundle(out: Path, data: Path) -> Path:
+    """The bundle these reports serve: the edge DiAD preset trained 1 step per stage on `data` and exported to
+    ONNX fp32 (weights do not matter for memory or overhead). Needs the training environment (.venv)."""
+    from edgeinspect.config import build_config
+    from edgeinspect.export.bundle import export_bundle
+    from edgeinspect.training.diad import train_diad
+
+    cfg = build_config("diad", "edge", {"train": {"autoencoder_steps": 1, "unet_steps": 1, "guidance_steps": 1,
+                                                  "data_root": str(data)}})
+    ckpt = train_diad(cfg, out / "run", progress=False)
+    return export_bundle(ckpt, out / "bundle", precision=("fp32",), overwrite=True)
 
 
 # --------------------------------------------------------------------------- report
@@ -267,7 +266,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder (edgeinspect export)")
+    ap.add_argument("--bundle", type=Path, help="bundle folder (edgeinspect export)")
     ap.add_argument("--backends", default="onnxruntime", help="comma-separated: onnxruntime,tensorrt")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--images", type=Path, default=REPO / "data" / "mtd_sample" / "test",
@@ -285,13 +284,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
     ap.add_argument("--note", help="a sentence for the report about the bundle or the run (how it was made)")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--breakdown-child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--ort-arena", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--make-bundle", type=Path, metavar="DIR",
+                    help="only build the benchmark's bundle into DIR/bundle (edge DiAD, 1 training step per stage, "
+                         "ONNX fp32, from --images' dataset) and exit; --bundle is then not needed")
+    ap.add_argument("--python", help="run the daemon (and the RSS breakdown) under this python, with edgeinspect "
+                                     "installed (default: this one)")
+    ap.add_argument("--env", type=Path, help="run the daemon under this virtual environment's python (e.g. "
+                                              ".venv-serve from `make serve-env`, the lean serving environment)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the RSS breakdown (two fresh processes)")
     args = ap.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if args.breakdown_child:
-        print(json.dumps(rss_breakdown(args.bundle, backends[0], args.threads, args.ort_arena)))
+    if args.make_bundle:
+        print(make_bundle(args.make_bundle, args.images.parent))
         return 0
+    if args.bundle is None:
+        ap.error("--bundle is required (or --make-bundle DIR)")
+    try:
+        args.daemon_python = serve_python(args.python, args.env)
+    except ValueError as e:
+        ap.error(str(e))
 
     from edgeinspect.runtime.bundle_loading import load_bundle
     from edgeinspect.runtime.daemon.camera import load_frames
@@ -310,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: first[k] for k in KEYS},
         "latency_4cam_ms_p50": first["latency_4cam_ms_p50"], "latency_4cam_ms_p99": first["latency_4cam_ms_p99"],
         "rss_mb_samples": first["rss_mb_samples"],
+        "rss_breakdown_mb": (first["rss_breakdown"] or {}).get("arena_off", {}).get("steps", {}),
         "primary_backend": backends[0],
         "backends": results,
         "machine": {"slug": machine, "cpu": cpu_name(), "logical_cpus": logical_cpus(), "gpu": gpu,
@@ -319,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                      "image_size": size, "images": str(args.images), "source_frames": len(source),
                      "frames": args.frames, "warmup": args.warmup, "overload_s": args.overload_s,
                      "threads": args.threads, "precision": args.precision, "max_batch": args.max_batch,
-                     "batch_deadline_ms": args.batch_deadline_ms, "note": args.note},
+                     "batch_deadline_ms": args.batch_deadline_ms, "note": args.note,
+                     "daemon_python": args.daemon_python, "daemon_packages": daemon_packages(args.daemon_python)},
         "command": "python benchmarks/serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
