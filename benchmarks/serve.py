@@ -50,6 +50,7 @@ import numpy as np
 
 from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 from edgeinspect.core.atomic import write_text_atomic
+from serve_rss import status_mb  # this script's folder (sys.path[0] when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -92,11 +93,11 @@ def daemon_packages(python: str) -> dict[str, str | None]:
 
 
 def breakdown_in_child(python: str, bundle: Path, threads: int | None, memory_arena: bool,
-                       max_batch: int | None) -> dict[str, Any]:
+                       max_batch: int | None, image_rows: int = 1) -> dict[str, Any]:
     """benchmarks/serve_rss.py under the daemon's python: RSS after each step of what the daemon loads."""
     cmd = [python, str(Path(__file__).resolve().with_name("serve_rss.py")), "--bundle", str(bundle)]
     cmd += (["--threads", str(threads)] if threads else []) + (["--ort-arena"] if memory_arena else [])
-    cmd += ["--max-batch", str(max_batch)] if max_batch else []
+    cmd += (["--max-batch", str(max_batch)] if max_batch else []) + ["--image-rows", str(image_rows)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
@@ -138,6 +139,7 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
     if args.max_batch:
         serve_args += ["--max-batch", str(args.max_batch)]
     serve_args += ["--batch-deadline-ms", str(args.batch_deadline_ms), "--queue-per-camera", "4"]
+    serve_args += ["--image-rows", str(args.image_rows)]
     serve_args += list(args.serve_arg or [])
     log(f"[{backend}] starting the daemon ({args.daemon_python}): edgeinspect serve {' '.join(serve_args)}")
     daemon = start_daemon(args.bundle, *serve_args, timeout_s=900, python=args.daemon_python)
@@ -145,6 +147,7 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         stream(daemon.endpoint, source_frames, 1, count=args.warmup)
         time.sleep(2.0)
         rss_idle = rss_mb(daemon.pid)
+        idle_status = status_mb(daemon.pid)
         log(f"[{backend}] idle RSS {rss_idle:.1f} MiB; 1 camera: {args.frames} frames")
         one = stream(daemon.endpoint, source_frames, 1, count=args.frames)
         per_camera = max(1, args.frames // 4)
@@ -172,8 +175,8 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         f"p99 {one['overhead_ms']['p99']} ms (4 cams {four['overhead_ms']['p50']} / {four['overhead_ms']['p99']}); RSS "
         f"idle {rss_idle:.1f}, overload max {max(samples, default=0):.1f} MiB")
     log(f"[{backend}] RSS breakdown (fresh processes, arena off and on)")
-    breakdown = {"arena_off": breakdown_in_child(args.daemon_python, args.bundle, args.threads, False, args.max_batch),
-                 "arena_on": breakdown_in_child(args.daemon_python, args.bundle, args.threads, True, args.max_batch)} \
+    breakdown = {k: breakdown_in_child(args.daemon_python, args.bundle, args.threads, arena, args.max_batch,
+                                       args.image_rows) for k, arena in (("arena_off", False), ("arena_on", True))} \
         if backend == "onnxruntime" and not args.no_breakdown else {}
     return {
         "daemon_overhead_ms_p50": one["overhead_ms"]["p50"], "daemon_overhead_ms_p99": one["overhead_ms"]["p99"],
@@ -184,6 +187,7 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         "latency_4cam_ms_p50": four["latency_ms"]["p50"], "latency_4cam_ms_p99": four["latency_ms"]["p99"],
         "rss_mb_idle": round(rss_idle, 1), "rss_mb_overload_max": max(samples, default=round(rss_idle, 1)),
         "rss_mb_samples": samples, "overload_fps_per_camera": round(rate, 3), "rss_breakdown": breakdown,
+        "rss_mb_idle_status": idle_status,
         "runs": {"1cam": one, "4cam": four, "overload": overload},
         "daemon": {"health": health, "stats": stats, "exit_code": exit_code, "args": serve_args},
     }
@@ -206,13 +210,15 @@ def make_bundle(out: Path, data: Path) -> Path:
 
 
 def _breakdown_table(b: dict[str, Any]) -> list[str]:
-    off, on = b["arena_off"]["steps"], b["arena_on"]["steps"]
-    lines = ["| step | RSS MiB (arena off: the daemon) | + MiB | RSS MiB (arena on) |", "|---|---|---|---|"]
+    off, on = b["arena_off"]["detail"], b["arena_on"]["steps"]
+    lines = ["| step | RSS MiB (arena off: the daemon) | + MiB | anonymous / file-backed MiB | RSS MiB (arena on) |",
+             "|---|---|---|---|---|"]
     prev = None
     for k, v in off.items():
-        step = "" if prev is None else f"{v - prev:+.1f}"
-        lines.append(f"| {k} | {v:.1f} | {step} | {on.get(k, float('nan')):.1f} |")
-        prev = v
+        step = "" if prev is None else f"{v['rss'] - prev:+.1f}"
+        lines.append(f"| {k} | {v['rss']:.1f} | {step} | {v.get('anon', float('nan')):.1f} / "
+                     f"{v.get('file', float('nan')):.1f} | {on.get(k, float('nan')):.1f} |")
+        prev = v["rss"]
     return lines
 
 
@@ -226,9 +232,13 @@ def markdown(res: dict[str, Any]) -> str:
              f"Bundle: `{res['settings']['bundle']}` ({res['settings']['method']}, preset {res['settings']['preset']}, "
              f"{res['settings']['image_size']} px), {res['settings']['source_frames']} source frames from "
              f"`{res['settings']['images']}` sent raw; threads {res['settings']['threads']}, precision "
-             f"{res['settings']['precision']}." + (f" {res['settings']['note']}" if res["settings"].get("note")
-                                                     else ""),
-             "",
+             f"{res['settings']['precision']}, batches of at most {res['settings']['max_batch'] or 'the bundle default'}, "
+             f"--image-rows {res['settings'].get('image_rows')}."
+             + (f" {res['settings']['note']}" if res["settings"].get("note") else ""), "",
+             f"Daemon environment: `{res['settings'].get('daemon_python')}` with "
+             + ", ".join(f"{k} {v}" for k, v in (res["settings"].get("daemon_packages") or {}).items() if v)
+             + "; not installed: " + (", ".join(k for k, v in (res["settings"].get("daemon_packages") or {}).items()
+                                               if not v) or "none") + ".", "",
              "| backend | overhead p50 / p99 ms (1 cam) | overhead p50 / p99 ms (4 cams) | "
              "serve p50 / p99 ms (1 cam) | "
              "fps 1 cam | fps 4 cams | p50 / p99 ms (4 cams) | RSS MiB idle | RSS MiB max, 10x overload |",
@@ -254,12 +264,18 @@ def markdown(res: dict[str, Any]) -> str:
         o = b["runs"]["overload"]
         lines += ["", f"Overload ({name}): 4 cameras at {b['overload_fps_per_camera']} frames/s each for "
                   f"{res['settings']['overload_s']:g} s: {o['results']} results ({o['fps']} /s), errors {o['errors']}; "
-                  f"RSS every 0.5 s (MiB): {b['rss_mb_samples']}."]
+                  f"RSS every 0.5 s (MiB): {b['rss_mb_samples']}.", "",
+                  f"The daemon idle ({name}, /proc/<pid>/status, MiB): {b.get('rss_mb_idle_status')}."]
         if b.get("rss_breakdown"):
-            off = b["rss_breakdown"]["arena_off"]
-            lines += ["", f"Where the memory goes ({name}, one fresh process per column, --threads "
-                      f"{res['settings']['threads']}; other heavy packages imported: "
-                      f"{off['other_heavy_packages_imported'] or 'none'}):", ""] + _breakdown_table(b["rss_breakdown"])
+            off, on = b["rss_breakdown"]["arena_off"], b["rss_breakdown"]["arena_on"]
+            lines += ["", f"Where the memory goes ({name}; benchmarks/serve_rss.py, one fresh process per column under "
+                      f"the daemon's python, --threads {res['settings']['threads']}; sessions for the roles "
+                      f"{off['roles']}; other heavy packages imported: {off['other_heavy_packages_imported'] or 'none'}; "
+                      "anonymous / file-backed from /proc/self/status RssAnon / RssFile):", ""]
+            lines += _breakdown_table(b["rss_breakdown"])
+            lines += ["", f"Model ms per frame at warm-up, by batch size: arena off {off.get('batch_ms_per_frame')}, "
+                      f"arena on {on.get('batch_ms_per_frame')} (onnxruntime's CPU arena and memory patterns: "
+                      "`edgeinspect serve --ort-arena`; off by default)."]
     lines += ["", f"Numbers: `{res['json_file']}`.", ""]
     return "\n".join(lines)
 
@@ -279,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="onnxruntime/torch threads of the daemon")
     ap.add_argument("--max-batch", type=int, help="the daemon's --max-batch (default: the bundle's)")
     ap.add_argument("--batch-deadline-ms", type=float, default=2.0)
+    ap.add_argument("--image-rows", type=int, default=1,
+                    help="the daemon's --image-rows: frames per call of its full-resolution networks (default 1)")
     ap.add_argument("--serve-arg", action="append", help="extra argument for edgeinspect serve (repeatable)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for serve_<machine>.md/.json")
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
@@ -331,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                      "image_size": size, "images": str(args.images), "source_frames": len(source),
                      "frames": args.frames, "warmup": args.warmup, "overload_s": args.overload_s,
                      "threads": args.threads, "precision": args.precision, "max_batch": args.max_batch,
+                     "image_rows": args.image_rows,
                      "batch_deadline_ms": args.batch_deadline_ms, "note": args.note,
                      "daemon_python": args.daemon_python, "daemon_packages": daemon_packages(args.daemon_python)},
         "command": "python benchmarks/serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None

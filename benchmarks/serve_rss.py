@@ -1,6 +1,6 @@
 """Where the line daemon's memory goes: RSS after each step of what it loads, in a fresh process.
 
-    python benchmarks/serve_rss.py --bundle BUNDLE [--threads 2] [--ort-arena] [--max-batch N]
+    python benchmarks/serve_rss.py --bundle BUNDLE [--threads 2] [--ort-arena] [--max-batch N] [--image-rows N]
 
 prints one JSON line: `steps` {step: VmRSS MiB} in load order (interpreter start; numpy, ZeroMQ, pydantic and
 OpenCV, torch, onnxruntime imported one at a time; the daemon's modules; the bundle loaded and verified; one
@@ -40,7 +40,8 @@ def status_mb(pid: int | str = "self") -> dict[str, float]:
     return parse_status(Path(f"/proc/{pid}/status").read_text())
 
 
-def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: int | None) -> dict:
+def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: int | None,
+              image_rows: int | None = 1) -> dict:
     detail: dict[str, dict[str, float]] = {"interpreter start": status_mb()}
     for step, modules in (("+ numpy", ("numpy",)), ("+ ZeroMQ", ("zmq",)), ("+ pydantic, PyYAML", ("pydantic", "yaml")),
                           ("+ OpenCV", ("cv2",)), ("+ torch", ("torch",)), ("+ onnxruntime", ("onnxruntime",)),
@@ -66,7 +67,7 @@ def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: 
     nets = {}
     for role in roles:
         nets.update(bundle_networks(b, "onnxruntime", intra_op_threads=threads, roles=(role,),
-                                    memory_arena=memory_arena))
+                                    memory_arena=memory_arena, image_rows=image_rows or None))
         detail[f"+ session {role}"] = status_mb()
     pipe = assemble_pipeline(cfg, Networks(nets, torch.device("cpu"), "onnxruntime"), b.context)
     size = int(b.manifest["image_size"])
@@ -74,13 +75,13 @@ def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: 
     run_pipeline(pipe, [blank])
     detail["+ the first frame"] = status_mb()
     top = max_batch or cfg.inference.batch_size
-    chosen, _ = choose_batch(pipe, size, top) if top > 1 else (1, {})
+    chosen, per_frame = choose_batch(pipe, size, top) if top > 1 else (1, {})
     detail[f"+ warm-up: batch sizes 1..{top} timed (the daemon's adaptive batch)"] = status_mb()
     release_free_memory()
     detail["after malloc_trim (the daemon's idle state)"] = status_mb()
     heavy = sorted({m.split(".")[0] for m in sys.modules} & set(HEAVY))
     return {"steps": {k: v["rss"] for k, v in detail.items()}, "detail": detail, "roles": list(roles),
-            "chosen_batch": chosen, "memory_arena": memory_arena, "threads": threads, "python": sys.executable,
+            "chosen_batch": chosen, "batch_ms_per_frame": per_frame, "memory_arena": memory_arena, "image_rows": image_rows, "threads": threads, "python": sys.executable,
             "torch": torch.__version__, "other_heavy_packages_imported": heavy}
 
 
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--max-batch", type=int, help="largest warm-up batch (default: the bundle's batch size)")
     ap.add_argument("--ort-arena", action="store_true", help="onnxruntime's CPU arena and memory patterns on")
+    ap.add_argument("--image-rows", type=int, default=1, help="the daemon's --image-rows (default 1; 0: whole batch)")
     args = ap.parse_args(argv)
-    print(json.dumps(breakdown(args.bundle, args.threads, args.ort_arena, args.max_batch)))
+    print(json.dumps(breakdown(args.bundle, args.threads, args.ort_arena, args.max_batch, args.image_rows)))
     return 0
 
 

@@ -74,10 +74,12 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
                     max_batch: int | None = None, device: str | torch.device | None = None,
-                    verdict: bool = True, memory_arena: bool = True, references: Sequence[str] = ()) -> Pipeline:
+                    verdict: bool = True, memory_arena: bool = True, references: Sequence[str] = (),
+                    image_rows: int | None = None) -> Pipeline:
     """The method's pipeline on a verified bundle. `overrides` may change inference and scoring settings
     (not the networks): e.g. {"inference": {"steps": 5}}. Only the networks its scoring.reference runs are
     loaded (`pipeline_roles`); `references`: the other references it will be switched to with `using`.
+    memory_arena, image_rows: onnxruntime's memory settings (edgeinspect.runtime.ort_backend.ort_networks).
 
     Results carry `verdicts` ("OK"/"NG" per frame from the calibrated image threshold; None when the bundle
     is not calibrated or `verdict=False`) and `normalized_scores` (see edgeinspect.runtime.postprocess)."""
@@ -102,7 +104,7 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                            intra_op_threads=intra_op_threads, roles=roles,
                            engine_cache_dir=engine_cache_dir,
                            max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device,
-                           memory_arena=memory_arena)
+                           memory_arena=memory_arena, image_rows=image_rows)
     post = PostProcessor.from_bundle(bundle) if verdict and bundle.calibration else None
     if post is not None:
         _warn_if_calibrated_otherwise(bundle, precision)
