@@ -1,12 +1,14 @@
 """The line daemon end to end over loopback: frames/s, latency and the daemon's own overhead for 1 and 4
 cameras, memory idle and under a 10x overload with where it goes, backend by backend.
 
-    python benchmarks/serve.py --bundle BUNDLE --threads 2 --frames 300 --overload-s 60
+    python benchmarks/serve.py --bundle BUNDLE --threads 2 --frames 300 --overload-s 60 [--env .venv-serve]
+    python benchmarks/serve.py --make-bundle runs/serve-check     # the benchmark's bundle (training env)
 
 writes benchmarks/results/serve_<machine>.md and serve_<machine>.json (`--results` for another folder).
 Per backend (`--backends onnxruntime,tensorrt`; default onnxruntime), the daemon (`edgeinspect serve`, a
-child process on tcp://127.0.0.1, same --threads) is fed by the camera simulator of `edgeinspect
-client` (raw frames, closed loop: a camera sends its next frame when its previous one is answered):
+child process on tcp://127.0.0.1, same --threads, under `--python` or `--env`'s python when given: the lean
+serving environment of `make serve-env`) is fed by the camera simulator of `edgeinspect client` (raw frames,
+closed loop: a camera sends its next frame when its previous one is answered):
 
 * idle: rss_mb_idle is the daemon's resident memory (/proc/<pid>/statm) after its warm-up and `--warmup`
   frames, 2 s without requests;
@@ -19,8 +21,10 @@ client` (raw frames, closed loop: a camera sends its next frame when its previou
 * overload: 4 cameras sending open loop at 10 x fps_4cam in all for `--overload-s` seconds (frames the
   daemon cannot take are dropped with a reply); the daemon's RSS every 0.5 s: rss_mb_overload_max and
   rss_mb_samples;
-* rss_breakdown: in a separate process, RSS after each step of what the daemon loads (imports, bundle,
-  sessions, warm-up batches), with onnxruntime's memory arena on and off.
+* rss_breakdown: benchmarks/serve_rss.py in a fresh process under the daemon's python, RSS (/proc status:
+  VmRSS, RssAnon, RssFile) after each step of what the daemon loads (interpreter, each import, bundle, each
+  session, first frame, warm-up batches, idle after malloc_trim), with onnxruntime's memory arena on and off;
+  rss_breakdown_mb (top level) is the arena-off one, the daemon's setting.
 
 The client runs on the same machine and takes CPU from the daemon: on a small CPU that is part of the
 measured round trip (as it would be for a camera PC running both).
