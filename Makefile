@@ -4,7 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean-demo gpu-check gpu-wheels
+SERVE_VENV ?= .venv-serve
+SERVE_PY := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.installed
+# where pip finds the CPU-only torch of requirements-serve.txt when no local wheel folder has it
+TORCH_INDEX ?=
+# the bundle serve-check measures (default: the benchmark's own, built with the training env into runs/serve-check)
+SERVE_BUNDLE ?= runs/serve-check/bundle
+
+.PHONY: setup demo test clean-demo gpu-check gpu-wheels serve-env serve-check
 
 setup: $(STAMP)
 
@@ -50,3 +58,22 @@ gpu-check:
 # Here, before a lent GPU machine's call: the wheels its image lacks, into .whl/ (git-ignored) to carry.
 gpu-wheels: setup
 	$(PY) benchmarks/gpu_check.py wheels
+
+# The lean serving environment for a line PC (requirements-serve.txt: CPU torch, onnxruntime, no training
+# stack) and edgeinspect without its dependencies; the daemon is then `$(SERVE_VENV)/bin/edgeinspect-line serve
+# --bundle BUNDLE` (the full `edgeinspect` command needs the training env).
+serve-env: $(SERVE_STAMP)
+
+$(SERVE_STAMP): requirements-serve.txt pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install --quiet --upgrade pip
+	$(SERVE_PY) -m pip install --quiet -r requirements-serve.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(SERVE_PY) -m pip install --quiet --no-deps -e .
+	touch $(SERVE_STAMP)
+
+# The daemon's memory in the serving env (idle, under a 10x overload, where it goes): benchmarks/serve.py drives
+# it from .venv and runs the daemon with $(SERVE_PY) -> benchmarks/results/serve_<machine>.md/.json. The
+# benchmark bundle (edge DiAD, 1 training step per stage, ONNX fp32) is built first when SERVE_BUNDLE is missing.
+serve-check: setup serve-env
+	test -f $(SERVE_BUNDLE)/manifest.json || $(PY) benchmarks/serve.py --make-bundle $(dir $(SERVE_BUNDLE))
+	$(PY) benchmarks/serve.py --bundle $(SERVE_BUNDLE) --env $(SERVE_VENV) --threads 2 --frames 300 --overload-s 60

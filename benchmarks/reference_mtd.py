@@ -159,7 +159,8 @@ def detector_rows(method: str, source: Path, data: Path, batch: int | None, thre
     over = merge_config(settings or {}, {"scoring": {"reference": "reconstruction"}})
     if is_bundle:
         cfg = load_bundle(source, overrides=over).config
-        pipe = bundle_pipeline(source, "onnxruntime", overrides=over, verdict=False, intra_op_threads=threads)
+        pipe = bundle_pipeline(source, "onnxruntime", overrides=over, verdict=False, intra_op_threads=threads,
+                               references=REFERENCES)
         if BANK_PAYLOAD not in (load_bundle(source).manifest.get("payload") or {}):
             bank = fit_bank(pipe, training_normals(data), cfg.model.image_size, cfg.inference.batch_size)
             set_payload(source, BANK_PAYLOAD, bank_bytes(bank))

@@ -1,12 +1,14 @@
 """The line daemon end to end over loopback: frames/s, latency and the daemon's own overhead for 1 and 4
 cameras, memory idle and under a 10x overload with where it goes, backend by backend.
 
-    python benchmarks/serve.py --bundle BUNDLE --threads 2 --frames 300 --overload-s 60
+    python benchmarks/serve.py --bundle BUNDLE --threads 2 --frames 300 --overload-s 60 [--env .venv-serve]
+    python benchmarks/serve.py --make-bundle runs/serve-check     # the benchmark's bundle (training env)
 
 writes benchmarks/results/serve_<machine>.md and serve_<machine>.json (`--results` for another folder).
 Per backend (`--backends onnxruntime,tensorrt`; default onnxruntime), the daemon (`edgeinspect serve`, a
-child process on tcp://127.0.0.1, same --threads) is fed by the camera simulator of `edgeinspect
-client` (raw frames, closed loop: a camera sends its next frame when its previous one is answered):
+child process on tcp://127.0.0.1, same --threads, under `--python` or `--env`'s python when given: the lean
+serving environment of `make serve-env`) is fed by the camera simulator of `edgeinspect client` (raw frames,
+closed loop: a camera sends its next frame when its previous one is answered):
 
 * idle: rss_mb_idle is the daemon's resident memory (/proc/<pid>/statm) after its warm-up and `--warmup`
   frames, 2 s without requests;
@@ -19,8 +21,10 @@ client` (raw frames, closed loop: a camera sends its next frame when its previou
 * overload: 4 cameras sending open loop at 10 x fps_4cam in all for `--overload-s` seconds (frames the
   daemon cannot take are dropped with a reply); the daemon's RSS every 0.5 s: rss_mb_overload_max and
   rss_mb_samples;
-* rss_breakdown: in a separate process, RSS after each step of what the daemon loads (imports, bundle,
-  sessions, warm-up batches), with onnxruntime's memory arena on and off.
+* rss_breakdown: benchmarks/serve_rss.py in a fresh process under the daemon's python, RSS (/proc status:
+  VmRSS, RssAnon, RssFile) after each step of what the daemon loads (interpreter, each import, bundle, each
+  session, first frame, warm-up batches, idle after malloc_trim), with onnxruntime's memory arena on and off;
+  rss_breakdown_mb (top level) is the arena-off one, the daemon's setting.
 
 The client runs on the same machine and takes CPU from the daemon: on a small CPU that is part of the
 measured round trip (as it would be for a camera PC running both).
@@ -50,12 +54,15 @@ import numpy as np
 
 from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 from edgeinspect.core.atomic import write_text_atomic
+from serve_rss import status_mb  # this script's folder (sys.path[0] when run as a script)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 KEYS = ("daemon_overhead_ms_p50", "daemon_overhead_ms_p99", "daemon_overhead_4cam_ms_p50",
         "daemon_overhead_4cam_ms_p99", "fps_1cam", "fps_4cam", "latency_ms_p50", "latency_ms_p99", "rss_mb_idle",
         "rss_mb_overload_max")
+DAEMON_PACKAGES = ("torch", "onnxruntime", "numpy", "pyzmq", "opencv-python-headless", "onnx", "timm", "torchvision",
+                   "diffusers")
 
 
 # --------------------------------------------------------------------------- measurements
@@ -69,51 +76,35 @@ def stream(endpoint: str, frames, cameras: int, count: int | None = None, durati
     return CameraStreamer(endpoint, frames, opts).run()
 
 
-def rss_breakdown(bundle: Path, backend: str, threads: int | None, memory_arena: bool) -> dict[str, float]:
-    """RSS (MiB) of this process after each step of what the daemon loads; run it in a fresh process."""
-    import ctypes
-    import importlib
-
-    from edgeinspect.runtime.daemon.stats import rss_mb
-
-    steps: dict[str, float] = {"python + numpy": rss_mb()}
-    for name, modules in (("+ OpenCV, ZeroMQ, pydantic", ("cv2", "zmq", "pydantic")), ("+ torch", ("torch",)),
-                          ("+ onnxruntime", ("onnxruntime",)),
-                          ("+ edgeinspect daemon and runtime modules", ("edgeinspect.runtime.daemon.server",
-                                                                       "edgeinspect.runtime.bundle_loading"))):
-        for m in modules:
-            importlib.import_module(m)
-        steps[name] = rss_mb()
-    import torch
-
-    from edgeinspect.runtime.bundle_loading import load_bundle
-    from edgeinspect.runtime.daemon.worker import run_pipeline
-    from edgeinspect.runtime.detector import bundle_pipeline
-
-    if threads:
-        torch.set_num_threads(threads)
-    b = load_bundle(bundle)
-    steps["+ bundle loaded and verified"] = rss_mb()
-    pipe = bundle_pipeline(b, backend, intra_op_threads=threads, memory_arena=memory_arena)
-    steps["+ inference sessions"] = rss_mb()
-    size = int(b.manifest["image_size"])
-    blank = np.full((size, size, 3), 128, np.uint8)
-    top = b.config.inference.batch_size
-    for n in sorted({1, 2, 4, top} - {k for k in (2, 4) if k > top}):
-        run_pipeline(pipe, [blank] * n)
-        steps[f"+ a batch of {n}"] = rss_mb()
-    ctypes.CDLL(None).malloc_trim(0)
-    steps["after malloc_trim (the daemon's idle state)"] = rss_mb()
-    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "timm", "transformers", "torchvision",
-                                                              "scipy", "sklearn", "matplotlib", "onnx"})
-    return {"steps": {k: round(v, 1) for k, v in steps.items()}, "other_heavy_packages_imported": heavy}
+def serve_python(python: str | None, env: Path | None) -> str:
+    """The interpreter the daemon runs under: --python, else --env's bin/python (a virtual environment such as
+    .venv-serve, made by `make serve-env`), else this one."""
+    if python and env:
+        raise ValueError("give --python or --env, not both")
+    exe = Path(python) if python else (env / "bin" / "python" if env else Path(sys.executable))
+    if not exe.is_file():
+        raise ValueError(f"no python at {exe}" + (" (make serve-env creates .venv-serve)" if env else ""))
+    return str(exe)
 
 
-def breakdown_in_child(bundle: Path, backend: str, threads: int | None, memory_arena: bool) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--bundle", str(bundle), "--backends", backend,
-           "--breakdown-child"] + (["--threads", str(threads)] if threads else []) + (["--ort-arena"] if memory_arena
-                                                                                   else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
+def daemon_packages(python: str) -> dict[str, str | None]:
+    """Versions of the packages that weigh in the daemon's memory, in its environment (None: not installed)."""
+    code = ("import importlib.metadata as m, json\n"
+            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
+            f"print(json.dumps({{n: v(n) for n in {list(DAEMON_PACKAGES)!r}}}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def breakdown_in_child(python: str, bundle: Path, threads: int | None, memory_arena: bool,
+                       max_batch: int | None, image_rows: int = 1) -> dict[str, Any]:
+    """benchmarks/serve_rss.py under the daemon's python: RSS after each step of what the daemon loads."""
+    cmd = [python, str(Path(__file__).resolve().with_name("serve_rss.py")), "--bundle", str(bundle)]
+    cmd += (["--threads", str(threads)] if threads else []) + (["--ort-arena"] if memory_arena else [])
+    cmd += (["--max-batch", str(max_batch)] if max_batch else []) + ["--image-rows", str(image_rows)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -152,13 +143,15 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
     if args.max_batch:
         serve_args += ["--max-batch", str(args.max_batch)]
     serve_args += ["--batch-deadline-ms", str(args.batch_deadline_ms), "--queue-per-camera", "4"]
+    serve_args += ["--image-rows", str(args.image_rows)]
     serve_args += list(args.serve_arg or [])
-    log(f"[{backend}] starting the daemon: edgeinspect serve {' '.join(serve_args)}")
-    daemon = start_daemon(args.bundle, *serve_args, timeout_s=900)
+    log(f"[{backend}] starting the daemon ({args.daemon_python}): edgeinspect serve {' '.join(serve_args)}")
+    daemon = start_daemon(args.bundle, *serve_args, timeout_s=900, python=args.daemon_python)
     try:
         stream(daemon.endpoint, source_frames, 1, count=args.warmup)
         time.sleep(2.0)
         rss_idle = rss_mb(daemon.pid)
+        idle_status = status_mb(daemon.pid)
         log(f"[{backend}] idle RSS {rss_idle:.1f} MiB; 1 camera: {args.frames} frames")
         one = stream(daemon.endpoint, source_frames, 1, count=args.frames)
         per_camera = max(1, args.frames // 4)
@@ -186,9 +179,9 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         f"p99 {one['overhead_ms']['p99']} ms (4 cams {four['overhead_ms']['p50']} / {four['overhead_ms']['p99']}); RSS "
         f"idle {rss_idle:.1f}, overload max {max(samples, default=0):.1f} MiB")
     log(f"[{backend}] RSS breakdown (fresh processes, arena off and on)")
-    breakdown = {"arena_off": breakdown_in_child(args.bundle, backend, args.threads, False),
-                 "arena_on": breakdown_in_child(args.bundle, backend, args.threads, True)} \
-        if backend == "onnxruntime" else {}
+    breakdown = {k: breakdown_in_child(args.daemon_python, args.bundle, args.threads, arena, args.max_batch,
+                                       args.image_rows) for k, arena in (("arena_off", False), ("arena_on", True))} \
+        if backend == "onnxruntime" and not args.no_breakdown else {}
     return {
         "daemon_overhead_ms_p50": one["overhead_ms"]["p50"], "daemon_overhead_ms_p99": one["overhead_ms"]["p99"],
         "daemon_overhead_4cam_ms_p50": four["overhead_ms"]["p50"],
@@ -198,22 +191,38 @@ def bench_backend(args: argparse.Namespace, backend: str, source_frames) -> dict
         "latency_4cam_ms_p50": four["latency_ms"]["p50"], "latency_4cam_ms_p99": four["latency_ms"]["p99"],
         "rss_mb_idle": round(rss_idle, 1), "rss_mb_overload_max": max(samples, default=round(rss_idle, 1)),
         "rss_mb_samples": samples, "overload_fps_per_camera": round(rate, 3), "rss_breakdown": breakdown,
+        "rss_mb_idle_status": idle_status,
         "runs": {"1cam": one, "4cam": four, "overload": overload},
         "daemon": {"health": health, "stats": stats, "exit_code": exit_code, "args": serve_args},
     }
+
+
+def make_bundle(out: Path, data: Path) -> Path:
+    """The bundle these reports serve: the edge DiAD preset trained 1 step per stage on `data` and exported to
+    ONNX fp32 (weights do not matter for memory or overhead). Needs the training environment (.venv)."""
+    from edgeinspect.config import build_config
+    from edgeinspect.export.bundle import export_bundle
+    from edgeinspect.training.diad import train_diad
+
+    cfg = build_config("diad", "edge", {"train": {"autoencoder_steps": 1, "unet_steps": 1, "guidance_steps": 1,
+                                                  "data_root": str(data)}})
+    ckpt = train_diad(cfg, out / "run", progress=False)
+    return export_bundle(ckpt, out / "bundle", precision=("fp32",), overwrite=True)
 
 
 # --------------------------------------------------------------------------- report
 
 
 def _breakdown_table(b: dict[str, Any]) -> list[str]:
-    off, on = b["arena_off"]["steps"], b["arena_on"]["steps"]
-    lines = ["| step | RSS MiB (arena off: the daemon) | + MiB | RSS MiB (arena on) |", "|---|---|---|---|"]
+    off, on = b["arena_off"]["detail"], b["arena_on"]["steps"]
+    lines = ["| step | RSS MiB (arena off: the daemon) | + MiB | anonymous / file-backed MiB | RSS MiB (arena on) |",
+             "|---|---|---|---|---|"]
     prev = None
     for k, v in off.items():
-        step = "" if prev is None else f"{v - prev:+.1f}"
-        lines.append(f"| {k} | {v:.1f} | {step} | {on.get(k, float('nan')):.1f} |")
-        prev = v
+        step = "" if prev is None else f"{v['rss'] - prev:+.1f}"
+        lines.append(f"| {k} | {v['rss']:.1f} | {step} | {v.get('anon', float('nan')):.1f} / "
+                     f"{v.get('file', float('nan')):.1f} | {on.get(k, float('nan')):.1f} |")
+        prev = v["rss"]
     return lines
 
 
@@ -227,9 +236,13 @@ def markdown(res: dict[str, Any]) -> str:
              f"Bundle: `{res['settings']['bundle']}` ({res['settings']['method']}, preset {res['settings']['preset']}, "
              f"{res['settings']['image_size']} px), {res['settings']['source_frames']} source frames from "
              f"`{res['settings']['images']}` sent raw; threads {res['settings']['threads']}, precision "
-             f"{res['settings']['precision']}." + (f" {res['settings']['note']}" if res["settings"].get("note")
-                                                     else ""),
-             "",
+             f"{res['settings']['precision']}, batches of at most {res['settings']['max_batch'] or 'the bundle default'}, "
+             f"--image-rows {res['settings'].get('image_rows')}."
+             + (f" {res['settings']['note']}" if res["settings"].get("note") else ""), "",
+             f"Daemon environment: `{res['settings'].get('daemon_python')}` with "
+             + ", ".join(f"{k} {v}" for k, v in (res["settings"].get("daemon_packages") or {}).items() if v)
+             + "; not installed: " + (", ".join(k for k, v in (res["settings"].get("daemon_packages") or {}).items()
+                                               if not v) or "none") + ".", "",
              "| backend | overhead p50 / p99 ms (1 cam) | overhead p50 / p99 ms (4 cams) | "
              "serve p50 / p99 ms (1 cam) | "
              "fps 1 cam | fps 4 cams | p50 / p99 ms (4 cams) | RSS MiB idle | RSS MiB max, 10x overload |",
@@ -255,19 +268,25 @@ def markdown(res: dict[str, Any]) -> str:
         o = b["runs"]["overload"]
         lines += ["", f"Overload ({name}): 4 cameras at {b['overload_fps_per_camera']} frames/s each for "
                   f"{res['settings']['overload_s']:g} s: {o['results']} results ({o['fps']} /s), errors {o['errors']}; "
-                  f"RSS every 0.5 s (MiB): {b['rss_mb_samples']}."]
+                  f"RSS every 0.5 s (MiB): {b['rss_mb_samples']}.", "",
+                  f"The daemon idle ({name}, /proc/<pid>/status, MiB): {b.get('rss_mb_idle_status')}."]
         if b.get("rss_breakdown"):
-            off = b["rss_breakdown"]["arena_off"]
-            lines += ["", f"Where the memory goes ({name}, one fresh process per column, --threads "
-                      f"{res['settings']['threads']}; other heavy packages imported: "
-                      f"{off['other_heavy_packages_imported'] or 'none'}):", ""] + _breakdown_table(b["rss_breakdown"])
+            off, on = b["rss_breakdown"]["arena_off"], b["rss_breakdown"]["arena_on"]
+            lines += ["", f"Where the memory goes ({name}; benchmarks/serve_rss.py, one fresh process per column under "
+                      f"the daemon's python, --threads {res['settings']['threads']}; sessions for the roles "
+                      f"{off['roles']}; other heavy packages imported: {off['other_heavy_packages_imported'] or 'none'}; "
+                      "anonymous / file-backed from /proc/self/status RssAnon / RssFile):", ""]
+            lines += _breakdown_table(b["rss_breakdown"])
+            lines += ["", f"Model ms per frame at warm-up, by batch size: arena off {off.get('batch_ms_per_frame')}, "
+                      f"arena on {on.get('batch_ms_per_frame')} (onnxruntime's CPU arena and memory patterns: "
+                      "`edgeinspect serve --ort-arena`; off by default)."]
     lines += ["", f"Numbers: `{res['json_file']}`.", ""]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder (edgeinspect export)")
+    ap.add_argument("--bundle", type=Path, help="bundle folder (edgeinspect export)")
     ap.add_argument("--backends", default="onnxruntime", help="comma-separated: onnxruntime,tensorrt")
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--images", type=Path, default=REPO / "data" / "mtd_sample" / "test",
@@ -280,18 +299,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="onnxruntime/torch threads of the daemon")
     ap.add_argument("--max-batch", type=int, help="the daemon's --max-batch (default: the bundle's)")
     ap.add_argument("--batch-deadline-ms", type=float, default=2.0)
+    ap.add_argument("--image-rows", type=int, default=1,
+                    help="the daemon's --image-rows: frames per call of its full-resolution networks (default 1)")
     ap.add_argument("--serve-arg", action="append", help="extra argument for edgeinspect serve (repeatable)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder for serve_<machine>.md/.json")
     ap.add_argument("--machine", help="machine slug for the file names (default cpu<N> or the GPU name)")
     ap.add_argument("--note", help="a sentence for the report about the bundle or the run (how it was made)")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--breakdown-child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--ort-arena", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--make-bundle", type=Path, metavar="DIR",
+                    help="only build the benchmark's bundle into DIR/bundle (edge DiAD, 1 training step per stage, "
+                         "ONNX fp32, from --images' dataset) and exit; --bundle is then not needed")
+    ap.add_argument("--python", help="run the daemon (and the RSS breakdown) under this python, with edgeinspect "
+                                     "installed (default: this one)")
+    ap.add_argument("--env", type=Path, help="run the daemon under this virtual environment's python (e.g. "
+                                              ".venv-serve from `make serve-env`, the lean serving environment)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the RSS breakdown (two fresh processes)")
     args = ap.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if args.breakdown_child:
-        print(json.dumps(rss_breakdown(args.bundle, backends[0], args.threads, args.ort_arena)))
+    if args.make_bundle:
+        print(make_bundle(args.make_bundle, args.images.parent))
         return 0
+    if args.bundle is None:
+        ap.error("--bundle is required (or --make-bundle DIR)")
+    try:
+        args.daemon_python = serve_python(args.python, args.env)
+    except ValueError as e:
+        ap.error(str(e))
 
     from edgeinspect.runtime.bundle_loading import load_bundle
     from edgeinspect.runtime.daemon.camera import load_frames
@@ -310,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         **{k: first[k] for k in KEYS},
         "latency_4cam_ms_p50": first["latency_4cam_ms_p50"], "latency_4cam_ms_p99": first["latency_4cam_ms_p99"],
         "rss_mb_samples": first["rss_mb_samples"],
+        "rss_breakdown_mb": (first["rss_breakdown"] or {}).get("arena_off", {}).get("steps", {}),
         "primary_backend": backends[0],
         "backends": results,
         "machine": {"slug": machine, "cpu": cpu_name(), "logical_cpus": logical_cpus(), "gpu": gpu,
@@ -319,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
                      "image_size": size, "images": str(args.images), "source_frames": len(source),
                      "frames": args.frames, "warmup": args.warmup, "overload_s": args.overload_s,
                      "threads": args.threads, "precision": args.precision, "max_batch": args.max_batch,
-                     "batch_deadline_ms": args.batch_deadline_ms, "note": args.note},
+                     "image_rows": args.image_rows,
+                     "batch_deadline_ms": args.batch_deadline_ms, "note": args.note,
+                     "daemon_python": args.daemon_python, "daemon_packages": daemon_packages(args.daemon_python)},
         "command": "python benchmarks/serve.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                        else sys.argv[1:])),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -43,6 +43,10 @@ def test_serve_benchmark_writes_its_results(tmp_path):
     assert b["runs"]["overload"]["results"] > 0 and b["daemon"]["exit_code"] == 0
     assert b["daemon"]["stats"]["errors"].get("dropped", 0) == sum(b["daemon"]["stats"]["errors"].values())
     steps = b["rss_breakdown"]["arena_off"]["steps"]
-    assert list(steps)[0] == "python + numpy" and steps["+ torch"] > steps["python + numpy"]
+    assert list(steps)[0] == "interpreter start" and steps["+ torch"] > steps["+ numpy"] > steps["interpreter start"]
+    # one session per role the pipeline runs (a reconstruction bundle: no bank search), all in the breakdown
+    roles = b["rss_breakdown"]["arena_off"]["roles"]
+    assert "bank_distance" not in roles and all(f"+ session {r}" in steps for r in roles)
+    assert res["rss_breakdown_mb"] == steps and res["settings"]["daemon_python"] == sys.executable
     assert "python benchmarks/serve.py" in res["command"] and "| onnxruntime |" in md and "serve_test.json" in md
     assert "Where the memory goes" in md

@@ -148,7 +148,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
             where, bank, cfg = build_run_bank(args.model, args.data, overrides, progress=not args.quiet)
         else:
             pipe = bundle_pipeline(args.bundle, "onnxruntime", overrides=overrides, verdict=False,
-                                   intra_op_threads=args.threads)
+                                   intra_op_threads=args.threads, references=("bank",))
             cfg = load_bundle(args.bundle, overrides=overrides).config
             bank = fit_bank(pipe, paths, cfg.model.image_size, cfg.inference.batch_size, progress=not args.quiet)
             set_payload(args.bundle, BANK_PAYLOAD, bank_bytes(bank),

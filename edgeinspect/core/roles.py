@@ -29,6 +29,11 @@ ROLE_SIGNATURES: dict[str, Signature] = {
                         ("noise_whole", "noise_part")),
 }
 
+# The networks that run at image resolution, one output row per input row: on a CPU their cost per frame
+# does not fall with the batch while their activations grow with it (the UNet's does fall), so a memory-lean
+# runtime may run them a few rows at a time (onnxruntime's `image_rows`).
+IMAGE_ROLES = ("vae_encoder", "vae_decoder", "vae_anchor_decoder", "hint_encoder", "trimap_encoder", "features")
+
 
 def feature_signature(levels: int) -> Signature:
     return ("image",), tuple(f"feature_{i}" for i in range(levels))

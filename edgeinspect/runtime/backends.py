@@ -20,9 +20,9 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     roles: Sequence[str] | None = None, engine_cache_dir: str | Path | None = None,
                     max_batch: int | None = None, device: str | torch.device | None = None,
-                    memory_arena: bool = True) -> Networks:
+                    memory_arena: bool = True, image_rows: int | None = None) -> Networks:
     """The networks of a bundle on one backend ("onnxruntime" or "tensorrt"); memory_arena: see
-    edgeinspect.runtime.ort_backend.session_options."""
+    edgeinspect.runtime.ort_backend.session_options; image_rows (onnxruntime on the CPU): see ort_networks."""
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if backend == "torch":
         raise BundleError(
@@ -33,7 +33,7 @@ def bundle_networks(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
         )
     if backend == "onnxruntime":
         return ort_networks(bundle, providers=providers, precision=precision, intra_op_threads=intra_op_threads,
-                            roles=roles, memory_arena=memory_arena)
+                            roles=roles, memory_arena=memory_arena, image_rows=image_rows)
     if backend == "tensorrt":
         return trt_networks(bundle, precision=precision, max_batch=max_batch, cache_dir=engine_cache_dir,
                             roles=roles, device=device or "cuda")

@@ -279,12 +279,21 @@ def _check_versions(path: Path, manifest: dict[str, Any]) -> None:
         raise _fail(path, f"{MANIFEST}: written by edgeinspect {written}, this is edgeinspect "
                           f"{edgeinspect.__version__} (major versions differ); export the bundle again")
     opset = manifest["opset"]
-    import onnx  # lazily: only the check needs it
-
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
+    newest = newest_opset()
+    if not MIN_OPSET <= opset <= (newest or opset):
         raise _fail(path, f"{MANIFEST}: opset {opset} is outside what this runtime supports "
                           f"({MIN_OPSET}..{newest}); export the bundle again")
+
+
+def newest_opset() -> int | None:
+    """The newest ONNX opset this environment knows (from the onnx package); None without onnx (a lean
+    serving environment, requirements-serve.txt): then only the lower bound is checked here, and onnxruntime
+    refuses a graph whose opset it does not implement when it builds the session, naming the opset."""
+    try:
+        import onnx  # lazily: only the opset check needs it, and serving does without it
+    except ImportError:
+        return None
+    return int(onnx.defs.onnx_opset_version())
 
 
 def _check_files(path: Path, manifest: dict[str, Any]) -> None:

@@ -74,9 +74,12 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                     providers: Sequence[Any] | None = None, intra_op_threads: int | None = None,
                     overrides: dict[str, Any] | None = None, engine_cache_dir: str | Path | None = None,
                     max_batch: int | None = None, device: str | torch.device | None = None,
-                    verdict: bool = True, memory_arena: bool = True) -> Pipeline:
+                    verdict: bool = True, memory_arena: bool = True, references: Sequence[str] = (),
+                    image_rows: int | None = None) -> Pipeline:
     """The method's pipeline on a verified bundle. `overrides` may change inference and scoring settings
-    (not the networks): e.g. {"inference": {"steps": 5}}.
+    (not the networks): e.g. {"inference": {"steps": 5}}. Only the networks its scoring.reference runs are
+    loaded (`pipeline_roles`); `references`: the other references it will be switched to with `using`.
+    memory_arena, image_rows: onnxruntime's memory settings (edgeinspect.runtime.ort_backend.ort_networks).
 
     Results carry `verdicts` ("OK"/"NG" per frame from the calibrated image threshold; None when the bundle
     is not calibrated or `verdict=False`) and `normalized_scores` (see edgeinspect.runtime.postprocess)."""
@@ -96,19 +99,12 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
     # range comes from one role-wide multiplier)
     factor = 2 * cfg.inference.for_category(cfg.category).draws if bundle.method == "glad" else 1
     bank = bundle_bank(bundle) if cfg.scoring.reference in BANK_REFERENCES else None
-    # the bank reference runs no diffusion: its pipeline loads the extractor and the bank search only; the
-    # others load the bank search too where the bundle has it (pipeline.using("bank") needs it: the bank verb)
-    search = ("bank_distance",) if "bank_distance" in bundle.manifest["networks"] else ()
-    # scoring.decoder anchor: the anchored autoencoder's resize decoder (a bundle without it: the loop says so)
-    anchor = (("vae_anchor_decoder",) if cfg.scoring.decoder == "anchor"
-              and "vae_anchor_decoder" in bundle.manifest["networks"] else ())
-    roles = (("features", *search) if cfg.scoring.reference == "bank" else
-             (*PIPELINE_ROLES[bundle.method], *anchor, *search))
+    roles = pipeline_roles(bundle, cfg, references)
     nets = bundle_networks(bundle, backend, precision=precision, providers=providers,
                            intra_op_threads=intra_op_threads, roles=roles,
                            engine_cache_dir=engine_cache_dir,
                            max_batch=(max_batch or cfg.inference.batch_size) * factor, device=device,
-                           memory_arena=memory_arena)
+                           memory_arena=memory_arena, image_rows=image_rows)
     post = PostProcessor.from_bundle(bundle) if verdict and bundle.calibration else None
     if post is not None:
         _warn_if_calibrated_otherwise(bundle, precision)
@@ -119,6 +115,27 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
                                                threshold, bounds if None not in bounds else None)
     return assemble_pipeline(cfg, nets, bundle.context, adp_threshold=threshold, weight_bounds=bounds, post=post,
                              bank=bank)
+
+
+def pipeline_roles(bundle: Bundle, cfg: Any, references: Sequence[str] = ()) -> tuple[str, ...]:
+    """The network roles a pipeline on `bundle` runs with `cfg`'s scoring (reference and decoder), and with
+    each of `references` (for `using`): a session per role costs memory, so no role is loaded that no
+    reference runs. bank: the extractor and the bank search only (no diffusion); hybrid: the method's networks
+    and the bank search; reconstruction: the method's networks."""
+    wanted = {cfg.scoring.reference, *references}
+    networks = bundle.manifest["networks"]
+    roles: list[str] = []
+    if wanted - {"bank"}:
+        roles += PIPELINE_ROLES[bundle.method]
+        # scoring.decoder anchor: the anchored autoencoder's resize decoder (a bundle without it: the loop says so)
+        if cfg.scoring.decoder == "anchor" and "vae_anchor_decoder" in networks:
+            roles.append("vae_anchor_decoder")
+    else:
+        roles.append("features")
+    # a bundle without the bank search: the loop names what is missing
+    if wanted & set(BANK_REFERENCES) and "bank_distance" in networks:
+        roles.append("bank_distance")
+    return tuple(roles)
 
 
 def bundle_bank(bundle: Bundle) -> NormalBank:

@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_cameras=args.max_cameras, max_frame_bytes=args.max_frame_bytes, max_pixels=args.max_pixels,
             max_decode_bytes=args.max_decode_bytes, max_queued_bytes=args.max_queued_bytes,
             max_map_size=args.max_map_size, max_reply_bytes_per_client=args.max_reply_bytes_per_client,
-            max_reply_bytes=args.max_reply_bytes, adaptive_batch=not args.fixed_batch, ort_memory_arena=args.ort_arena, hwm=args.hwm, rcv_hwm=args.rcv_hwm, threshold=args.threshold, overrides=overrides, curve_server_key=args.curve_server_key,
+            max_reply_bytes=args.max_reply_bytes, adaptive_batch=not args.fixed_batch, ort_memory_arena=args.ort_arena, image_rows=args.image_rows, hwm=args.hwm, rcv_hwm=args.rcv_hwm, threshold=args.threshold, overrides=overrides, curve_server_key=args.curve_server_key,
             curve_authorized_dir=args.curve_authorized_dir, insecure=args.insecure,
             drain_timeout_s=args.drain_timeout_s)
     except ValidationError as e:
@@ -145,6 +145,10 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                    help="replies waiting to be written, all connections (default %(default)s)")
     p.add_argument("--fixed-batch", action="store_true",
                    help="batch up to --max-batch without timing the batch sizes at warm-up")
+    p.add_argument("--image-rows", type=int, default=1, metavar="N",
+                   help="onnxruntime on the CPU: the full-resolution networks (VAE, hint encoder, feature extractor) "
+                        "run N frames per call, only the UNet the whole batch (default 1: the same speed, a memory "
+                        "peak that does not grow with the batch; 0: the whole batch)")
     p.add_argument("--ort-arena", action="store_true",
                    help="keep onnxruntime's CPU memory arena and per-shape memory plans (faster, but memory grows to "
                         "the peak of every batch size seen)")

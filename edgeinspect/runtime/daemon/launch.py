@@ -72,10 +72,11 @@ def _pump(stream, sink: deque, ready: list, event: threading.Event) -> None:
 
 def start_daemon(bundle: str | Path, *args: str, bind: str = "tcp://127.0.0.1:*", pub: str | None = None,
                  timeout_s: float = 120.0, env: dict[str, str] | None = None,
-                 nice: int = 0) -> DaemonProcess:
+                 nice: int = 0, python: str | Path | None = None) -> DaemonProcess:
     """Start `edgeinspect serve --bundle BUNDLE --bind BIND --pub PUB ARGS...` and wait until it is ready.
-    pub=None gives no PUB socket (`--pub none`)."""
-    cmd = [sys.executable, "-m", "edgeinspect.runtime.daemon.cli", "serve", "--bundle", str(bundle), "--bind", bind,
+    pub=None gives no PUB socket (`--pub none`). `python`: the interpreter to run it with (default this one;
+    e.g. the lean serving environment's, .venv-serve/bin/python, with edgeinspect installed in it)."""
+    cmd = [str(python or sys.executable), "-m", "edgeinspect.runtime.daemon.cli", "serve", "--bundle", str(bundle), "--bind", bind,
            "--pub", pub or "none", *args]
     child_env = {**os.environ, **(env or {})}
     child_env.setdefault("PYTHONUNBUFFERED", "1")

@@ -120,6 +120,10 @@ class DaemonConfig(BaseModel):
     # onnxruntime's CPU arena and per-shape memory plans keep the peak of every batch size seen: off, the
     # daemon's memory stays at its idle level whatever the batches (see benchmarks/results/serve_cpu2.md)
     ort_memory_arena: bool = False
+    # the full-resolution networks (VAE, hint encoder, feature extractor) run this many frames per call
+    # (onnxruntime on the CPU; 0: the whole batch): their ms per frame does not fall with the batch, their
+    # memory grows with it (about 40 MiB a frame for the edge preset), so only the UNet sees the whole batch
+    image_rows: int = Field(1, ge=0)
     # replies (ROUTER send) and results (PUB) waiting per peer, messages; the reply byte budgets bound the memory,
     # this only bounds the count (a burst of small `dropped` replies to a client that reads must fit)
     hwm: int = Field(1000, ge=1)
@@ -257,7 +261,8 @@ class InspectionDaemon:
             bundle = load_bundle(config.bundle, overrides=config.overrides or None)
             pipeline = bundle_pipeline(bundle, config.backend, precision=config.precision,
                                        intra_op_threads=config.threads, max_batch=config.max_batch,
-                                       memory_arena=config.ort_memory_arena)
+                                       memory_arena=config.ort_memory_arena,
+                                       image_rows=config.image_rows or None)
         except (BundleError, OSError, ValueError) as e:  # ValueError: e.g. a calibration record it cannot read
             raise DaemonError(str(e)) from None
         except ImportError as e:
