@@ -129,7 +129,7 @@ class GLADInferenceConfig(Strict):
     # Noise draws per frame: ADP + SAFF runs once per draw (seeds seed, seed + 1, ...) and the final maps
     # are averaged, so a frame's score varies less with the noise, at `draws` times the reconstruction
     # cost. On MTD one draw's image AUROC moves by a few hundredths with the seed
-    # (benchmarks/results/glad_mtd.md).
+    # (benchmarks/results/glad_mtd_gpu_draws2.md).
     draws: int = Field(1, ge=1)
     batch_size: int = Field(8, ge=1)
     # Which entry of `categories` applies (default: the training category).
