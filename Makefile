@@ -32,7 +32,8 @@ demo: setup
 	@echo "make demo: about 30 min on 2 CPU cores, measured while other jobs shared them (train 25, test 1.5, export + calibrate 2, line 1)."
 	@echo "Interrupt it at any time: a rerun resumes the training, and skips it once done (make clean-demo starts over)."
 	@echo ""
-	@echo "[1/4] train a small DiAD on data/mtd_sample (40 normal images): 200 autoencoder, 300 UNet, 200 SG steps"
+	@echo "[1/4] train a small DiAD on data/mtd_sample (40 normal images): 200 autoencoder, 300 UNet, 200 SG steps,"
+	@echo "      then the bank of normal features the edge preset scores against"
 	$(PY) -m edgeinspect.cli train diad --config configs/demo.yaml --run runs/demo --resume
 	@echo ""
 	@echo "[2/4] score the 20 test images with the trained run (torch): offline metrics and heat maps"

@@ -43,7 +43,8 @@ def sample():
 
 def test_reference_setting_reads_the_old_name_and_refuses_unknown_ones():
     assert build_config("diad", "tiny").scoring.reference == "reconstruction"
-    assert build_config("glad", "edge").scoring.reference == "reconstruction"
+    assert build_config("glad", "edge").scoring.reference == "bank"  # the edge presets ship the bank
+    assert build_config("diad", "edge").scoring.reference == "bank"
     assert build_config("diad", "tiny", {"scoring": {"reference": "input"}}).scoring.reference == "reconstruction"
     assert build_config("glad", "tiny", {"scoring": {"reference": "vae_roundtrip"}}).scoring.reference == "vae_roundtrip"
     with pytest.raises(ConfigError, match="reference"):

@@ -64,10 +64,12 @@ def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, ca
 
 
 def for_calibration(cfg: GLADConfig) -> GLADConfig:
-    """The config with the minmax SAFF weight: calibration reads the check scores and maps up to the
-    fire, which the weight (applied at the fire) cannot change, and a linear weight may lack its bounds
-    until calibration has proposed them."""
-    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"weight_mode": "minmax"})})
+    """The config with the minmax SAFF weight and the reconstruction reference: calibration reads the check
+    scores and maps up to the fire, which the weight (applied at the fire) cannot change, and a linear weight
+    may lack its bounds until calibration has proposed them; the ADP check is the diffusion's whatever the
+    frame is finally scored against, and a bank reference would need a bank a run may not have built yet."""
+    return cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"weight_mode": "minmax"}),
+                                  "scoring": cfg.scoring.model_copy(update={"reference": "reconstruction"})})
 
 
 def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *, precision: str = "fp32",
