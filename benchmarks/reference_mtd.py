@@ -228,10 +228,10 @@ def figure(doc: dict[str, Any], out_png: Path) -> None:
         for i, r in enumerate(refs):
             ax.text(i, 0.47, f"{rows[f'{m}.{r}']['ms_per_frame']:.0f} ms", ha="center", fontsize=7)
         ax.set_xticks(x, refs)
-        ax.set_ylim(0.45, 1.02)
+        ax.set_ylim(0.45, 1.1)
         ax.set_title(m)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=7)
+        ax.legend(loc="upper center", ncol=2, fontsize=7)
     fig.suptitle(doc.get("title") or "scoring reference", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_png)
