@@ -26,7 +26,7 @@ import torch
 
 from edgeinspect.config import parse_overrides
 from edgeinspect.core.atomic import write_json_atomic
-from edgeinspect.core.runs import load_state, resolve_checkpoint, run_method
+from edgeinspect.core.runs import load_state, resolve_checkpoint, run_method, stage_checkpoint
 from edgeinspect.data.mvtec import MVTecFolder, image_to_tensor, name_keys, tensor_to_image
 from edgeinspect.data.visualize import grid, heatmap_overlay, label, write_png
 from edgeinspect.evaluation.commands import evaluate_detector
@@ -180,8 +180,11 @@ def base_train_minutes(run_cfg: dict) -> dict[str, float]:
         src = train.get(key)
         if not src or not Path(src).exists():
             continue
-        out[str(src)] = round(load_state(resolve_checkpoint(src)).train_seconds / 60.0, 1)
-        cfg_file = resolve_checkpoint(src).parent.parent / "config.json"
+        # GLAD starts from its base run's UNet stage (unet-final), not from what that run trained after it
+        ckpt = stage_checkpoint(src, "unet", "train.init_from") if key == "init_from" else resolve_checkpoint(src)
+        name = f"{src} (to its UNet stage)" if key == "init_from" else str(src)
+        out[name] = round(load_state(ckpt).train_seconds / 60.0, 1)
+        cfg_file = ckpt.parent.parent / "config.json"
         if cfg_file.is_file():
             out |= base_train_minutes(json.loads(cfg_file.read_text()))
     return out

@@ -55,13 +55,14 @@ def test_heldout_metrics_refuse_a_selection_that_names_nothing(report, tmp_path)
         report.heldout_metrics(res, root, sel, maps_file)
 
 
-def _fake_run(root, train: dict, seconds: float):
+def _fake_run(root, train: dict, seconds: float, unet_seconds: float | None = None):
     import json
 
-    ckpt = root / "checkpoints" / "done"
-    ckpt.mkdir(parents=True)
-    (ckpt / "model.safetensors").write_bytes(b"")
-    (ckpt / "state.json").write_text(json.dumps({"stage": "done", "train_seconds": seconds}))
+    for name, secs in (("done", seconds), *((("unet-final", unet_seconds),) if unet_seconds else ())):
+        ckpt = root / "checkpoints" / name
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"")
+        (ckpt / "state.json").write_text(json.dumps({"stage": name, "train_seconds": secs}))
     (root / "checkpoints" / "latest").write_text("done")
     (root / "config.json").write_text(json.dumps({"train": train}))
     return root
@@ -69,8 +70,9 @@ def _fake_run(root, train: dict, seconds: float):
 
 def test_base_training_minutes_follow_the_chain_of_runs(report, tmp_path):
     ae = _fake_run(tmp_path / "ae", {}, 3000.0)
-    diad = _fake_run(tmp_path / "diad", {"init_autoencoder_from": str(ae)}, 1200.0)
+    diad = _fake_run(tmp_path / "diad", {"init_autoencoder_from": str(ae)}, 1200.0, unet_seconds=600.0)
     glad_cfg = {"init_from": str(diad), "init_autoencoder_from": None}
-    assert report.base_train_minutes({"train": glad_cfg}) == {str(diad): 20.0, str(ae): 50.0}
+    # GLAD starts from the DiAD run's UNet stage: its minutes up to unet-final, not the SG stage after it
+    assert report.base_train_minutes({"train": glad_cfg}) == {f"{diad} (to its UNet stage)": 10.0, str(ae): 50.0}
     assert report.base_train_minutes({"train": {"init_from": str(tmp_path / "gone")}}) == {}
     assert "`" + str(ae) + "` 50.0 min" in report.base_note({str(ae): 50.0}) and report.base_note({}) == ""
