@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeinspect.config import frame_size
 from edgeinspect.core.atomic import write_text_atomic
 from edgeinspect.evaluation.machine import cpu_name, gpu_name, logical_cpus, slug
 
@@ -105,7 +106,9 @@ def spread(values: list[float]) -> dict[str, float]:
 def load_frames(cfg: Any, frames_dir: Path | None, n: int) -> tuple[torch.Tensor, str]:
     from edgeinspect.data.mvtec import IMAGE_SUFFIXES, image_to_tensor, read_image, resize_image
 
-    size = cfg.model.image_size
+    # read at the largest size a pipeline takes (the bank's view: config.frame_size); each pipeline gets them
+    # area-downscaled to its own frame size outside the timed calls (`frames_for`)
+    size = frame_size(cfg.model.image_size, cfg.scoring, "bank")
     folder = frames_dir
     if folder is None and cfg.train.data_root is not None and (Path(cfg.train.data_root) / "test").is_dir():
         folder = Path(cfg.train.data_root) / "test"
@@ -248,6 +251,14 @@ def _sync(name: str) -> None:
         torch.cuda.synchronize()
 
 
+def frames_for(pipe: Any, frames: torch.Tensor) -> torch.Tensor:
+    """`frames` at the size `pipe` reads frames at (area downscale; as they are when it has none)."""
+    size = getattr(pipe, "frame_size", None)
+    if size is None or frames.shape[-1] == size:
+        return frames
+    return torch.nn.functional.interpolate(frames, size=(size, size), mode="area")
+
+
 def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repeats: int,
                   required: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, str]]:
     """Interleaved batch-1 timing: per backend the whole-frame and per-stage spread, and the scores of
@@ -255,12 +266,13 @@ def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repe
     warm-up is dropped and its error returned (third value)."""
     n = len(frames)
     pipes = dict(pipes)
+    own = {name: frames_for(pipe, frames) for name, pipe in pipes.items()}
     failed: dict[str, str] = {}
     scores: dict[str, torch.Tensor] = {b: torch.full((n,), float("nan")) for b in pipes}
     for name, pipe in list(pipes.items()):
         try:
             for i in range(warmup):
-                r = pipe(frames[i % n:i % n + 1])
+                r = pipe(own[name][i % n:i % n + 1])
                 scores[name][i % n] = float(r.scores[0])
         except Exception as e:
             if name in required:
@@ -271,8 +283,8 @@ def time_backends(pipes: dict[str, Any], frames: torch.Tensor, warmup: int, repe
     totals: dict[str, list[float]] = {b: [] for b in pipes}
     stages: dict[str, dict[str, list[float]]] = {b: {} for b in pipes}
     for i in range(repeats):
-        x = frames[i % n:i % n + 1]
         for name, pipe in pipes.items():
+            x = own[name][i % n:i % n + 1]
             _sync(name)
             t0 = time.perf_counter()
             r = pipe(x)
@@ -314,7 +326,7 @@ def bench_method(method: str, run: Path, args: argparse.Namespace, peak: dict[st
     pipes, backend_errors = backends_for(method, bundle_dir, torch_pipe, args.threads, args.device, overrides,
                                          args.backends)
     print(f"[{method}] backends: {', '.join(pipes)}; counting FLOPs", flush=True)
-    gflop, by_op = count_gflop_per_frame(torch_pipe, frames)
+    gflop, by_op = count_gflop_per_frame(torch_pipe, frames_for(torch_pipe, frames))
     print(f"[{method}] {gflop:.3f} GFLOP/frame; timing {args.repeats} frames per backend", flush=True)
     torch_name = torch_backend_name(args.device)
     timed, scores, warmup_errors = time_backends(pipes, frames, args.warmup, args.repeats,
@@ -423,11 +435,12 @@ def lever_pipeline(method: str, run: Path, bundle_dir: Path, entry: dict[str, An
 
 
 def lever_accuracy(pipe: Any, data_root: Path, size: int, batch: int, every: int) -> dict[str, Any]:
-    """Image and pixel AUROC of a pipeline over every `every`-th image of the test split."""
+    """Image and pixel AUROC of a pipeline over every `every`-th image of the test split (frames at the
+    pipeline's frame size, masks at the model image `size`)."""
     from edgeinspect.data.mvtec import MVTecFolder, uint8_to_model
     from edgeinspect.evaluation.metrics import auroc
 
-    split = MVTecFolder(data_root, "test", size)
+    split = MVTecFolder(data_root, "test", pipe.frame_size or size, mask_size=size)
     idx = list(range(0, len(split), every))
     scores, maps, masks, labels = [], [], [], []
     for s in range(0, len(idx), batch):

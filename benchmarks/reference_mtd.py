@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from edgeinspect.calibration.bank import bank_bytes, coreset_bank, fit_bank, save_run_bank, training_normals
-from edgeinspect.config import build_config, merge_config, parse_overrides
+from edgeinspect.config import build_config, frame_size, merge_config, parse_overrides
 from edgeinspect.core.atomic import write_json_atomic, write_text_atomic
 from edgeinspect.core.networks import torch_networks
 from edgeinspect.core.roles import bank_distance_signature, feature_signature
@@ -97,7 +97,8 @@ def bank_only_rows(data: Path, overrides: dict, batch: int) -> dict[str, dict[st
     nets = torch_networks({"features": FeatureNet(features), "bank_distance": BankDistance(levels)}, "cpu",
                           {"features": feature_signature(levels), "bank_distance": bank_distance_signature(levels)})
     size = diad.model.image_size
-    feature_size = diad.scoring.feature_size or size
+    at = frame_size(size, diad.scoring)  # frames are read at the bank's view (masks at the model size)
+    feature_size = diad.scoring.bank.feature_size or diad.scoring.feature_size or size
     bank_cfg = diad.scoring.bank
     paths = training_normals(data)
     t0 = time.perf_counter()
@@ -106,11 +107,11 @@ def bank_only_rows(data: Path, overrides: dict, batch: int) -> dict[str, dict[st
         x = F.interpolate(frames, size=(feature_size,) * 2, mode="bilinear", align_corners=False)
         return list(nets["features"](image=x).values())
 
-    bank = coreset_bank(features_of, paths, size, bank_cfg, batch, progress=True)
+    bank = coreset_bank(features_of, paths, at, bank_cfg, batch, progress=True)
     build_s = time.perf_counter() - t0
     deploy_mb = bank_deployment_mb(nets, bank, feature_size)
 
-    split = MVTecFolder(data, "test", size)
+    split = MVTecFolder(data, "test", at, mask_size=size)
     test, masks, labels = split.load_all()
     out = {}
     for method, cfg in cfgs.items():
@@ -162,7 +163,8 @@ def detector_rows(method: str, source: Path, data: Path, batch: int | None, thre
         pipe = bundle_pipeline(source, "onnxruntime", overrides=over, verdict=False, intra_op_threads=threads,
                                references=REFERENCES)
         if BANK_PAYLOAD not in (load_bundle(source).manifest.get("payload") or {}):
-            bank = fit_bank(pipe, training_normals(data), cfg.model.image_size, cfg.inference.batch_size)
+            bank = fit_bank(pipe, training_normals(data), frame_size(cfg.model.image_size, cfg.scoring, "bank"),
+                            cfg.inference.batch_size)
             set_payload(source, BANK_PAYLOAD, bank_bytes(bank))
         bank = bundle_bank(load_bundle(source))
         mb: float | None = folder_mb([source])
@@ -170,17 +172,23 @@ def detector_rows(method: str, source: Path, data: Path, batch: int | None, thre
         cfg, pipe, _ = run_pipeline(source, over)
         path = resolve_checkpoint(source) / BANK_FILE
         if not path.is_file():
-            save_run_bank(source, fit_bank(pipe, training_normals(data), cfg.model.image_size,
+            save_run_bank(source, fit_bank(pipe, training_normals(data),
+                                           frame_size(cfg.model.image_size, cfg.scoring, "bank"),
                                            cfg.inference.batch_size))
         bank = read_bank(path)
         mb = None
     if cfg.method != method:
         raise SystemExit(f"{source} is a {cfg.method} detector, given as --{method}")
-    split = MVTecFolder(data, "test", cfg.model.image_size)
+    size = cfg.model.image_size
+    split = MVTecFolder(data, "test", size)
     test, masks, labels = split.load_all()
+    frames = {size: test}  # by the size each reference reads frames at (config.frame_size); masks at `size`
     out = {}
     for ref in REFERENCES:
-        scores, maps, ms = score_split(pipe.using(ref, bank), test, batch or cfg.inference.batch_size)
+        at = frame_size(size, cfg.scoring, ref)
+        if at not in frames:
+            frames[at] = MVTecFolder(data, "test", at, mask_size=size).load_all()[0]
+        scores, maps, ms = score_split(pipe.using(ref, bank), frames[at], batch or cfg.inference.batch_size)
         out[f"{method}.{ref}"] = {
             **metrics_row(split, labels.numpy(), masks.numpy(), maps, scores), "ms_per_frame": round(ms, 1),
             "bundle_mb": mb, "source": str(source), "backend": "onnxruntime" if is_bundle else "torch",

@@ -30,7 +30,7 @@ from safetensors.torch import save
 
 from edgeinspect.calibration.calibrate import load_frames
 from edgeinspect.calibration.data import list_images
-from edgeinspect.config import BANK_REFERENCES, BankConfig, merge_config
+from edgeinspect.config import BANK_REFERENCES, BankConfig, frame_size, merge_config
 from edgeinspect.core.atomic import write_bytes_atomic
 from edgeinspect.core.runs import resolve_checkpoint
 from edgeinspect.data.batches import spread_indices
@@ -105,7 +105,7 @@ def coreset_bank(features_of: Callable[[torch.Tensor], list[torch.Tensor]], path
 
 def fit_bank(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 8, progress: bool = False
              ) -> NormalBank:
-    """The bank of the training normals `paths` (read at the model's image `size`) for `pipe` (a DiAD or GLAD
+    """The bank of the training normals `paths` (read at `size`: config.frame_size with the bank reference) for `pipe` (a DiAD or GLAD
     pipeline; its scoring.bank settings), with the hybrid scales measured on the held-out ones when
     scale_images > 0."""
     cfg: BankConfig = pipe.scoring.bank
@@ -115,7 +115,7 @@ def fit_bank(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 8, p
         raise BankError(f"{len(paths)} training normals: scoring.bank.scale_images {cfg.scale_images} would leave "
                         "none for the bank")
     held_set = set(held)
-    bank = coreset_bank(lambda x: pipe.features_of(pipe.frames(x)[0]),
+    bank = coreset_bank(lambda x: pipe.bank_features(pipe.frames(x)[0]),
                         [p for i, p in enumerate(paths) if i not in held_set], size, cfg, batch_size, progress)
     bank.info["held_out_images"] = len(held)
     if held:
@@ -151,7 +151,7 @@ def build_run_bank(run: str | Path, data: str | Path, overrides: dict | None = N
     the weights: (its path, the bank, the run's config)."""
     over = merge_config(overrides or {}, {"scoring": {"reference": "reconstruction"}})
     cfg, pipe, _ = run_pipeline(run, over)
-    bank = fit_bank(pipe, training_normals(data), cfg.model.image_size, cfg.inference.batch_size, progress)
+    bank = fit_bank(pipe, training_normals(data), frame_size(cfg.model.image_size, cfg.scoring, "bank"), cfg.inference.batch_size, progress)
     return save_run_bank(run, bank), bank, cfg
 
 

@@ -37,6 +37,7 @@ import torch
 
 from edgeinspect.calibration.data import LabelledImage, labelled_images, normal_images, read_mask
 from edgeinspect.calibration.thresholds import FRR_RULE, f1_at, f1_optimal_threshold, frr_threshold, subsample
+from edgeinspect.config import frame_size
 from edgeinspect.data.batches import spread_indices
 from edgeinspect.data.mvtec import image_to_tensor, read_image, resize_image
 from edgeinspect.runtime.bundle_loading import load_bundle
@@ -174,11 +175,12 @@ def calibrate_bundle(bundle_dir: str | Path, normals: str | Path | Sequence[Path
     if verdict_from == "f1" and defects is None:
         raise ValueError("the F1-optimal verdict threshold (verdict_from='f1') needs labelled defects")
     bundle = load_bundle(bundle_dir)
-    size = bundle.config.model.image_size
+    size = bundle.config.model.image_size  # the maps' and masks' size; frames are read at frame_size
+    frames = frame_size(size, bundle.config.scoring)
     normal_paths = select_normals(normals, limit)
     pipe = bundle_pipeline(bundle, "onnxruntime", precision=precision, intra_op_threads=threads, verdict=False)
     bs = batch_size or bundle.config.inference.batch_size
-    n_scores, n_maps = score_images(pipe, normal_paths, size, bs, progress, "normals")
+    n_scores, n_maps = score_images(pipe, normal_paths, frames, bs, progress, "normals")
 
     labelled: list[LabelledImage] = []
     kwargs: dict[str, Any] = {}
@@ -187,7 +189,7 @@ def calibrate_bundle(bundle_dir: str | Path, normals: str | Path | Sequence[Path
         labelled = [x for x in labelled_images(defects) if x.image.resolve() not in seen]
         if not any(x.label for x in labelled):
             raise ValueError(f"--defects {defects}: no defective images found")
-        d_scores, d_maps = score_images(pipe, [x.image for x in labelled], size, bs, progress, "defects")
+        d_scores, d_maps = score_images(pipe, [x.image for x in labelled], frames, bs, progress, "defects")
         labels = np.concatenate([np.zeros(len(normal_paths), bool), [bool(x.label) for x in labelled]])
         scores = np.concatenate([n_scores, d_scores])
         # pixel labels: normals (all clear) and the labelled images that have a mask or are normal

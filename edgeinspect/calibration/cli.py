@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgeinspect.calibration.bank import bank_bytes, build_run_bank, fit_bank, training_normals
 from edgeinspect.calibration.calibrate import calibrate_bundle, select_normals
-from edgeinspect.config import REFERENCES, ConfigError, merge_config, parse_overrides
+from edgeinspect.config import REFERENCES, ConfigError, frame_size, merge_config, parse_overrides
 from edgeinspect.core.runs import CheckpointError
 from edgeinspect.runtime.bank import BANK_PAYLOAD, BankError
 from edgeinspect.runtime.bundle_loading import load_bundle
@@ -150,7 +150,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
             pipe = bundle_pipeline(args.bundle, "onnxruntime", overrides=overrides, verdict=False,
                                    intra_op_threads=args.threads, references=("bank",))
             cfg = load_bundle(args.bundle, overrides=overrides).config
-            bank = fit_bank(pipe, paths, cfg.model.image_size, cfg.inference.batch_size, progress=not args.quiet)
+            bank = fit_bank(pipe, paths, frame_size(cfg.model.image_size, cfg.scoring, "bank"), cfg.inference.batch_size, progress=not args.quiet)
             set_payload(args.bundle, BANK_PAYLOAD, bank_bytes(bank),
                         None if args.reference is None else {"reference": args.reference})
             where = args.bundle / f"{BANK_PAYLOAD}.safetensors"

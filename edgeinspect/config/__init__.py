@@ -17,7 +17,7 @@ Import from the package: `from edgeinspect.config import load_config, DiADConfig
 from edgeinspect.config.base import (
     ConfigError, Strict, VAEConfig, UNetConfig, PromptEncoderConfig, ModelConfig, SchedulerConfig, FeatureConfig,
     GuidanceConfig, TrainLoopConfig, AutoencoderStageConfig, RuntimeConfig, MethodConfig, anchor_layout,
-    BankConfig, BANK_REFERENCES, Decoder, REFERENCES, Reference,
+    BankConfig, BANK_REFERENCES, Decoder, REFERENCES, Reference, frame_size,
 )
 from edgeinspect.config.diad import DiADTrainConfig, DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.config.glad import (
@@ -41,6 +41,7 @@ __all__ = [
     "ConfigError", "AutoencoderStageConfig", "anchor_layout", "BankConfig", "BANK_REFERENCES", "REFERENCES",
     "Reference",
     "Decoder",
+    "frame_size",
     "Strict",
     "VAEConfig",
     "UNetConfig",

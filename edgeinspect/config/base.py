@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -161,6 +161,17 @@ BANK_REFERENCES = ("bank", "hybrid")
 Decoder = Literal["full", "anchor"]
 
 
+def frame_size(image_size: int, scoring: Any, reference: str | None = None) -> int:
+    """The size (px, square) a detector's frames are read at from the camera frame or file: the model
+    `image_size`, or the bank's `scoring.bank.feature_size` when the reference (default: scoring.reference)
+    searches the bank and that is larger. A pipeline takes frames of either size: it searches the bank with
+    the frame's features and runs the diffusion on the frame area-downscaled to the model image size; its
+    maps are at the model image size either way."""
+    if (reference or scoring.reference) not in BANK_REFERENCES:
+        return image_size
+    return max(image_size, scoring.bank.feature_size or image_size)
+
+
 def read_reference(value: object) -> object:
     """`scoring.reference` as written by an older version: "input" (the frame itself) is "reconstruction"."""
     return "reconstruction" if value == "input" else value
@@ -189,6 +200,22 @@ class BankConfig(Strict):
     # Memory budget of one bank-distance call's (positions x bank) similarity: the loop passes as many
     # frames per call as fit (at least one).
     chunk_mb: float = Field(256.0, gt=0)
+    # The size (px) of the frame the bank's features are taken from, read from the camera frame or file
+    # itself (see `frame_size`): a bank reference then sees the frame's own detail instead of the model
+    # image upscaled, which a reconstruction reference needs (the diffusion runs at the model image size)
+    # but a bank does not. null: scoring.feature_size of the model image, as the reconstruction.
+    feature_size: int | None = Field(None, ge=32)
+    # PatchCore's locally aware patch features: each position's feature vector averaged over its k x k
+    # neighbourhood (stride 1; at the border over the part inside) before the bank is built and searched, so
+    # a position is matched with the texture around it rather than one receptive field. 1: none.
+    neighbourhood: int = Field(1, ge=1)
+
+    @field_validator("neighbourhood")
+    @classmethod
+    def _centred(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"must be odd (a neighbourhood centred on its position), got {v}")
+        return v
 
 
 class GuidanceConfig(Strict):

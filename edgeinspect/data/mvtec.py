@@ -104,10 +104,13 @@ class MVTecFolder:
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 256,
                  defect_types: list[str] | None = None, exclude: set[str] | None = None,
-                 include: set[str] | None = None):
+                 include: set[str] | None = None, mask_size: int | None = None):
         self.root = Path(root)
         self.split = split
         self.image_size = image_size
+        # Masks at another size than the images: a detector whose frames are read larger than its maps
+        # (config.frame_size) is scored against masks at its maps' size.
+        self.mask_size = mask_size or image_size
         if split not in ("train", "test"):
             raise DatasetError(f"split must be 'train' or 'test', not {split!r}")
         split_dir = self.root / split
@@ -158,13 +161,13 @@ class MVTecFolder:
         return len(self.samples)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 RGB image, bool mask) at the model size; the mask is all False for normals."""
+        """(uint8 RGB image at image_size, bool mask at mask_size); the mask is all False for normals."""
         s = self.samples[i]
         img = resize_image(read_image(s.path), self.image_size)
         if s.mask_path is None:
-            mask = np.zeros((self.image_size, self.image_size), bool)
+            mask = np.zeros((self.mask_size, self.mask_size), bool)
         else:
-            mask = resize_mask(read_mask(s.mask_path), self.image_size)
+            mask = resize_mask(read_mask(s.mask_path), self.mask_size)
         return img, mask
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ def evaluate_detector(model: Path | None, data_root: Path, out_json: Path | None
     detector = load_detector(model, bundle, backend, overrides=overrides, precision=precision,
                              intra_op_threads=threads)
     use_threads(detector.cfg, threads)
-    split = load_eval_split(data_root, detector.cfg.model.image_size, exclude_file)
+    split = load_eval_split(data_root, detector.cfg.model.image_size, exclude_file, detector.pipeline.frame_size)
     glad = isinstance(detector.pipeline, GLADPipeline)
     result, arrays = (glad_evaluation if glad else diad_evaluation)(detector, split, progress, latency_repeats)
     scores, maps = arrays.pop("scores"), arrays.pop("maps")
@@ -45,5 +45,5 @@ def predict_detector(inputs: list[Path], out_dir: Path, model: Path | None = Non
                              intra_op_threads=threads)
     cfg, pipe = detector.cfg, detector.pipeline
     use_threads(cfg, threads)
-    return predict_files(pipe, cfg.model.image_size, cfg.inference.batch_size, inputs, out_dir, threshold,
+    return predict_files(pipe, pipe.frame_size, cfg.inference.batch_size, inputs, out_dir, threshold,
                          fields=GLAD_FIELDS if isinstance(pipe, GLADPipeline) else ())

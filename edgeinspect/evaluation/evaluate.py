@@ -80,18 +80,22 @@ def use_threads(cfg, threads: int | None) -> None:
 
 @dataclass
 class EvalSplit:
-    """A category's test split at the model's input size."""
+    """A category's test split: frames at the detector's frame size, masks at its maps' (the model image) size."""
 
     samples: list[Sample]
     images: np.ndarray  # (n, H, W, 3) uint8
-    masks: np.ndarray  # (n, H, W) bool
+    masks: np.ndarray  # (n, h, w) bool
     labels: np.ndarray  # (n,) 1: defective
 
 
-def load_eval_split(data_root: Path, size: int, exclude_file: Path | None = None) -> EvalSplit:
-    data = MVTecFolder(data_root, "test", size, exclude=read_name_list(exclude_file))
+def load_eval_split(data_root: Path, size: int, exclude_file: Path | None = None, frames: int | None = None
+                    ) -> EvalSplit:
+    """The test split with masks at `size` (the model image) and frames at `frames` (config.frame_size;
+    default `size`)."""
+    frames = frames or size
+    data = MVTecFolder(data_root, "test", frames, exclude=read_name_list(exclude_file), mask_size=size)
     n = len(data)
-    images = np.zeros((n, size, size, 3), np.uint8)
+    images = np.zeros((n, frames, frames, 3), np.uint8)
     masks = np.zeros((n, size, size), bool)
     for i in range(n):
         images[i], masks[i] = data.load(i)
@@ -227,6 +231,7 @@ def predict_files(pipe, size: int, batch_size: int, inputs: list[Path], out_dir:
     rows: list[dict] = []
     for f, im, sc, amap, rec, extra in results:
         name = f"{f.stem}_overlay.png"
+        im = im if im.shape[0] == amap.shape[0] else resize_image(im, amap.shape[0])  # the frame at the map's size
         panels = [im] if rec is None else [im, rec]
         write_png(out_dir / name, np.concatenate([*panels, heatmap_overlay(im, amap, vmin, vmax)], axis=1))
         verdict = None if post is None else post(sc).verdict

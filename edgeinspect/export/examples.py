@@ -22,6 +22,10 @@ class ExportSizes:
         # generators (AdaBLDM, DualAnoDiff) have no scoring section and no features role
         scoring = getattr(cfg, "scoring", None)
         self.feature = (scoring.feature_size if scoring is not None else None) or m.image_size
+        # the bank reference runs the extractor (and the bank search) on the frame at the bank's feature size
+        # only, so that is the size its graphs deploy at (TensorRT pins it)
+        if scoring is not None and scoring.reference == "bank" and scoring.bank.feature_size:
+            self.feature = scoring.bank.feature_size
         # probe: one more multiple of the whole downsampling, so every level stays an integer size
         self.probe_image = self.image + self.vae_factor * self.unet_factor
         self.probe_latent = self.probe_image // self.vae_factor

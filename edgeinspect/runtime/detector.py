@@ -54,10 +54,10 @@ def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, ca
     if isinstance(cfg, GLADConfig):
         pipe: Pipeline = GLADPipeline(networks, context, schedule, cfg.inference.for_category(category or cfg.category),
                                       cfg.scoring, cfg.scoring.feature_size, threshold=adp_threshold,
-                                      weight_bounds=weight_bounds, bank=bank)
+                                      weight_bounds=weight_bounds, bank=bank, image_size=cfg.model.image_size)
     else:
         pipe = DiADPipeline(networks, context, schedule, cfg.inference, cfg.scoring, cfg.scoring.feature_size,
-                            bank=bank)
+                            bank=bank, image_size=cfg.model.image_size)
     pipe.verdict = post
     return pipe
 

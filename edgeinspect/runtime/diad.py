@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgeinspect.config import DiADInferenceConfig, DiADScoringConfig
+from edgeinspect.config import BANK_REFERENCES, DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.core.ddim import DDIM, seeded_noise
 from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.bank import NormalBank, hybrid_maps
@@ -41,8 +41,8 @@ class DiADPipeline(DetectorLoop):
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM,
                  inference: DiADInferenceConfig, scoring: DiADScoringConfig, feature_size: int | None = None,
-                 bank: NormalBank | None = None):
-        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank)
+                 bank: NormalBank | None = None, image_size: int | None = None):
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank, image_size)
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
 
     def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None
@@ -69,23 +69,34 @@ class DiADPipeline(DetectorLoop):
                 return both[:b], both[b:]
             return self.nets[self.decoder_role](latent=z)["image"].clamp(-1, 1), None
 
-    def score(self, images: torch.Tensor, recon: torch.Tensor | None, timer: StageTimer | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image scores and maps of `images` against `recon` (reconstruction, hybrid), the bank (bank, hybrid)
-        or both (hybrid)."""
+    def score(self, images: torch.Tensor, recon: torch.Tensor | None, timer: StageTimer | None = None,
+              frames: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores and maps (at the model image size) of `images` against `recon` (reconstruction,
+        hybrid), the bank (bank, hybrid) or both (hybrid). `frames`: the frames as read, when larger than
+        the model images `images` (the bank's view; default: `images`)."""
         timer = timer or StageTimer(self.nets.device)
+        frames = images if frames is None else frames
         size = tuple(images.shape[-2:])
         b = images.shape[0]
+        searches_bank = self.reference in BANK_REFERENCES
+        shared = self.shares_bank_features(frames, images)
         with timer("features"):
-            feats = self.features_of(images if recon is None else torch.cat([images, recon]))
-            fa = [f[:b] for f in feats]
+            feats = None
+            if recon is not None or shared:
+                feats = self.features_of(images if recon is None else torch.cat([images, recon]))
+            bank_feats = None
+            if searches_bank:
+                bank_feats = [f[:b] for f in feats] if shared and feats is not None else self.bank_features(frames)
         maps = None
         if recon is not None:
+            assert feats is not None
             with timer("scoring"):
-                maps = gaussian_blur(cosine_distance_maps(fa, [f[b:] for f in feats], size), self.scoring.blur_sigma)
-        if self.reference in ("bank", "hybrid"):
+                maps = gaussian_blur(cosine_distance_maps([f[:b] for f in feats], [f[b:] for f in feats], size),
+                                     self.scoring.blur_sigma)
+        if searches_bank:
+            assert bank_feats is not None
             with timer("scoring"):  # the bank search makes the map
-                bank = self.bank_maps(fa, size)
+                bank = self.bank_maps(bank_feats, size)
             assert self.bank is not None
             maps = bank if maps is None else hybrid_maps(maps, bank, self.bank.scales)
         assert maps is not None, "neither a reconstruction nor a bank"
@@ -94,11 +105,12 @@ class DiADPipeline(DetectorLoop):
         return scores, maps
 
     def __call__(self, images: torch.Tensor) -> DiADResult:
-        images, timer = self.frames(images)
+        frames, timer = self.frames(images)
+        images = self.model_images(frames)
         if self.reference == "bank":
-            scores, maps = self.score(images, None, timer)
+            scores, maps = self.score(images, None, timer, frames)
             return attach_verdicts(DiADResult(scores.float().cpu(), maps.float().cpu(), None, timer.ms), self.verdict)
         recon, roundtrip = self.reconstruct(images, timer)
-        scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer)
+        scores, maps = self.score(images if roundtrip is None else roundtrip, recon, timer, frames)
         return attach_verdicts(DiADResult(scores.float().cpu(), maps.float().cpu(), recon.float().cpu(), timer.ms),
                                self.verdict)

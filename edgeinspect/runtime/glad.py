@@ -205,8 +205,9 @@ class GLADPipeline(DetectorLoop):
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
                  scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None,
-                 weight_bounds: tuple[float | None, float | None] | None = None, bank: NormalBank | None = None):
-        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank)
+                 weight_bounds: tuple[float | None, float | None] | None = None, bank: NormalBank | None = None,
+                 image_size: int | None = None):
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank, image_size)
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
@@ -341,14 +342,14 @@ class GLADPipeline(DetectorLoop):
             scores = topk_mean_score(maps, self.inference.top_k)
         return scores, maps
 
-    def bank_only(self, images: torch.Tensor, timer: StageTimer) -> GLADResult:
-        """The bank reference: the input's features against the bank, no diffusion (every draw's score is the
+    def bank_only(self, frames: torch.Tensor, timer: StageTimer) -> GLADResult:
+        """The bank reference: the frame's features against the bank, no diffusion (every draw's score is the
         frame's score; the firing record reads "never fired", with no fire maps: (B, 0, 0))."""
-        b, draws, n = images.shape[0], self.inference.draws, len(self.timesteps)
+        b, draws, n = frames.shape[0], self.inference.draws, len(self.timesteps)
         with timer("features"):
-            feats = self.features_of(images, self.feature_size)
+            feats = self.bank_features(frames)
         with timer("scoring"):  # the bank search makes the map
-            maps = self.bank_maps(feats, tuple(images.shape[-2:]))
+            maps = self.bank_maps(feats, self.map_size(frames))
         with timer("scoring"):
             scores = topk_mean_score(maps, self.inference.top_k).float().cpu()
         never = torch.full((b,), -1, dtype=torch.long)
@@ -360,9 +361,10 @@ class GLADPipeline(DetectorLoop):
                                           timer.ms), self.verdict)
 
     def __call__(self, images: torch.Tensor) -> GLADResult:
-        images, timer = self.frames(images)
+        frames, timer = self.frames(images)
         if self.reference == "bank":
-            return self.bank_only(images, timer)
+            return self.bank_only(frames, timer)
+        images = self.model_images(frames)
         b, draws = images.shape[0], self.inference.draws
         z0, eps = self.encode(images, draws, timer)
         r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer, tuple(images.shape[-2:]))  # all draws as one batch
@@ -379,7 +381,7 @@ class GLADPipeline(DetectorLoop):
             scores = draw_scores[:, 0] if draws == 1 else topk_mean_score(maps, self.inference.top_k)
         if self.reference == "hybrid":
             with timer("features"):
-                feats = self.features_of(images, self.feature_size)
+                feats = self.bank_features(frames)
             with timer("scoring"):  # the bank search makes the map
                 bank = self.bank_maps(feats, tuple(images.shape[-2:]))
             assert self.bank is not None and self.bank.scales is not None

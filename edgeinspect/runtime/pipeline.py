@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edgeinspect.config import BANK_REFERENCES
+from edgeinspect.config import BANK_REFERENCES, frame_size
 from edgeinspect.core.ddim import DDIM
 from edgeinspect.core.networks import Networks
 from edgeinspect.core.timing import StageTimer
@@ -20,10 +20,22 @@ from edgeinspect.runtime.postprocess import PostProcessor
 from edgeinspect.runtime.scoring import gaussian_blur
 
 
+def neighbourhood_average(feats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Each level's (B, C, h, w) features averaged over every position's k x k neighbourhood (stride 1, the
+    border over the part inside the map): PatchCore's locally aware patch features. k = 1: unchanged."""
+    if k == 1:
+        return feats
+    return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+
+
 class DetectorLoop:
     def __init__(self, networks: Networks, roles: Sequence[str], context: torch.Tensor, schedule: DDIM,
-                 inference: Any, scoring: Any, feature_size: int | None, bank: NormalBank | None = None):
+                 inference: Any, scoring: Any, feature_size: int | None, bank: NormalBank | None = None,
+                 image_size: int | None = None):
         self.method_roles = tuple(roles)
+        # The model image size: larger frames (read at the bank's feature size, config.frame_size) are
+        # area-downscaled to it for the diffusion and the maps. None: frames are taken at their own size.
+        self.image_size = image_size
         self.scoring = scoring
         self._check(networks, scoring.reference, bank)
         self.nets = networks
@@ -73,6 +85,41 @@ class DetectorLoop:
         if size and size != images.shape[-1]:
             images = F.interpolate(images, size=(size,) * 2, mode="bilinear", align_corners=False)
         return list(self.nets["features"](image=images).values())
+
+    def model_images(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames at the model image size: larger frames (the bank's view) area-downscaled, others as they are."""
+        if self.image_size is None or frames.shape[-2:] == (self.image_size, self.image_size):
+            return frames
+        if min(frames.shape[-2:]) < self.image_size:
+            raise ValueError(f"frames of {tuple(frames.shape[-2:])} px are smaller than the model image "
+                             f"({self.image_size} px): read them at the pipeline's frame_size")
+        return F.interpolate(frames, size=(self.image_size,) * 2, mode="area")
+
+    @property
+    def frame_size(self) -> int | None:
+        """The size this pipeline's frames are best read at (config.frame_size); None: no model image size."""
+        return None if self.image_size is None else frame_size(self.image_size, self.scoring)
+
+    def map_size(self, frames: torch.Tensor) -> tuple[int, int]:
+        """The size of the maps of `frames`: the model image size (frames' own without one)."""
+        return tuple(frames.shape[-2:]) if self.image_size is None else (self.image_size, self.image_size)
+
+    @property
+    def bank_feature_size(self) -> int | None:
+        """The size frames are resized to for the bank's features (scoring.bank.feature_size, else the scoring
+        feature size)."""
+        return self.scoring.bank.feature_size or self.feature_size
+
+    def bank_features(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """The features the bank search compares: of the frame itself at the bank's feature size (read at that
+        size: no resize), averaged over scoring.bank.neighbourhood; the same features `edgeinspect bank` stores."""
+        return neighbourhood_average(self.features_of(frames, self.bank_feature_size), self.scoring.bank.neighbourhood)
+
+    def shares_bank_features(self, frames: torch.Tensor, images: torch.Tensor) -> bool:
+        """Whether the bank's features are the input features the reconstruction reference computes anyway
+        (the frames are the model images, the sizes agree, no neighbourhood average): then one extractor call
+        serves both."""
+        return frames is images and self.bank_feature_size == self.feature_size and self.scoring.bank.neighbourhood == 1
 
     def bank_maps(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         """The bank reference's blurred map of frames with these features: (B, H, W)."""

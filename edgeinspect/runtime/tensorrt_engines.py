@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from edgeinspect.core.atomic import write_bytes_atomic
-from edgeinspect.runtime.bundle_loading import Bundle, TensorSpec, load_bundle, sha256_file
+from edgeinspect.runtime.bundle_loading import Bundle, BundleError, TensorSpec, load_bundle, sha256_file
 
 ENGINE_HINT = ("TensorRT engines are built on the target machine, for its GPU and TensorRT version: install the "
                "GPU extras there with `pip install edgeinspect[gpu]` and build them with "
@@ -123,6 +123,13 @@ def bundle_profiles(bundle: Bundle, max_batch: int | None = None, opt_batch: int
                     roles: Sequence[str] | None = None) -> dict[str, OptimizationProfile]:
     max_batch = max_batch or bundle.batch_size
     opt_batch = min(opt_batch or max_batch, max_batch)
+    scoring = getattr(bundle.config, "scoring", None)
+    if scoring is not None and scoring.reference == "hybrid" and scoring.bank.feature_size and \
+            scoring.bank.feature_size != (scoring.feature_size or bundle.config.model.image_size):
+        raise BundleError(f"bundle {bundle.path}: the hybrid reference runs the feature extractor at two sizes "
+                          f"(scoring.feature_size and scoring.bank.feature_size {scoring.bank.feature_size}), and a "
+                          "TensorRT engine is pinned to one: export it with scoring.bank.feature_size equal to "
+                          "scoring.feature_size, or run it on onnxruntime")
     out = {}
     for role in roles or bundle.pipeline_roles():
         entry = bundle.network(role)

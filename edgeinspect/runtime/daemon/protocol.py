@@ -371,7 +371,7 @@ class HealthReply(_Reply):
     bundle: str
     method: str
     preset: str
-    image_size: int
+    image_size: int  # the size frames are read at (config.frame_size): the model image or the bank's view
     backend: str
     precision: str
     max_batch: int  # the batch size the daemon forms at most (adaptive: the cheapest per frame it measured)

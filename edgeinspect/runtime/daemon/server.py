@@ -270,7 +270,8 @@ class InspectionDaemon:
         cfg = bundle.config
         info = {"bundle": str(bundle.path), "method": bundle.method, "preset": bundle.manifest.get("preset", "?"),
                 "max_batch": cfg.inference.batch_size, "backend": config.backend, "precision": config.precision}
-        return pipeline, int(bundle.manifest["image_size"]), info, judge_for(bundle.calibration, config.threshold)
+        # frames are decoded at the size the detector reads them at: the model image, or the bank's larger view
+        return pipeline, pipeline.frame_size, info, judge_for(bundle.calibration, config.threshold)
 
     def _warmup(self) -> None:
         """First runs are slow: run the model before serving; with adaptive_batch, also choose the batch size."""
