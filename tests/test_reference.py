@@ -299,3 +299,113 @@ def test_training_ends_with_the_bank_its_reference_needs(sample, tmp_path, monke
     with pytest.raises(BankError, match="train.data_root"):
         finish_training_bank(build_config("diad", "tiny", {"scoring": {"reference": "bank"}}),
                              resolve_checkpoint(runs["reconstruction"]))
+
+
+# --------------------------------------------------------------------------- the bank's own view of the frame
+
+
+def test_frames_are_read_at_the_banks_view_only_where_the_bank_is_searched():
+    from edgeinspect.config import frame_size
+    from edgeinspect.export.examples import ExportSizes
+
+    edge = build_config("diad", "edge")  # the bank sees the frame at 256 px; the diffusion runs at 128
+    assert (edge.model.image_size, edge.scoring.bank.feature_size, edge.scoring.bank.neighbourhood) == (128, 256, 3)
+    assert [frame_size(128, edge.scoring, r) for r in ("bank", "hybrid", "reconstruction")] == [256, 256, 128]
+    tiny = build_config("diad", "tiny")
+    assert frame_size(tiny.model.image_size, tiny.scoring, "bank") == tiny.model.image_size  # no view of its own
+    with pytest.raises(ConfigError, match="odd"):
+        build_config("diad", "tiny", {"scoring": {"bank": {"neighbourhood": 2}}})
+    # the bank reference's graphs deploy (TensorRT pins them) at the size its extractor runs at
+    view = {"scoring": {"bank": {"feature_size": 128}}}
+    assert ExportSizes(build_config("diad", "tiny", merge(view, "bank"))).feature == 128
+    assert ExportSizes(build_config("diad", "tiny", merge(view, "reconstruction"))).feature == tiny.model.image_size
+
+
+def merge(view: dict, reference: str) -> dict:
+    return {"scoring": {**view["scoring"], "reference": reference}}
+
+
+def test_neighbourhood_average_is_patchcores_local_mean():
+    from edgeinspect.runtime.pipeline import neighbourhood_average
+
+    f = torch.arange(20.0).view(1, 1, 4, 5)
+    [g] = neighbourhood_average([f], 3)
+    assert g.shape == f.shape
+    assert float(g[0, 0, 1, 1]) == pytest.approx(float(f[0, 0, :3, :3].mean()))
+    assert float(g[0, 0, 0, 0]) == pytest.approx(float(f[0, 0, :2, :2].mean()))  # the border: the part inside
+    assert neighbourhood_average([f], 1)[0] is f
+
+
+@pytest.fixture(scope="module")
+def viewed(sample):
+    """A tiny DiAD pipeline (64-px model image) whose bank sees frames read at 128 px, 3 x 3 averaged; its bank;
+    test frames read at 128 px and the same frames at the model size (area downscale)."""
+    from edgeinspect.config import frame_size
+
+    run, _ = tiny_bundle()
+    cfg, model = load_diad(run, {"scoring": {"bank": {"feature_size": 128, "neighbourhood": 3}}})
+    pipe = model_pipeline(cfg, model, tiny_features())
+    at = frame_size(cfg.model.image_size, cfg.scoring, "bank")
+    assert at == 128 and pipe.frame_size == cfg.model.image_size  # its reference, reconstruction, has no view
+    bank = fit_bank(pipe, training_normals(sample), at, 4)
+    assert pipe.using("bank", bank).frame_size == 128
+    big = sample_frames(128)
+    return pipe, bank, big, torch.nn.functional.interpolate(big, size=(64, 64), mode="area")
+
+
+def test_the_bank_searches_the_frames_own_features_and_the_diffusion_its_downscaled_copy(viewed):
+    from edgeinspect.core.networks import TorchNetwork
+
+    pipe, bank, big, small = viewed
+    seen: list[torch.Tensor] = []
+    net = pipe.nets["features"]
+    recorder = TorchNetwork(lambda image: (seen.append(image), net.module(image))[1], net.input_names,
+                            net.output_names)
+    only_bank = pipe.using("bank", bank)
+    only_bank.nets = type(pipe.nets)({**pipe.nets, "features": recorder})
+    r = only_bank(big)
+    assert r.maps.shape == (len(big), 64, 64)  # maps at the model image size
+    assert len(seen) == 1 and torch.equal(seen[0], big)  # the frame itself, not the model image upscaled
+    # the reconstruction reference sees the frame area-downscaled to the model image: the same as given that
+    rec_big, rec_small = pipe.using("reconstruction")(big), pipe.using("reconstruction")(small)
+    torch.testing.assert_close(rec_big.maps, rec_small.maps)
+    torch.testing.assert_close(rec_big.scores, rec_small.scores)
+    # the hybrid sums the two views' maps
+    hybrid = pipe.using("hybrid", bank)(big)
+    torch.testing.assert_close(hybrid.maps, hybrid_maps(rec_small.maps, pipe.using("bank", bank)(big).maps,
+                                                        bank.scales), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="smaller than the model image"):
+        pipe(sample_frames(32))
+
+
+def test_a_training_frame_matches_the_bank_built_from_its_averaged_features(viewed, sample):
+    """The bank holds neighbourhood-averaged vectors of frames read at the bank's size: searching a training
+    normal's own averaged features finds nearer vectors than its raw features do (the
+    same bank searched with un-averaged features of the frame)."""
+    from edgeinspect.calibration.calibrate import load_frames
+    from edgeinspect.runtime.bank import bank_distance_maps
+
+    pipe, bank, _, _ = viewed
+    frames = load_frames(training_normals(sample)[:4], 128)
+    averaged = bank_distance_maps(pipe.nets, pipe.bank_features(frames), bank, (64, 64), 64.0)
+    raw = bank_distance_maps(pipe.nets, pipe.features_of(frames, 128), bank, (64, 64), 64.0)
+    assert float(averaged.mean()) < 0.8 * float(raw.mean())
+
+
+def test_evaluation_reads_frames_at_the_view_and_masks_at_the_model_size(sample):
+    from edgeinspect.evaluation.evaluate import load_eval_split
+
+    split = load_eval_split(sample, 64, frames=128)
+    assert split.images.shape[1:] == (128, 128, 3) and split.masks.shape[1:] == (64, 64)
+    assert split.masks[split.labels == 1].any(axis=(1, 2)).all()
+
+
+def test_tensorrt_refuses_a_hybrid_that_runs_the_extractor_at_two_sizes(diad):
+    from edgeinspect.runtime.tensorrt_engines import bundle_profiles
+
+    _, _, copy, _ = diad
+    same = load_bundle(copy, overrides={"scoring": {"reference": "hybrid"}})
+    assert "features" in bundle_profiles(same, roles=("features",))
+    two = load_bundle(copy, overrides={"scoring": {"reference": "hybrid", "bank": {"feature_size": 128}}})
+    with pytest.raises(BundleError, match="two sizes"):
+        bundle_profiles(two, roles=("features",))

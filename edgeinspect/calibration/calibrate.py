@@ -57,9 +57,10 @@ def load_frames(paths: Sequence[Path], size: int) -> torch.Tensor:
 
 def score_images(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 8, progress: bool = False,
                  desc: str = "score") -> tuple[np.ndarray, np.ndarray]:
-    """(image scores (N,), anomaly maps (N, size, size) float32) of image files through a pipeline."""
+    """(image scores (N,), anomaly maps (N, h, w) float32: the model image size) of image files read at `size`
+    (the pipeline's frame size) through a pipeline."""
     scores = np.zeros(len(paths), np.float64)
-    maps = np.zeros((len(paths), size, size), np.float32)
+    maps: np.ndarray | None = None
     starts = range(0, len(paths), batch_size)
     if progress:
         from tqdm import tqdm
@@ -68,7 +69,10 @@ def score_images(pipe: Any, paths: Sequence[Path], size: int, batch_size: int = 
     for s in starts:
         r = pipe(load_frames(paths[s:s + batch_size], size))
         scores[s:s + batch_size] = r.scores.double().numpy()
+        if maps is None:
+            maps = np.zeros((len(paths), *r.maps.shape[1:]), np.float32)
         maps[s:s + batch_size] = r.maps.float().numpy()
+    assert maps is not None, "no images"
     return scores, maps
 
 
