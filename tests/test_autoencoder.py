@@ -198,3 +198,78 @@ def test_the_anchor_decoder_needs_an_anchored_autoencoder(tmp_path):
     run = make_tiny_run(tmp_path / "run")  # the tiny preset's KL autoencoder
     with pytest.raises(ValueError, match="scoring.decoder 'anchor' needs an anchored autoencoder"):
         run_pipeline(run, {"scoring": {"decoder": "anchor"}})
+
+
+def test_the_anchor_encoder_is_the_resize_part_of_the_encode():
+    """scoring.encoder anchor: the latent without the learnt residual, shifted and scaled as the full one; the
+    resize decoder turns it back into the equal-size resize. Untrained (zero residual), both encoders agree."""
+    from edgeinspect.models.diad import VAEAnchorEncoderNet, VAEEncoderNet
+
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16, 16), latent_channels=16, norm_num_groups=4,
+                               sample_size=64, scaling_factor=1.7).eval()
+    ae.set_latent_shift(0.2)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    anchor, full = VAEAnchorEncoderNet(ae), VAEEncoderNet(ae)
+    with torch.no_grad():
+        torch.testing.assert_close(anchor(x), full(x))
+        torch.nn.init.normal_(ae.quant_conv.weight, std=0.05)  # a residual that shows
+        z = anchor(x)
+        assert float((full(x) - z).abs().max()) > 1e-3
+        torch.testing.assert_close(z, ae.anchor_only_encode(x) * 1.7)
+        torch.testing.assert_close(ae.anchor_only_decode(z / 1.7), _resize(x, 32), atol=1e-5, rtol=0)
+    assert set(DiADModel(build_config("diad", "tiny", {"model": {"vae": {"kind": "anchored"}}})).role_modules()) >= {
+        "vae_encoder", "vae_anchor_encoder", "vae_decoder", "vae_anchor_decoder"}
+    assert "vae_anchor_encoder" not in DiADModel(build_config("diad", "tiny")).role_modules()
+
+
+def test_the_anchor_encoder_starts_the_reconstruction_on_every_backend(tmp_path):
+    """scoring.encoder anchor: DiAD denoises from the resize part of the encode, in torch and in the bundle (whose
+    pipeline loads no full encoder); the vae_roundtrip reference still round-trips the frame with the full one."""
+    from edgeinspect.core.networks import Networks
+    from edgeinspect.export.bundle import export_bundle
+    from edgeinspect.runtime.detector import bundle_pipeline
+    from edgeinspect.runtime.run_detector import run_pipeline
+    from tests.test_export import make_tiny_run, tiny_features
+
+    run = make_tiny_run(tmp_path / "run", overrides={"model": {"vae": {"kind": "anchored"}}})
+    start = {"inference": {"t_start": 500}}  # the start latent still shows through the noise
+    _, full, _ = run_pipeline(run, start)
+    nets = full.nets
+    vae = nets["vae_encoder"].module.vae
+    torch.nn.init.normal_(vae.quant_conv.weight, std=0.05)  # a residual that shows
+    frames = torch.rand(2, 3, 32, 32) * 2 - 1
+    want = vae.anchor_only_encode(frames) * vae.config.scaling_factor
+    torch.testing.assert_close(nets["vae_anchor_encoder"](image=frames)["latent"], want)
+    # the anchor pipeline is the full one with the anchor encoder in the full encoder's place
+    _, anchor, _ = run_pipeline(run, {**start, "scoring": {"encoder": "anchor"}})
+    anchor.nets = nets  # the same (perturbed) weights
+    r_full, r_anchor = full(frames), anchor(frames)
+    full.nets = Networks({**nets._networks, "vae_encoder": nets["vae_anchor_encoder"]})
+    torch.testing.assert_close(r_anchor.reconstructions, full(frames).reconstructions)
+    assert float((r_full.reconstructions - r_anchor.reconstructions).abs().max()) > 1e-3
+    # vae_roundtrip: the reconstruction from the anchor latent, against the full autoencoder's round trip
+    _, roundtrip, _ = run_pipeline(run, {**start, "scoring": {"encoder": "anchor", "reference": "vae_roundtrip"}})
+    roundtrip.nets = nets
+    recon, rt = roundtrip.reconstruct(frames)
+    torch.testing.assert_close(recon, r_anchor.reconstructions)
+    torch.testing.assert_close(rt, nets["vae_decoder"](latent=nets["vae_encoder"](image=frames)["latent"])["image"]
+                               .clamp(-1, 1))
+    # exported: the bundle carries the anchor encoder, onnxruntime encodes and scores as torch does, and a
+    # pipeline on it opens no session for the full encoder
+    bundle = export_bundle(run, tmp_path / "bundle", ("fp32",), features=tiny_features(), overwrite=True, threads=1)
+    ort = bundle_pipeline(bundle, "onnxruntime", overrides={"scoring": {"encoder": "anchor"}}, verdict=False)
+    assert "vae_anchor_encoder" in ort.nets and "vae_encoder" not in ort.nets
+    _, torch_anchor, _ = run_pipeline(run, {"scoring": {"encoder": "anchor"}})
+    torch.testing.assert_close(ort.nets["vae_anchor_encoder"](image=frames)["latent"],
+                               torch_anchor.nets["vae_anchor_encoder"](image=frames)["latent"], rtol=1e-4, atol=1e-5)
+    torch_anchor.nets = Networks({**torch_anchor.nets._networks, "features": ort.nets["features"]}, name="mixed")
+    torch.testing.assert_close(ort(frames).scores, torch_anchor(frames).scores, rtol=1e-3, atol=1e-4)
+
+
+def test_the_anchor_encoder_needs_an_anchored_autoencoder(tmp_path):
+    from edgeinspect.runtime.run_detector import run_pipeline
+    from tests.test_export import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run")  # the tiny preset's KL autoencoder
+    with pytest.raises(ValueError, match="scoring.encoder 'anchor' needs an anchored autoencoder"):
+        run_pipeline(run, {"scoring": {"encoder": "anchor"}})

@@ -301,3 +301,29 @@ def test_glad_vae_roundtrip_reference_through_the_bundle(bundle):
     assert (got.maps - ref.maps).abs().max() <= SCORE_TOL
     plain = bundle_pipeline(bundle, intra_op_threads=1)(frames)
     assert torch.equal(plain.fire_step, got.fire_step) and not torch.allclose(plain.maps, got.maps)
+
+
+def test_an_anchored_glad_model_exports_its_anchor_roles(tmp_path):
+    """GLAD registers the anchored autoencoder's resize encoder and decoder (scoring.encoder/decoder anchor) like
+    DiAD: exported with their role signatures, the encoder's graph matching torch; a KL autoencoder has none."""
+    import edgeinspect.export.glad  # noqa: F401  (registers the GLAD roles: roles.py loads only DiAD's itself)
+    from edgeinspect.export.methods import build_role_exports
+    from edgeinspect.export.onnx import export_onnx, parity_report
+    from edgeinspect.export.roles import ExportContext
+    from edgeinspect.models.glad import GLADModel
+
+    roles = ["vae_anchor_encoder", "vae_anchor_decoder"]
+    torch.manual_seed(0)
+    cfg = build_config("glad", "tiny", {"model": {"vae": {"kind": "anchored"}}})
+    specs = build_role_exports("glad", ExportContext(cfg, GLADModel(cfg).eval(), None, None), roles)
+    for role in roles:
+        assert (specs[role].input_names, specs[role].output_names) == ROLE_SIGNATURES[role]
+        assert not specs[role].fp16 and specs[role].pipeline
+    spec = specs["vae_anchor_encoder"]
+    graph = export_onnx(spec.module, spec.inputs, tmp_path / "enc.onnx", spec.output_names, spec.dynamic_axes,
+                        probe=spec.probe)
+    err, scale = parity_report(spec.module, graph.path, [spec.inputs, spec.probe], spec.output_names, threads=1)
+    assert err["latent"] <= FP32_BOUND[0] + FP32_BOUND[1] * scale["latent"] and scale["latent"] > 0.01
+    kl = build_config("glad", "tiny")
+    with pytest.raises(KeyError, match="does not apply"):
+        build_role_exports("glad", ExportContext(kl, GLADModel(kl).eval(), None, None), roles[:1])

@@ -426,6 +426,52 @@ def test_vae_roundtrip_reference_compares_like_with_like(tiny):
     assert not torch.allclose(plain.maps, r.maps)
 
 
+def test_the_anchor_encoder_makes_the_input_latents(tiny):
+    """scoring.encoder anchor: z0 (the denoising's start, and the ADP checks' input-derived estimates) is the
+    anchored autoencoder's resize encode and the full encoder is not run; vae_roundtrip still scores against the
+    full autoencoder's round trip."""
+    _, _, features = tiny
+    torch.manual_seed(0)
+    cfg = build_config("glad", "tiny", {"train": {"prompt": "a tile"}, "inference": {"threshold": 0.0},
+                                        "model": {"vae": {"kind": "anchored"}}})
+    model = GLADModel(cfg).eval()
+    assert {"vae_anchor_encoder", "vae_anchor_decoder"} <= set(model.role_modules())
+    torch.nn.init.normal_(model.vae.quant_conv.weight, std=0.05)  # a residual that shows
+
+    def pipeline(**scoring):
+        return model_pipeline(cfg.model_copy(update={"scoring": cfg.scoring.model_copy(update=scoring)}), model,
+                              features)
+
+    def logged(pipe):
+        log = []
+
+        def counted(role, net):
+            def call(**inputs):
+                log.append(role)
+                return net(**inputs)
+            return call
+
+        pipe.nets = Networks({r: counted(r, pipe.nets[r]) for r in pipe.nets}, pipe.nets.device)
+        return pipe, log
+
+    x = _frames()
+    anchor, log = logged(pipeline(encoder="anchor"))
+    r = anchor(x)
+    assert log[0] == "vae_anchor_encoder" and "vae_encoder" not in log
+    swapped = pipeline()  # the full pipeline with the anchor encoder in the full encoder's place
+    swapped.nets = Networks({**swapped.nets._networks, "vae_encoder": swapped.nets["vae_anchor_encoder"]})
+    same = swapped(x)
+    assert torch.equal(r.reconstructions, same.reconstructions) and torch.equal(r.fire_step, same.fire_step)
+    assert not torch.allclose(r.reconstructions, pipeline()(x).reconstructions)
+    roundtrip, log = logged(pipeline(encoder="anchor", reference="vae_roundtrip"))
+    r_rt = roundtrip(x)
+    assert log[0] == "vae_anchor_encoder" and log.count("vae_encoder") == 1
+    assert torch.equal(r.reconstructions, r_rt.reconstructions)
+    with torch.no_grad():
+        full_rt = model.vae.decode(model.vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(r_rt.scores, anchor.score(full_rt, r.reconstructions)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_draws_run_as_one_stacked_batch(tiny):
     """inference.draws = 3 makes exactly the network calls of one draw, each on 3x the rows (a GPU step of
     this small model is launch-bound, so stacking is what makes extra draws cheap there); the input is

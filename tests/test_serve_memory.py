@@ -76,10 +76,10 @@ def test_makefile_builds_and_checks_the_serving_environment():
 # --------------------------------------------------------------------------- only the sessions a pipeline runs
 
 
-def _fake(reference: str, decoder: str = "full", networks=(*PIPELINE_ROLES["diad"], "bank_distance", "guidance",
-                                                             "vae_anchor_decoder")):
+def _fake(reference: str, decoder: str = "full", encoder: str = "full",
+          networks=(*PIPELINE_ROLES["diad"], "bank_distance", "guidance", "vae_anchor_decoder", "vae_anchor_encoder")):
     bundle = SimpleNamespace(method="diad", manifest={"networks": dict.fromkeys(networks, {})})
-    return bundle, SimpleNamespace(scoring=SimpleNamespace(reference=reference, decoder=decoder))
+    return bundle, SimpleNamespace(scoring=SimpleNamespace(reference=reference, decoder=decoder, encoder=encoder))
 
 
 def test_pipeline_roles_follow_the_scoring_settings():
@@ -91,6 +91,21 @@ def test_pipeline_roles_follow_the_scoring_settings():
     assert pipeline_roles(*_fake("reconstruction"), references=("bank",)) == (*PIPELINE_ROLES["diad"], "bank_distance")
     # a bundle without the bank search: nothing to load (the loop names what is missing)
     b, cfg = _fake("hybrid", networks=PIPELINE_ROLES["diad"])
+    assert pipeline_roles(b, cfg) == PIPELINE_ROLES["diad"]
+
+
+def test_pipeline_roles_load_the_encoder_the_pipeline_runs():
+    """scoring.encoder anchor: the resize encoder in place of the full one, which only a vae_roundtrip reference
+    still runs (its round trip); a bundle without the anchor encoder: nothing to load (the loop says so)."""
+    lean = tuple(r for r in PIPELINE_ROLES["diad"] if r != "vae_encoder")
+    assert pipeline_roles(*_fake("reconstruction", encoder="anchor")) == (*lean, "vae_anchor_encoder")
+    assert pipeline_roles(*_fake("hybrid", "anchor", "anchor")) == (*lean, "vae_anchor_decoder", "vae_anchor_encoder",
+                                                                     "bank_distance")
+    assert pipeline_roles(*_fake("vae_roundtrip", encoder="anchor")) == (*PIPELINE_ROLES["diad"], "vae_anchor_encoder")
+    assert pipeline_roles(*_fake("reconstruction", encoder="anchor"), references=("vae_roundtrip",)) == (
+        *PIPELINE_ROLES["diad"], "vae_anchor_encoder")
+    assert pipeline_roles(*_fake("bank", encoder="anchor")) == ("features", "bank_distance")
+    b, cfg = _fake("reconstruction", encoder="anchor", networks=PIPELINE_ROLES["diad"])
     assert pipeline_roles(b, cfg) == PIPELINE_ROLES["diad"]
 
 

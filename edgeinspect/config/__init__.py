@@ -17,7 +17,7 @@ Import from the package: `from edgeinspect.config import load_config, DiADConfig
 from edgeinspect.config.base import (
     ConfigError, Strict, VAEConfig, UNetConfig, PromptEncoderConfig, ModelConfig, SchedulerConfig, FeatureConfig,
     GuidanceConfig, TrainLoopConfig, AutoencoderStageConfig, RuntimeConfig, MethodConfig, anchor_layout,
-    BankConfig, BANK_REFERENCES, Decoder, REFERENCES, Reference, frame_size,
+    BankConfig, BANK_REFERENCES, Decoder, Encoder, REFERENCES, Reference, frame_size,
 )
 from edgeinspect.config.diad import DiADTrainConfig, DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.config.glad import (
@@ -40,6 +40,7 @@ from edgeinspect.config.load import (
 __all__ = [
     "ConfigError", "AutoencoderStageConfig", "anchor_layout", "BankConfig", "BANK_REFERENCES", "REFERENCES",
     "Reference",
+    "Encoder",
     "Decoder",
     "frame_size",
     "Strict",

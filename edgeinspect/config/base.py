@@ -153,6 +153,15 @@ Reference = Literal["reconstruction", "vae_roundtrip", "bank", "hybrid"]
 BANK_REFERENCES = ("bank", "hybrid")
 
 
+# How a detector encodes frames to the latent its diffusion starts from (`scoring.encoder`):
+#   full    the autoencoder's encoder (the papers);
+#   anchor  the anchored autoencoder's resize part only (models/autoencoder.py): the equal-size area downscale
+#           folded into latent channels, without the learnt residual E(x), which is nearly all of the encode
+#           time (about 15-20 ms a frame on 2 CPU cores); the latent is noised before it is denoised (DiAD: to
+#           t_start), which drowns much of the detail E adds (a probe: DiAD's AUROC at t_start 500 unchanged).
+#           The vae_roundtrip reference's round trip still uses the full encoder. Needs `model.vae.kind` anchored.
+Encoder = Literal["full", "anchor"]
+
 # How a detector decodes latents to images (`scoring.decoder`):
 #   full    the autoencoder's decoder (the papers);
 #   anchor  the anchored autoencoder's resize part only (models/autoencoder.py): the bicubic upscale of the

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from edgeinspect.config.base import (AutoencoderStageConfig, BankConfig, Decoder, Reference, Strict, TrainLoopConfig,
-                                     read_reference)
+from edgeinspect.config.base import (AutoencoderStageConfig, BankConfig, Decoder, Encoder, Reference, Strict,
+                                     TrainLoopConfig, read_reference)
 
 
 
@@ -37,6 +37,9 @@ class DiADScoringConfig(Strict):
     # (vae_roundtrip: a small from-scratch autoencoder's blur appears on both sides and cancels, one extra
     # decode per frame); the normal-feature bank alone (bank); or both (hybrid).
     reference: Reference = "reconstruction"
+    # How frames are encoded to the start latent (config/base.py Encoder): the full encoder, or the anchored
+    # autoencoder's resize part alone (no learnt residual; cheaper).
+    encoder: Encoder = "full"
     # How latents are decoded for scoring (config/base.py Decoder): the full decoder, or the anchored
     # autoencoder's resize part alone (no learnt residual; much cheaper).
     decoder: Decoder = "full"

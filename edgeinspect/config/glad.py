@@ -13,6 +13,7 @@ from edgeinspect.config.base import (
     BankConfig,
     FeatureConfig,
     Decoder,
+    Encoder,
     Reference,
     Strict,
     TrainLoopConfig,
@@ -168,6 +169,9 @@ class GLADScoringConfig(Strict):
     # +0.015-0.025, pixel -0.01, glad_mtd_gpu_sweep.md); the normal-feature bank alone (bank: no
     # diffusion, no ADP); or both (hybrid).
     reference: Reference = "reconstruction"
+    # How frames are encoded to the input latent z0, which the denoising starts from and the ADP checks' input-
+    # derived estimates are made of (config/base.py Encoder).
+    encoder: Encoder = "full"
     # How latents are decoded, in the ADP checks and for the final map (config/base.py Decoder).
     decoder: Decoder = "full"
     bank: BankConfig = BankConfig()

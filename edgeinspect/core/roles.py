@@ -13,6 +13,8 @@ Signature = tuple[tuple[str, ...], tuple[str, ...]]  # (input names, output name
 # Input/output names of every role. Export names graph inputs/outputs the same way.
 ROLE_SIGNATURES: dict[str, Signature] = {
     "vae_encoder": (("image",), ("latent",)),
+    # The anchored autoencoder's encoder without its learnt residual (scoring.encoder anchor).
+    "vae_anchor_encoder": (("image",), ("latent",)),
     "vae_decoder": (("latent",), ("image",)),
     # The anchored autoencoder's decoder without its learnt residual (scoring.decoder anchor).
     "vae_anchor_decoder": (("latent",), ("image",)),
@@ -32,7 +34,8 @@ ROLE_SIGNATURES: dict[str, Signature] = {
 # The networks that run at image resolution, one output row per input row: on a CPU their cost per frame
 # does not fall with the batch while their activations grow with it (the UNet's does fall), so a memory-lean
 # runtime may run them a few rows at a time (onnxruntime's `image_rows`).
-IMAGE_ROLES = ("vae_encoder", "vae_decoder", "vae_anchor_decoder", "hint_encoder", "trimap_encoder", "features")
+IMAGE_ROLES = ("vae_encoder", "vae_anchor_encoder", "vae_decoder", "vae_anchor_decoder", "hint_encoder",
+               "trimap_encoder", "features")
 
 
 def feature_signature(levels: int) -> Signature:

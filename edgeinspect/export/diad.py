@@ -91,6 +91,20 @@ def _unet(ctx: ExportContext) -> RoleExport:
     )
 
 
+@register_role(METHOD, "vae_anchor_encoder")
+def vae_anchor_encoder_role(ctx: ExportContext) -> RoleExport | None:
+    """The anchored autoencoder's resize encoder (scoring.encoder anchor); none for a KL autoencoder."""
+    module = ctx.model.role_modules().get("vae_anchor_encoder")
+    if module is None:
+        return None
+    s = ExportSizes(ctx.cfg)
+    return RoleExport(
+        "vae_anchor_encoder", module, {"image": random_images(2, s.image, 17)},
+        {"image": random_images(3, s.probe_image, 18)}, ("latent",), {"image": IMAGE_AXES}, fp16=False,
+        notes="the encoder without its learnt residual: area downscale + pixel unshuffle (scoring.encoder anchor)",
+    )
+
+
 @register_role(METHOD, "vae_decoder")
 def vae_decoder_role(ctx: ExportContext) -> RoleExport:
     s = ExportSizes(ctx.cfg)

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from edgeinspect.export.diad import bank_distance_role, vae_anchor_decoder_role, vae_decoder_role, vae_encoder_role
+from edgeinspect.export.diad import (bank_distance_role, vae_anchor_decoder_role, vae_anchor_encoder_role,
+                                    vae_decoder_role, vae_encoder_role)
 from edgeinspect.export.examples import IMAGE_AXES, LATENT_AXES, ExportSizes, random_images, seeded_generator
 from edgeinspect.export.roles import ExportContext, RoleExport, register_role
 from edgeinspect.runtime.glad import resolve_weight_bounds, usable_calibration
@@ -46,6 +47,7 @@ def _unet_inputs(ctx: ExportContext, batch: int, latent: int, timesteps: list[fl
 
 
 register_role(METHOD, "vae_encoder")(vae_encoder_role)
+register_role(METHOD, "vae_anchor_encoder")(vae_anchor_encoder_role)
 
 
 @register_role(METHOD, "unet_plain")

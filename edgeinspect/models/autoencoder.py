@@ -115,6 +115,10 @@ class AnchoredAutoencoderKL(AutoencoderKL):
         dec = self.anchor.image_out(self.decoder(self.post_quant_conv(raw)) + self.anchor.decode(raw))
         return DecoderOutput(sample=dec) if return_dict else (dec,)
 
+    def anchor_only_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent mean without the learnt residual: the equal-size resize of `x`, folded and shifted
+        (unscaled, as `encode` gives it)."""
+        return self.anchor.encode(self.anchor.image_in(x)) - self.latent_shift
 
     def anchor_only_decode(self, z: torch.Tensor) -> torch.Tensor:
         """The decoded image without the learnt residual: the bicubic upscale of the resize `z` holds."""

@@ -24,6 +24,26 @@ class VAEEncoderNet(nn.Module):
         return self.vae.encode(image).latent_dist.mean * self.vae.config.scaling_factor
 
 
+class VAEAnchorEncoderNet(nn.Module):
+    """The `vae_anchor_encoder` role: an anchored autoencoder's encode without its learnt residual (scaled
+    like `vae_encoder`'s latent)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.anchor_only_encode(image) * self.vae.config.scaling_factor
+
+
+def encoder_roles(vae: nn.Module) -> dict[str, nn.Module]:
+    """The encoder roles of an autoencoder: `vae_encoder`, and `vae_anchor_encoder` when it is anchored."""
+    roles: dict[str, nn.Module] = {"vae_encoder": VAEEncoderNet(vae)}
+    if isinstance(vae, AnchoredAutoencoderKL):
+        roles["vae_anchor_encoder"] = VAEAnchorEncoderNet(vae)
+    return roles
+
+
 class VAEDecoderNet(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -108,7 +128,7 @@ class DiADModel(LatentDiffusionModel):
 
     def role_modules(self) -> dict[str, nn.Module]:
         return {
-            "vae_encoder": VAEEncoderNet(self.vae),
+            **encoder_roles(self.vae),
             "hint_encoder": HintNet(self.guidance),
             "unet": GuidedUNet(self.unet, self.guidance),
             **decoder_roles(self.vae),

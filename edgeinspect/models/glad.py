@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgeinspect.config import GLADConfig
-from edgeinspect.models.diad import LatentDiffusionModel, VAEEncoderNet, decoder_roles
+from edgeinspect.models.diad import LatentDiffusionModel, decoder_roles, encoder_roles
 
 
 class PlainUNet(nn.Module):
@@ -29,5 +29,4 @@ class GLADModel(LatentDiffusionModel):
         super().__init__(cfg)
 
     def role_modules(self) -> dict[str, nn.Module]:
-        return {"vae_encoder": VAEEncoderNet(self.vae), "unet_plain": PlainUNet(self.unet),
-                **decoder_roles(self.vae)}
+        return {**encoder_roles(self.vae), "unet_plain": PlainUNet(self.unet), **decoder_roles(self.vae)}

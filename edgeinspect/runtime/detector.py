@@ -120,8 +120,8 @@ def bundle_pipeline(bundle: Bundle | str | Path, backend: str = "onnxruntime", *
 
 
 def pipeline_roles(bundle: Bundle, cfg: Any, references: Sequence[str] = ()) -> tuple[str, ...]:
-    """The network roles a pipeline on `bundle` runs with `cfg`'s scoring (reference and decoder), and with
-    each of `references` (for `using`): a session per role costs memory, so no role is loaded that no
+    """The network roles a pipeline on `bundle` runs with `cfg`'s scoring (reference, encoder and decoder), and
+    with each of `references` (for `using`): a session per role costs memory, so no role is loaded that no
     reference runs. bank: the extractor and the bank search only (no diffusion); hybrid: the method's networks
     and the bank search; reconstruction: the method's networks."""
     wanted = {cfg.scoring.reference, *references}
@@ -132,6 +132,12 @@ def pipeline_roles(bundle: Bundle, cfg: Any, references: Sequence[str] = ()) -> 
         # scoring.decoder anchor: the anchored autoencoder's resize decoder (a bundle without it: the loop says so)
         if cfg.scoring.decoder == "anchor" and "vae_anchor_decoder" in networks:
             roles.append("vae_anchor_decoder")
+        # scoring.encoder anchor: the resize encoder, in place of the full one unless a vae_roundtrip reference
+        # runs its round trip (a bundle without it: the loop says so)
+        if cfg.scoring.encoder == "anchor" and "vae_anchor_encoder" in networks:
+            roles.append("vae_anchor_encoder")
+            if "vae_roundtrip" not in wanted:
+                roles.remove("vae_encoder")
     else:
         roles.append("features")
     # a bundle without the bank search: the loop names what is missing

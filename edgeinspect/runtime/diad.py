@@ -51,7 +51,8 @@ class DiADPipeline(DetectorLoop):
         timer = timer or StageTimer(self.nets.device)
         b = images.shape[0]
         with timer("encode"):
-            z0 = self.nets["vae_encoder"](image=images)["latent"]
+            z0 = self.nets[self.encoder_role](image=images)["latent"]
+            z_rt = self.roundtrip_latents(images, z0) if self.scoring.reference == "vae_roundtrip" else None
             hint = self.nets["hint_encoder"](image=images)["hint"]
         with timer("denoise"):
             noise = seeded_noise(tuple(z0.shape[1:]), self.inference.seed, b, z0.device, z0.dtype)
@@ -64,8 +65,8 @@ class DiADPipeline(DetectorLoop):
                 eps = unet(sample=z, timestep=tt, encoder_hidden_states=ctx, hint=hint)["noise_pred"]
                 z, _ = self.schedule.step(z, eps, t, t_prev)
         with timer("decode"):
-            if self.scoring.reference == "vae_roundtrip":
-                both = self.nets[self.decoder_role](latent=torch.cat([z, z0]))["image"].clamp(-1, 1)
+            if z_rt is not None:
+                both = self.nets[self.decoder_role](latent=torch.cat([z, z_rt]))["image"].clamp(-1, 1)
                 return both[:b], both[b:]
             return self.nets[self.decoder_role](latent=z)["image"].clamp(-1, 1), None
 

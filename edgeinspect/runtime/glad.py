@@ -246,7 +246,7 @@ class GLADPipeline(DetectorLoop):
         """The input latents (B, ...) and the noise of `draws` draws stacked: draw k's rows k*B .. (k+1)*B - 1
         carry the noise of seed + k (the same for every frame)."""
         with timer("encode"):
-            z0 = self.nets["vae_encoder"](image=images)["latent"]
+            z0 = self.nets[self.encoder_role](image=images)["latent"]
         with timer("denoise"):
             eps = torch.cat([seeded_noise(tuple(z0.shape[1:]), self.inference.seed + k, z0.shape[0], z0.device,
                                           z0.dtype) for k in range(draws)])
@@ -370,7 +370,7 @@ class GLADPipeline(DetectorLoop):
         r = self.denoise(z0.repeat(draws, 1, 1, 1), eps, timer, tuple(images.shape[-2:]))  # all draws as one batch
         with timer("decode"):
             roundtrip = self.scoring.reference == "vae_roundtrip"
-            latents = torch.cat([r["latent"], z0]) if roundtrip else r["latent"]
+            latents = torch.cat([r["latent"], self.roundtrip_latents(images, z0)]) if roundtrip else r["latent"]
             decoded = self.nets[self.decoder_role](latent=latents)["image"].clamp(-1, 1)
             recon = decoded[:draws * b]
             reference = decoded[draws * b:] if roundtrip else images

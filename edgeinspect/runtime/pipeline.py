@@ -52,13 +52,33 @@ class DetectorLoop:
         runs no diffusion: only the feature extractor and the bank search)."""
         if reference in BANK_REFERENCES:
             check_bank(bank, reference)
-        roles = {"bank": ("features", "bank_distance"), "hybrid": (*self.method_roles, "bank_distance")}
-        for role in roles.get(reference, self.method_roles):
+        if reference != "bank" and self.encoder_role == "vae_anchor_encoder" and "vae_anchor_encoder" not in networks:
+            raise ValueError("scoring.encoder 'anchor' needs an anchored autoencoder (model.vae.kind anchored, "
+                             "the edge default) and, from a bundle, its vae_anchor_encoder graph (exported with "
+                             "it): this model has none; use scoring.encoder full")
+        # scoring.encoder anchor: the anchor encoder stands in for the full one, which only the vae_roundtrip
+        # reference's round trip still runs (so a bundle pipeline loads it for that alone: detector.pipeline_roles)
+        method = self.method_roles
+        if self.encoder_role != "vae_encoder" and reference != "vae_roundtrip":
+            method = tuple(self.encoder_role if r == "vae_encoder" else r for r in method)
+        roles = {"bank": ("features", "bank_distance"), "hybrid": (*method, "bank_distance")}
+        for role in roles.get(reference, method):
             networks[role]
         if reference != "bank" and self.decoder_role == "vae_anchor_decoder" and "vae_anchor_decoder" not in networks:
             raise ValueError("scoring.decoder 'anchor' needs an anchored autoencoder (model.vae.kind anchored, "
                              "the edge default) and, from a bundle, its vae_anchor_decoder graph (exported with "
                              "it): this model has none; use scoring.decoder full")
+
+    @property
+    def encoder_role(self) -> str:
+        """The network that encodes frames to the latent the diffusion starts from: scoring.encoder full or
+        anchor."""
+        return "vae_anchor_encoder" if self.scoring.encoder == "anchor" else "vae_encoder"
+
+    def roundtrip_latents(self, images: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        """The latents of the vae_roundtrip reference's round trip of `images`: the full encoder's, whichever
+        encoder made the start latents `z0` (reused when it was the full one)."""
+        return z0 if self.encoder_role == "vae_encoder" else self.nets["vae_encoder"](image=images)["latent"]
 
     @property
     def decoder_role(self) -> str:
