@@ -174,7 +174,7 @@ def test_the_anchor_decoder_skips_the_learnt_residual_on_every_backend(tmp_path)
     torch.nn.init.normal_(vae.decoder.conv_out.weight, std=0.05)  # a residual that shows
     _, anchor, _ = run_pipeline(run, {"scoring": {"decoder": "anchor"}})
     anchor.nets = full.nets  # the same (perturbed) weights
-    frames = torch.rand(2, 3, 32, 32) * 2 - 1
+    frames = torch.rand(2, 3, 64, 64) * 2 - 1
     r_full, r_anchor = full(frames), anchor(frames)
     latent = torch.randn(2, *vae.encode(frames).latent_dist.mean.shape[1:])
     want = vae.anchor_only_decode(latent / vae.config.scaling_factor)
@@ -237,7 +237,7 @@ def test_the_anchor_encoder_starts_the_reconstruction_on_every_backend(tmp_path)
     nets = full.nets
     vae = nets["vae_encoder"].module.vae
     torch.nn.init.normal_(vae.quant_conv.weight, std=0.05)  # a residual that shows
-    frames = torch.rand(2, 3, 32, 32) * 2 - 1
+    frames = torch.rand(2, 3, 64, 64) * 2 - 1
     want = vae.anchor_only_encode(frames) * vae.config.scaling_factor
     torch.testing.assert_close(nets["vae_anchor_encoder"](image=frames)["latent"], want)
     # the anchor pipeline is the full one with the anchor encoder in the full encoder's place
