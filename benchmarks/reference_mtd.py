@@ -193,6 +193,8 @@ def detector_rows(method: str, source: Path, data: Path, batch: int | None, thre
             **metrics_row(split, labels.numpy(), masks.numpy(), maps, scores), "ms_per_frame": round(ms, 1),
             "bundle_mb": mb, "source": str(source), "backend": "onnxruntime" if is_bundle else "torch",
             "feature_size": cfg.scoring.feature_size, "blur_sigma": cfg.scoring.blur_sigma,
+            "bank_feature_size": frame_size(size, cfg.scoring, "bank"),
+            "bank_neighbourhood": cfg.scoring.bank.neighbourhood,
             "bank_size": len(bank.vectors[0]), "bank_mb": round(bank.nbytes / 2**20, 2),
             "hybrid_scales": bank.scales, "test_images": len(labels), "settings": settings or {}}
         print(json.dumps({f"{method}.{ref}": out[f"{method}.{ref}"]}), flush=True)
@@ -260,7 +262,7 @@ def report(doc: dict[str, Any]) -> str:
              "The bank's settings (feature size, layers, blur, coreset size) were swept on the same split: "
              "reference_sweep_mtd.md.", "",
              "| detector | reference | image AUROC | pixel AUROC | pixel AP | PRO | per-type image AUROC | "
-             "ms/frame | bundle MB | bank (vectors/level, MB) | source; settings |",
+             "ms/frame | bundle MB | bank (vectors/level, MB; view px, neighbourhood) | source; settings |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(rows):
         r = rows[name]
@@ -268,7 +270,9 @@ def report(doc: dict[str, Any]) -> str:
         types = ", ".join(f"{t} {v:.3f}" for t, v in r["image_auroc_by_type"].items())
         lines.append(f"| {method} | {ref} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pixel_ap']:.4f} | "
                      f"{r['pro']:.4f} | {types} | {r['ms_per_frame']} | {r['bundle_mb']} | "
-                     f"{r['bank_size']}, {r['bank_mb']} | {r['source']}"
+                     f"{r['bank_size']}, {r['bank_mb']}"
+                     + (f"; {r['bank_feature_size']} px, {r['bank_neighbourhood']}" if "bank_feature_size" in r else "")
+                     + f" | {r['source']}"
                      + ("; " + ", ".join(f"{k}={v}" for k, v in flat_settings(r["settings"]).items())
                         if r.get("settings") else "") + " |")
     pending = [f"{m}.{ref}" for m in METHODS for ref in REFERENCES if f"{m}.{ref}" not in rows]
