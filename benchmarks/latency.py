@@ -131,23 +131,23 @@ def load_frames(cfg: Any, frames_dir: Path | None, n: int) -> tuple[torch.Tensor
 def torch_side(method: str, run: Path, device: str, overrides: dict | None = None) -> tuple[Any, Any, Any]:
     """(cfg, torch pipeline, feature extractor) from a run folder; `overrides`: inference/scoring settings."""
     if method == "diad":
-        from edgeinspect.runtime.run_detector import model_pipeline
+        from edgeinspect.runtime.run_detector import model_pipeline, run_bank
         from edgeinspect.runtime.torch_backend import load_diad
         from edgeinspect.models.features import build_features
 
         cfg, model = load_diad(run, overrides)
         torch.manual_seed(0)  # a random extractor (tiny preset) is then the same every time
         features = build_features(cfg)
-        return cfg, model_pipeline(cfg, model, features, device=device), features
+        return cfg, model_pipeline(cfg, model, features, device=device, bank=run_bank(run, cfg)), features
     from edgeinspect.models.features import build_features
-    from edgeinspect.runtime.run_detector import model_pipeline
+    from edgeinspect.runtime.run_detector import model_pipeline, run_bank
     from edgeinspect.runtime.torch_backend import load_glad
 
     cfg, model, extra = load_glad(run, overrides)
     torch.manual_seed(0)
     features = build_features(cfg)
     pipe = model_pipeline(cfg, model, features, device=device, threshold=extra.get("adp_threshold"),
-                         category=cfg.category)
+                         category=cfg.category, bank=run_bank(run, cfg))
     return cfg, pipe, features
 
 

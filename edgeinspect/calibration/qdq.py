@@ -309,19 +309,33 @@ def spread_indices(n: int, k: int) -> list[int]:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int)).tolist()
 
 
+def _recording_pipeline(bundle: Any, role: str, threads: int | None, pipe_cache: dict[str, Any]) -> Any:
+    """The bundle's fp32 pipeline that runs `role`: as the bundle scores, or, when that runs without it (the
+    bank reference runs no diffusion; the anchor encoder stands in for the full one), the papers' scoring with
+    the full encoder, which runs every method network."""
+    def build(overrides: dict | None) -> Any:
+        return bundle_pipeline(bundle, "onnxruntime", precision="fp32", intra_op_threads=threads, verdict=False,
+                               overrides=overrides)
+
+    if "pipe" not in pipe_cache:
+        pipe_cache["pipe"] = build(None)
+    if role in pipe_cache["pipe"].nets:
+        return pipe_cache["pipe"]
+    if "pipe.all" not in pipe_cache:
+        pipe_cache["pipe.all"] = build({"scoring": {"reference": "reconstruction", "encoder": "full"}})
+    return pipe_cache["pipe.all"]
+
+
 def _recorded_items(bundle: Any, role: str, images: Sequence[Path], max_items: int, batch_size: int,
                     threads: int | None, pipe_cache: dict[str, Any]) -> list[Feeds]:
     """`role`'s inputs recorded from the bundle's fp32 pipeline on (an even spread of) the images, then
     subsampled evenly to max_items: enough frames for max_items calls, not every image."""
 
-    if "pipe" not in pipe_cache:
-        pipe_cache["pipe"] = bundle_pipeline(bundle, "onnxruntime", precision="fp32", intra_op_threads=threads,
-                                             verdict=False)
-    pipe = pipe_cache["pipe"]
+    pipe = _recording_pipeline(bundle, role, threads, pipe_cache)
     per_frame = max(1, len(getattr(pipe, "timesteps", ()) or ()))
     frames = [images[i] for i in spread_indices(len(images), math.ceil(max_items / per_frame))]
     items: list[Feeds] = []
-    size = bundle.config.model.image_size
+    size = getattr(pipe, "frame_size", None) or bundle.config.model.image_size
     for s in range(0, len(frames), batch_size):
         items += record_role_inputs(pipe, role, load_frames(frames[s:s + batch_size], size), batch_size=batch_size)
     return [items[i] for i in spread_indices(len(items), max_items)]
