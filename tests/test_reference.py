@@ -409,3 +409,22 @@ def test_tensorrt_refuses_a_hybrid_that_runs_the_extractor_at_two_sizes(diad):
     two = load_bundle(copy, overrides={"scoring": {"reference": "hybrid", "bank": {"feature_size": 128}}})
     with pytest.raises(BundleError, match="two sizes"):
         bundle_profiles(two, roles=("features",))
+
+
+def test_int8_calibration_of_a_bank_bundle_records_the_networks_its_scoring_skips(diad, sample, tmp_path):
+    """A bank-reference bundle runs no diffusion, yet its UNet is still worth an int8 graph (hybrid, the papers'
+    scoring): its inputs are recorded from a pipeline that runs it; the feature extractor's from the bundle's own."""
+    from edgeinspect.calibration.qdq import _recorded_items
+    from edgeinspect.calibration.calibrate import select_normals
+
+    _, _, copy, _ = diad
+    bundle = tmp_path / "bundle"
+    shutil.copytree(copy, bundle)
+    set_payload(bundle, BANK_PAYLOAD, (copy / "bank.safetensors").read_bytes(), {"reference": "bank"})
+    b = load_bundle(bundle)
+    cache: dict = {}
+    unet = _recorded_items(b, "unet", select_normals(sample)[:2], 4, 2, 1, cache)
+    assert len(unet) == 4 and {"sample", "timestep", "hint"} <= set(unet[0])
+    assert "unet" not in cache["pipe"].nets and "unet" in cache["pipe.all"].nets
+    feats = _recorded_items(b, "features", select_normals(sample)[:2], 2, 2, 1, cache)
+    assert feats and feats[0]["image"].shape[-1] == cache["pipe"].frame_size  # the frames the bank reads
