@@ -204,8 +204,11 @@ def make_bundle(out: Path, data: Path) -> Path:
     from edgeinspect.export.bundle import export_bundle
     from edgeinspect.training.diad import train_diad
 
+    # The edge preset scores against the bank of normal features, built at the end of training: the
+    # sample's normals hold fewer than the preset's 16384 positions at the coarsest level, so 4096 (as
+    # configs/demo.yaml).
     cfg = build_config("diad", "edge", {"train": {"autoencoder_steps": 1, "unet_steps": 1, "guidance_steps": 1,
-                                                  "data_root": str(data)}})
+                                                  "data_root": str(data)}, "scoring": {"bank": {"size": 4096}}})
     ckpt = train_diad(cfg, out / "run", progress=False)
     return export_bundle(ckpt, out / "bundle", precision=("fp32",), overwrite=True)
 

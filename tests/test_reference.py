@@ -226,6 +226,54 @@ def test_glad_references_agree_torch_vs_onnxruntime(sample, reference, tmp_path)
         assert torch.equal(t.fire_step, rec.fire_step)  # the bank changes the final scoring only, not ADP
 
 
+COARSE = {"image_strides": [16], "image_blur_sigma": 2.0}  # the image score from the stride-16 level alone
+
+
+@pytest.mark.parametrize("method", ["diad", "glad"])
+def test_the_bank_image_score_pools_the_chosen_levels_and_the_map_keeps_every_level(sample, method, tmp_path):
+    """scoring.bank.image_strides: the image score is the method's pooling of the chosen levels' bank distances
+    blurred by image_blur_sigma, the pixel map stays the sum of every level; the same on onnxruntime."""
+    from edgeinspect.runtime.bank import bank_distance_maps
+    from edgeinspect.runtime.scoring import gaussian_blur, pooled_max_score, topk_mean_score
+
+    if method == "diad":
+        (run, bundle), load = tiny_bundle(), load_diad
+    else:
+        (run, bundle), load = tiny_glad_bundle(), load_glad
+    cfg, model, *_ = load(run, {"scoring": {"bank": COARSE}})
+    features = tiny_features() if method == "diad" else glad_features(cfg)
+    pipe = model_pipeline(cfg, model, features)
+    bank = fit_bank(pipe, training_normals(sample), 64, 4)
+    pipe = pipe.using("bank", bank)
+    frames = sample_frames()
+    coarse = pipe(frames)
+    every = model_pipeline(load(run)[0], model, features).using("bank", bank)(frames)
+    torch.testing.assert_close(coarse.maps, every.maps)  # the pixel map: every level, as before
+    assert pipe.image_levels == (2,) and every.scores.shape == coarse.scores.shape
+    levels = bank_distance_maps(pipe.nets, pipe.bank_features(frames), bank, (64, 64), 64.0)
+    image_map = gaussian_blur(levels[2], 2.0)
+    expected = (pooled_max_score(image_map, cfg.scoring.pool_size, cfg.scoring.pool_iterations) if method == "diad"
+                else topk_mean_score(image_map, cfg.inference.top_k))
+    torch.testing.assert_close(coarse.scores, expected.float().cpu())
+    assert not torch.allclose(coarse.scores, every.scores)  # the chosen level is not the sum's pooling
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    set_payload(copy, BANK_PAYLOAD, bank_bytes(bank), {"reference": "bank"})
+    o = bundle_pipeline(copy, "onnxruntime", intra_op_threads=1, overrides={"scoring": {"bank": COARSE}})(frames)
+    torch.testing.assert_close(o.scores, coarse.scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o.maps, coarse.maps, atol=1e-4, rtol=1e-4)
+
+
+def test_bank_image_strides_must_be_extracted_levels():
+    edge = build_config("diad", "edge").scoring.bank
+    assert (edge.image_strides, edge.image_blur_sigma) == ([16], 8.0)
+    assert build_config("glad", "edge").scoring.bank.image_strides == [16]
+    with pytest.raises(ConfigError, match=r"\[32\] not among features.strides"):
+        build_config("diad", "tiny", {"scoring": {"bank": {"image_strides": [16, 32]}}})
+    with pytest.raises(ConfigError, match="at least one feature stride"):
+        build_config("glad", "tiny", {"scoring": {"bank": {"image_strides": []}}})
+
+
 # --------------------------------------------------------------------------- the command line
 
 
@@ -387,8 +435,8 @@ def test_a_training_frame_matches_the_bank_built_from_its_averaged_features(view
 
     pipe, bank, _, _ = viewed
     frames = load_frames(training_normals(sample)[:4], 128)
-    averaged = bank_distance_maps(pipe.nets, pipe.bank_features(frames), bank, (64, 64), 64.0)
-    raw = bank_distance_maps(pipe.nets, pipe.features_of(frames, 128), bank, (64, 64), 64.0)
+    averaged = sum(bank_distance_maps(pipe.nets, pipe.bank_features(frames), bank, (64, 64), 64.0))
+    raw = sum(bank_distance_maps(pipe.nets, pipe.features_of(frames, 128), bank, (64, 64), 64.0))
     assert float(averaged.mean()) < 0.8 * float(raw.mean())
 
 

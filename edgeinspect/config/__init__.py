@@ -17,7 +17,7 @@ Import from the package: `from edgeinspect.config import load_config, DiADConfig
 from edgeinspect.config.base import (
     ConfigError, Strict, VAEConfig, UNetConfig, PromptEncoderConfig, ModelConfig, SchedulerConfig, FeatureConfig,
     GuidanceConfig, TrainLoopConfig, AutoencoderStageConfig, RuntimeConfig, MethodConfig, anchor_layout,
-    BankConfig, BANK_REFERENCES, Decoder, Encoder, REFERENCES, Reference, frame_size,
+    BankConfig, BANK_REFERENCES, Decoder, Encoder, REFERENCES, Reference, frame_size, bank_image_levels,
 )
 from edgeinspect.config.diad import DiADTrainConfig, DiADInferenceConfig, DiADScoringConfig
 from edgeinspect.config.glad import (
@@ -42,7 +42,7 @@ __all__ = [
     "Reference",
     "Encoder",
     "Decoder",
-    "frame_size",
+    "frame_size", "bank_image_levels",
     "Strict",
     "VAEConfig",
     "UNetConfig",

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from edgeinspect.config.adabldm import AdaBLDMSamplingConfig, AdaBLDMTrainConfig, ForegroundConfig, TrimapControlConfig
-from edgeinspect.config.base import FeatureConfig, GuidanceConfig, MethodConfig, Strict
+from edgeinspect.config.base import FeatureConfig, GuidanceConfig, MethodConfig, Strict, bank_image_levels
 from edgeinspect.config.diad import DiADInferenceConfig, DiADScoringConfig, DiADTrainConfig
 from edgeinspect.config.dualanodiff import (
     BCMConfig, DualAnoDiffSamplingConfig, DualAnoDiffTrainConfig, LoRABranchConfig, PromptPairConfig, SAIMConfig,
@@ -19,8 +19,16 @@ from edgeinspect.config.glad import (
 )
 
 
+class DetectorConfig(MethodConfig):
+    """What the detectors' configs check across sections."""
 
-class DiADConfig(MethodConfig):
+    @model_validator(mode="after")
+    def _image_strides_extracted(self) -> "DetectorConfig":
+        bank_image_levels(list(self.features.strides), self.scoring)  # type: ignore[attr-defined]
+        return self
+
+
+class DiADConfig(DetectorConfig):
     method: Literal["diad"] = "diad"
     features: FeatureConfig = FeatureConfig()
     guidance: GuidanceConfig = GuidanceConfig()
@@ -36,7 +44,7 @@ class DiADConfig(MethodConfig):
         return v
 
 
-class GLADConfig(MethodConfig):
+class GLADConfig(DetectorConfig):
     method: Literal["glad"] = "glad"
     features: GLADFeatureConfig = GLADFeatureConfig()
     train: GLADTrainConfig = GLADTrainConfig()

@@ -90,27 +90,23 @@ def check_bank(bank: NormalBank | None, reference: str) -> None:
 
 
 def bank_distance_maps(nets: Networks, feats: list[torch.Tensor], bank: NormalBank, size: tuple[int, int],
-                       chunk_mb: float) -> torch.Tensor:
-    """Sum over levels of each position's distance to its nearest bank vector (the `bank_distance` network),
-    each bilinearly upsampled to `size`: (B, H, W). Frames go to the network in chunks whose (positions x
-    bank) similarity fits `chunk_mb` (at least one frame per call)."""
+                       chunk_mb: float) -> list[torch.Tensor]:
+    """Per level, each position's distance to its nearest bank vector (the `bank_distance` network),
+    bilinearly upsampled to `size`: [(B, H, W)] (the reference's map is their sum). Frames go to the network
+    in chunks whose (positions x bank) similarity fits `chunk_mb` (at least one frame per call)."""
     b = feats[0].shape[0]
     per_frame = max(f.shape[-2] * f.shape[-1] * v.shape[0] * 4 for f, v in zip(feats, bank.vectors, strict=True))
     rows = max(1, int(chunk_mb * 2**20 // per_frame))
     banks = {f"bank_{i}": v for i, v in enumerate(bank.vectors)}
     net = nets["bank_distance"]
-    total = None
+    levels: list[list[torch.Tensor]] = [[] for _ in feats]
     for s in range(0, b, rows):
         out = net(**{f"feature_{i}": f[s:s + rows] for i, f in enumerate(feats)}, **banks)
-        chunk = None
         for i in range(len(feats)):
-            d = F.interpolate(out[f"distance_{i}"].float().unsqueeze(1), size=size, mode="bilinear",
-                              align_corners=False)
-            chunk = d if chunk is None else chunk + d
-        assert chunk is not None, "no feature levels"
-        total = chunk if total is None else torch.cat([total, chunk])
-    assert total is not None, "no frames"
-    return total.squeeze(1)
+            levels[i].append(F.interpolate(out[f"distance_{i}"].float().unsqueeze(1), size=size, mode="bilinear",
+                                           align_corners=False)[:, 0])
+    assert feats and b, "no feature levels or no frames"
+    return [torch.cat(chunks) for chunks in levels]
 
 
 def hybrid_maps(reconstruction_maps: torch.Tensor, bank_maps: torch.Tensor, scales: tuple[float, float]

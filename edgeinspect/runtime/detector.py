@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from edgeinspect.config import BANK_REFERENCES, GLADConfig
+from edgeinspect.config import BANK_REFERENCES, GLADConfig, bank_image_levels
 from edgeinspect.core.ddim import DDIM
 from edgeinspect.core.networks import Networks
 from edgeinspect.runtime.bank import BANK_PAYLOAD, NormalBank, bank_from_tensors
@@ -51,13 +51,15 @@ def assemble_pipeline(cfg: Any, networks: Networks, context: torch.Tensor, *, ca
     `post`: the post-processor whose verdicts every result carries (None: results carry none). `bank`: the
     normal-feature bank (needed by scoring.reference bank and hybrid)."""
     schedule = DDIM(cfg.scheduler)
+    image_levels = bank_image_levels(list(cfg.features.strides), cfg.scoring)
     if isinstance(cfg, GLADConfig):
         pipe: Pipeline = GLADPipeline(networks, context, schedule, cfg.inference.for_category(category or cfg.category),
                                       cfg.scoring, cfg.scoring.feature_size, threshold=adp_threshold,
-                                      weight_bounds=weight_bounds, bank=bank, image_size=cfg.model.image_size)
+                                      weight_bounds=weight_bounds, bank=bank, image_size=cfg.model.image_size,
+                                      image_levels=image_levels)
     else:
         pipe = DiADPipeline(networks, context, schedule, cfg.inference, cfg.scoring, cfg.scoring.feature_size,
-                            bank=bank, image_size=cfg.model.image_size)
+                            bank=bank, image_size=cfg.model.image_size, image_levels=image_levels)
     pipe.verdict = post
     return pipe
 

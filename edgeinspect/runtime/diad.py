@@ -8,6 +8,7 @@ onnxruntime or TensorRT networks. scoring.reference "bank" skips the reconstruct
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +42,10 @@ class DiADPipeline(DetectorLoop):
 
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM,
                  inference: DiADInferenceConfig, scoring: DiADScoringConfig, feature_size: int | None = None,
-                 bank: NormalBank | None = None, image_size: int | None = None):
-        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank, image_size)
+                 bank: NormalBank | None = None, image_size: int | None = None,
+                 image_levels: Sequence[int] | None = None):
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank, image_size,
+                         image_levels)
         self.timesteps = schedule.timesteps(inference.t_start, inference.steps)
 
     def reconstruct(self, images: torch.Tensor, timer: StageTimer | None = None
@@ -94,15 +97,20 @@ class DiADPipeline(DetectorLoop):
             with timer("scoring"):
                 maps = gaussian_blur(cosine_distance_maps([f[:b] for f in feats], [f[b:] for f in feats], size),
                                      self.scoring.blur_sigma)
+        image_maps = None  # the map the image score pools, when not the pixel map (the bank reference's own)
         if searches_bank:
             assert bank_feats is not None
             with timer("scoring"):  # the bank search makes the map
-                bank = self.bank_maps(bank_feats, size)
+                bank, bank_image = self.bank_maps(bank_feats, size)
             assert self.bank is not None
-            maps = bank if maps is None else hybrid_maps(maps, bank, self.bank.scales)
+            if maps is None:
+                maps, image_maps = bank, bank_image
+            else:
+                maps = hybrid_maps(maps, bank, self.bank.scales)
         assert maps is not None, "neither a reconstruction nor a bank"
         with timer("scoring"):
-            scores = pooled_max_score(maps, self.scoring.pool_size, self.scoring.pool_iterations)
+            scores = pooled_max_score(maps if image_maps is None else image_maps, self.scoring.pool_size,
+                                      self.scoring.pool_iterations)
         return scores, maps
 
     def __call__(self, images: torch.Tensor) -> DiADResult:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -206,8 +207,9 @@ class GLADPipeline(DetectorLoop):
     def __init__(self, networks: Networks, context: torch.Tensor, schedule: DDIM, inference: GLADInferenceConfig,
                  scoring: GLADScoringConfig, feature_size: int | None = None, threshold: float | None = None,
                  weight_bounds: tuple[float | None, float | None] | None = None, bank: NormalBank | None = None,
-                 image_size: int | None = None):
-        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank, image_size)
+                 image_size: int | None = None, image_levels: Sequence[int] | None = None):
+        super().__init__(networks, ROLES, context, schedule, inference, scoring, feature_size, bank, image_size,
+                         image_levels)
         # inference.threshold wins; else the one given (calibrated); else only min_step fires.
         thr = inference.threshold if inference.threshold is not None else threshold
         self.threshold = math.inf if thr is None else float(thr)
@@ -349,9 +351,9 @@ class GLADPipeline(DetectorLoop):
         with timer("features"):
             feats = self.bank_features(frames)
         with timer("scoring"):  # the bank search makes the map
-            maps = self.bank_maps(feats, self.map_size(frames))
+            maps, image_maps = self.bank_maps(feats, self.map_size(frames))
         with timer("scoring"):
-            scores = topk_mean_score(maps, self.inference.top_k).float().cpu()
+            scores = topk_mean_score(image_maps, self.inference.top_k).float().cpu()
         never = torch.full((b,), -1, dtype=torch.long)
         nan = torch.full((b,), float("nan"))
         return attach_verdicts(GLADResult(scores, maps.float().cpu(), None, never, never.clone(), nan,
@@ -383,7 +385,7 @@ class GLADPipeline(DetectorLoop):
             with timer("features"):
                 feats = self.bank_features(frames)
             with timer("scoring"):  # the bank search makes the map
-                bank = self.bank_maps(feats, tuple(images.shape[-2:]))
+                bank = self.bank_maps(feats, tuple(images.shape[-2:]))[0]  # the hybrid pools its own map
             assert self.bank is not None and self.bank.scales is not None
             with timer("scoring"):
                 maps = hybrid_maps(maps, bank, self.bank.scales)

@@ -31,8 +31,11 @@ def neighbourhood_average(feats: list[torch.Tensor], k: int) -> list[torch.Tenso
 class DetectorLoop:
     def __init__(self, networks: Networks, roles: Sequence[str], context: torch.Tensor, schedule: DDIM,
                  inference: Any, scoring: Any, feature_size: int | None, bank: NormalBank | None = None,
-                 image_size: int | None = None):
+                 image_size: int | None = None, image_levels: Sequence[int] | None = None):
         self.method_roles = tuple(roles)
+        # The feature levels whose bank distances make the bank reference's image score (config
+        # bank_image_levels of scoring.bank.image_strides); None: every level.
+        self.image_levels = None if image_levels is None else tuple(image_levels)
         # The model image size: larger frames (read at the bank's feature size, config.frame_size) are
         # area-downscaled to it for the diffusion and the maps. None: frames are taken at their own size.
         self.image_size = image_size
@@ -141,11 +144,19 @@ class DetectorLoop:
         serves both."""
         return frames is images and self.bank_feature_size == self.feature_size and self.scoring.bank.neighbourhood == 1
 
-    def bank_maps(self, feats: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        """The bank reference's blurred map of frames with these features: (B, H, W)."""
+    def bank_maps(self, feats: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank reference's blurred map of frames with these features, (B, H, W), and the map its image
+        score pools: the levels of scoring.bank.image_strides blurred by its image_blur_sigma (the same map
+        when those are unset)."""
         assert self.bank is not None, "no bank (checked at construction)"
-        maps = bank_distance_maps(self.nets, feats, self.bank, size, self.scoring.bank.chunk_mb)
-        return gaussian_blur(maps, self.scoring.blur_sigma)
+        levels = bank_distance_maps(self.nets, feats, self.bank, size, self.scoring.bank.chunk_mb)
+        maps = gaussian_blur(torch.stack(levels).sum(0), self.scoring.blur_sigma)
+        cfg = self.scoring.bank
+        if self.image_levels is None and cfg.image_blur_sigma in (None, self.scoring.blur_sigma):
+            return maps, maps
+        chosen = range(len(levels)) if self.image_levels is None else self.image_levels
+        sigma = self.scoring.blur_sigma if cfg.image_blur_sigma is None else cfg.image_blur_sigma
+        return maps, gaussian_blur(torch.stack([levels[i] for i in chosen]).sum(0), sigma)
 
     def frames(self, images: torch.Tensor) -> tuple[torch.Tensor, StageTimer]:
         """A batch of frames (B, 3, H, W) on the networks' device, and a timer for its stages."""
