@@ -56,7 +56,8 @@ def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: 
     from edgeinspect.runtime.backends import bundle_networks
     from edgeinspect.runtime.bundle_loading import load_bundle
     from edgeinspect.runtime.daemon.worker import choose_batch, release_free_memory, run_pipeline
-    from edgeinspect.runtime.detector import assemble_pipeline, pipeline_roles
+    from edgeinspect.config import BANK_REFERENCES
+    from edgeinspect.runtime.detector import assemble_pipeline, bundle_bank, pipeline_roles
 
     if threads:
         torch.set_num_threads(threads)
@@ -64,13 +65,17 @@ def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: 
     detail["+ bundle loaded and verified"] = status_mb()
     cfg = b.config
     roles = pipeline_roles(b, cfg)
+    bank = None
+    if cfg.scoring.reference in BANK_REFERENCES:  # as the daemon: the bundle's bank, verified with it
+        bank = bundle_bank(b)
+        detail["+ normal-feature bank"] = status_mb()
     nets = {}
     for role in roles:
         nets.update(bundle_networks(b, "onnxruntime", intra_op_threads=threads, roles=(role,),
                                     memory_arena=memory_arena, image_rows=image_rows or None))
         detail[f"+ session {role}"] = status_mb()
-    pipe = assemble_pipeline(cfg, Networks(nets, torch.device("cpu"), "onnxruntime"), b.context)
-    size = int(b.manifest["image_size"])
+    pipe = assemble_pipeline(cfg, Networks(nets, torch.device("cpu"), "onnxruntime"), b.context, bank=bank)
+    size = pipe.frame_size or int(b.manifest["image_size"])  # frames as the daemon reads them (config.frame_size)
     blank = np.full((size, size, 3), 128, np.uint8)
     run_pipeline(pipe, [blank])
     detail["+ the first frame"] = status_mb()

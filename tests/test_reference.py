@@ -226,6 +226,33 @@ def test_glad_references_agree_torch_vs_onnxruntime(sample, reference, tmp_path)
         assert torch.equal(t.fire_step, rec.fire_step)  # the bank changes the final scoring only, not ADP
 
 
+def test_the_bank_search_splits_a_frame_into_row_strips_when_it_exceeds_its_memory_budget_but_not_on_tensorrt(diad):
+    from edgeinspect.core.networks import Networks
+    from edgeinspect.runtime.bank import bank_distance_maps
+
+    pipe, bank, _, frames = diad
+    feats = pipe.bank_features(frames[:2])
+    calls: list[tuple[int, ...]] = []
+    net = pipe.nets["bank_distance"]
+
+    def recorder(**inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        calls.append(tuple(inputs["feature_0"].shape))
+        return net(**inputs)
+
+    per_frame_mb = max(f.shape[-2] * f.shape[-1] * v.shape[0] * 4 for f, v in zip(feats, bank.vectors)) / 2**20
+    whole = bank_distance_maps(Networks({"bank_distance": recorder}), feats, bank, (64, 64), 2 * per_frame_mb)
+    assert [c[0] for c in calls] == [2]  # both frames in one call
+    calls.clear()
+    strips = bank_distance_maps(Networks({"bank_distance": recorder}), feats, bank, (64, 64), per_frame_mb / 3.5)
+    h = feats[0].shape[-2]
+    assert len(calls) == 2 * 4 and all(c[0] == 1 and c[2] < h for c in calls)  # per frame, 4 row strips
+    for a, b in zip(whole, strips, strict=True):
+        torch.testing.assert_close(a, b)
+    calls.clear()
+    bank_distance_maps(Networks({"bank_distance": recorder}, name="tensorrt"), feats, bank, (64, 64), per_frame_mb / 3.5)
+    assert calls == [(1, *feats[0].shape[1:])] * 2  # engines are built for the whole map: one frame per call
+
+
 COARSE = {"image_strides": [16], "image_blur_sigma": 2.0}  # the image score from the stride-16 level alone
 
 

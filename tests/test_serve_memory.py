@@ -186,3 +186,28 @@ def test_serve_benchmark_runs_the_daemon_under_another_python(tmp_path):
     with pytest.raises(SystemExit):
         serve.main(["--bundle", str(tmp_path), "--env", str(tmp_path / "missing")])
     assert serve.daemon_packages(sys.executable)["numpy"] == np.__version__
+
+
+def test_rss_breakdown_loads_what_the_daemon_loads_for_a_bank_bundle(tmp_path):
+    """A bundle scored against its bank (the edge presets'): the breakdown loads the bank and only the
+    extractor and bank-search sessions, and times frames at the bank's view, as the daemon does."""
+    import shutil
+
+    from edgeinspect.calibration.bank import bank_bytes, fit_bank, training_normals
+    from edgeinspect.runtime.bank import BANK_PAYLOAD
+    from edgeinspect.runtime.bundle_update import set_payload
+    from edgeinspect.runtime.run_detector import model_pipeline
+    from edgeinspect.runtime.torch_backend import load_diad
+    from tests.conftest import SAMPLE
+    from tests.test_export import tiny_bundle, tiny_features
+
+    run, bundle = tiny_bundle()
+    cfg, model = load_diad(run)
+    bank = fit_bank(model_pipeline(cfg, model, tiny_features()), training_normals(SAMPLE), 64, 4)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    set_payload(copy, BANK_PAYLOAD, bank_bytes(bank), {"reference": "bank"})
+    out = _serve_module("serve_rss").breakdown(copy, 1, False, 2)
+    assert out["roles"] == ["features", "bank_distance"]
+    assert "+ normal-feature bank" in out["steps"] and "+ session unet" not in out["steps"]
+    assert len(out["batch_ms_per_frame"]) == 2  # batch sizes 1 and 2 timed

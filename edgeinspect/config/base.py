@@ -219,8 +219,11 @@ class BankConfig(Strict):
     # Each distance's scale: this percentile of its pixel values on the held-out normals.
     scale_percentile: float = Field(99.0, gt=0, le=100)
     # Memory budget of one bank-distance call's (positions x bank) similarity: the loop passes as many
-    # frames per call as fit (at least one).
-    chunk_mb: float = Field(256.0, gt=0)
+    # frames per call as fit, or one frame's feature maps in row strips when one does not fit (not on
+    # TensorRT: runtime/bank.py). A 256-px frame against 16384 vectors needs 256 MiB at stride 4; in 32 MiB
+    # strips the daemon's peak memory stays low and a frame is no slower (onnxruntime, 2 cores: 64-75 ms
+    # against 85-90 ms in one call).
+    chunk_mb: float = Field(32.0, gt=0)
     # The size (px) of the frame the bank's features are taken from, read from the camera frame or file
     # itself (see `frame_size`): a bank reference then sees the frame's own detail instead of the model
     # image upscaled, which a reconstruction reference needs (the diffusion runs at the model image size)

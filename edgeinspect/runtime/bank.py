@@ -26,6 +26,7 @@ s_bank the `bank.scale_percentile` of each map's pixels on held-out training nor
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,19 +93,28 @@ def check_bank(bank: NormalBank | None, reference: str) -> None:
 def bank_distance_maps(nets: Networks, feats: list[torch.Tensor], bank: NormalBank, size: tuple[int, int],
                        chunk_mb: float) -> list[torch.Tensor]:
     """Per level, each position's distance to its nearest bank vector (the `bank_distance` network),
-    bilinearly upsampled to `size`: [(B, H, W)] (the reference's map is their sum). Frames go to the network
-    in chunks whose (positions x bank) similarity fits `chunk_mb` (at least one frame per call)."""
+    bilinearly upsampled to `size`: [(B, H, W)] (the reference's map is their sum).
+
+    Memory: a call holds a (positions x bank) similarity per level. Frames go to the network in chunks whose
+    similarity fits `chunk_mb`; when one frame's alone does not fit, its feature maps go in horizontal
+    strips (each position's distance is its own, so strips give the same distances), except on TensorRT,
+    whose engines are built for the whole map: one frame per call there."""
     b = feats[0].shape[0]
     per_frame = max(f.shape[-2] * f.shape[-1] * v.shape[0] * 4 for f, v in zip(feats, bank.vectors, strict=True))
-    rows = max(1, int(chunk_mb * 2**20 // per_frame))
+    budget = chunk_mb * 2**20
+    rows = max(1, int(budget // per_frame))
+    strips = 1
+    if per_frame > budget and nets.name != "tensorrt":
+        strips = min(math.ceil(per_frame / budget), min(f.shape[-2] for f in feats))
     banks = {f"bank_{i}": v for i, v in enumerate(bank.vectors)}
     net = nets["bank_distance"]
     levels: list[list[torch.Tensor]] = [[] for _ in feats]
     for s in range(0, b, rows):
-        out = net(**{f"feature_{i}": f[s:s + rows] for i, f in enumerate(feats)}, **banks)
+        parts = [f[s:s + rows].tensor_split(strips, dim=2) for f in feats]  # per level, `strips` row bands
+        outs = [net(**{f"feature_{i}": p[j] for i, p in enumerate(parts)}, **banks) for j in range(strips)]
         for i in range(len(feats)):
-            levels[i].append(F.interpolate(out[f"distance_{i}"].float().unsqueeze(1), size=size, mode="bilinear",
-                                           align_corners=False)[:, 0])
+            d = torch.cat([o[f"distance_{i}"].float() for o in outs], dim=1)
+            levels[i].append(F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0])
     assert feats and b, "no feature levels or no frames"
     return [torch.cat(chunks) for chunks in levels]
 
