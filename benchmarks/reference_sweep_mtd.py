@@ -150,17 +150,14 @@ def main() -> int:
 def image_score_sweep(run: Path, data: Path, blurs: list[float], max_blur: float) -> dict:
     """The bank reference's image score by (levels, blur) at `run`'s bank and bank view, both methods'
     poolings; chosen on the even-indexed test images, reported on the odd ones and all."""
-    from edgeinspect.config import frame_size
-    from edgeinspect.runtime.pipeline import neighbourhood_average
-    from edgeinspect.runtime.run_detector import run_bank
-    from edgeinspect.runtime.torch_backend import load_diad
+    from edgeinspect.runtime.bank import bank_distance_maps
+    from edgeinspect.runtime.run_detector import run_pipeline
 
-    cfg, _ = load_diad(run, {"scoring": {"reference": "bank"}})
-    bank = run_bank(run, cfg)
-    assert bank is not None
+    cfg, pipe, _ = run_pipeline(run, {"scoring": {"reference": "bank"}})  # the run's bank, its view
+    bank = pipe.bank
+    assert bank is not None and pipe.frame_size is not None
     glad = build_config("glad", "edge")
-    view = frame_size(cfg.model.image_size, cfg.scoring)
-    features = build_features(cfg).eval()
+    view = pipe.frame_size
     strides = list(cfg.features.strides)
     split = MVTecFolder(data, "test", view, mask_size=MODEL_SIZE)
     test, masks, labels = split.load_all()
@@ -169,13 +166,11 @@ def image_score_sweep(run: Path, data: Path, blurs: list[float], max_blur: float
     levels: list[list[torch.Tensor]] = [[] for _ in strides]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for s in range(0, len(test), 4):
-            feats = neighbourhood_average(list(features(uint8_to_model(test[s:s + 4]))), cfg.scoring.bank.neighbourhood)
-            for i, (f, v) in enumerate(zip(feats, bank.vectors, strict=True)):
-                b, _, h, w = f.shape
-                unit = F.normalize(f.float(), dim=1, eps=1e-6).flatten(2).transpose(1, 2)
-                d = (1 - (unit @ v.T).amax(dim=2)).clamp(min=0).reshape(b, 1, h, w)
-                levels[i].append(F.interpolate(d, size=(MODEL_SIZE,) * 2, mode="bilinear", align_corners=False)[:, 0])
+        for s in range(0, len(test), 4):  # per level, the distances the pipeline's bank search gives
+            feats = pipe.bank_features(uint8_to_model(test[s:s + 4]))
+            for i, d in enumerate(bank_distance_maps(pipe.nets, feats, bank, (MODEL_SIZE,) * 2,
+                                                     cfg.scoring.bank.chunk_mb)):
+                levels[i].append(d)
     maps = [torch.cat(m) for m in levels]
     print(f"maps of {len(y)} frames in {time.perf_counter() - t0:.0f} s", flush=True)
     pixel = round(auroc(gt.ravel() > 0, gaussian_blur(sum(maps), cfg.scoring.blur_sigma).numpy().ravel()), 4)

@@ -52,11 +52,11 @@ def breakdown(bundle: Path, threads: int | None, memory_arena: bool, max_batch: 
     import numpy as np
     import torch
 
+    from edgeinspect.config import BANK_REFERENCES
     from edgeinspect.core.networks import Networks
     from edgeinspect.runtime.backends import bundle_networks
     from edgeinspect.runtime.bundle_loading import load_bundle
     from edgeinspect.runtime.daemon.worker import choose_batch, release_free_memory, run_pipeline
-    from edgeinspect.config import BANK_REFERENCES
     from edgeinspect.runtime.detector import assemble_pipeline, bundle_bank, pipeline_roles
 
     if threads:

@@ -100,8 +100,8 @@ class DiADPipeline(DetectorLoop):
         image_maps = None  # the map the image score pools, when not the pixel map (the bank reference's own)
         if searches_bank:
             assert bank_feats is not None
-            with timer("scoring"):  # the bank search makes the map
-                bank, bank_image = self.bank_maps(bank_feats, size)
+            with timer("scoring"):  # the bank search makes the map (the hybrid pools its own map)
+                bank, bank_image = self.bank_maps(bank_feats, size, image=maps is None)
             assert self.bank is not None
             if maps is None:
                 maps, image_maps = bank, bank_image

@@ -385,7 +385,7 @@ class GLADPipeline(DetectorLoop):
             with timer("features"):
                 feats = self.bank_features(frames)
             with timer("scoring"):  # the bank search makes the map
-                bank = self.bank_maps(feats, tuple(images.shape[-2:]))[0]  # the hybrid pools its own map
+                bank, _ = self.bank_maps(feats, tuple(images.shape[-2:]), image=False)  # the hybrid pools its own map
             assert self.bank is not None and self.bank.scales is not None
             with timer("scoring"):
                 maps = hybrid_maps(maps, bank, self.bank.scales)

@@ -144,15 +144,16 @@ class DetectorLoop:
         serves both."""
         return frames is images and self.bank_feature_size == self.feature_size and self.scoring.bank.neighbourhood == 1
 
-    def bank_maps(self, feats: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def bank_maps(self, feats: list[torch.Tensor], size: tuple[int, int], image: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank reference's blurred map of frames with these features, (B, H, W), and the map its image
         score pools: the levels of scoring.bank.image_strides blurred by its image_blur_sigma (the same map
-        when those are unset)."""
+        when those are unset, or when `image` is False: a caller that pools another map, the hybrid)."""
         assert self.bank is not None, "no bank (checked at construction)"
         levels = bank_distance_maps(self.nets, feats, self.bank, size, self.scoring.bank.chunk_mb)
         maps = gaussian_blur(torch.stack(levels).sum(0), self.scoring.blur_sigma)
         cfg = self.scoring.bank
-        if self.image_levels is None and cfg.image_blur_sigma in (None, self.scoring.blur_sigma):
+        if not image or (self.image_levels is None and cfg.image_blur_sigma in (None, self.scoring.blur_sigma)):
             return maps, maps
         chosen = range(len(levels)) if self.image_levels is None else self.image_levels
         sigma = self.scoring.blur_sigma if cfg.image_blur_sigma is None else cfg.image_blur_sigma
