@@ -1,7 +1,7 @@
 """Autoencoder round-trip fidelity on a real MVTec-layout test split, against an honest baseline -> results/.
 
-    python benchmarks/autoencoder_mtd.py --data ../shared/data/mtd --default anchored \
-        anchored=runs/ae_mtd_edge old_kl_f8=runs/diad_mtd_edge/checkpoints/autoencoder-final
+    python benchmarks/autoencoder_mtd.py --data ../shared/data/mtd --default pca \
+        pca=runs/ae_mtd_edge resize=runs/resize/ae_mtd_edge
 
 Each entry is NAME=PATH (a run folder or a checkpoint folder holding an autoencoder; a bare PATH is
 named by itself). Every `--every`-th test image (all types) at the model size goes through encode
@@ -20,6 +20,7 @@ named by itself). Every `--every`-th test image (all types) at the model size go
 
 Writes results/autoencoder_mtd.{md,json,png} (or `--name`); the JSON holds per entry `latent_shape`,
 `psnr_mean`, `resize_psnr_mean`, `defect_psnr_mean`, `defect_resize_psnr_mean`, `ssim_mean`,
+`anchor_psnr_mean` and `anchor_defect_psnr_mean` (anchored ones: the linear code alone),
 `encode_ms`, `decode_ms`, `train_minutes`, `train_wall_minutes`, `train_device`, `per_type`, and a
 top-level `default` object: the entry named by `--default` (the edge preset's base).
 """
@@ -102,6 +103,15 @@ def roundtrip(vae: torch.nn.Module, x: torch.Tensor, batch: int = 16) -> tuple[t
         shape = tuple(z.shape[1:])
         outs.append(dec(z).clamp(-1, 1))
     return torch.cat(outs), shape
+
+
+@torch.no_grad()
+def anchor_roundtrip(vae: torch.nn.Module, x: torch.Tensor, batch: int = 16) -> torch.Tensor | None:
+    """An anchored autoencoder's linear code alone (no learnt residual); None for other autoencoders."""
+    if not hasattr(vae, "anchor_only_encode"):
+        return None
+    return torch.cat([vae.anchor_only_decode(vae.anchor_only_encode(x[s:s + batch])).clamp(-1, 1)
+                      for s in range(0, len(x), batch)])
 
 
 @torch.no_grad()
@@ -188,6 +198,10 @@ def main() -> int:
         p, pb = psnr(rec, x), psnr(base, x)
         pd, pbd = psnr(rec[defect], x[defect], masks[defect]), psnr(base[defect], x[defect], masks[defect])
         sim, simb = ssim(rec, x), ssim(base, x)
+        alone = anchor_roundtrip(model.vae, x)
+        anchor_psnr = {} if alone is None else {
+            "anchor_psnr_mean": round(float(psnr(alone, x).mean()), 2),
+            "anchor_defect_psnr_mean": round(float(psnr(alone[defect], x[defect], masks[defect]).mean()), 2)}
         enc_ms, dec_ms = per_image_ms(model.vae, x, args.repeats)
         per_type = {}
         for t in dict.fromkeys(types):
@@ -201,8 +215,9 @@ def main() -> int:
             per_type[t] = row
         summary[name] = {
             "path": str(path), "latent_shape": list(shape), "latent_values": int(np.prod(shape)),
-            "autoencoder": cfg.model.vae.kind + (" grey" if cfg.model.vae.kind == "anchored" and cfg.model.vae.grey
-                                                  else ""),
+            "autoencoder": (f"anchored {cfg.model.vae.anchor}" + (" grey" if cfg.model.vae.grey else "")
+                            if cfg.model.vae.kind == "anchored" else cfg.model.vae.kind),
+            **anchor_psnr,
             "psnr_mean": round(float(p.mean()), 2), "resize_psnr_mean": round(float(pb.mean()), 2),
             "defect_psnr_mean": round(float(pd.mean()), 2), "defect_resize_psnr_mean": round(float(pbd.mean()), 2),
             "ssim_mean": round(float(sim.mean()), 4), "resize_ssim_mean": round(float(simb.mean()), 4),
@@ -241,7 +256,8 @@ def main() -> int:
         f"| {n} | {v['autoencoder']} | {'x'.join(map(str, v['latent_shape']))} | **{v['psnr_mean']:.2f}** | "
         f"{v['resize_psnr_mean']:.2f} | {v['psnr_mean'] - v['resize_psnr_mean']:+.2f} | "
         f"**{v['defect_psnr_mean']:.2f}** | {v['defect_resize_psnr_mean']:.2f} | "
-        f"{v['defect_psnr_mean'] - v['defect_resize_psnr_mean']:+.2f} | {v['ssim_mean']:.3f} | "
+        f"{v['defect_psnr_mean'] - v['defect_resize_psnr_mean']:+.2f} | "
+        f"{fmt(v.get('anchor_psnr_mean'))} / {fmt(v.get('anchor_defect_psnr_mean'))} | {v['ssim_mean']:.3f} | "
         f"{v['encode_ms']:.1f} / {v['decode_ms']:.1f} | {fmt(v['train_steps'])} | {fmt(v['train_minutes'])} "
         f"({fmt(v['train_wall_minutes'])}) | {fmt(v['train_device'])} |"
         for n, v in summary.items())
@@ -259,10 +275,11 @@ images, {int(masks.flatten(1).any(1).sum())} with defects), encoded (posterior m
 The resize baseline codes the grey image (MTD's three channels are equal) with as many values as the
 latent: area downscale to s x s (s^2 = C*h*w), bicubic upscale. Default (the edge preset's base): **{default}**.
 
-| autoencoder | kind | latent | PSNR | resize | gain | defect PSNR | resize | gain | SSIM | enc / dec ms | steps | train min (wall) | device |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| autoencoder | kind | latent | PSNR | resize | gain | defect PSNR | resize | gain | anchor alone | SSIM | enc / dec ms | steps | train min (wall) | device |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {table}
 
+Anchor alone: an anchored autoencoder's linear code without its learnt residuals (PSNR / defect PSNR).
 Train minutes: the autoencoder stage's optimisation steps (state.json); wall: from the run's start to
 its autoencoder-final checkpoint (data loading and checkpoints included). Encode/decode: one image,
 batch 1, median of {args.repeats}.

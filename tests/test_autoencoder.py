@@ -1,5 +1,6 @@
-"""The anchored autoencoder: it starts as the equal-size resize, learns residuals, keeps its latent
-statistics, and survives every path a diffusers autoencoder goes through (config, adaptation, reuse)."""
+"""The anchored autoencoder: it starts as its linear code (block PCA or the equal-size resize), learns
+residuals, keeps its latent statistics, and survives every path a diffusers autoencoder goes through
+(config, adaptation, reuse)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from edgeinspect.config import ConfigError, build_config
-from edgeinspect.models.autoencoder import AnchoredAutoencoderKL, autoencoder_from_config
+from edgeinspect.models.autoencoder import AnchoredAutoencoderKL, autoencoder_from_config, block_dct_basis
 from edgeinspect.models.diad import DiADModel
 from edgeinspect.runtime.adaptation import LatentDecoder, adapt_decoder
 from edgeinspect.training.diad import train_diad
@@ -27,7 +28,7 @@ def _resize(x: torch.Tensor, side: int) -> torch.Tensor:
                                                     ((8, 16), 4, 64)])
 def test_untrained_is_the_equal_size_resize(blocks, channels, side):
     ae = AnchoredAutoencoderKL(block_out_channels=blocks, latent_channels=channels, norm_num_groups=4,
-                               sample_size=64).eval()
+                               sample_size=64, anchor_kind="resize").eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         z = ae.encode(x).latent_dist.mean
@@ -74,25 +75,120 @@ def test_fit_latent_statistics_gives_centred_unit_latents():
     torch.testing.assert_close(again, fitted, atol=1e-4, rtol=0)
 
 
-def test_latent_layouts_that_cannot_hold_a_resize_are_refused():
+def test_latent_layouts_that_cannot_hold_the_anchor_are_refused():
+    resize = {"anchor": "resize"}
     with pytest.raises(ConfigError, match="latent_channels = image channels x k"):
-        build_config("diad", "edge", {"model": {"vae": {"latent_channels": 8}}})
+        build_config("diad", "edge", {"model": {"vae": {**resize, "latent_channels": 8}}})
     with pytest.raises(ConfigError, match="latent_channels = image channels x k"):
-        build_config("diad", "edge", {"model": {"vae": {"grey": False, "latent_channels": 16}}})
-    cfg = build_config("diad", "edge", {"model": {"vae": {"grey": False, "latent_channels": 12}}})
+        build_config("diad", "edge", {"model": {"vae": {**resize, "grey": False, "latent_channels": 16}}})
+    cfg = build_config("diad", "edge", {"model": {"vae": {**resize, "grey": False, "latent_channels": 12}}})
     assert cfg.model.vae.latent_channels == 12
+    # the block PCA takes any count up to the block's values: f = 8, grey -> at most 64
+    assert build_config("diad", "edge", {"model": {"vae": {"latent_channels": 8}}}).model.vae.anchor == "pca"
+    with pytest.raises(ConfigError, match="at most 64 latent channels, not 128"):
+        build_config("diad", "edge", {"model": {"vae": {"latent_channels": 128, "norm_num_groups": 16}}})
+    with pytest.raises(ValueError, match="anchor_kind must be 'pca' or 'resize'"):
+        AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, anchor_kind="dct")
 
 
-def test_rebuilt_from_its_config_it_is_the_same_autoencoder():
-    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4)
+def _low_rank_texture(n: int, f: int, rank: int, seed: int) -> torch.Tensor:
+    """Grey images whose f x f blocks are a mean block plus `rank` fixed patterns: (n, 3, 8f, 8f), [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.linalg.qr(torch.randn(f * f, rank, generator=g, dtype=torch.float64))[0].T.float()
+    mean = torch.rand(f * f, generator=g) * 0.4 - 0.2
+    coeff = torch.randn(n, 64, rank, generator=g) * 0.3
+    blocks = coeff @ patterns + mean  # (n, 64 blocks, f*f)
+    grey = F.fold(blocks.transpose(1, 2), (8 * f, 8 * f), f, stride=f)
+    return grey.repeat(1, 3, 1, 1)
+
+
+def test_block_pca_anchor_recovers_the_blocks_subspace():
+    """Fitted on images whose 4x4 blocks span 4 patterns, a 4-component PCA anchor is lossless on new images of
+    the same kind, its basis is orthonormal, and the untrained autoencoder round trip is the PCA's."""
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=4,
+                               anchor_kind="pca").eval()
+    train, test = _low_rank_texture(6, 4, 4, seed=0), _low_rank_texture(2, 4, 4, seed=0)[:, :, :16]
+    ae.fit_anchor(train[i:i + 2] for i in range(0, 6, 2))
+    b = ae.anchor.basis.flatten(1)
+    torch.testing.assert_close(b @ b.T, torch.eye(4), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        z = ae.encode(test).latent_dist.mean
+        out = ae.decode(z).sample
+    assert z.shape == (2, 4, 4, 8)
+    torch.testing.assert_close(out, test, atol=1e-4, rtol=0)
+    # components come largest variance first, and refitting on the same images gives the same basis
+    var = ae.anchor_only_encode(train).var(dim=(0, 2, 3))
+    assert torch.all(var[:-1] >= var[1:])
+    again = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=4,
+                                  anchor_kind="pca")
+    again.fit_anchor([train])
+    torch.testing.assert_close(again.anchor.basis, ae.anchor.basis, atol=1e-5, rtol=0)
+
+
+def test_block_pca_keeps_what_a_resize_of_equal_size_loses():
+    """Vertical stripes one pixel wide: the equal-size area downscale averages them away, the PCA of 8x8 blocks
+    keeps them (16 components, as the edge latent)."""
+    x = torch.zeros(4, 3, 64, 64)
+    x[..., ::2] = 0.5
+    x[..., 1::2] = -0.5
+    x = x + torch.linspace(-0.3, 0.3, 64)[None, None, :, None] * torch.rand(4, 1, 1, 1)
+    kw = dict(block_out_channels=(8, 16, 16, 16), latent_channels=16, norm_num_groups=4)
+    pca, resize = AnchoredAutoencoderKL(**kw, anchor_kind="pca"), AnchoredAutoencoderKL(**kw, anchor_kind="resize")
+    pca.fit_anchor([x])
+    with torch.no_grad():
+        err_pca = (pca.anchor_only_decode(pca.anchor_only_encode(x)) - x).pow(2).mean()
+        err_resize = (resize.anchor_only_decode(resize.anchor_only_encode(x)) - x).pow(2).mean()
+    assert err_pca < 1e-6 and err_resize > 0.2
+
+
+def test_an_unfitted_pca_anchor_is_the_block_dct():
+    basis = block_dct_basis(8, 1, 64).flatten(1)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(64), atol=1e-5, rtol=0)
+    assert torch.allclose(basis[0], torch.full((64,), 1 / 8))  # DC first
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16, 16), latent_channels=16, norm_num_groups=4,
+                               anchor_kind="pca")
+    torch.testing.assert_close(ae.anchor.basis, block_dct_basis(8, 1, 16))
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():  # an unfitted anchor still codes: smooth images survive it
+        smooth = F.interpolate(F.avg_pool2d(x, 16), scale_factor=16, mode="bilinear", align_corners=False)
+        err = (ae.decode(ae.encode(smooth).latent_dist.mean).sample - smooth).pow(2).mean()
+        noise = (ae.decode(ae.encode(x).latent_dist.mean).sample - x).pow(2).mean()
+    assert err < 1e-3 < 0.1 < noise  # keeps smooth images, drops white noise
+    with pytest.raises(ValueError, match="sides divisible by 8"):
+        ae.fit_anchor([torch.zeros(1, 3, 60, 64)])
+
+
+def test_training_fits_the_pca_anchor_once(synthetic_mvtec, tmp_path):
+    """A fresh autoencoder stage fits the block PCA before its first step; a resume keeps the fitted basis."""
+    cfg = build_config("diad", "tiny", {"model": {"vae": {"kind": "anchored"}},
+                                        "train": {"data_root": str(synthetic_mvtec), "unet_steps": 0,
+                                                  "guidance_steps": 0, "autoencoder_steps": 4}})
+    assert cfg.model.vae.anchor == "pca"
+    train_diad(cfg, tmp_path / "ae", progress=False)
+    first = load_file(str(tmp_path / "ae" / "checkpoints" / "autoencoder-0000002" / "model.safetensors"))
+    final = load_file(str(tmp_path / "ae" / "checkpoints" / "autoencoder-final" / "model.safetensors"))
+    dct = block_dct_basis(2, 1, 4)
+    assert not torch.allclose(first["vae.anchor.basis"], dct, atol=1e-3)  # fitted, not the DCT start
+    torch.testing.assert_close(final["vae.anchor.basis"], first["vae.anchor.basis"])  # never refitted
+    b = final["vae.anchor.basis"].flatten(1)
+    torch.testing.assert_close(b @ b.T, torch.eye(4), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["pca", "resize"])
+def test_rebuilt_from_its_config_it_is_the_same_autoencoder(kind):
+    ae = AnchoredAutoencoderKL(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, anchor_kind=kind)
+    ae.fit_anchor([torch.rand(2, 3, 32, 32)])
     torch.nn.init.normal_(ae.decoder.conv_out.weight, std=0.05)
     ae.set_latent_shift(0.25)
     again = autoencoder_from_config(json.loads(json.dumps(dict(ae.config))))
-    assert isinstance(again, AnchoredAutoencoderKL)
+    assert isinstance(again, AnchoredAutoencoderKL) and type(again.anchor) is type(ae.anchor)
     again.load_state_dict(ae.state_dict())
     z = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(again.decode(z).sample, ae.decode(z).sample)
+    # a config written before the PCA anchor (no anchor_kind) is a resize-anchored autoencoder
+    old = {k: v for k, v in dict(ae.config).items() if k != "anchor_kind"}
+    assert type(autoencoder_from_config(old).anchor).__name__ == "ResizeAnchor"
 
 
 def test_decoder_adaptation_sees_the_anchor():
@@ -141,13 +237,16 @@ def test_a_trained_autoencoder_is_taken_as_it_is(synthetic_mvtec, tmp_path):
     assert not [r for r in log if r["stage"] == "autoencoder"]  # the stage ran no step
 
 
-def test_onnx_graphs_of_the_anchored_autoencoder_match_torch(tmp_path):
-    """The edge layout's bicubic upscale and channel folding (r > 1, k > 1) survive export."""
+@pytest.mark.parametrize("kind", ["pca", "resize"])
+def test_onnx_graphs_of_the_anchored_autoencoder_match_torch(tmp_path, kind):
+    """The edge layout's anchors survive export: the block PCA's strided convolutions and tiled block mean,
+    the resize's bicubic upscale and channel folding (r > 1, k > 1)."""
     from edgeinspect.export.onnx import export_onnx, parity_report
     from edgeinspect.models.diad import VAEDecoderNet, VAEEncoderNet
 
     ae = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16, 16), latent_channels=16, norm_num_groups=4,
-                               scaling_factor=1.7).eval()
+                               scaling_factor=1.7, anchor_kind=kind).eval()
+    ae.fit_anchor([torch.rand(4, 3, 64, 64) * 2 - 1])
     torch.nn.init.normal_(ae.decoder.conv_out.weight, std=0.05)
     ae.set_latent_shift(0.2)
     image, probe = torch.rand(1, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1

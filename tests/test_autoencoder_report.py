@@ -53,3 +53,22 @@ def test_dilate_grows_a_mask_by_the_given_pixels():
     m = torch.zeros(1, 9, 9, dtype=torch.bool)
     m[0, 4, 4] = True
     assert int(ae.dilate(m, 2).sum()) == 25 and int(ae.dilate(m, 0).sum()) == 1
+
+
+def test_the_anchor_alone_is_the_round_trip_without_residuals():
+    from diffusers import AutoencoderKL
+
+    from edgeinspect.models.autoencoder import AnchoredAutoencoderKL
+
+    ae = load_benchmark("autoencoder_mtd")
+    anchored = AnchoredAutoencoderKL(block_out_channels=(8, 16, 16), latent_channels=4, norm_num_groups=4,
+                                     anchor_kind="pca").eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    anchored.fit_anchor([x])
+    rec, shape = ae.roundtrip(anchored, x)
+    assert shape == (4, 4, 4)
+    torch.testing.assert_close(ae.anchor_roundtrip(anchored, x), rec)  # zero residuals: the same
+    torch.nn.init.normal_(anchored.decoder.conv_out.weight, std=0.05)
+    assert float((ae.anchor_roundtrip(anchored, x) - ae.roundtrip(anchored, x)[0]).abs().max()) > 1e-3
+    kl = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    assert ae.anchor_roundtrip(kl, x) is None

@@ -31,17 +31,22 @@ def anchor_layout(latent_channels: int, image_channels: int, downsample_factor: 
     k = math.isqrt(per) if per > 0 else 0
     if per * image_channels != latent_channels or k * k != per or downsample_factor % k:
         raise ValueError(
-            f"an anchored autoencoder needs latent_channels = image channels x k^2 with k dividing the "
+            f"a resize-anchored autoencoder needs latent_channels = image channels x k^2 with k dividing the "
             f"downsampling factor {downsample_factor}; got {latent_channels} latent channels for "
             f"{image_channels}-channel images (grey: 1, 4 or 16 latent channels; colour: 3 or 12)")
     return k, downsample_factor // k
 
 
 class VAEConfig(Strict):
-    # "anchored" (models/autoencoder.py): the equal-size resize plus learnt residuals, deterministic
-    # (trained and used on the posterior mean, no KL term): it starts where a plain resize is and
-    # can only add detail. "kl": a plain diffusers KL autoencoder (the papers'; what sd15 loads).
+    # "anchored" (models/autoencoder.py): a linear code of equal size plus learnt residuals,
+    # deterministic (trained and used on the posterior mean, no KL term): it starts where the linear
+    # code is and can only add detail. "kl": a plain diffusers KL autoencoder (the papers'; what sd15 loads).
     kind: Literal["anchored", "kl"] = "anchored"
+    # Anchored only, its linear code. "pca": each f x f block's leading `latent_channels` principal
+    # components, fitted on the training images before the residuals train (MTD, 128 px: 38.4 dB round
+    # trip untrained, 3.7 dB above the resize; benchmarks/results/autoencoder_mtd.md). "resize": the
+    # area downscale folded into channels, bicubic upscale back (latent_channels = channels x k^2).
+    anchor: Literal["pca", "resize"] = "pca"
     # Anchored only: code the image's channel mean (monochrome cameras) instead of three channels.
     grey: bool = True
     # The edge default: f = 8 with 16 channels (16x16x16 at 128 px, the values of a 64x64 image): the
@@ -59,8 +64,13 @@ class VAEConfig(Strict):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width, not {bad}")
-        if self.kind == "anchored":
-            anchor_layout(self.latent_channels, 1 if self.grey else 3, self.downsample_factor)
+        channels = 1 if self.grey else 3
+        if self.kind == "anchored" and self.anchor == "resize":
+            anchor_layout(self.latent_channels, channels, self.downsample_factor)
+        if self.kind == "anchored" and self.anchor == "pca" and self.latent_channels > channels * self.downsample_factor ** 2:
+            raise ValueError(f"a PCA-anchored autoencoder codes {channels}-channel {self.downsample_factor}x"
+                             f"{self.downsample_factor} blocks: at most {channels * self.downsample_factor ** 2} "
+                             f"latent channels, not {self.latent_channels}")
         return self
 
     @property
@@ -155,18 +165,18 @@ BANK_REFERENCES = ("bank", "hybrid")
 
 # How a detector encodes frames to the latent its diffusion starts from (`scoring.encoder`):
 #   full    the autoencoder's encoder (the papers);
-#   anchor  the anchored autoencoder's resize part only (models/autoencoder.py): the equal-size area downscale
-#           folded into latent channels, without the learnt residual E(x), which is nearly all of the encode
-#           time (about 15-20 ms a frame on 2 CPU cores); the latent is noised before it is denoised (DiAD: to
-#           t_start), which drowns much of the detail E adds (a probe: DiAD's AUROC at t_start 500 unchanged).
+#   anchor  the anchored autoencoder's linear code only (models/autoencoder.py: block PCA or resize), without
+#           the learnt residual E(x), which is nearly all of the encode time (about 15-20 ms a frame on 2 CPU
+#           cores); the latent is noised before it is denoised (DiAD: to t_start), which drowns much of the
+#           detail E adds (a probe on the resize anchor: DiAD's AUROC at t_start 500 unchanged).
 #           The vae_roundtrip reference's round trip still uses the full encoder. Needs `model.vae.kind` anchored.
 Encoder = Literal["full", "anchor"]
 
 # How a detector decodes latents to images (`scoring.decoder`):
 #   full    the autoencoder's decoder (the papers);
-#   anchor  the anchored autoencoder's resize part only (models/autoencoder.py): the bicubic upscale of the
-#           equal-size resize the latent holds, without the learnt residual; on MTD the residual adds about
-#           0.5 dB, the decoder costs most of a DiAD frame's decode time. Needs `model.vae.kind` anchored.
+#   anchor  the anchored autoencoder's linear code only (models/autoencoder.py): the reconstruction the latent
+#           holds (block PCA or resize), without the learnt residual, which costs most of a DiAD frame's decode
+#           time (benchmarks/results/autoencoder_mtd.md gives both round trips). Needs `model.vae.kind` anchored.
 Decoder = Literal["full", "anchor"]
 
 

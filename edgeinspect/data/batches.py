@@ -3,6 +3,8 @@ evenly spread subsets of a set (calibration images, quantisation frames)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -35,6 +37,14 @@ class TrainingBatches:
 
     def images_for(self, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
         return self.apply_flip(uint8_to_model(self.images[idx]), flip)
+
+    @classmethod
+    def every_image(cls, images_u8: torch.Tensor, flips: bool, batch: int = 16) -> Iterator[tuple[int, torch.Tensor]]:
+        """(flip code, model-range chunk) for every image under every flip code training draws, in order."""
+        for code in range(4 if flips else 1):
+            for s in range(0, len(images_u8), batch):
+                chunk = images_u8[s:s + batch]
+                yield code, cls.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
 
 
 def spread_indices(n: int, k: int) -> list[int]:

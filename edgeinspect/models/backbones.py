@@ -33,7 +33,7 @@ def build_vae(cfg: ModelConfig) -> AutoencoderKL:
                  latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups, sample_size=cfg.image_size,
                  scaling_factor=v.scaling_factor)
     if v.kind == "anchored":
-        return AnchoredAutoencoderKL(grey=v.grey, **sizes)
+        return AnchoredAutoencoderKL(grey=v.grey, anchor_kind=v.anchor, **sizes)
     n = len(v.block_out_channels)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, **sizes)

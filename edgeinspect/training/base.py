@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 import torch.nn.functional as F
 from torch import nn
 
-from edgeinspect.data.mvtec import uint8_to_model
 from edgeinspect.models.diad import LatentDiffusionModel
 from edgeinspect.core.runs import CheckpointError, latest_checkpoint, load_state, stage_checkpoint
 from edgeinspect.data.batches import TrainingBatches
@@ -75,16 +74,11 @@ def encode_latents(vae: nn.Module, images_u8: torch.Tensor, flips: bool, scaling
     """Scaled posterior means of every (flip code, image): (4 or 1, N, C, h, w)."""
     vae.eval()
     device = next(vae.parameters()).device
-    out = []
+    out: list[list[torch.Tensor]] = [[] for _ in range(4 if flips else 1)]
     with torch.no_grad():
-        for code in range(4 if flips else 1):
-            lat = []
-            for s in range(0, len(images_u8), batch):
-                chunk = images_u8[s:s + batch]
-                x = TrainingBatches.apply_flip(uint8_to_model(chunk), torch.full((len(chunk),), code))
-                lat.append(vae.encode(x.to(device)).latent_dist.mean * scaling_factor)
-            out.append(torch.cat(lat))
-    return torch.stack(out)
+        for code, x in TrainingBatches.every_image(images_u8, flips, batch):
+            out[code].append(vae.encode(x.to(device)).latent_dist.mean * scaling_factor)
+    return torch.stack([torch.cat(lat) for lat in out])
 
 
 def train_from_base(trainer: Trainer, model: LatentDiffusionModel, base: Path | None, resume: bool) -> Path:

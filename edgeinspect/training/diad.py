@@ -83,7 +83,9 @@ def train_diad(cfg: DiADConfig, run_dir: str | Path, resume: bool = False, progr
             m.requires_grad_(True)
 
     # ---- stage 1: autoencoder
-    def ae_setup(_fresh: bool) -> None:
+    def ae_setup(fresh: bool) -> None:
+        if fresh and hasattr(model.vae, "fit_anchor"):  # the block PCA anchor, from every training image
+            model.vae.fit_anchor(x for _, x in TrainingBatches.every_image(images_u8, t.flips, 64))
         set_trainable(model.vae)
 
     variational = cfg.model.vae.kind == "kl"
