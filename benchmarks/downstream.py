@@ -156,11 +156,17 @@ def load_seeds(root: str | Path, split: FewShotSplit, which: str, size: int
 
 
 def autoencoder_roundtrip(checkpoint: str | Path, size: int):
-    """image (uint8 HWC) -> the same image encoded and decoded by an AdaBLDM checkpoint's autoencoder."""
+    """image (uint8 HWC) -> the same image encoded and decoded by the autoencoder of an AdaBLDM checkpoint
+    or of a DiAD run or checkpoint (the base autoencoder alone: configs/autoencoder_mtd_edge.yaml)."""
+    from edgeinspect.core.runs import run_method
     from edgeinspect.data.mvtec import tensor_to_image, uint8_to_model
+    from edgeinspect.runtime.torch_backend import load_diad
     from edgeinspect.training.adabldm import load_adabldm
 
-    cfg, model, _ = load_adabldm(checkpoint)
+    method = run_method(checkpoint)
+    if method not in ("adabldm", "diad"):
+        raise ValueError(f"--roundtrip takes an AdaBLDM or DiAD run or checkpoint, not a {method} one")
+    cfg, model = load_adabldm(checkpoint)[:2] if method == "adabldm" else load_diad(checkpoint)
     if cfg.model.image_size != size:
         raise ValueError(f"--roundtrip {checkpoint} works at {cfg.model.image_size} px, not --size {size}")
 
@@ -420,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(edge defects; as AdaBLDM's sampling.placement.edge_band)")
     c.add_argument("--edge-turns", choices=("half", "quarter"), default="half",
                    help="an edge seed's turns: 0/180 degrees (and mirrors) or any multiple of 90")
-    c.add_argument("--roundtrip", type=Path, help="pass each composite through this AdaBLDM checkpoint's autoencoder")
+    c.add_argument("--roundtrip", type=Path, help="pass each composite through this AdaBLDM checkpoint's (or DiAD run's) autoencoder")
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--quiet", action="store_true")
     t = sub.add_parser("train", help="train and evaluate one segmenter per defect folder")

@@ -221,3 +221,23 @@ def test_train_command_writes_results_json(dataset, tmp_path):
     with pytest.raises(SystemExit, match="one --name per --defects"):
         ds.main(["train", "--data", str(root), "--split", str(tmp_path / "split.json"), "--defects", str(defects),
                  "--defects", str(defects), "--name", "a", "--steps", "1", "--out", str(out)])
+
+
+def test_cutpaste_roundtrip_takes_a_diad_runs_autoencoder(tmp_path):
+    """--roundtrip with the base autoencoder's (DiAD) run: the image comes back through that autoencoder."""
+    import torch
+
+    from edgeinspect.data.mvtec import tensor_to_image, uint8_to_model
+    from edgeinspect.runtime.torch_backend import load_diad
+    from tests.test_export import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run", overrides={"model": {"vae": {"kind": "anchored"}}})
+    image = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    got = ds.autoencoder_roundtrip(run, 64)(image)
+    _, model = load_diad(run)
+    with torch.no_grad():
+        x = uint8_to_model(torch.from_numpy(image).permute(2, 0, 1)[None])
+        want = tensor_to_image(model.vae.decode(model.vae.encode(x).latent_dist.mean).sample[0])
+    assert got.shape == image.shape and np.array_equal(got, want)
+    with pytest.raises(ValueError, match="works at 64 px, not --size 128"):
+        ds.autoencoder_roundtrip(run, 128)
