@@ -148,7 +148,9 @@ def autoencoder_stage(path: Path) -> dict:
         out["train_device"] = f"{device} ({t.get('threads') or 'all'} threads)" if device == "cpu" else device
         out["train_steps"] = t.get("autoencoder_steps")
         if (ck / "state.json").is_file():
-            out["train_wall_minutes"] = round(((ck / "state.json").stat().st_mtime - cfg_file.stat().st_mtime) / 60, 1)
+            wall = round(((ck / "state.json").stat().st_mtime - cfg_file.stat().st_mtime) / 60, 1)
+            # config.json is rewritten on a resume (or by hand): then it no longer marks the start
+            out["train_wall_minutes"] = wall if out["train_minutes"] is None or wall >= out["train_minutes"] else None
     return out
 
 

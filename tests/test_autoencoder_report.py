@@ -72,3 +72,22 @@ def test_the_anchor_alone_is_the_round_trip_without_residuals():
     assert float((ae.anchor_roundtrip(anchored, x) - ae.roundtrip(anchored, x)[0]).abs().max()) > 1e-3
     kl = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
     assert ae.anchor_roundtrip(kl, x) is None
+
+
+def test_training_time_and_a_wall_time_that_cannot_be_read(tmp_path):
+    import json
+    import os
+
+    ae = load_benchmark("autoencoder_mtd")
+    ck = tmp_path / "checkpoints" / "autoencoder-final"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text(json.dumps({"train_seconds": 600.0}))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"train": {"threads": 1, "autoencoder_steps": 100}}))
+    t = (ck / "state.json").stat().st_mtime
+    os.utime(cfg, (t - 720, t - 720))  # started 12 min before the final checkpoint
+    got = ae.autoencoder_stage(tmp_path)
+    assert got == {"train_minutes": 10.0, "train_wall_minutes": 12.0, "train_device": "cpu (1 threads)",
+                   "train_steps": 100}
+    os.utime(cfg, (t + 60, t + 60))  # config.json rewritten after training: no wall time, not a negative one
+    assert ae.autoencoder_stage(tmp_path)["train_wall_minutes"] is None
