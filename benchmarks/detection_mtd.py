@@ -309,7 +309,8 @@ Code at commit `{commit}`.
 | PRO (FPR <= 0.3) | {m['pro']:.4f} |
 
 Pixel metrics are computed at the model's {s['image_size']}x{s['image_size']} resolution (masks resized
-nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']} px.
+nearest-neighbour); features are taken at {s['feature_size'] or s['image_size']} px; scored against
+`scoring.reference` **{s.get('reference', 'reconstruction')}** (reconstruction: the papers' scoring).
 
 ## Cost
 

@@ -178,7 +178,8 @@ def diad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latenc
     settings = {"t_start": cfg.inference.t_start, "steps": cfg.inference.steps, "seed": cfg.inference.seed,
                 "image_size": cfg.model.image_size, "feature_size": cfg.scoring.feature_size,
                 "features": cfg.features.name, "torch_threads": torch.get_num_threads(),
-                "device": str(pipe.nets.device)}
+                "device": str(pipe.nets.device), "reference": cfg.scoring.reference,
+                "encoder": cfg.scoring.encoder, "decoder": cfg.scoring.decoder}
     return evaluation_result(detector, split, out["scores"], out["maps"], batched, latency, settings), out
 
 

@@ -63,7 +63,7 @@ def glad_evaluation(detector: Detector, split: EvalSplit, progress: bool, latenc
     latency = measure_glad_latency(pipe, frames, repeats=latency_repeats, progress=progress)
     inf = pipe.inference
     settings = {"category": cfg.category, "t0": inf.t0, "steps": inf.steps, "min_step": inf.min_step,
-                "threshold": None if not np.isfinite(pipe.threshold) else pipe.threshold,
+                "reference": cfg.scoring.reference, "threshold": None if not np.isfinite(pipe.threshold) else pipe.threshold,
                 "threshold_source": "config" if inf.threshold is not None else
                 ("calibrated" if np.isfinite(pipe.threshold) else "none"),
                 "top_k": inf.top_k, "adp_top_k": inf.adp_top_k, "weight_mode": inf.weight_mode,
