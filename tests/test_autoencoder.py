@@ -372,3 +372,18 @@ def test_the_anchor_encoder_needs_an_anchored_autoencoder(tmp_path):
     run = make_tiny_run(tmp_path / "run")  # the tiny preset's KL autoencoder
     with pytest.raises(ValueError, match="scoring.encoder 'anchor' needs an anchored autoencoder"):
         run_pipeline(run, {"scoring": {"encoder": "anchor"}})
+
+
+def test_a_run_from_before_the_pca_anchor_is_told_how_to_load(tmp_path):
+    """A saved run config without model.vae.anchor now reads as pca; its resize-anchored weights have no basis."""
+    from edgeinspect.config import dump_config
+    from edgeinspect.core.runs import CheckpointError, TrainState, load_model_weights
+    from edgeinspect.training.checkpoint import save_checkpoint
+
+    old = build_config("diad", "tiny", {"model": {"vae": {"kind": "anchored", "anchor": "resize"}}})
+    save_checkpoint(tmp_path, "done", DiADModel(old), TrainState("done", 0))
+    cfg = dump_config(old)
+    del cfg["model"]["vae"]["anchor"]
+    with pytest.raises(CheckpointError, match='add "anchor": "resize" to model.vae'):
+        load_model_weights(DiADModel(build_config("diad", "tiny", {"model": cfg["model"]})),
+                           tmp_path / "checkpoints" / "done")

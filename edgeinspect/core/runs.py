@@ -77,9 +77,13 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     weights = load_file(str(ckpt / "model.safetensors"))
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
+        hint = ""
+        if any(k.endswith("anchor.basis") for k in result.missing_keys):
+            hint = (" (its autoencoder has no block PCA: a run trained before the PCA anchor became the default; "
+                    "add \"anchor\": \"resize\" to model.vae in its config.json)")
         raise CheckpointError(
             f"{ckpt} does not match the model built from its config: "
-            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}"
+            f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}{hint}"
         )
 
 
