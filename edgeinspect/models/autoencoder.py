@@ -141,17 +141,15 @@ class BlockPCAAnchor(Anchor):
         self.basis.copy_(basis.reshape(k, c, f, f).to(self.basis))
         self.block_mean.copy_(mean.reshape(1, c, f, f).to(self.block_mean))
 
-    def _mean_image(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return self.block_mean.to(x.dtype).repeat(1, 1, h, w)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Coded image -> each block's components (unshifted)."""
-        h, w = x.shape[-2] // self.f, x.shape[-1] // self.f
-        return F.conv2d(x - self._mean_image(x, h, w), self.basis, stride=self.f)
+        """Coded image -> each block's components (unshifted): the block mean's components as a bias."""
+        bias = self.basis.flatten(1) @ self.block_mean.flatten()
+        return F.conv2d(x, self.basis, -bias.to(x.dtype), stride=self.f)
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """Unshifted latent -> the blocks its components reconstruct (coded channels)."""
-        return F.conv_transpose2d(raw, self.basis, stride=self.f) + self._mean_image(raw, *raw.shape[-2:])
+        mean = self.block_mean.to(raw.dtype).repeat(1, 1, *raw.shape[-2:])
+        return F.conv_transpose2d(raw, self.basis, stride=self.f) + mean
 
 
 class AnchoredAutoencoderKL(AutoencoderKL):
